@@ -1,0 +1,461 @@
+"""The `geins-broker` command.
+
+Client subcommands (status, login, token, ...) import only the thin client library, so
+`curl -H "Authorization: Bearer $(geins-broker token)"` pays for a socket round trip and
+little else. `serve`, `emulator` and `demo` import the daemon's machinery when chosen.
+
+Every expected failure is one line on stderr and a distinct exit code (see EXIT_CODES);
+a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from geins_broker_client import Client
+from geins_broker_client import errors as client_errors
+from geins_broker_client.results import ProfileStatus, Session, Token
+
+from . import __version__
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_NOT_LOGGED_IN = 4
+EXIT_LOGIN_REQUIRED = 5
+EXIT_FORBIDDEN = 6
+EXIT_UNAVAILABLE = 7
+EXIT_INVALID_CREDENTIALS = 8
+EXIT_UPSTREAM_ERROR = 9
+EXIT_UNKNOWN_PROFILE = 10
+
+#: Exit code per client error family; the most specific class wins.
+EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
+    (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
+    (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
+    (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
+    (client_errors.Forbidden, EXIT_FORBIDDEN),
+    (client_errors.Unavailable, EXIT_UNAVAILABLE),
+    (client_errors.InvalidCredentials, EXIT_INVALID_CREDENTIALS),
+    (client_errors.UpstreamError, EXIT_UPSTREAM_ERROR),
+    (client_errors.UnknownProfile, EXIT_UNKNOWN_PROFILE),
+    (client_errors.ProtocolError, EXIT_USAGE),
+)
+
+_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running,
+4 not logged in, 5 login required, 6 forbidden, 7 Geins unavailable or timeout,
+8 invalid credentials, 9 Geins error, 10 unknown profile"""
+
+
+class UsageError(Exception):
+    """Bad input found after argument parsing (an empty password, a closed stdin)."""
+
+
+def _report(message: str, code: int) -> int:
+    print(f"geins-broker: {message}", file=sys.stderr)
+    return code
+
+
+# -- output helpers ------------------------------------------------------------------------
+
+
+def _iso(when: float | None) -> str:
+    if when is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _in(when: float | None, now: float) -> str:
+    if when is None:
+        return "-"
+    seconds = round(when - now)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds >= 3600:
+        return f"{sign}{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
+    return f"{sign}{seconds}s"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, separators=(",", ":"), sort_keys=True))
+
+
+def _session_line(verb: str, session: Session) -> str:
+    who = f" as {session.username}" if session.username else ""
+    expires = _in(session.expires_at, time.time())
+    return f"{verb} profile {session.profile}{who}; token expires in {expires}"
+
+
+def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
+    rows = [("PROFILE", "STATE", "USER", "EXPIRES IN", "NEXT REFRESH", "LAST ERROR")]
+    for p in profiles:
+        rows.append(
+            (
+                p.profile,
+                p.state,
+                p.username or "-",
+                _in(p.expires_at, now),
+                _in(p.next_refresh_at, now),
+                p.last_error or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in rows
+    )
+
+
+# -- reading secrets -----------------------------------------------------------------------
+
+
+def _stdin_lines(count: int) -> list[str]:
+    lines = [sys.stdin.readline() for _ in range(count)]
+    if any(not line for line in lines):
+        raise UsageError(f"expected {count} line(s) on stdin")
+    return [line.rstrip("\r\n") for line in lines]
+
+
+def _prompt(label: str) -> str:
+    value = getpass.getpass(f"{label}: ")
+    if not value:
+        raise UsageError(f"{label.lower()} must not be empty")
+    return value
+
+
+def _new_password() -> str:
+    first = _prompt("New password")
+    if getpass.getpass("Repeat new password: ") != first:
+        raise UsageError("the new passwords do not match")
+    return first
+
+
+def _username(args: argparse.Namespace) -> str:
+    if args.username:
+        return str(args.username)
+    if args.password_stdin:
+        raise UsageError("--password-stdin needs --username")
+    value = input("Username: ").strip()
+    if not value:
+        raise UsageError("username must not be empty")
+    return value
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.socket, timeout=args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
+    if args.json:
+        _print_json(
+            {
+                "server": status.server,
+                "uptime": status.uptime,
+                "profiles": [
+                    {name: getattr(p, name) for name in ProfileStatus.__slots__} for p in profiles
+                ],
+            }
+        )
+    else:
+        print(f"{status.server}, up {_in(status.uptime, 0)}")
+        print(_status_table(profiles, time.time()))
+    return EXIT_LOGIN_REQUIRED if any(p.state == "login_required" for p in profiles) else EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        token = client.token(args.profile, min_valid=args.min_valid)
+    if args.json:
+        _print_json(_token_json(token))
+    else:
+        print(token.token)
+    return EXIT_OK
+
+
+def _token_json(token: Token) -> dict[str, Any]:
+    return {"profile": token.profile, "token": token.token, "expires_at": token.expires_at}
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        user = client.user(args.profile)
+    fields = {name: getattr(user, name) for name in type(user).__slots__}
+    if args.json:
+        _print_json(fields)
+    else:
+        for name, value in fields.items():
+            print(f"{name:16} {_iso(value) if name == 'expires_at' else value}")
+    return EXIT_OK
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    username = _username(args)
+    password = _stdin_lines(1)[0] if args.password_stdin else _prompt("Password")
+    with _client(args) as client:
+        session = client.login(username, password, profile=args.profile, remember=args.remember)
+    print(_session_line("logged in to", session))
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.logout(args.profile)
+    print(f"logged out of profile {args.profile or 'default'}")
+    return EXIT_OK
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        session = client.refresh(args.profile)
+    print(_session_line("refreshed", session))
+    return EXIT_OK
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    if args.password_stdin:
+        current, new = _stdin_lines(2)
+    else:
+        current, new = _prompt("Current password"), _new_password()
+    with _client(args) as client:
+        session = client.change_password(current, new, profile=args.profile)
+    print(_session_line("changed the password of", session))
+    return EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    username = _username(args)
+    password = _stdin_lines(1)[0] if args.password_stdin else _new_password()
+    user = {"newsletter": args.newsletter, "customerType": args.customer_type}
+    with _client(args) as client:
+        session = client.register(
+            username, password, profile=args.profile, remember=args.remember, user=user
+        )
+    print(_session_line("registered and logged in to", session))
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            for event in client.watch(args.profile):
+                if args.json:
+                    token = _token_json(event.token) if event.token else {}
+                    _print_json({"event": event.event, **token})
+                elif event.token is not None:
+                    now = time.time()
+                    print(
+                        f"{_iso(now)} token for {event.token.profile}: expires "
+                        f"{_iso(event.token.expires_at)} (in {_in(event.token.expires_at, now)})",
+                        flush=True,
+                    )
+                else:
+                    print(f"{_iso(time.time())} {event.event.replace('_', ' ')}", flush=True)
+        except KeyboardInterrupt:
+            return EXIT_OK
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import main as serve_main
+
+    return serve_main(config_path=args.config, socket_path=args.socket)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator.run import EmulatorOptions, parse_listen, parse_user
+    from .emulator.run import main as emulator_main
+
+    try:
+        host, port = parse_listen(args.listen)
+        users = dict(parse_user(u) for u in args.user) if args.user else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if users is None:
+        from .emulator import DEMO_PASSWORD, DEMO_USER
+
+        users = {DEMO_USER: DEMO_PASSWORD}
+    options = EmulatorOptions(
+        host=host,
+        port=port,
+        account=args.account,
+        environment=args.environment,
+        api_key=args.api_key,
+        users=users,
+        token_ttl=args.token_ttl,
+        refresh_ttl=args.refresh_ttl,
+        refresh_grace=args.refresh_grace,
+    )
+    return emulator_main(options)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(token_ttl=args.token_ttl)
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geins-broker",
+        description="Local token broker for Geins: one daemon keeps every session fresh.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"geins-broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    socket_opts = argparse.ArgumentParser(add_help=False)
+    socket_opts.add_argument(
+        "--socket",
+        help="the daemon's socket (default: $GEINS_BROKER_SOCKET, then the usual places)",
+    )
+    client_opts = argparse.ArgumentParser(add_help=False, parents=[socket_opts])
+    client_opts.add_argument("--profile", help='the profile to act on (default: "default")')
+    client_opts.add_argument(
+        "--timeout",
+        type=_positive,
+        default=60.0,
+        help="seconds to wait for the daemon (default 60)",
+    )
+    json_opt = argparse.ArgumentParser(add_help=False)
+    json_opt.add_argument("--json", action="store_true", help="machine-readable output")
+    secret_opts = argparse.ArgumentParser(add_help=False)
+    secret_opts.add_argument(
+        "--password-stdin", action="store_true", help="read password(s) from stdin, one per line"
+    )
+
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+        *parents: argparse.ArgumentParser,
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, parents=list(parents)
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add(
+        "status",
+        cmd_status,
+        "show every profile's session (exit 5 if any needs a login)",
+        client_opts,
+        json_opt,
+    )
+    token = add("token", cmd_token, "print the current bearer token", client_opts, json_opt)
+    token.add_argument(
+        "--min-valid",
+        type=_positive,
+        default=0.0,
+        metavar="SECONDS",
+        help="refresh first unless the token lasts this long",
+    )
+    add("user", cmd_user, "show who the session belongs to", client_opts, json_opt)
+    for name, handler, text in (
+        ("login", cmd_login, "log a user in to a profile"),
+        ("register", cmd_register, "register a new user and log in"),
+    ):
+        sub = add(name, handler, text, client_opts, secret_opts)
+        sub.add_argument("--username", "-u", help="the username (e-mail); prompted if absent")
+        sub.add_argument(
+            "--remember", action="store_true", help="ask Geins for a long-lived session"
+        )
+    register = commands.choices["register"]
+    register.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
+    register.add_argument("--newsletter", action="store_true")
+    add("logout", cmd_logout, "end the profile's session here and at Geins", client_opts)
+    add("refresh", cmd_refresh, "rotate the tokens now", client_opts)
+    add("passwd", cmd_passwd, "change the logged-in user's password", client_opts, secret_opts)
+    add("watch", cmd_watch, "print each token rotation until interrupted", client_opts, json_opt)
+
+    serve = add("serve", cmd_serve, "run the broker daemon", socket_opts)
+    serve.add_argument(
+        "--config", help="config file (default: $GEINS_BROKER_CONFIG, then the usual places)"
+    )
+
+    emulator = add("emulator", cmd_emulator, "run the Geins auth emulator")
+    emulator.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="port 0 picks a free one (default 127.0.0.1:0)",
+    )
+    emulator.add_argument("--account", default="demo")
+    emulator.add_argument("--environment", default="prod")
+    emulator.add_argument("--api-key", default="demo-api-key")
+    emulator.add_argument(
+        "--user",
+        action="append",
+        metavar="USERNAME:PASSWORD",
+        help="a user (repeatable; default: the demo user)",
+    )
+    emulator.add_argument("--token-ttl", type=_positive, default=900.0, metavar="SECONDS")
+    emulator.add_argument(
+        "--refresh-ttl", type=_positive, default=7 * 24 * 3600.0, metavar="SECONDS"
+    )
+    emulator.add_argument(
+        "--refresh-grace",
+        type=_positive,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long a replaced refresh token still works if unused (default 0: strict)",
+    )
+
+    demo = add("demo", cmd_demo, "emulator + daemon + demo login, printing each rotation")
+    demo.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        return _report(str(exc), EXIT_USAGE)
+    except EOFError:
+        return _report("stdin closed before the input was complete", EXIT_USAGE)
+    except client_errors.BrokerError as exc:
+        code = next((c for cls, c in EXIT_CODES if isinstance(exc, cls)), EXIT_INTERNAL)
+        return _report(f"{exc.code.replace('_', ' ')}: {exc.message}", code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `geins-broker token | head -c0`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The daemon's errors: one small hierarchy, each class carrying its wire code.
+
+Raised where the failure is understood (the Geins client, a session, the store), caught
+once by the server, which sends `code` and `str(exc)` to the client. Messages are for
+people and never contain a password, a bearer token or a refresh token.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from geins_broker_client.protocol import Code
+
+
+class BrokerFault(Exception):
+    code: ClassVar[str] = Code.INTERNAL
+
+
+# -- Geins answered, or failed to -------------------------------------------------------
+
+
+class GeinsError(BrokerFault):
+    """Any failed exchange with Geins."""
+
+    code = Code.UPSTREAM_ERROR
+
+
+class InvalidCredentials(GeinsError):
+    """Wrong username or password (login, password change), or a taken username (register)."""
+
+    code = Code.INVALID_CREDENTIALS
+
+
+class RefreshTokenRejected(GeinsError):
+    """The refresh token is dead: only a new login revives the session. Never retried."""
+
+    code = Code.LOGIN_REQUIRED
+
+
+class MalformedAnswer(GeinsError):
+    """Geins answered 2xx without what the protocol promises (header, JSON body, JWT)."""
+
+
+class UpstreamRejected(GeinsError):
+    """A 4xx other than a credential failure: the request or the configuration is wrong."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Transient(GeinsError):
+    """Worth retrying later: refused, reset, timed out, 5xx or 429."""
+
+    code = Code.UPSTREAM_UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(Transient):
+    code = Code.TIMEOUT
+
+
+# -- the daemon's own refusals --------------------------------------------------------------
+
+
+class BadRequest(BrokerFault):
+    code = Code.BAD_REQUEST
+
+
+class UnknownOp(BrokerFault):
+    code = Code.UNKNOWN_OP
+
+
+class UnknownProfile(BrokerFault):
+    code = Code.UNKNOWN_PROFILE
+
+
+class Forbidden(BrokerFault):
+    code = Code.FORBIDDEN
+
+
+class NotLoggedIn(BrokerFault):
+    code = Code.NOT_LOGGED_IN
+
+
+class LoginRequired(BrokerFault):
+    code = Code.LOGIN_REQUIRED
+
+
+class Busy(BrokerFault):
+    code = Code.BUSY
+
+
+class Timeout(BrokerFault):
+    code = Code.TIMEOUT
+
+
+class StoreError(BrokerFault):
+    """The state directory refused a write or a read; the reason is the OS's."""

@@ -1,0 +1,295 @@
+"""The Geins auth client: the only module that speaks to Geins.
+
+Every function sends exactly what the official SDK sends (same paths, methods, headers,
+bodies, digest and escaping; see geins_protocol.py) and turns every way it can fail into
+one of the typed errors in errors.py, once, here: connection trouble and 5xx/429 are
+`Transient` (with Retry-After), a dead refresh token is `RefreshTokenRejected`, a wrong
+password is `InvalidCredentials`, a 2xx without what the protocol promises is
+`MalformedAnswer`. No message built here contains a password, a token or a refresh
+token, nor the URLs (the sign URL carries the API key).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from . import __version__
+from .errors import (
+    GeinsError,
+    InvalidCredentials,
+    MalformedAnswer,
+    RefreshTokenRejected,
+    Transient,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from .geins_protocol import (
+    API_KEY_HEADER,
+    DEFAULT_AUTH_SERVICE_URL,
+    DEFAULT_MERCHANT_API_URL,
+    DEFAULT_NEW_USER,
+    GRAPHQL_PATH,
+    REFRESH_HEADER,
+    REQUEST_TIMEOUT,
+    SHORT_SESSION_MINUTES,
+    USER_CREATE_MUTATION,
+    auth_path,
+    encode_uri_component,
+    password_digest,
+    sign_path,
+)
+from .secret import Secret
+
+USER_AGENT = f"geins-broker/{__version__}"
+_JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one profile's Geins account lives."""
+
+    account: str
+    api_key: str = field(repr=False)
+    environment: str = "prod"
+    auth_service_url: str = DEFAULT_AUTH_SERVICE_URL
+    merchant_api_url: str = DEFAULT_MERCHANT_API_URL
+    channel_id: str | None = None
+    language_id: str | None = None
+    market_id: str | None = None
+
+    @property
+    def auth_base(self) -> str:
+        return self.auth_service_url.rstrip("/") + auth_path(self.account, self.environment)
+
+    @property
+    def sign_base(self) -> str:
+        return self.merchant_api_url.rstrip("/") + sign_path(self.api_key) + "?identity="
+
+    @property
+    def graphql_url(self) -> str:
+        return self.merchant_api_url.rstrip("/") + GRAPHQL_PATH
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a successful login, refresh, password change or register hands back."""
+
+    bearer: Secret
+    refresh: Secret
+    #: Seconds the session (the refresh token) lasts, as Geins states it; None if it did not.
+    max_age: int | None
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class GeinsClient:
+    """One profile's conversation with Geins over a shared httpx client.
+
+    The httpx client is shared by every profile (one connection pool, one TLS context);
+    this object only adds the profile's endpoint. Every request has `timeout` seconds.
+    """
+
+    def __init__(
+        self, endpoint: Endpoint, http: httpx.AsyncClient, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
+        self.endpoint = endpoint
+        self._http = http
+        self._timeout = timeout
+
+    # -- the five functions --------------------------------------------------------------
+
+    async def login(self, username: str, password: Secret, *, remember: bool) -> Grant:
+        body: dict[str, Any] = {
+            "username": username,
+            "signature": await self._signature(username),
+            "password": password_digest(password.reveal()),
+        }
+        if not remember:
+            body["sessionLifetime"] = SHORT_SESSION_MINUTES
+        response = await self._send("POST", self._auth("login"), "login", json_body=body)
+        if response.status_code in (401, 403):
+            raise InvalidCredentials("Geins refused the username or password")
+        return _grant(_checked(response, "login"), "login")
+
+    async def refresh(self, refresh_token: Secret) -> Grant:
+        headers = {**_JSON, REFRESH_HEADER: refresh_token.reveal()}
+        response = await self._send("GET", self._auth("login"), "refresh", headers=headers)
+        if response.status_code in (401, 403):
+            raise RefreshTokenRejected("Geins rejected the refresh token; log in again")
+        return _grant(_checked(response, "refresh"), "refresh")
+
+    async def change_password(
+        self, refresh_token: Secret, username: str, password: Secret, new_password: Secret
+    ) -> Grant:
+        body = {
+            "username": username,
+            "signature": await self._signature(username),
+            "password": password_digest(password.reveal()),
+            "newPassword": password_digest(new_password.reveal()),
+        }
+        headers = {REFRESH_HEADER: refresh_token.reveal()}
+        response = await self._send(
+            "POST", self._auth("password"), "password change", json_body=body, headers=headers
+        )
+        if response.status_code in (401, 403):
+            raise InvalidCredentials("Geins refused the current password")
+        return _grant(_checked(response, "password change"), "password change")
+
+    async def register(
+        self, username: str, password: Secret, user: Mapping[str, Any] | None = None
+    ) -> Grant:
+        """Create the account, then commit the user to the Merchant API as the SDK does."""
+        body = {
+            "username": username,
+            "signature": await self._signature(username),
+            "password": password_digest(password.reveal()),
+        }
+        response = await self._send("POST", self._auth("register"), "register", json_body=body)
+        if response.status_code == 409:
+            raise InvalidCredentials("that username is already registered")
+        grant = _grant(_checked(response, "register"), "register")
+        await self.commit_user(grant.bearer, user)
+        return grant
+
+    async def commit_user(self, bearer: Secret, user: Mapping[str, Any] | None = None) -> None:
+        endpoint = self.endpoint
+        body = {
+            "operationName": "UserCreate",
+            "variables": {
+                "user": dict(user) if user is not None else dict(DEFAULT_NEW_USER),
+                "channelId": endpoint.channel_id,
+                "languageId": endpoint.language_id,
+                "marketId": endpoint.market_id,
+            },
+            "query": USER_CREATE_MUTATION,
+        }
+        headers = {
+            API_KEY_HEADER: endpoint.api_key,
+            "Authorization": f"Bearer {bearer.reveal()}",
+            "Accept": "application/json",
+        }
+        response = await self._send(
+            "POST", endpoint.graphql_url, "user commit", json_body=body, headers=headers
+        )
+        answer = _json_object(_checked(response, "user commit"), "user commit")
+        if answer.get("errors") or not isinstance(answer.get("data"), dict):
+            raise UpstreamRejected("the Merchant API refused to commit the new user", 200)
+
+    async def logout(self, refresh_token: Secret) -> None:
+        headers = {**_JSON, REFRESH_HEADER: refresh_token.reveal()}
+        response = await self._send("GET", self._auth("logout"), "logout", headers=headers)
+        _checked(response, "logout")
+
+    # -- challenge and signature -----------------------------------------------------------
+
+    async def _signature(self, username: str) -> dict[str, str]:
+        """Steps 1 and 2: a challenge from the auth service, signed by the sign service."""
+        response = await self._send(
+            "POST", self._auth("login"), "challenge", json_body={"username": username}
+        )
+        sign = _json_object(_checked(response, "challenge"), "challenge").get("sign")
+        if not isinstance(sign, str) or not sign:
+            raise MalformedAnswer("Geins answered the challenge without a sign")
+        url = self.endpoint.sign_base + encode_uri_component(sign)
+        response = await self._send("GET", url, "signature", headers=_JSON)
+        if response.status_code in (401, 403, 404):
+            raise UpstreamRejected("the signature service refused the Merchant API key", 403)
+        signature = _json_object(_checked(response, "signature"), "signature")
+        if not all(
+            isinstance(signature.get(k), str) for k in ("identity", "signature", "timestamp")
+        ):
+            raise MalformedAnswer(
+                "the signature service answered without identity/signature/timestamp"
+            )
+        return {k: signature[k] for k in ("identity", "signature", "timestamp")}
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _auth(self, action: str) -> str:
+        return f"{self.endpoint.auth_base}/{action}"
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        json_body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        content = None
+        if json_body is not None:
+            all_headers.update(_JSON)
+            content = json.dumps(json_body, separators=(",", ":")).encode()
+        try:
+            return await self._http.request(
+                method, url, content=content, headers=all_headers, timeout=self._timeout
+            )
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(
+                f"Geins did not answer the {what} within {self._timeout:g} s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise Transient(f"cannot reach Geins for the {what} ({type(exc).__name__})") from None
+
+
+def _checked(response: httpx.Response, what: str) -> httpx.Response:
+    """The response if 2xx; otherwise the typed error for its status."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return response
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+    if status == 429:
+        raise Transient(f"Geins is rate limiting the {what} (429)", retry_after)
+    if status >= 500:
+        raise Transient(f"Geins failed the {what} ({status})", retry_after)
+    raise UpstreamRejected(f"Geins refused the {what} ({status})", status)
+
+
+def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    if not response.content:
+        raise MalformedAnswer(f"Geins answered the {what} with an empty body")
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        raise MalformedAnswer(f"Geins answered the {what} with a body that is not JSON") from None
+    if not isinstance(body, dict):
+        raise MalformedAnswer(f"Geins answered the {what} with JSON that is not an object")
+    return body
+
+
+def _grant(response: httpx.Response, what: str) -> Grant:
+    refresh = response.headers.get(REFRESH_HEADER)
+    if not refresh:
+        raise MalformedAnswer(f"Geins answered the {what} without a {REFRESH_HEADER} header")
+    body = _json_object(response, what)
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise MalformedAnswer(f"Geins answered the {what} without a token")
+    max_age = body.get("maxAge")
+    if isinstance(max_age, bool) or not isinstance(max_age, int | float | None):
+        raise MalformedAnswer(f"Geins answered the {what} with a maxAge that is not a number")
+    return Grant(Secret(token), Secret(refresh), None if max_age is None else int(max_age))
+
+
+__all__ = ["Endpoint", "GeinsClient", "GeinsError", "Grant", "retry_after_seconds"]

@@ -1,0 +1,81 @@
+"""geins-broker's Python client: fresh Geins bearer tokens from the local broker daemon.
+
+    from geins_broker_client import Client
+    with Client() as broker:
+        token = broker.token(min_valid=60)
+
+Only msgpack is needed. `TrioClient`, `AsyncioClient` and `BrokerAuth` (httpx) are
+imported on first use, so a blocking caller never loads trio, asyncio or httpx.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .blocking import Client
+from .cache import AsyncTokenCache, TokenCache
+from .errors import (
+    BrokerError,
+    BrokerNotRunning,
+    Forbidden,
+    InternalError,
+    InvalidCredentials,
+    LoginRequired,
+    NotLoggedIn,
+    ProtocolError,
+    Unavailable,
+    UnknownProfile,
+    UpstreamError,
+)
+from .paths import find_socket
+from .results import Hello, ProfileStatus, Session, Status, Token, User, WatchEvent
+
+if TYPE_CHECKING:
+    from .asyncio_client import AsyncioClient
+    from .httpx_auth import BrokerAuth
+    from .trio_client import TrioClient
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "TrioClient": ".trio_client",
+    "AsyncioClient": ".asyncio_client",
+    "BrokerAuth": ".httpx_auth",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "AsyncTokenCache",
+    "AsyncioClient",
+    "BrokerAuth",
+    "BrokerError",
+    "BrokerNotRunning",
+    "Client",
+    "Forbidden",
+    "Hello",
+    "InternalError",
+    "InvalidCredentials",
+    "LoginRequired",
+    "NotLoggedIn",
+    "ProfileStatus",
+    "ProtocolError",
+    "Session",
+    "Status",
+    "Token",
+    "TokenCache",
+    "TrioClient",
+    "Unavailable",
+    "UnknownProfile",
+    "UpstreamError",
+    "User",
+    "WatchEvent",
+    "find_socket",
+]

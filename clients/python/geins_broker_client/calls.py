@@ -1,0 +1,236 @@
+"""Requests and how to read their answers, shared by every client flavour.
+
+Each function returns a `Call`: the request's fields and the function that turns the
+`ok: true` response into a result. The blocking, trio and asyncio clients differ only in
+how they move the bytes (`Exchange` below does the rest), so the meaning of each op is
+written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .errors import BrokerError, ProtocolError, error_from_wire
+from .protocol import MAX_RESPONSE_SIZE, FrameDecoder, FrameError, Message, Op, encode
+from .results import (
+    Hello,
+    ProfileStatus,
+    Session,
+    Status,
+    Token,
+    User,
+    WatchEvent,
+    field_of,
+    optional_field,
+)
+
+T = TypeVar("T")
+
+NUMBER = (int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    op: str
+    args: Mapping[str, Any]
+    parse: Callable[[Message], T]
+    #: Safe to send again on a new connection if the old one died mid-call.
+    idempotent: bool = False
+
+
+def _with_profile(profile: str | None, **args: Any) -> dict[str, Any]:
+    if profile is not None:
+        args["profile"] = profile
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def parse_token(message: Message) -> Token:
+    return Token(
+        profile=field_of(message, "profile", str),
+        token=field_of(message, "token", str),
+        expires_at=float(field_of(message, "expires_at", NUMBER)),
+    )
+
+
+def parse_session(message: Message) -> Session:
+    return Session(
+        profile=field_of(message, "profile", str),
+        username=optional_field(message, "username", str),
+        expires_at=float(field_of(message, "expires_at", NUMBER)),
+    )
+
+
+def _parse_user(message: Message) -> User:
+    return User(
+        profile=field_of(message, "profile", str),
+        user_id=field_of(message, "user_id", str),
+        username=field_of(message, "username", str),
+        customer_type=field_of(message, "customer_type", str),
+        member_type=field_of(message, "member_type", str),
+        member_id=field_of(message, "member_id", str),
+        member_discount=field_of(message, "member_discount", str),
+        expires_at=float(field_of(message, "expires_at", NUMBER)),
+    )
+
+
+def _parse_profile_status(entry: Any) -> ProfileStatus:
+    if not isinstance(entry, dict):
+        raise ProtocolError("status entry is not a map")
+
+    def when(name: str) -> float | None:
+        value = optional_field(entry, name, NUMBER)
+        return None if value is None else float(value)
+
+    return ProfileStatus(
+        profile=field_of(entry, "profile", str),
+        state=field_of(entry, "state", str),
+        username=optional_field(entry, "username", str),
+        expires_at=when("expires_at"),
+        next_refresh_at=when("next_refresh_at"),
+        last_refresh_at=when("last_refresh_at"),
+        refreshes=field_of(entry, "refreshes", int),
+        failures=field_of(entry, "failures", int),
+        last_error=optional_field(entry, "last_error", str),
+    )
+
+
+def _parse_status(message: Message) -> Status:
+    return Status(
+        server=field_of(message, "server", str),
+        uptime=float(field_of(message, "uptime", NUMBER)),
+        profiles=tuple(_parse_profile_status(p) for p in field_of(message, "profiles", list)),
+    )
+
+
+def _parse_hello(message: Message) -> Hello:
+    return Hello(
+        version=field_of(message, "v", int),
+        server=field_of(message, "server", str),
+        ops=tuple(field_of(message, "ops", list)),
+    )
+
+
+def parse_watch_event(message: Message) -> WatchEvent:
+    event = field_of(message, "event", str)
+    return WatchEvent(event, parse_token(message) if event == "token" else None)
+
+
+def _ignore(message: Message) -> None:
+    return None
+
+
+def hello(client: str | None = None) -> Call[Hello]:
+    return Call(Op.HELLO, _with_profile(None, v=1, client=client), _parse_hello, idempotent=True)
+
+
+def token(profile: str | None = None, min_valid: float = 0) -> Call[Token]:
+    args = _with_profile(profile, min_valid=min_valid or None)
+    return Call(Op.TOKEN, args, parse_token, idempotent=True)
+
+
+def user(profile: str | None = None) -> Call[User]:
+    return Call(Op.USER, _with_profile(profile), _parse_user, idempotent=True)
+
+
+def status() -> Call[Status]:
+    return Call(Op.STATUS, {}, _parse_status, idempotent=True)
+
+
+def login(
+    username: str, password: str, profile: str | None = None, remember: bool = False
+) -> Call[Session]:
+    args = _with_profile(profile, username=username, password=password, remember=remember)
+    return Call(Op.LOGIN, args, parse_session)
+
+
+def logout(profile: str | None = None) -> Call[None]:
+    return Call(Op.LOGOUT, _with_profile(profile), _ignore)
+
+
+def refresh(profile: str | None = None) -> Call[Session]:
+    return Call(Op.REFRESH, _with_profile(profile), parse_session)
+
+
+def change_password(password: str, new_password: str, profile: str | None = None) -> Call[Session]:
+    args = _with_profile(profile, password=password, new_password=new_password)
+    return Call(Op.CHANGE_PASSWORD, args, parse_session)
+
+
+def register(
+    username: str,
+    password: str,
+    profile: str | None = None,
+    remember: bool = False,
+    user: Mapping[str, Any] | None = None,
+) -> Call[Session]:
+    args = _with_profile(
+        profile,
+        username=username,
+        password=password,
+        remember=remember,
+        user=dict(user) if user is not None else None,
+    )
+    return Call(Op.REGISTER, args, parse_session)
+
+
+def watch(profile: str | None = None) -> Call[WatchEvent]:
+    return Call(Op.WATCH, _with_profile(profile), parse_watch_event)
+
+
+def outcome(message: Message) -> Message:
+    """The response itself if it says ok, else the typed error it carries."""
+    if message.get("ok") is True:
+        return message
+    error = message.get("error")
+    if message.get("ok") is False and isinstance(error, dict):
+        raise error_from_wire(error.get("code"), error.get("message"))
+    raise ProtocolError("response has neither ok: true nor an error map")
+
+
+class Exchange:
+    """One connection's request ids and incoming bytes, without the I/O.
+
+    A client sends `request(call)` and feeds what it reads to `receive` until that
+    returns the answer to its id. Frames with other ids belong to nobody (the v1 clients
+    have one call in flight per connection) and are dropped.
+    """
+
+    __slots__ = ("_decoder", "_next_id", "_pending")
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(MAX_RESPONSE_SIZE)
+        self._next_id = 1
+        self._pending: list[Message] = []
+
+    def request(self, call: Call[Any]) -> tuple[int, bytes]:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id, encode({"id": request_id, "op": call.op, **call.args})
+
+    def receive(self, data: bytes, request_id: int) -> Message | None:
+        """Feed bytes; the next message for `request_id`, if one is complete."""
+        self._pending.extend(self._decoder.feed(data))
+        if self._decoder.error is not None:
+            raise ProtocolError(f"unreadable response: {self._decoder.error}")
+        while self._pending:
+            message = self._pending.pop(0)
+            if message.get("id") == request_id:
+                return message
+            if message.get("id") is None and message.get("ok") is False:
+                outcome(message)  # a connection-level error such as busy: raise it
+        return None
+
+
+def answer(call: Call[T], message: Message) -> T:
+    """The result of `call` from its response, or the error the response carries."""
+    try:
+        return call.parse(outcome(message))
+    except BrokerError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {call.op} response: {exc}") from None
+
+
+__all__ = ["Call", "Exchange", "FrameError", "answer"]

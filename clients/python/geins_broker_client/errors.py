@@ -1,0 +1,106 @@
+"""Typed errors: one class per family of wire error codes.
+
+A caller catches the family it can act on (`LoginRequired`: ask a person to log in;
+`Unavailable`: try again later) and still finds the exact `code` and the daemon's
+`message` on the exception. Messages never hold a token or a password: the daemon
+never puts one there, and the client adds none.
+"""
+
+from __future__ import annotations
+
+from .protocol import Code
+
+
+class BrokerError(Exception):
+    """Any failure of a call to the broker."""
+
+    code: str = Code.INTERNAL
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class BrokerNotRunning(BrokerError):
+    """No daemon answers at the socket (missing, refused, or closed on us)."""
+
+    code = "not_running"
+
+
+class ProtocolError(BrokerError):
+    """The two sides do not understand each other: bad_frame, bad_request, unknown_op."""
+
+    code = Code.BAD_REQUEST
+
+
+class UnknownProfile(BrokerError):
+    code = Code.UNKNOWN_PROFILE
+
+
+class Forbidden(BrokerError):
+    """The daemon refused this uid for this operation or profile."""
+
+    code = Code.FORBIDDEN
+
+
+class NotLoggedIn(BrokerError):
+    """Nobody has logged in to this profile (or someone logged out)."""
+
+    code = Code.NOT_LOGGED_IN
+
+
+class LoginRequired(BrokerError):
+    """The session ended upstream (refresh token rejected or expired): log in again."""
+
+    code = Code.LOGIN_REQUIRED
+
+
+class InvalidCredentials(BrokerError):
+    """Geins refused the username or password."""
+
+    code = Code.INVALID_CREDENTIALS
+
+
+class Unavailable(BrokerError):
+    """Try again later: Geins unreachable, a timeout, or the daemon is busy."""
+
+    code = Code.UPSTREAM_UNAVAILABLE
+
+
+class UpstreamError(BrokerError):
+    """Geins answered, but not with something the broker could use."""
+
+    code = Code.UPSTREAM_ERROR
+
+
+class InternalError(BrokerError):
+    code = Code.INTERNAL
+
+
+_FAMILIES: dict[str, type[BrokerError]] = {
+    Code.BAD_FRAME: ProtocolError,
+    Code.BAD_REQUEST: ProtocolError,
+    Code.UNKNOWN_OP: ProtocolError,
+    Code.UNKNOWN_PROFILE: UnknownProfile,
+    Code.FORBIDDEN: Forbidden,
+    Code.NOT_LOGGED_IN: NotLoggedIn,
+    Code.LOGIN_REQUIRED: LoginRequired,
+    Code.INVALID_CREDENTIALS: InvalidCredentials,
+    Code.UPSTREAM_UNAVAILABLE: Unavailable,
+    Code.TIMEOUT: Unavailable,
+    Code.BUSY: Unavailable,
+    Code.UPSTREAM_ERROR: UpstreamError,
+    Code.INTERNAL: InternalError,
+}
+
+
+def error_from_wire(code: object, message: object) -> BrokerError:
+    """The exception for an `error` map; an unknown code from a newer daemon is kept."""
+    code_text = code if isinstance(code, str) else Code.INTERNAL
+    message_text = message if isinstance(message, str) else "(no message)"
+    return _FAMILIES.get(code_text, BrokerError)(message_text, code_text)

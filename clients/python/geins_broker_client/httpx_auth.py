@@ -1,0 +1,84 @@
+"""An httpx Auth that signs each request with the broker's current bearer token.
+
+    client = httpx.Client(auth=BrokerAuth(profile="default"))
+
+Importing this module imports httpx; the package root does not, so apps that do not use
+httpx never load it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncGenerator, Generator
+
+import httpx
+
+from .aio import AsyncClient
+from .cache import DEFAULT_MIN_VALID, AsyncTokenCache, TokenCache
+
+
+class BrokerAuth(httpx.Auth):
+    """Adds `Authorization: Bearer ...`; on a 401 it drops its cached token and retries once."""
+
+    def __init__(
+        self,
+        *,
+        profile: str | None = None,
+        socket_path: str | None = None,
+        min_valid: float = DEFAULT_MIN_VALID,
+        cache: TokenCache | None = None,
+        async_client: AsyncClient | None = None,
+    ) -> None:
+        from .blocking import Client
+
+        self._cache = cache or TokenCache(Client(socket_path), profile=profile, min_valid=min_valid)
+        self._profile = profile
+        self._socket_path = socket_path
+        self._min_valid = min_valid
+        self._async_client = async_client
+        self._async_cache: AsyncTokenCache | None = None
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._cache.get().authorization
+        response = yield request
+        if response.status_code == httpx.codes.UNAUTHORIZED:
+            self._cache.invalidate()
+            request.headers["Authorization"] = self._cache.get().authorization
+            yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        cache = self._async_cache or self._make_async_cache()
+        request.headers["Authorization"] = (await cache.get()).authorization
+        response = yield request
+        if response.status_code == httpx.codes.UNAUTHORIZED:
+            cache.invalidate()
+            request.headers["Authorization"] = (await cache.get()).authorization
+            yield request
+
+    def _make_async_cache(self) -> AsyncTokenCache:
+        client = self._async_client or _client_for_running_loop(self._socket_path)
+        self._async_cache = AsyncTokenCache(
+            client, profile=self._profile, min_valid=self._min_valid
+        )
+        return self._async_cache
+
+
+def _client_for_running_loop(socket_path: str | None) -> AsyncClient:
+    if "trio" in sys.modules:
+        import trio
+
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            from .trio_client import TrioClient
+
+            return TrioClient(socket_path)
+    from .asyncio_client import AsyncioClient
+
+    return AsyncioClient(socket_path)

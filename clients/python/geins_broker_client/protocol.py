@@ -1,0 +1,198 @@
+"""The geins-broker wire protocol, version 1: frames, op names and error codes.
+
+This module is the one place the wire format is written down in code. The daemon and
+every Python client (blocking, trio, asyncio) feed bytes into the same `FrameDecoder`
+and build frames with the same `encode`, so they cannot drift apart. It is sans-IO: no
+sockets, no clocks, nothing but bytes in and messages out. docs/protocol.md is the same
+contract in prose, for clients in other languages.
+
+A frame is a 4-byte unsigned big-endian length N, then N bytes holding one msgpack map
+with string keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgpack
+
+VERSION: Final = 1
+
+#: The largest request body the daemon reads; a longer frame ends the connection.
+MAX_REQUEST_SIZE: Final = 64 * 1024
+#: The largest response body a client accepts. `status` with ten thousand profiles fits.
+MAX_RESPONSE_SIZE: Final = 16 * 1024 * 1024
+
+_HEADER: Final = struct.Struct(">I")
+HEADER_SIZE: Final = _HEADER.size
+
+Message = dict[str, Any]
+
+
+class Op:
+    """The operations a v1 daemon answers."""
+
+    HELLO: Final = "hello"
+    TOKEN: Final = "token"  # noqa: S105 - an op name
+    USER: Final = "user"
+    STATUS: Final = "status"
+    LOGIN: Final = "login"
+    LOGOUT: Final = "logout"
+    REFRESH: Final = "refresh"
+    CHANGE_PASSWORD: Final = "change_password"  # noqa: S105 - an op name
+    REGISTER: Final = "register"
+    WATCH: Final = "watch"
+
+    ALL: Final = (
+        HELLO,
+        TOKEN,
+        USER,
+        STATUS,
+        LOGIN,
+        LOGOUT,
+        REFRESH,
+        CHANGE_PASSWORD,
+        REGISTER,
+        WATCH,
+    )
+
+
+class Code:
+    """Error codes carried in `{"ok": false, "error": {"code": ..., "message": ...}}`."""
+
+    BAD_FRAME: Final = "bad_frame"
+    BAD_REQUEST: Final = "bad_request"
+    UNKNOWN_OP: Final = "unknown_op"
+    UNKNOWN_PROFILE: Final = "unknown_profile"
+    FORBIDDEN: Final = "forbidden"
+    NOT_LOGGED_IN: Final = "not_logged_in"
+    LOGIN_REQUIRED: Final = "login_required"
+    INVALID_CREDENTIALS: Final = "invalid_credentials"
+    UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
+    UPSTREAM_ERROR: Final = "upstream_error"
+    TIMEOUT: Final = "timeout"
+    BUSY: Final = "busy"
+    INTERNAL: Final = "internal"
+
+    ALL: Final = (
+        BAD_FRAME,
+        BAD_REQUEST,
+        UNKNOWN_OP,
+        UNKNOWN_PROFILE,
+        FORBIDDEN,
+        NOT_LOGGED_IN,
+        LOGIN_REQUIRED,
+        INVALID_CREDENTIALS,
+        UPSTREAM_UNAVAILABLE,
+        UPSTREAM_ERROR,
+        TIMEOUT,
+        BUSY,
+        INTERNAL,
+    )
+
+
+class FrameError(Exception):
+    """A frame that cannot be read. The stream is out of step after it and must close."""
+
+
+_packer = msgpack.Packer(autoreset=True, use_bin_type=True)
+_ID_KEY: Final = _packer.pack("id")
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One complete frame: the length prefix and the msgpack body."""
+    body: bytes = _packer.pack(message)
+    return _HEADER.pack(len(body)) + body
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The `ok: false` fields of a response, without its id."""
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+class PreparedResponse:
+    """A response whose fields are encoded once and reused with any id.
+
+    The daemon answers `token` from memory many thousand times per rotation; packing the
+    same map each time is most of the cost of the answer, so the fields are packed once
+    and each frame only packs its id in front of them.
+    """
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._head: bytes = _packer.pack_map_header(len(fields) + 1) + _ID_KEY
+        self._tail: bytes = b"".join(_packer.pack(k) + _packer.pack(v) for k, v in fields.items())
+
+    def frame(self, request_id: int | None) -> bytes:
+        packed_id: bytes = _packer.pack(request_id)
+        size = len(self._head) + len(packed_id) + len(self._tail)
+        return b"".join((_HEADER.pack(size), self._head, packed_id, self._tail))
+
+
+class FrameDecoder:
+    """Splits a byte stream into messages.
+
+    `feed` returns every message completed by the new bytes, so a reader that received
+    several pipelined requests in one read answers them all before reading again. A frame
+    that cannot be read stops the decoder: the messages before it are returned, `error`
+    says what was wrong, and later bytes are ignored (the peer is out of step).
+    """
+
+    __slots__ = ("_buffer", "_max_size", "error")
+
+    def __init__(self, max_size: int = MAX_REQUEST_SIZE) -> None:
+        self._buffer = bytearray()
+        self._max_size = max_size
+        self.error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self.error is not None:
+            return []
+        buffer = self._buffer
+        buffer += data
+        messages: list[Message] = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= HEADER_SIZE:
+            (size,) = _HEADER.unpack_from(buffer, offset)
+            if size > self._max_size:
+                self.error = FrameError(f"frame of {size} bytes is over the {self._max_size} limit")
+                break
+            if end - offset - HEADER_SIZE < size:
+                break
+            start = offset + HEADER_SIZE
+            offset = start + size
+            try:
+                messages.append(decode_body(bytes(buffer[start:offset])))
+            except FrameError as exc:
+                self.error = exc
+                break
+        if self.error is not None:
+            buffer.clear()
+        else:
+            del buffer[:offset]
+        return messages
+
+
+def decode_body(body: bytes) -> Message:
+    """One frame's body as a message, or FrameError saying why it is not one."""
+    if not body:
+        raise FrameError("empty frame")
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        # ValueError covers truncated input, bad UTF-8 and non-string map keys.
+        raise FrameError(f"frame is not one msgpack value ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise FrameError(f"frame holds a msgpack {type(message).__name__}, not a map")
+    if not all(type(key) is str for key in message):
+        raise FrameError("frame's map has keys that are not strings")
+    return message
