@@ -7,13 +7,11 @@ people and never contain a password, a bearer token or a refresh token.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from geins_broker_client.protocol import Code
 
 
 class BrokerFault(Exception):
-    code: ClassVar[str] = Code.INTERNAL
+    code: str = Code.INTERNAL
 
 
 # -- Geins answered, or failed to -------------------------------------------------------
@@ -66,6 +64,14 @@ class UpstreamTimeout(Transient):
 # -- the daemon's own refusals --------------------------------------------------------------
 
 
+class Internal(BrokerFault):
+    """A bug: the details are in the daemon's log, not on the wire."""
+
+
+class BadFrame(BrokerFault):
+    code = Code.BAD_FRAME
+
+
 class BadRequest(BrokerFault):
     code = Code.BAD_REQUEST
 
@@ -100,3 +106,11 @@ class Timeout(BrokerFault):
 
 class StoreError(BrokerFault):
     """The state directory refused a write or a read; the reason is the OS's."""
+
+
+class Relayed(BrokerFault):
+    """An earlier failure told again, to a caller who was waiting on that attempt."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

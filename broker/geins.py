@@ -157,7 +157,13 @@ class GeinsClient:
     async def register(
         self, username: str, password: Secret, user: Mapping[str, Any] | None = None
     ) -> Grant:
-        """Create the account, then commit the user to the Merchant API as the SDK does."""
+        """Create the account, then commit the user to the Merchant API, as the SDK does."""
+        grant = await self.create_account(username, password)
+        await self.commit_user(grant.bearer, user)
+        return grant
+
+    async def create_account(self, username: str, password: Secret) -> Grant:
+        """The register call alone; the caller must still `commit_user`."""
         body = {
             "username": username,
             "signature": await self._signature(username),
@@ -166,9 +172,7 @@ class GeinsClient:
         response = await self._send("POST", self._auth("register"), "register", json_body=body)
         if response.status_code == 409:
             raise InvalidCredentials("that username is already registered")
-        grant = _grant(_checked(response, "register"), "register")
-        await self.commit_user(grant.bearer, user)
-        return grant
+        return _grant(_checked(response, "register"), "register")
 
     async def commit_user(self, bearer: Secret, user: Mapping[str, Any] | None = None) -> None:
         endpoint = self.endpoint

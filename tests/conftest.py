@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import functools
+import random
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
-from broker.emulator import Emulator
+from broker import config as config_module
+from broker.config import BrokerConfig
+from broker.daemon import Daemon
+from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.profile import Profile
 from broker.wallclock import TrioWallClock
+from geins_broker_client.trio_client import TrioClient
 
 
 @pytest.fixture
@@ -70,3 +80,87 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+# -- the daemon, in-process, against the in-process emulator --------------------------------
+
+
+class Broker:
+    """A running daemon with its emulator, socket and state directory, for one test."""
+
+    def __init__(self, daemon: Daemon, emulator: Emulator, socket: Path, state_dir: Path) -> None:
+        self.daemon = daemon
+        self.emulator = emulator
+        self.socket = socket
+        self.state_dir = state_dir
+
+    def client(self, **kwargs: object) -> TrioClient:
+        return TrioClient(self.socket, **kwargs)  # type: ignore[arg-type]
+
+    def profile(self, name: str = "default") -> Profile:
+        return self.daemon.profiles[name]
+
+    async def login(self, profile: str = "default", remember: bool = False) -> None:
+        async with self.client() as client:
+            await client.login(DEMO_USER, DEMO_PASSWORD, profile=profile, remember=remember)
+
+
+def broker_config(
+    emulator: Emulator,
+    socket: Path,
+    state_dir: Path,
+    *,
+    profiles: tuple[str, ...] = ("default",),
+    **broker_settings: object,
+) -> BrokerConfig:
+    endpoint = emulator.endpoint()
+    data = {
+        "broker": {"socket": str(socket), "state_dir": str(state_dir), **broker_settings},
+        "profiles": {
+            name: {
+                "account": endpoint.account,
+                "api_key": endpoint.api_key,
+                "auth_service_url": emulator.url,
+                "merchant_api_url": emulator.url,
+                "channel_id": "1|se",
+                "language_id": "sv-SE",
+                "market_id": "se",
+            }
+            for name in profiles
+        },
+    }
+    return config_module.parse(data, state_dir / "config.toml")
+
+
+async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """Blocking calls run in place: a worker thread would let MockClock jump ahead
+    while it works. The subprocess tests cover the real threads."""
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+async def start_broker(
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    tmp: Path,
+    *,
+    rng: random.Random | None = None,
+    **settings: object,
+) -> Broker:
+    socket, state_dir = tmp / "broker.sock", tmp / "state"
+    config = broker_config(emulator, socket, state_dir, **settings)  # type: ignore[arg-type]
+    daemon = Daemon(config, wall=wall, rng=rng or random.Random(7), offload=inline)
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    return Broker(daemon, emulator, socket, state_dir)
+
+
+@pytest.fixture
+async def broker(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> Broker:
+    return await start_broker(nursery, emulator, wall, short_tmp)

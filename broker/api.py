@@ -1,0 +1,165 @@
+"""The operations of protocol v1, with who may call them.
+
+The daemon's own uid and root may do everything. A profile's `allow_users` and
+`allow_groups` may read it: token, user, watch, and its line in status. Everyone may say
+hello. Everything else is refused with `forbidden`.
+
+Each op returns the response's fields; the server adds the id and `ok`, and turns any
+`BrokerFault` raised here into the error map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from geins_broker_client.protocol import VERSION, Op
+
+from . import __version__
+from .errors import Forbidden, UnknownProfile
+from .profile import Profile, WatchEvent
+from .requests import arguments
+
+SERVER: Final = f"geins-broker/{__version__}"
+
+Emit = Callable[[WatchEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection, as the kernel says (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+class Api:
+    def __init__(self, profiles: Mapping[str, Profile], *, admin_uid: int | None = None) -> None:
+        #: The daemon's live table of profiles (a reload changes it in place).
+        self.profiles = profiles
+        self.admin_uids = frozenset({0, os.geteuid() if admin_uid is None else admin_uid})
+        self.started_at = trio.current_time()
+        #: Ops answered without waiting for anything.
+        self.immediate: dict[str, Callable[[Peer, dict[str, Any]], dict[str, Any]]] = {
+            Op.HELLO: self.hello,
+            Op.STATUS: self.status,
+            Op.USER: self.user,
+        }
+        #: Ops that may wait (on Geins, or on a refresh).
+        self.waiting: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            Op.TOKEN: self.token,
+            Op.LOGIN: self.login,
+            Op.LOGOUT: self.logout,
+            Op.REFRESH: self.refresh,
+            Op.CHANGE_PASSWORD: self.change_password,
+            Op.REGISTER: self.register,
+        }
+
+    # -- access --------------------------------------------------------------------------
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid in self.admin_uids
+
+    def may_read(self, peer: Peer, profile: Profile) -> bool:
+        config = profile.config
+        return (
+            self.is_admin(peer)
+            or peer.uid in config.allow_uids
+            or peer.gid in config.allow_gids
+            or not peer.groups.isdisjoint(config.allow_gids)
+        )
+
+    def readable(self, peer: Peer, name: str) -> Profile:
+        profile = self._profile(name)
+        if not self.may_read(peer, profile):
+            raise Forbidden(f"uid {peer.uid} may not read profile {name!r}")
+        return profile
+
+    def administrable(self, peer: Peer, name: str) -> Profile:
+        profile = self._profile(name)
+        if not self.is_admin(peer):
+            raise Forbidden(
+                f"only root and the broker's own user may change sessions (uid {peer.uid})"
+            )
+        return profile
+
+    def _profile(self, name: str) -> Profile:
+        profile = self.profiles.get(name)
+        if profile is None:
+            raise UnknownProfile(f"no profile {name!r} is configured")
+        return profile
+
+    # -- immediate ops ---------------------------------------------------------------------
+
+    def hello(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        return {"v": VERSION, "server": SERVER, "ops": list(Op.ALL)}
+
+    def status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "server": SERVER,
+            "uptime": trio.current_time() - self.started_at,
+            "profiles": [p.status() for p in self.profiles.values() if self.may_read(peer, p)],
+        }
+
+    def user(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        return self.readable(peer, args["profile"]).user()
+
+    # -- ops that wait ---------------------------------------------------------------------
+
+    async def token(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.readable(peer, args["profile"])
+        await profile.ensure_token(args["min_valid"])
+        tokens = profile.session.tokens
+        assert tokens is not None
+        return {
+            "profile": profile.name,
+            "token": tokens.bearer.reveal(),
+            "expires_at": tokens.expires_at,
+        }
+
+    async def login(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.administrable(peer, args["profile"])
+        await profile.login(args["username"], args["password"], args["remember"])
+        return self._session(profile)
+
+    async def register(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.administrable(peer, args["profile"])
+        await profile.register(args["username"], args["password"], args["remember"], args["user"])
+        return self._session(profile)
+
+    async def logout(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.administrable(peer, args["profile"])
+        await profile.logout()
+        return {"profile": profile.name}
+
+    async def refresh(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.administrable(peer, args["profile"])
+        await profile.refresh_now()
+        return self._session(profile)
+
+    async def change_password(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        profile = self.administrable(peer, args["profile"])
+        await profile.change_password(args["password"], args["new_password"])
+        return self._session(profile)
+
+    @staticmethod
+    def _session(profile: Profile) -> dict[str, Any]:
+        tokens = profile.session.tokens
+        assert tokens is not None
+        return {
+            "profile": profile.name,
+            "username": profile.session.username,
+            "expires_at": tokens.expires_at,
+        }
+
+    async def watch(self, peer: Peer, args: dict[str, Any], emit: Emit) -> None:
+        await self.readable(peer, args["profile"]).watch(emit)
+
+
+__all__ = ["Api", "Peer", "arguments"]

@@ -1,0 +1,312 @@
+"""The daemon's TOML configuration, its defaults, and where each comes from.
+
+A mistake in the file is one `ConfigError` naming the file, the key and what is wrong;
+the daemon prints it and exits 2 (or, on SIGHUP, keeps the configuration it has).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import tomllib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME
+
+from .geins import Endpoint
+from .geins_protocol import DEFAULT_AUTH_SERVICE_URL, DEFAULT_MERCHANT_API_URL, REQUEST_TIMEOUT
+from .session import Policy
+
+ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
+SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
+DEFAULT_PROFILE: Final = "default"
+#: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
+_PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileConfig:
+    name: str
+    endpoint: Endpoint
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+    policy: Policy = field(default_factory=Policy)
+    request_timeout: float = REQUEST_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    source: Path | None
+    socket: Path
+    state_dir: Path
+    profiles: Mapping[str, ProfileConfig]
+    socket_mode: int | None = None
+    socket_group: int | None = None
+    max_connections: int = 1024
+    max_requests_per_connection: int = 32
+    idle_timeout: float = 300.0
+    #: How long a half-received frame may sit before the connection is closed.
+    frame_timeout: float = 10.0
+    #: How long a client may leave answers unread before the connection is closed.
+    send_timeout: float = 10.0
+    #: How long a `token` call waits for a refresh it needs.
+    token_wait: float = 15.0
+    max_concurrent_refreshes: int = 4
+    #: Overdue refreshes after a restart are spread over this many seconds.
+    startup_spread: float = 10.0
+    #: How long SIGTERM waits for requests in flight.
+    shutdown_grace: float = 5.0
+
+
+# -- where things are ------------------------------------------------------------------------
+
+
+def _dirs() -> platformdirs.PlatformDirs:
+    return platformdirs.PlatformDirs(APP_DIR, appauthor=False)
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to read: --config, $GEINS_BROKER_CONFIG, the user's, the system's."""
+    if explicit is not None:
+        return Path(explicit)
+    if env := os.environ.get(ENV_CONFIG):
+        return Path(env)
+    candidates = [Path(_dirs().user_config_dir) / "config.toml", SYSTEM_CONFIG]
+    if conf_dir := os.environ.get("CONFIGURATION_DIRECTORY"):
+        candidates.insert(0, Path(conf_dir.split(":")[0]) / "config.toml")
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "no configuration file: create "
+        + " or ".join(str(c) for c in candidates[-2:])
+        + f", or pass --config or set ${ENV_CONFIG} (see README.md)"
+    )
+
+
+def default_socket() -> Path:
+    if env := os.environ.get(ENV_SOCKET):
+        return Path(env)
+    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(runtime.split(":")[0]) / SOCKET_NAME
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        return Path(_dirs().user_runtime_dir) / SOCKET_NAME
+
+
+def default_state_dir() -> Path:
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    return Path(_dirs().user_state_dir)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to one table of the file, with errors that name the key."""
+
+    def __init__(self, source: Path, table: Mapping[str, Any], prefix: str) -> None:
+        self.source, self.table, self.prefix = source, table, prefix
+        self.used: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"expected {_kind_names(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"expected {_kind_names(kinds)}, got {type(value).__name__}")
+        return value
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.get(key, str, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return str(value)
+
+    def seconds(self, key: str, default: float, *, low: float = 0.0) -> float:
+        value = float(self.get(key, (int, float), default))
+        if value <= low:
+            raise self.error(key, f"must be more than {low:g}")
+        return value
+
+    def count(self, key: str, default: int) -> int:
+        value = int(self.get(key, int, default))
+        if value < 1:
+            raise self.error(key, "must be at least 1")
+        return value
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {int: "a number", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def load(path: Path, *, socket_override: str | None = None) -> BrokerConfig:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse(data, path, socket_override=socket_override)
+
+
+def parse(
+    data: Mapping[str, Any], source: Path, *, socket_override: str | None = None
+) -> BrokerConfig:
+    top = _Reader(source, data, "")
+    broker = _Reader(source, top.get("broker", dict, {}), "broker.")
+    profiles_table = top.get("profiles", dict, {})
+    top.check_unknown()
+    if not profiles_table:
+        raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
+    profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
+
+    socket = Path(socket_override or broker.get("socket", str) or default_socket())
+    if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+        raise broker.error(
+            "socket",
+            f"path is {len(os.fsencode(socket))} bytes; a Unix socket path has at most {MAX_SOCKET_PATH}",
+        )
+    state_dir = Path(broker.get("state_dir", str) or default_state_dir())
+    mode = broker.get("socket_mode", (str, int))
+    group = broker.get("socket_group", (str, int))
+    config = BrokerConfig(
+        source=source,
+        socket=socket,
+        state_dir=state_dir,
+        profiles=profiles,
+        socket_mode=None if mode is None else _mode(broker, mode),
+        socket_group=None if group is None else _gid(broker, "socket_group", group),
+        max_connections=broker.count("max_connections", 1024),
+        max_requests_per_connection=broker.count("max_requests_per_connection", 32),
+        idle_timeout=broker.seconds("idle_timeout", 300.0),
+        frame_timeout=broker.seconds("frame_timeout", 10.0),
+        send_timeout=broker.seconds("send_timeout", 10.0),
+        token_wait=broker.seconds("token_wait", 15.0),
+        max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
+        startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
+        shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+    )
+    broker.check_unknown()
+    return config
+
+
+def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
+    prefix = f"profiles.{name}."
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: profiles.{name}: expected a table")
+    if not _PROFILE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{source}: profiles.{name}: a profile name is 1-64 letters, digits, '_', '.', '-'"
+        )
+    r = _Reader(source, table, prefix)
+    endpoint = Endpoint(
+        account=r.text("account"),
+        api_key=r.text("api_key"),
+        environment=r.text("environment", "prod"),
+        auth_service_url=_url(r, "auth_service_url", DEFAULT_AUTH_SERVICE_URL),
+        merchant_api_url=_url(r, "merchant_api_url", DEFAULT_MERCHANT_API_URL),
+        channel_id=r.get("channel_id", str),
+        language_id=r.get("language_id", str),
+        market_id=r.get("market_id", str),
+    )
+    refresh_at = float(r.get("refresh_at", (int, float), 0.75))
+    if not 0.1 <= refresh_at <= 0.9:
+        raise r.error("refresh_at", "must be between 0.1 and 0.9 (a share of the token's lifetime)")
+    jitter = float(r.get("jitter", (int, float), 0.05))
+    if not 0 <= jitter <= 0.2:
+        raise r.error("jitter", "must be between 0 and 0.2")
+    profile = ProfileConfig(
+        name=name,
+        endpoint=endpoint,
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
+        policy=Policy(refresh_at=refresh_at, jitter=jitter),
+        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT),
+    )
+    r.check_unknown()
+    return profile
+
+
+def _url(r: _Reader, key: str, default: str) -> str:
+    value = r.text(key, default)
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise r.error(key, f"not an http(s) URL: {value!r}")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        raise r.error(key, "Geins is spoken to over HTTPS only (http is allowed for loopback)")
+    if parts.query or parts.fragment:
+        raise r.error(key, "a base URL has no query or fragment")
+    return value.rstrip("/")
+
+
+def _list(r: _Reader, key: str) -> list[str | int]:
+    values = r.get(key, list, [])
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise r.error(key, "entries are names or numeric ids")
+    return list(values)
+
+
+def _uid(r: _Reader, value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise r.error("allow_users", f"no such user {value!r}") from None
+
+
+def _gid(r: _Reader, key: str, value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise r.error(key, f"no such group {value!r}") from None
+
+
+def _mode(r: _Reader, value: str | int) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else value
+    except ValueError:
+        raise r.error("socket_mode", f"not an octal mode: {value!r}") from None
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise r.error(
+            "socket_mode", 'must be an octal mode that lets the owner read and write, e.g. "0660"'
+        )
+    return mode

@@ -1,0 +1,290 @@
+"""`geins-broker serve`: config, store, profiles, server, signals and systemd, wired.
+
+Start-up: read the config, prepare the state directory, restore every saved session
+(overdue refreshes spread out, at most `max_concurrent_refreshes` at once), take the
+socket (from systemd, or bind it), start serving, then tell systemd READY=1.
+
+SIGTERM/SIGINT: STOPPING=1, stop accepting, give requests in flight `shutdown_grace`
+seconds, finish pending writes, remove the socket, exit 0. SIGHUP: reload the config,
+adding and removing profiles without touching the others' sessions.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import signal
+import sys
+from collections import Counter
+from dataclasses import replace
+from typing import Final
+
+import httpx
+import trio
+
+from . import __version__
+from . import log as logging_setup
+from .api import Api
+from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
+from .errors import StoreError
+from .listener import Listener, ListenerError, bind, from_systemd
+from .log import events
+from .notify import Notifier
+from .profile import Offload, Profile
+from .server import Server
+from .store import CorruptState, Record, Store
+from .wallclock import SystemClock, WallClock
+
+log = events("broker.daemon")
+
+#: STATUS= lines to systemd at most this often.
+_STATUS_INTERVAL: Final = 1.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        wall: WallClock | None = None,
+        rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        notifier: Notifier | None = None,
+        offload: Offload = trio.to_thread.run_sync,
+    ) -> None:
+        self.config = config
+        self.wall = wall or SystemClock()
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.notifier = notifier or Notifier()
+        self.store = Store(config.state_dir)
+        self.profiles: dict[str, Profile] = {}
+        self._transport = transport
+        self._offload = offload
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._stop = trio.Event()
+        self._status_dirty = trio.Event()
+        self.server: Server | None = None
+        self.listener: Listener | None = None
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        listener: Listener | None = None,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `stop()` (or SIGTERM/SIGINT), then shut down gracefully."""
+        config = self.config
+        for leftover in await self._offload(self.store.prepare):
+            log.info("removed_partial_write", path=leftover)
+        records = await self._offload(self._load_records, list(config.profiles))
+        listener = (
+            listener
+            or from_systemd()
+            or bind(
+                config.socket,
+                config.socket_mode or (0o660 if config.socket_group else 0o600),
+                config.socket_group,
+            )
+        )
+        self.listener = listener
+        try:
+            async with httpx.AsyncClient(
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                follow_redirects=False,
+            ) as http:
+                self._http = http
+                self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
+                for name, profile_config in config.profiles.items():
+                    self._add_profile(profile_config, records.get(name))
+                self.server = server = Server(Api(self.profiles), config, self.wall)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for profile in self.profiles.values():
+                        self._start(profile)
+                    await nursery.start(server.serve, listener.sock)
+                    if handle_signals:
+                        nursery.start_soon(self._signals)
+                    if (interval := self.notifier.watchdog_interval) is not None:
+                        nursery.start_soon(self._watchdog, interval)
+                    nursery.start_soon(self._status_updates)
+                    self.notifier.ready(self.status_line())
+                    log.info(
+                        "ready",
+                        version=__version__,
+                        socket=listener.path,
+                        activated=listener.activated,
+                        profiles=len(self.profiles),
+                    )
+                    # Everything allocated so far lives as long as the daemon: keep the
+                    # collector from walking it again and again.
+                    gc.collect()
+                    gc.freeze()
+                    task_status.started(self)
+                    await self._stop.wait()
+                    await self._shut_down(server, listener)
+                    nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+        log.info("stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shut_down(self, server: Server, listener: Listener) -> None:
+        self.notifier.stopping()
+        log.info("stopping", in_flight=server.in_flight, connections=server.connections)
+        server.stop_accepting()
+        listener.close()
+        with trio.move_on_after(self.config.shutdown_grace) as grace:
+            await server.drained()
+            for profile in self.profiles.values():
+                await profile.flush()
+        if grace.cancelled_caught:
+            log.warning("shutdown_grace_over", in_flight=server.in_flight)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("signal", name=signal.Signals(signum).name)
+                    self.stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
+        and systemd restarts the daemon."""
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _status_updates(self) -> None:
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty = trio.Event()
+            self.notifier.status(self.status_line())
+            await trio.sleep(_STATUS_INTERVAL)
+
+    def status_line(self) -> str:
+        states = Counter(str(p.session.state) for p in self.profiles.values())
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        connections = self.server.connections if self.server else 0
+        noun = "profile" if len(self.profiles) == 1 else "profiles"
+        return f"{len(self.profiles)} {noun} ({summary or 'none'}); {connections} connections"
+
+    # -- profiles ----------------------------------------------------------------------
+
+    def _load_records(self, names: list[str]) -> dict[str, Record]:
+        """Every saved session (blocking: run in a thread). A bad file costs only its
+        own profile, which starts logged out."""
+        records: dict[str, Record] = {}
+        for name in names:
+            try:
+                record = self.store.load(name)
+            except CorruptState as exc:
+                log.error("state_corrupt", profile=name, reason=str(exc), set_aside=exc.set_aside)
+                continue
+            except StoreError as exc:
+                log.error("state_unreadable", profile=name, reason=str(exc))
+                continue
+            if record is not None:
+                records[name] = record
+        return records
+
+    def _add_profile(self, config: ProfileConfig, record: Record | None) -> Profile:
+        profile = Profile(
+            config,
+            http=self._http,
+            store=self.store,
+            wall=self.wall,
+            limiter=self._limiter,
+            rng=random.Random(self.rng.random()),  # noqa: S311 - jitter, not secrets
+            token_wait=self.config.token_wait,
+            on_change=self._profile_changed,
+            offload=self._offload,
+        )
+        if record is not None:
+            profile.restore(record, self.config.startup_spread)
+            log.info(
+                "restored",
+                profile=config.name,
+                state=profile.session.state,
+                username=record.username,
+            )
+        self.profiles[config.name] = profile
+        return profile
+
+    def _start(self, profile: Profile) -> None:
+        scope = self._scopes[profile.name] = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await profile.run()
+
+        self._nursery.start_soon(run, name=f"profile:{profile.name}")
+
+    def _profile_changed(self, profile: Profile) -> None:
+        self._status_dirty.set()
+
+    async def reload(self) -> None:
+        """Re-read the config file: profiles come and go, sessions stay."""
+        self.notifier.reloading()
+        source = self.config.source
+        try:
+            if source is None:
+                raise ConfigError("no config file to reload")
+            new = await self._offload(load, source)
+        except ConfigError as exc:
+            log.error("reload_failed", reason=str(exc))
+            self.notifier.ready(self.status_line())
+            return
+        old = self.config
+        for key in ("socket", "state_dir", "socket_mode", "socket_group"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=key)
+        for name in [n for n in self.profiles if n not in new.profiles]:
+            self._scopes.pop(name).cancel()
+            del self.profiles[name]
+            log.info("profile_removed", profile=name)
+        added = [n for n in new.profiles if n not in self.profiles]
+        records = await self._offload(self._load_records, added)
+        for name, profile_config in new.profiles.items():
+            if name in self.profiles:
+                self.profiles[name].reconfigure(profile_config)
+            else:
+                self._start(self._add_profile(profile_config, records.get(name)))
+                log.info("profile_added", profile=name)
+        self.config = new_with_kept_paths(new, old)
+        log.info("reloaded", profiles=len(self.profiles))
+        self.notifier.ready(self.status_line())
+        self._status_dirty.set()
+
+
+def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
+    """A reload cannot move the socket or the state: those need a restart."""
+    return replace(
+        new,
+        socket=old.socket,
+        state_dir=old.state_dir,
+        socket_mode=old.socket_mode,
+        socket_group=old.socket_group,
+    )
+
+
+def main(config_path: str | None = None, socket_path: str | None = None) -> int:
+    logging_setup.setup()
+    try:
+        config = load(find_config(config_path), socket_override=socket_path)
+    except ConfigError as exc:
+        print(f"geins-broker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(Daemon(config).run)
+    except (ListenerError, StoreError) as exc:
+        print(f"geins-broker: {exc}", file=sys.stderr)
+        return 1
+    return 0

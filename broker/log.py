@@ -1,0 +1,103 @@
+"""One line per event, key=value pairs, on stderr; journald priorities under systemd.
+
+    log = events("broker.profile")
+    log.info("refreshed", profile="default", expires_in=900)
+
+prints `... level=info event=refreshed profile=default expires_in=900`. Values are
+whatever `str()` makes of them, so a `Secret` shows as redacted; nobody passes a token
+here in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Final, TextIO
+
+_JOURNAL_PRIORITY: Final = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+    else:
+        text = str(value)
+    if not text or any(c in text for c in ' "=\n\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, journald: bool) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"level={record.levelname.lower()} {record.getMessage()}"
+        if record.exc_info:
+            line += " traceback=" + _value(self.formatException(record.exc_info))
+        if self.journald:
+            return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z {line}"
+
+
+def under_journald() -> bool:
+    """systemd connects stderr to the journal and says so in $JOURNAL_STREAM."""
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
+def setup(level: str = "info", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter(journald=under_journald()))
+    root = logging.getLogger("broker")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class Events:
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
+        if self._logger.isEnabledFor(level):
+            pairs = "".join(f" {k}={_value(v)}" for k, v in fields.items() if v is not None)
+            self._logger.log(level, "event=%s%s", event, pairs, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields, exc_info=True)
+
+
+def events(name: str) -> Events:
+    return Events(logging.getLogger(name))

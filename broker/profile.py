@@ -1,0 +1,515 @@
+"""One profile's I/O shell: drives its pure `Session` with Geins, the disk and the clocks.
+
+Everything that changes the profile's tokens (the rotation loop, login, logout,
+refresh, password change, register) holds `_upstream`, so exactly one exchange with
+Geins is in flight per profile: the refresh token rotates, and two refreshes racing
+with the same token would void each other. Those exchanges run shielded from
+cancellation (bounded by the request timeout): a client that hangs up, or a SIGTERM,
+never leaves a rotation half-done with the new refresh token lost.
+
+The new refresh token is on disk before the new bearer is served. Token requests that
+the held bearer satisfies are answered without awaiting anything (`token_frame`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any, Final
+
+import httpx
+import trio
+
+from geins_broker_client.protocol import Code, PreparedResponse
+
+from . import claims
+from .config import ProfileConfig
+from .errors import (
+    BadRequest,
+    BrokerFault,
+    GeinsError,
+    LoginRequired,
+    NotLoggedIn,
+    RefreshTokenRejected,
+    Relayed,
+    StoreError,
+    Timeout,
+)
+from .geins import GeinsClient
+from .log import events
+from .secret import Secret
+from .session import EndSession, Refresh, Session, SleepUntil, Tokens
+from .store import Record, Store
+from .wallclock import WallClock
+
+log = events("broker.profile")
+
+#: Extra time a shielded exchange may take beyond its requests' own timeouts (disk).
+_SAVE_ALLOWANCE: Final = 10.0
+#: Retry delays for a failed write to disk.
+_WRITE_RETRY_FIRST, _WRITE_RETRY_CAP = 1.0, 60.0
+
+WatchEvent = dict[str, Any]
+#: Runs a blocking call (a write and its fsyncs) off the event loop.
+Offload = Callable[..., Awaitable[Any]]
+
+
+class Profile:
+    def __init__(
+        self,
+        config: ProfileConfig,
+        *,
+        http: httpx.AsyncClient,
+        store: Store,
+        wall: WallClock,
+        limiter: trio.CapacityLimiter,
+        rng: random.Random | None = None,
+        token_wait: float = 15.0,
+        on_change: Callable[[Profile], None] | None = None,
+        offload: Offload = trio.to_thread.run_sync,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.session = Session(config.name, config.policy, rng)
+        self.geins = GeinsClient(config.endpoint, http, config.request_timeout)
+        self.token_wait = token_wait
+        self._http = http
+        self._store = store
+        self._wall = wall
+        self._limiter = limiter
+        self._on_change = on_change
+        self._offload = offload
+        self._upstream = trio.Lock()
+        self._write_lock = trio.Lock()
+        self._wake = trio.Event()
+        #: Set after every refresh attempt, so `token` waiters learn how it went.
+        self._attempt = trio.Event()
+        #: Set after every change a watcher may care about.
+        self._changed = trio.Event()
+        self._last_failure: BrokerFault | None = None
+        self._prepared: PreparedResponse | None = None
+        self._prepared_revision = -1
+        self._write_pending = False
+        self._write_retry_at = 0.0
+        self._write_failures = 0
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, {self.session.state})"
+
+    # -- configuration and restart ---------------------------------------------------------
+
+    def reconfigure(self, config: ProfileConfig) -> None:
+        """New settings from a reloaded config; the session itself is kept."""
+        self.config = config
+        self.session.policy = config.policy
+        self.geins = GeinsClient(config.endpoint, self._http, config.request_timeout)
+
+    def restore(self, record: Record, spread: float) -> None:
+        tokens = None
+        if (
+            record.bearer is not None
+            and record.obtained_at is not None
+            and record.expires_at is not None
+        ):
+            try:
+                decoded = claims.decode(record.bearer.reveal())
+            except claims.NotAJwt as exc:
+                log.warning("restore_bearer_unreadable", profile=self.name, reason=str(exc))
+            else:
+                tokens = Tokens(
+                    bearer=record.bearer,
+                    refresh=record.refresh,
+                    claims=decoded,
+                    obtained_at=record.obtained_at,
+                    expires_at=record.expires_at,
+                    session_expires_at=record.session_expires_at,
+                )
+        self.session.restored(
+            tokens,
+            record.username,
+            record.remember,
+            record.login_required,
+            record.last_refresh_at,
+            record.refreshes,
+        )
+        self.session.defer_startup_refresh(self._wall.now(), spread)
+
+    # -- the rotation loop -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh ahead of expiry, forever. Wakes at the rotation point, when poked,
+        and at least every `recheck` seconds while a session is live, to look at the
+        wall clock again (after a suspend, trio's clock has not moved; the wall has)."""
+        task_status.started()
+        session = self.session
+        while True:
+            now = self._wall.now()
+            action = session.next_action(now)
+            if isinstance(action, Refresh):
+                await self._refresh()
+                continue
+            if isinstance(action, EndSession):
+                await self._end_session()
+                continue
+            if self._write_pending and trio.current_time() >= self._write_retry_at:
+                await self._save(self._record())
+                continue
+            delay = float("inf")
+            if isinstance(action, SleepUntil):
+                delay = min(action.when - now, session.policy.recheck)
+            if self._write_pending:
+                delay = min(delay, self._write_retry_at - trio.current_time())
+            with trio.move_on_after(max(delay, 0.0)):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def _refresh(self) -> None:
+        async with self._upstream:
+            session = self.session
+            if not isinstance(session.next_action(self._wall.now()), Refresh):
+                return  # someone refreshed (or logged out) while we waited for the lock
+            refresh_token = session.tokens.refresh if session.tokens else None
+            assert refresh_token is not None
+            async with self._limiter, self._shielded():
+                await self._refresh_with(refresh_token)
+        self._attempt.set()
+        self._attempt = trio.Event()
+
+    async def _refresh_with(self, refresh_token: Secret) -> None:
+        session = self.session
+        try:
+            grant = await self.geins.refresh(refresh_token)
+        except RefreshTokenRejected as exc:
+            self._last_failure = exc
+            session.refresh_rejected(str(exc))
+            log.warning("refresh_rejected", profile=self.name, state=session.state)
+            await self._save(self._record())
+            self._publish()
+            return
+        except GeinsError as exc:
+            self._fail(exc)
+            return
+        now = self._wall.now()
+        try:
+            tokens = Tokens.from_grant(grant, now)
+        except GeinsError as exc:
+            # Geins rotated the refresh token but sent an unusable bearer: keep the new
+            # refresh token (the old one is spent), count a failure, retry later.
+            assert session.tokens is not None
+            session.tokens = replace(session.tokens, refresh=grant.refresh)
+            await self._save(self._record())
+            self._fail(exc)
+            return
+        await self._save(self._record(tokens, refreshed_at=now))
+        session.refreshed(tokens, now)
+        log.info(
+            "refreshed",
+            profile=self.name,
+            expires_in=round(tokens.expires_at - now),
+            next_in=round((session.next_refresh_at or now) - now),
+        )
+        self._publish()
+
+    def _fail(self, exc: GeinsError) -> None:
+        self._last_failure = exc
+        retry_after = getattr(exc, "retry_after", None)
+        delay = self.session.refresh_failed(str(exc), self._wall.now(), retry_after)
+        log.warning(
+            "refresh_failed",
+            profile=self.name,
+            code=exc.code,
+            reason=str(exc),
+            failures=self.session.failures,
+            retry_in=round(delay, 3),
+            token_left=round(self.session.valid_for(self._wall.now())),
+        )
+        self._publish()
+
+    async def _end_session(self) -> None:
+        async with self._upstream:
+            if isinstance(self.session.next_action(self._wall.now()), EndSession):
+                self.session.session_ended()
+                log.warning("session_expired", profile=self.name)
+                await self._save(self._record())
+                self._publish()
+
+    @asynccontextmanager
+    async def _shielded(self) -> Any:
+        """Finish what was started with Geins even if the caller goes away; bounded."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + 3 * self.config.request_timeout + _SAVE_ALLOWANCE
+            yield
+        if scope.cancelled_caught:
+            raise Timeout("the exchange with Geins took too long")
+
+    # -- answering token requests ----------------------------------------------------------
+
+    def token_frame(self, request_id: int, min_valid: float, now: float) -> bytes | None:
+        """The encoded answer if the held bearer will do; None if the caller must wait."""
+        session = self.session
+        if not session.serves(now, min_valid):
+            return None
+        if self._prepared_revision != session.revision:
+            tokens = session.tokens
+            assert tokens is not None
+            self._prepared = PreparedResponse(
+                {
+                    "ok": True,
+                    "profile": self.name,
+                    "token": tokens.bearer.reveal(),
+                    "expires_at": tokens.expires_at,
+                }
+            )
+            self._prepared_revision = session.revision
+        assert self._prepared is not None
+        return self._prepared.frame(request_id)
+
+    async def ensure_token(self, min_valid: float) -> None:
+        """Wait until the bearer has `min_valid` seconds left, refreshing once if needed.
+
+        Never waits longer than `token_wait`; a failed refresh is reported at once
+        rather than retried here, and an expired token is never the answer.
+        """
+        session = self.session
+        deadline = trio.current_time() + self.token_wait
+        tried = False
+        while True:
+            now = self._wall.now()
+            if session.serves(now, min_valid):
+                return
+            tokens = session.tokens
+            if session.login_required:
+                raise LoginRequired(f"profile {self.name!r} needs a login: {session.last_error}")
+            if tokens is None:
+                raise NotLoggedIn(f"profile {self.name!r} is not logged in")
+            if min_valid >= tokens.lifetime:
+                raise BadRequest(
+                    f"min_valid {min_valid:g} s is not less than the token lifetime "
+                    f"of {tokens.lifetime:.0f} s"
+                )
+            waiting_for = deadline - trio.current_time()
+            if tried or (session.failures and (session.next_refresh_at or now) - now > waiting_for):
+                raise self._failure()
+            session.demand_refresh(now)
+            attempt = self._attempt
+            self.poke()
+            with trio.move_on_at(deadline):
+                await attempt.wait()
+            if not attempt.is_set():
+                raise Timeout(f"no fresh token for {self.name!r} within {self.token_wait:g} s")
+            tried = session.failures > 0
+
+    def _failure(self) -> BrokerFault:
+        failure = self._last_failure
+        if failure is None:
+            return Relayed(Code.UPSTREAM_UNAVAILABLE, self.session.last_error or "refresh failing")
+        return Relayed(failure.code, str(failure))
+
+    # -- operations from the daemon's own user -----------------------------------------------
+
+    async def login(self, username: str, password: Secret, remember: bool) -> None:
+        async with self._upstream, self._shielded():
+            grant = await self.geins.login(username, password, remember=remember)
+            await self._took(grant, username, remember, "login")
+
+    async def register(
+        self, username: str, password: Secret, remember: bool, user: Mapping[str, Any] | None
+    ) -> None:
+        async with self._upstream, self._shielded():
+            grant = await self.geins.create_account(username, password)
+            await self._took(grant, username, remember, "register")
+            # The account exists and the session is saved whatever the commit does.
+            await self.geins.commit_user(grant.bearer, user)
+
+    async def change_password(self, password: Secret, new_password: Secret) -> None:
+        async with self._upstream, self._shielded():
+            session = self.session
+            if session.tokens is None or session.tokens.refresh is None or session.username is None:
+                raise self._no_session()
+            grant = await self.geins.change_password(
+                session.tokens.refresh, session.username, password, new_password
+            )
+            await self._took(grant, session.username, session.remember, "password_changed")
+
+    async def _took(self, grant: Any, username: str, remember: bool, event: str) -> None:
+        now = self._wall.now()
+        tokens = Tokens.from_grant(grant, now)
+        replaced = self.session.tokens
+        await self._save(self._record(tokens, username=username, remember=remember))
+        self.session.logged_in(tokens, username, remember, now)
+        log.info(
+            event, profile=self.name, username=username, expires_in=round(tokens.expires_at - now)
+        )
+        self._publish()
+        self.poke()
+        if replaced is not None and replaced.refresh is not None and event != "password_changed":
+            await self._logout_upstream(replaced.refresh, "replaced")
+
+    async def logout(self) -> None:
+        async with self._upstream:
+            session = self.session
+            if session.tokens is None and not session.login_required:
+                raise NotLoggedIn(f"profile {self.name!r} is not logged in")
+            refresh_token = session.tokens.refresh if session.tokens else None
+            session.logged_out()
+            self._publish()
+            with trio.CancelScope(shield=True):
+                await self._save(None)
+                log.info("logged_out", profile=self.name)
+                if refresh_token is not None:
+                    await self._logout_upstream(refresh_token, "logout")
+
+    async def _logout_upstream(self, refresh_token: Secret, why: str) -> None:
+        """Tell Geins the session is over. Locally it is over whatever Geins answers."""
+        try:
+            await self.geins.logout(refresh_token)
+        except GeinsError as exc:
+            log.warning("upstream_logout_failed", profile=self.name, why=why, reason=str(exc))
+
+    async def refresh_now(self) -> None:
+        """Rotate now (an operator asked), even while backing off."""
+        session = self.session
+        if not session.can_refresh or session.login_required:
+            raise self._no_session()
+        before = session.refreshes
+        session.next_refresh_at = self._wall.now()
+        await self._refresh()
+        if session.refreshes == before:
+            raise self._no_session() if session.login_required else self._failure()
+
+    def _no_session(self) -> BrokerFault:
+        if self.session.login_required:
+            return LoginRequired(f"profile {self.name!r} needs a login: {self.session.last_error}")
+        return NotLoggedIn(f"profile {self.name!r} is not logged in")
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def _record(
+        self,
+        new: Tokens | None = None,
+        *,
+        username: str | None = None,
+        remember: bool | None = None,
+        refreshed_at: float | None = None,
+    ) -> Record | None:
+        """What to save: the session as it is, or as it becomes with `new` tokens.
+
+        None means nothing to keep (logged out): the file is deleted.
+        """
+        session = self.session
+        tokens = new or session.tokens
+        if tokens is None and not session.login_required:
+            return None
+        return Record(
+            username=username or session.username,
+            remember=session.remember if remember is None else remember,
+            refresh=tokens.refresh if tokens else None,
+            bearer=tokens.bearer if tokens else None,
+            obtained_at=tokens.obtained_at if tokens else None,
+            expires_at=tokens.expires_at if tokens else None,
+            session_expires_at=tokens.session_expires_at if tokens else None,
+            login_required=session.login_required if new is None else False,
+            last_refresh_at=refreshed_at or session.last_refresh_at,
+            refreshes=session.refreshes + (refreshed_at is not None),
+        )
+
+    async def flush(self) -> None:
+        """One more try at a write that failed, e.g. before shutting down."""
+        if self._write_pending:
+            await self._save(self._record())
+
+    async def _save(self, record: Record | None) -> bool:
+        """Write (None: delete) in a worker thread. A failure keeps the daemon serving
+        from memory, marks the profile degraded, and schedules another try."""
+        async with self._write_lock:
+            try:
+                if record is None:
+                    await self._offload(self._store.delete, self.name)
+                else:
+                    await self._offload(self._store.save, self.name, record)
+            except StoreError as exc:
+                self._write_failures += 1
+                delay = min(_WRITE_RETRY_CAP, _WRITE_RETRY_FIRST * 2 ** (self._write_failures - 1))
+                self._write_pending = True
+                self._write_retry_at = trio.current_time() + delay
+                if self.session.store_error is None:
+                    self.session.revision += 1
+                self.session.store_error = str(exc)
+                log.error("state_write_failed", profile=self.name, reason=str(exc), retry_in=delay)
+                self._publish()
+                return False
+            if self.session.store_error is not None:
+                log.info("state_write_recovered", profile=self.name)
+                self.session.store_error = None
+                self.session.revision += 1
+                self._publish()
+            self._write_pending = False
+            self._write_failures = 0
+            return True
+
+    # -- what clients see --------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def status(self) -> dict[str, Any]:
+        session = self.session
+        tokens = session.tokens
+        last_error = session.store_error or session.last_error
+        return {
+            "profile": self.name,
+            "state": str(session.state),
+            "username": session.username,
+            "expires_at": tokens.expires_at if tokens else None,
+            "next_refresh_at": session.next_refresh_at if session.can_refresh else None,
+            "last_refresh_at": session.last_refresh_at,
+            "refreshes": session.refreshes,
+            "failures": session.failures,
+            "last_error": last_error,
+        }
+
+    def user(self) -> dict[str, Any]:
+        tokens = self.session.tokens
+        if tokens is None:
+            raise self._no_session()
+        c = tokens.claims
+        return {
+            "profile": self.name,
+            "user_id": c.user_id,
+            "username": c.username,
+            "customer_type": c.customer_type,
+            "member_type": c.member_type,
+            "member_id": c.member_id,
+            "member_discount": c.member_discount,
+            "expires_at": tokens.expires_at,
+        }
+
+    async def watch(self, emit: Callable[[WatchEvent], Awaitable[None]]) -> None:
+        """Emit the current token, then every rotation and session end, until cancelled."""
+        last: object = None
+        while True:
+            changed = self._changed
+            event, key = self._watch_event()
+            if key != last:
+                await emit(event)
+                last = key
+            await changed.wait()
+
+    def _watch_event(self) -> tuple[WatchEvent, object]:
+        session = self.session
+        if session.login_required:
+            return {"event": "login_required"}, "login_required"
+        tokens = session.tokens
+        if tokens is None:
+            return {"event": "logged_out"}, "logged_out"
+        event = {"event": "token", "token": tokens.bearer.reveal(), "expires_at": tokens.expires_at}
+        return event, tokens.bearer

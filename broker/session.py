@@ -1,0 +1,266 @@
+"""One profile's session state and rotation policy, with no I/O.
+
+Given the tokens Geins handed out, the wall-clock time and the failures so far, a
+`Session` says what state the profile is in, whether a token may be served, and what to
+do next and when: refresh now, sleep until a moment, or wait to be woken. The daemon's
+profile runner (profile.py) carries those decisions out; tests drive this class
+directly with plain numbers.
+
+Times are wall-clock Unix seconds, as in the JWT's `exp`. Lifetimes come from each
+answer (the JWT's exp and iat, and maxAge), never from constants.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Final
+
+from . import claims
+from .errors import MalformedAnswer
+from .geins import Grant
+from .secret import Secret
+
+#: The jittered rotation point stays inside this share of the lifetime.
+_EARLIEST, _LATEST = 0.05, 0.95
+
+
+class State(StrEnum):
+    LOGGED_OUT = "logged_out"
+    #: Tokens are fresh and the last refresh (and write to disk) worked.
+    ACTIVE = "active"
+    #: Refreshing or saving fails for now; the bearer is served while it lasts.
+    DEGRADED = "degraded"
+    #: Geins rejected the refresh token, or the session ran out: only a login helps.
+    LOGIN_REQUIRED = "login_required"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    #: Rotate when this share of the bearer's lifetime has passed...
+    refresh_at: float = 0.75
+    #: ...give or take this share of the lifetime, at random, so profiles spread out.
+    jitter: float = 0.05
+    #: Retry delays: full jitter over [0, min(cap, base * 2**(failures-1))].
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    #: Longest sleep between two looks at the wall clock (suspend, clock steps).
+    recheck: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    bearer: Secret
+    #: None once Geins rejected it: the bearer may still be served until it expires.
+    refresh: Secret | None
+    claims: claims.Claims
+    obtained_at: float
+    expires_at: float
+    #: When the refresh token (the session) runs out, from maxAge; None if not stated.
+    session_expires_at: float | None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.obtained_at
+
+    @classmethod
+    def from_grant(cls, grant: Grant, now: float) -> Tokens:
+        """Tokens as received at wall time `now`.
+
+        With an `iat` claim the lifetime is exp - iat, counted from now, so a skew
+        between this machine's clock and Geins' does not shorten or stretch it.
+        """
+        try:
+            decoded = claims.decode(grant.bearer.reveal())
+        except claims.NotAJwt as exc:
+            raise MalformedAnswer(f"Geins sent a bearer token that is not a JWT: {exc}") from None
+        lifetime = decoded.exp - (decoded.iat if decoded.iat is not None else now)
+        if lifetime <= 0 or decoded.expired:
+            raise MalformedAnswer("Geins sent a bearer token that has already expired")
+        session_end = None if grant.max_age is None else now + grant.max_age
+        return cls(grant.bearer, grant.refresh, decoded, now, now + lifetime, session_end)
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """Refresh now."""
+
+
+@dataclass(frozen=True, slots=True)
+class SleepUntil:
+    """Nothing to do before `when` (wall time); look again then, or when woken."""
+
+    when: float
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to do until something happens (a login, a demand for a token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """The refresh token's lifetime is over: the session needs a login."""
+
+
+Action = Refresh | SleepUntil | Wait | EndSession
+
+REFRESH: Final = Refresh()
+WAIT: Final = Wait()
+END_SESSION: Final = EndSession()
+
+
+class Session:
+    def __init__(
+        self, profile: str, policy: Policy | None = None, rng: random.Random | None = None
+    ) -> None:
+        self.profile = profile
+        self.policy = policy or Policy()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.username: str | None = None
+        self.remember = False
+        self.tokens: Tokens | None = None
+        self.login_required = False
+        self.next_refresh_at: float | None = None
+        self.last_refresh_at: float | None = None
+        self.refreshes = 0
+        #: Consecutive failed refreshes; 0 after a success.
+        self.failures = 0
+        self.last_error: str | None = None
+        #: Why the last write to disk failed, until one succeeds.
+        self.store_error: str | None = None
+        #: Bumped whenever the served token or the state changes.
+        self.revision = 0
+
+    def __repr__(self) -> str:
+        return f"Session(profile={self.profile!r}, state={self.state}, revision={self.revision})"
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        if self.login_required:
+            return State.LOGIN_REQUIRED
+        if self.tokens is None:
+            return State.LOGGED_OUT
+        if self.failures or self.store_error:
+            return State.DEGRADED
+        return State.ACTIVE
+
+    def valid_for(self, now: float) -> float:
+        """Seconds the bearer has left (negative once expired; -inf without one)."""
+        return float("-inf") if self.tokens is None else self.tokens.expires_at - now
+
+    def serves(self, now: float, min_valid: float = 0.0) -> bool:
+        """Whether the bearer may be handed out: unexpired, with min_valid seconds left."""
+        left = self.valid_for(now)
+        return left > 0 and left >= min_valid
+
+    @property
+    def can_refresh(self) -> bool:
+        return self.tokens is not None and self.tokens.refresh is not None
+
+    def next_action(self, now: float) -> Action:
+        tokens = self.tokens
+        if tokens is None or tokens.refresh is None or self.login_required:
+            return WAIT
+        if tokens.session_expires_at is not None and now >= tokens.session_expires_at:
+            return END_SESSION
+        due = self.next_refresh_at
+        if due is None or now >= due:
+            return REFRESH
+        return SleepUntil(due)
+
+    def backoff_delay(self, retry_after: float | None = None) -> float:
+        """The wait before the next attempt after `failures` failed ones."""
+        policy = self.policy
+        ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** max(self.failures - 1, 0))
+        delay = self._rng.uniform(0, ceiling)
+        return max(delay, retry_after) if retry_after is not None else delay
+
+    # -- transitions --------------------------------------------------------------------
+
+    def logged_in(self, tokens: Tokens, username: str, remember: bool, now: float) -> None:
+        self.username = username
+        self.remember = remember
+        self.login_required = False
+        self._took(tokens, now)
+
+    def refreshed(self, tokens: Tokens, now: float) -> None:
+        self.refreshes += 1
+        self.last_refresh_at = now
+        self._took(tokens, now)
+
+    def _took(self, tokens: Tokens, now: float) -> None:
+        self.tokens = tokens
+        self.failures = 0
+        self.last_error = None
+        self.next_refresh_at = self._rotation_point(tokens)
+        self.revision += 1
+
+    def _rotation_point(self, tokens: Tokens) -> float:
+        policy = self.policy
+        share = policy.refresh_at + self._rng.uniform(-policy.jitter, policy.jitter)
+        return tokens.obtained_at + tokens.lifetime * min(max(share, _EARLIEST), _LATEST)
+
+    def refresh_failed(self, reason: str, now: float, retry_after: float | None = None) -> float:
+        """A transient failure: keep serving, retry after a backoff. Returns the delay."""
+        self.failures += 1
+        self.last_error = reason
+        delay = self.backoff_delay(retry_after)
+        self.next_refresh_at = now + delay
+        self.revision += 1
+        return delay
+
+    def refresh_rejected(self, reason: str) -> None:
+        """The refresh token is dead. The bearer is still served until it expires."""
+        self.login_required = True
+        self.last_error = reason
+        self.next_refresh_at = None
+        if self.tokens is not None:
+            self.tokens = replace(self.tokens, refresh=None)
+        self.revision += 1
+
+    def session_ended(self) -> None:
+        self.refresh_rejected("the session's lifetime is over; log in again")
+
+    def logged_out(self) -> None:
+        self.username = None
+        self.tokens = None
+        self.login_required = False
+        self.next_refresh_at = None
+        self.failures = 0
+        self.last_error = None
+        self.store_error = None
+        self.revision += 1
+
+    def demand_refresh(self, now: float) -> None:
+        """A client needs a longer-lived token: refresh now, unless backing off."""
+        if self.failures == 0 and (self.next_refresh_at is None or self.next_refresh_at > now):
+            self.next_refresh_at = now
+
+    def defer_startup_refresh(self, now: float, spread: float) -> None:
+        """After a restart, spread overdue refreshes over `spread` seconds."""
+        if self.next_refresh_at is not None and self.next_refresh_at <= now:
+            self.next_refresh_at = now + self._rng.uniform(0, spread)
+
+    def restored(
+        self,
+        tokens: Tokens | None,
+        username: str | None,
+        remember: bool,
+        login_required: bool,
+        last_refresh_at: float | None,
+        refreshes: int,
+    ) -> None:
+        """The state saved on disk, as it was before a restart."""
+        self.tokens = tokens
+        self.username = username
+        self.remember = remember
+        self.login_required = login_required
+        self.last_refresh_at = last_refresh_at
+        self.refreshes = refreshes
+        if tokens is not None and tokens.refresh is not None and not login_required:
+            self.next_refresh_at = self._rotation_point(tokens)
+        self.revision += 1
