@@ -202,7 +202,7 @@ class Daemon:
             store=self.store,
             wall=self.wall,
             limiter=self._limiter,
-            rng=random.Random(self.rng.random()),  # noqa: S311 - jitter, not secrets
+            rng=self.rng,
             token_wait=self.config.token_wait,
             on_change=self._profile_changed,
             offload=self._offload,

@@ -165,12 +165,13 @@ class Session:
         tokens = self.tokens
         if tokens is None or tokens.refresh is None or self.login_required:
             return WAIT
-        if tokens.session_expires_at is not None and now >= tokens.session_expires_at:
+        session_end = tokens.session_expires_at
+        if session_end is not None and now >= session_end:
             return END_SESSION
         due = self.next_refresh_at
         if due is None or now >= due:
             return REFRESH
-        return SleepUntil(due)
+        return SleepUntil(due if session_end is None else min(due, session_end))
 
     def backoff_delay(self, retry_after: float | None = None) -> float:
         """The wait before the next attempt after `failures` failed ones."""
@@ -200,9 +201,14 @@ class Session:
         self.revision += 1
 
     def _rotation_point(self, tokens: Tokens) -> float:
+        """When to refresh: at `refresh_at` of whichever runs out first, the bearer or
+        the session (a sliding session shorter than a bearer must be kept alive too)."""
         policy = self.policy
         share = policy.refresh_at + self._rng.uniform(-policy.jitter, policy.jitter)
-        return tokens.obtained_at + tokens.lifetime * min(max(share, _EARLIEST), _LATEST)
+        lifetime = tokens.lifetime
+        if tokens.session_expires_at is not None:
+            lifetime = min(lifetime, tokens.session_expires_at - tokens.obtained_at)
+        return tokens.obtained_at + lifetime * min(max(share, _EARLIEST), _LATEST)
 
     def refresh_failed(self, reason: str, now: float, retry_after: float | None = None) -> float:
         """A transient failure: keep serving, retry after a backoff. Returns the delay."""

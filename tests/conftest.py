@@ -10,6 +10,7 @@ from typing import Any
 
 import functools
 import random
+import socket
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from broker.daemon import Daemon
 from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
 from broker.profile import Profile
 from broker.wallclock import TrioWallClock
+from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from geins_broker_client.trio_client import TrioClient
 
 
@@ -111,6 +113,7 @@ def broker_config(
     state_dir: Path,
     *,
     profiles: tuple[str, ...] = ("default",),
+    profile_settings: dict[str, object] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
     endpoint = emulator.endpoint()
@@ -125,6 +128,7 @@ def broker_config(
                 "channel_id": "1|se",
                 "language_id": "sv-SE",
                 "market_id": "se",
+                **(profile_settings or {}),
             }
             for name in profiles
         },
@@ -146,9 +150,10 @@ async def start_broker(
     tmp: Path,
     *,
     rng: random.Random | None = None,
+    state_dir: Path | None = None,
     **settings: object,
 ) -> Broker:
-    socket, state_dir = tmp / "broker.sock", tmp / "state"
+    socket, state_dir = tmp / "broker.sock", state_dir or tmp / "state"
     config = broker_config(emulator, socket, state_dir, **settings)  # type: ignore[arg-type]
     daemon = Daemon(config, wall=wall, rng=rng or random.Random(7), offload=inline)
     await nursery.start(functools.partial(daemon.run, handle_signals=False))
@@ -164,3 +169,54 @@ async def broker(
     short_tmp: Path,
 ) -> Broker:
     return await start_broker(nursery, emulator, wall, short_tmp)
+
+
+class Fraction(random.Random):
+    """A random source whose `uniform(a, b)` always lands `at` of the way from a to b,
+    so jitter and backoff give exact, predictable numbers."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(0)
+        self.at = at
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.at
+
+
+class RawConnection:
+    """A client that speaks frames by hand: pipelining, bad frames, slow reading."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder(MAX_RESPONSE_SIZE)
+        self.pending: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, path: Path) -> RawConnection:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(str(path))
+        return cls(sock)
+
+    async def send(self, data: bytes) -> None:
+        await self.sock.send(data)
+
+    async def request(self, **message: Any) -> None:
+        await self.send(encode(message))
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next frame, or None at end of stream."""
+        while not self.pending:
+            data = await self.sock.recv(65536)
+            if not data:
+                return None
+            self.pending += self.decoder.feed(data)
+        return self.pending.pop(0)
+
+    async def call(self, **message: Any) -> dict[str, Any]:
+        await self.request(**message)
+        answer = await self.receive()
+        assert answer is not None
+        return answer
+
+    def close(self) -> None:
+        self.sock.close()

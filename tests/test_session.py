@@ -1,0 +1,192 @@
+"""The rotation policy and session states, as plain arithmetic: no trio, no sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+
+import pytest
+
+from broker.errors import MalformedAnswer
+from broker.geins import Grant
+from broker.secret import Secret
+from broker.session import (
+    END_SESSION,
+    REFRESH,
+    WAIT,
+    Policy,
+    Session,
+    SleepUntil,
+    State,
+    Tokens,
+)
+
+T0 = 1_800_000_000.0
+
+
+class Fraction(random.Random):
+    """A random source whose `uniform(a, b)` lands at a chosen point between a and b."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(0)
+        self.at = at
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.at
+
+
+def jwt(exp: float, iat: float | None = None, **claims: object) -> str:
+    payload = {"exp": int(exp), **({"iat": int(iat)} if iat is not None else {}), **claims}
+    body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    return f"h.{body}.s"
+
+
+def grant(now: float, lifetime: float = 900, max_age: int | None = 1800, refresh: str = "r1") -> Grant:
+    return Grant(Secret(jwt(now + lifetime, now)), Secret(refresh), max_age)
+
+
+def session(at: float = 0.5, **policy: float) -> Session:
+    return Session("default", Policy(**policy), Fraction(at))
+
+
+def test_tokens_take_lifetime_from_the_jwt_not_constants() -> None:
+    tokens = Tokens.from_grant(grant(T0, lifetime=120), T0)
+    assert tokens.lifetime == 120
+    assert tokens.session_expires_at == T0 + 1800
+
+
+def test_iat_corrects_for_clock_skew() -> None:
+    # Geins' clock is an hour ahead of ours: exp looks far away, but lasts 900 s.
+    skewed = Grant(Secret(jwt(T0 + 3600 + 900, T0 + 3600)), Secret("r"), None)
+    tokens = Tokens.from_grant(skewed, T0)
+    assert tokens.expires_at == T0 + 900
+    assert tokens.session_expires_at is None
+
+
+def test_without_iat_exp_is_absolute() -> None:
+    tokens = Tokens.from_grant(Grant(Secret(jwt(T0 + 600)), Secret("r"), None), T0)
+    assert tokens.expires_at == T0 + 600
+
+
+@pytest.mark.parametrize("bearer", ["not-a-jwt", jwt(T0 - 5), jwt(T0 + 60, T0, expired="true")])
+def test_unusable_bearers_are_malformed_answers(bearer: str) -> None:
+    with pytest.raises(MalformedAnswer):
+        Tokens.from_grant(Grant(Secret(bearer), Secret("r"), None), T0)
+
+
+def test_rotation_at_three_quarters_with_jitter() -> None:
+    for at, expected in ((0.5, 675.0), (0.0, 630.0), (1.0, 720.0)):
+        s = session(at)
+        s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+        assert s.next_refresh_at == pytest.approx(T0 + expected)
+        assert s.next_action(T0) == SleepUntil(s.next_refresh_at)
+        assert s.next_action(T0 + expected) == REFRESH
+
+
+def test_configured_refresh_point() -> None:
+    s = session(0.5, refresh_at=0.5, jitter=0.0)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=100), T0), "ada", False, T0)
+    assert s.next_refresh_at == T0 + 50
+
+
+def test_states() -> None:
+    s = session()
+    assert s.state is State.LOGGED_OUT
+    assert s.next_action(T0) == WAIT
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.state is State.ACTIVE
+    s.refresh_failed("down", T0 + 700)
+    assert s.state is State.DEGRADED
+    s.refreshed(Tokens.from_grant(grant(T0 + 701, refresh="r2"), T0 + 701), T0 + 701)
+    assert s.state is State.ACTIVE
+    assert (s.refreshes, s.failures, s.last_error) == (1, 0, None)
+    s.store_error = "disk full"
+    assert s.state is State.DEGRADED
+    s.store_error = None
+    s.refresh_rejected("rejected")
+    assert s.state is State.LOGIN_REQUIRED
+    assert s.next_action(T0 + 702) == WAIT
+    assert s.tokens is not None and s.tokens.refresh is None
+    s.logged_out()
+    assert s.state is State.LOGGED_OUT
+
+
+def test_serves_only_unexpired_tokens_with_enough_left() -> None:
+    s = session()
+    assert not s.serves(T0)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.serves(T0 + 899.9)
+    assert not s.serves(T0 + 900)
+    assert s.serves(T0 + 800, min_valid=100)
+    assert not s.serves(T0 + 800.1, min_valid=100)
+
+
+def test_rejected_bearer_is_served_until_it_expires() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.refresh_rejected("gone")
+    assert s.serves(T0 + 800)
+    assert not s.serves(T0 + 900)
+
+
+def test_backoff_is_exponential_capped_with_full_jitter() -> None:
+    s = session(1.0)  # the top of each jitter range
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    delays = [s.refresh_failed("down", T0) for _ in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    low = session(0.25)
+    low.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert [low.refresh_failed("down", T0) for _ in range(3)] == [0.25, 0.5, 1.0]
+
+
+def test_retry_after_is_honoured() -> None:
+    s = session(1.0)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.refresh_failed("429", T0, retry_after=30) == 30
+    assert s.next_refresh_at == T0 + 30
+    assert s.refresh_failed("429", T0 + 30, retry_after=0.5) == 2  # backoff is larger
+
+
+def test_a_session_shorter_than_the_bearer_is_refreshed_in_time() -> None:
+    s = session(0.5)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=3600, max_age=1800), T0), "ada", False, T0)
+    assert s.next_refresh_at == T0 + 1350  # 0.75 of the 30-minute session, not of the hour
+
+
+def test_session_lifetime_ends_the_session() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0, max_age=600), T0), "ada", False, T0)
+    assert s.next_action(T0 + 599) == REFRESH
+    s.refresh_failed("down", T0 + 599, retry_after=300)
+    assert s.next_action(T0 + 600) == END_SESSION
+    s.session_ended()
+    assert s.state is State.LOGIN_REQUIRED
+
+
+def test_demand_refresh_respects_backoff() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.demand_refresh(T0 + 10)
+    assert s.next_refresh_at == T0 + 10
+    s.refresh_failed("down", T0 + 10)
+    backoff = s.next_refresh_at
+    s.demand_refresh(T0 + 10.1)
+    assert s.next_refresh_at == backoff
+
+
+def test_startup_spread_only_moves_overdue_refreshes() -> None:
+    s = session(0.5)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.defer_startup_refresh(T0 + 100, spread=10)
+    assert s.next_refresh_at == T0 + 675
+    s.defer_startup_refresh(T0 + 1000, spread=10)
+    assert s.next_refresh_at == T0 + 1005
+
+
+def test_repr_holds_no_token() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0, refresh="refresh-secret"), T0), "ada", False, T0)
+    assert "refresh-secret" not in repr(s)
+    assert "refresh-secret" not in repr(s.tokens)
+    assert s.tokens is not None and s.tokens.bearer.reveal() not in repr(s.tokens)

@@ -1,0 +1,153 @@
+"""Session files: private, atomic, and a bad file costs only its own profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.errors import StoreError
+from broker.secret import Secret
+from broker.store import CorruptState, Record, Store
+
+RECORD = Record(
+    username="ada@example.com",
+    remember=True,
+    refresh=Secret("refresh-1"),
+    bearer=Secret("a.b.c"),
+    obtained_at=100.0,
+    expires_at=1000.0,
+    session_expires_at=5000.0,
+    last_refresh_at=100.0,
+    refreshes=3,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "state")
+    s.prepare()
+    return s
+
+
+def test_round_trip_and_modes(store: Store) -> None:
+    store.save("default", RECORD)
+    assert store.load("default") == RECORD
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path("default").stat().st_mode) == 0o600
+    assert store.load("other") is None
+
+
+def test_prepare_tightens_an_open_directory_and_sweeps_temporaries(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o755)
+    (directory / ".tmp-default.session.json.123").write_text("half a wri")
+    store = Store(directory)
+    assert [p.name for p in store.prepare()] == [".tmp-default.session.json.123"]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert list(directory.iterdir()) == []
+
+
+def test_save_replaces_atomically(store: Store) -> None:
+    store.save("default", RECORD)
+    store.save("default", Record(username="bob", refresh=Secret("refresh-2")))
+    loaded = store.load("default")
+    assert loaded is not None and loaded.username == "bob" and loaded.bearer is None
+    assert [p.name for p in store.directory.iterdir()] == ["default.session.json"]
+
+
+def test_repr_hides_tokens() -> None:
+    assert "refresh-1" not in repr(RECORD)
+    assert "a.b.c" not in repr(RECORD)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{\"format\": 1, \"profile\": \"default\", \"userna",  # truncated
+        b"\x00\xff\xfe",
+        b"[]",
+        b'{"format": 2, "profile": "default"}',
+        b'{"format": 1, "profile": "other", "remember": false, "login_required": false, "refreshes": 0}',
+        b'{"format": 1, "profile": "default", "remember": "yes", "login_required": false, "refreshes": 0}',
+        b'{"format": 1, "profile": "default", "remember": false, "login_required": false, "refreshes": 0,'
+        b' "token": "a.b.c"}',
+    ],
+)
+def test_corrupt_files_are_set_aside(store: Store, content: bytes) -> None:
+    store.path("default").write_bytes(content)
+    with pytest.raises(CorruptState) as info:
+        store.load("default")
+    assert info.value.set_aside is not None
+    assert info.value.set_aside.read_bytes() == content
+    assert not store.path("default").exists()
+    assert store.load("default") is None
+
+
+def test_delete(store: Store) -> None:
+    store.save("default", RECORD)
+    store.delete("default")
+    store.delete("default")
+    assert store.load("default") is None
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, to fill up and to make read-only (root only: mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_old_file(tiny_fs: Path) -> None:
+    store = Store(tiny_fs / "state")
+    store.prepare()
+    store.save("default", RECORD)
+    filler = tiny_fs / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    big = Record(username="x" * 20000, refresh=Secret("refresh-2"))
+    with pytest.raises(StoreError, match="No space left"):
+        store.save("default", big)
+    assert store.load("default") == RECORD
+    assert [p.name for p in store.directory.iterdir()] == ["default.session.json"]
+    filler.unlink()
+    store.save("default", big)
+    assert store.load("default") == big
+
+
+def test_read_only_disk_fails_cleanly(tiny_fs: Path) -> None:
+    store = Store(tiny_fs / "state")
+    store.prepare()
+    store.save("default", RECORD)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    try:
+        with pytest.raises(StoreError, match="Read-only"):
+            store.save("default", Record(username="bob"))
+        with pytest.raises(StoreError, match="Read-only"):
+            store.delete("default")
+        assert store.load("default") == RECORD
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
+
+
+def test_file_content_is_plain_json_for_operators(store: Store) -> None:
+    store.save("default", RECORD)
+    data = json.loads(store.path("default").read_text())
+    assert data["format"] == 1 and data["username"] == "ada@example.com"
