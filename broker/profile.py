@@ -511,5 +511,10 @@ class Profile:
         tokens = session.tokens
         if tokens is None:
             return {"event": "logged_out"}, "logged_out"
-        event = {"event": "token", "token": tokens.bearer.reveal(), "expires_at": tokens.expires_at}
+        event = {
+            "event": "token",
+            "profile": self.name,
+            "token": tokens.bearer.reveal(),
+            "expires_at": tokens.expires_at,
+        }
         return event, tokens.bearer

@@ -53,7 +53,12 @@ class _AsyncConnection:
         self.exchange = Exchange()
 
     async def round_trip(self, call: Call[T]) -> T:
-        request_id = await self.send(call)
+        try:
+            request_id = await self.send(call)
+        except ConnectionLost:
+            # The daemon may have said why before it closed (busy: too many connections).
+            await self.receive(-1)
+            raise
         return answer(call, await self.receive(request_id))
 
     async def send(self, call: Call[Any]) -> int:

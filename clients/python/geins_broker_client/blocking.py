@@ -140,7 +140,12 @@ class Client:
             self._connection = _Connection(self.socket_path, _first_timeout(deadline))
         connection = self._connection
         try:
-            request_id = connection.send(call, deadline)
+            try:
+                request_id = connection.send(call, deadline)
+            except _ConnectionLost:
+                # The daemon may have said why before it closed (busy: too many connections).
+                connection.receive(-1, deadline)
+                raise
             return answer(call, connection.receive(request_id, deadline))
         except TimeoutError:
             self._drop()
