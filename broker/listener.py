@@ -1,8 +1,9 @@
 """The listening socket: taken from systemd (socket activation) or made here.
 
 Made here, it is bound with a umask that leaves it private from the first instant,
-then given its mode (0600, or 0660 with a group) in a directory of 0700 (0750). A stale
-socket file left by a crash is replaced; a live daemon on the same path is an error.
+then given its mode (0600, or 0660 with a group). A missing directory is created 0700
+(0750 with a group); an existing one is left as its owner made it. A stale socket file
+left by a crash is replaced; a live daemon on the same path is an error.
 """
 
 from __future__ import annotations
@@ -63,15 +64,16 @@ def from_systemd(environ: Mapping[str, str] | None = None) -> Listener | None:
 
 def bind(path: Path, mode: int = 0o600, group: int | None = None) -> Listener:
     directory = path.parent
-    dir_mode = 0o750 if group is not None else 0o700
-    try:
-        directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-        if directory.stat().st_uid == os.geteuid():
-            directory.chmod(dir_mode)
+    if not directory.exists():
+        # Ours to shape: private (0700), or 0750 with the clients' group.
+        dir_mode = 0o750 if group is not None else 0o700
+        try:
+            directory.mkdir(mode=dir_mode, parents=True)
+            directory.chmod(dir_mode)  # mkdir's mode is filtered by the umask
             if group is not None:
                 os.chown(directory, -1, group)
-    except OSError as exc:
-        raise ListenerError(f"cannot prepare {directory}: {exc.strerror}") from None
+        except OSError as exc:
+            raise ListenerError(f"cannot create {directory}: {exc.strerror}") from None
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     previous = os.umask(0o177)

@@ -1,0 +1,197 @@
+"""Real processes for the tests that need them: the emulator, the daemon, a notify socket.
+
+These tests use real time, so every wait here is short and bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
+
+GEINS_BROKER = [sys.executable, "-m", "broker"]
+DEMO_USER, DEMO_PASSWORD = "demo@example.com", "demo-password"
+
+
+class EmulatorProcess:
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [*GEINS_BROKER, "emulator", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        assert line.startswith("listening on http://"), line
+        self.url = line.removeprefix("listening on ")
+
+    def control(self, method: str, action: str, body: Mapping[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback, the test's own emulator
+            f"{self.url}/_emulator/{action}", data=data, method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            return json.loads(response.read())
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=5)
+        finally:
+            self.process.kill()
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream:
+                    stream.close()
+
+
+def write_config(
+    path: Path,
+    emulator_url: str,
+    socket_path: Path,
+    state_dir: Path,
+    profiles: tuple[str, ...] = ("default",),
+    broker: Mapping[str, Any] | None = None,
+    profile: Mapping[str, Any] | None = None,
+) -> Path:
+    def toml_value(value: Any) -> str:
+        return json.dumps(value)  # TOML strings, numbers, booleans and arrays read the same
+
+    lines = ["[broker]", f"socket = {toml_value(str(socket_path))}", f"state_dir = {toml_value(str(state_dir))}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (broker or {}).items()]
+    for name in profiles:
+        lines += [
+            f"[profiles.{name}]",
+            'account = "demo"',
+            'api_key = "demo-api-key"',
+            f"auth_service_url = {toml_value(emulator_url)}",
+            f"merchant_api_url = {toml_value(emulator_url)}",
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in (profile or {}).items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class NotifySocket:
+    """A datagram socket to set as $NOTIFY_SOCKET, collecting what the daemon says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
+        """Every message until one holding `line` (e.g. "READY=1")."""
+        deadline = time.monotonic() + timeout
+        while not any(line in m.split("\n") for m in self.messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {line} within {timeout} s; got {self.messages}")
+            self.sock.settimeout(remaining)
+            self.messages.append(self.sock.recv(4096).decode())
+        return self.messages
+
+    def drain(self) -> list[str]:
+        """Take in every message already sent, without waiting."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, workdir: Path, env: Mapping[str, str] | None = None,
+                 *, wait_ready: bool = True) -> None:
+        self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}")
+        self.log_path = workdir / "daemon.log"
+        self._log: IO[bytes] = self.log_path.open("ab")
+        full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}
+        self.process = subprocess.Popen(
+            [*GEINS_BROKER, "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=self._log,
+            env=full_env,
+        )
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        try:
+            self.notify.wait_for("READY=1", timeout)
+        except TimeoutError:
+            self.process.kill()
+            raise AssertionError(f"daemon not ready:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        if not self._log.closed:
+            self._log.close()
+            self.notify.drain()
+            self.notify.close()
+
+
+def call(socket_path: Path, timeout: float = 10.0, **message: Any) -> dict[str, Any]:
+    """One request on a fresh blocking connection; the daemon's answer as a dict."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(encode({"id": 1, **message}))
+        decoder = FrameDecoder(MAX_RESPONSE_SIZE)
+        while True:
+            data = sock.recv(65536)
+            assert data, "the daemon closed the connection"
+            for answer in decoder.feed(data):
+                return answer
+
+
+@contextlib.contextmanager
+def running(*processes: DaemonProcess | EmulatorProcess) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for process in processes:
+            if isinstance(process, DaemonProcess):
+                process.close()
+            else:
+                process.stop()
