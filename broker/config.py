@@ -196,11 +196,9 @@ def parse(
     profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
 
     socket = Path(socket_override or broker.get("socket", str) or default_socket())
-    if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
-        raise broker.error(
-            "socket",
-            f"path is {len(os.fsencode(socket))} bytes; a Unix socket path has at most {MAX_SOCKET_PATH}",
-        )
+    if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
+        limit = f"a Unix socket path has at most {MAX_SOCKET_PATH}"
+        raise broker.error("socket", f"path is {length} bytes; {limit}")
     state_dir = Path(broker.get("state_dir", str) or default_state_dir())
     mode = broker.get("socket_mode", (str, int))
     group = broker.get("socket_group", (str, int))

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Final
 
@@ -76,6 +77,20 @@ class Daemon:
         task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `stop()` (or SIGTERM/SIGINT), then shut down gracefully."""
+        if not handle_signals:
+            await self._run(listener, None, task_status)
+            return
+        # Installed for the whole run, so a second signal during the shutdown is
+        # absorbed rather than killing the process half-way.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            await self._run(listener, signals, task_status)
+
+    async def _run(
+        self,
+        listener: Listener | None,
+        signals: AsyncIterator[int] | None,
+        task_status: trio.TaskStatus[Daemon],
+    ) -> None:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
@@ -106,8 +121,8 @@ class Daemon:
                     for profile in self.profiles.values():
                         self._start(profile)
                     await nursery.start(server.serve, listener.sock)
-                    if handle_signals:
-                        nursery.start_soon(self._signals)
+                    if signals is not None:
+                        nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
@@ -146,14 +161,13 @@ class Daemon:
         if grace.cancelled_caught:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                else:
-                    log.info("signal", name=signal.Signals(signum).name)
-                    self.stop()
+    async def _signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                log.info("signal", name=signal.Signals(signum).name)
+                self.stop()
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop

@@ -26,10 +26,7 @@ _JOURNAL_PRIORITY: Final = {
 
 
 def _value(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.3f}".rstrip("0").rstrip(".")
-    else:
-        text = str(value)
+    text = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
     if not text or any(c in text for c in ' "=\n\t'):
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text

@@ -127,12 +127,12 @@ class Profile:
                     session_expires_at=record.session_expires_at,
                 )
         self.session.restored(
-            tokens,
-            record.username,
-            record.remember,
-            record.login_required,
-            record.last_refresh_at,
-            record.refreshes,
+            tokens=tokens,
+            username=record.username,
+            remember=record.remember,
+            login_required=record.login_required,
+            last_refresh_at=record.last_refresh_at,
+            refreshes=record.refreshes,
         )
         self.session.defer_startup_refresh(self._wall.now(), spread)
 

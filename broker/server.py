@@ -15,6 +15,7 @@ idle connections, half-sent frames and unread answers time out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -25,7 +26,6 @@ import trio
 
 from geins_broker_client.protocol import (
     MAX_REQUEST_SIZE,
-    Code,
     FrameDecoder,
     Message,
     Op,
@@ -179,10 +179,8 @@ class Server:
     @staticmethod
     def _refuse(sock: socket.socket) -> None:
         frame = error_frame(None, Busy("too many connections; try again shortly"))
-        try:
+        with contextlib.suppress(OSError):
             sock.send(frame)
-        except OSError:
-            pass
         sock.close()
 
     def stop_accepting(self) -> None:
@@ -201,10 +199,8 @@ class Server:
             conn = Connection(sock, peer_of(sock), self.send_timeout)
             async with trio.open_nursery() as tasks:
                 conn.tasks = tasks
-                try:
+                with contextlib.suppress(ConnectionGone):
                     await self._read_loop(conn)
-                except ConnectionGone:
-                    pass
                 conn.closed = True
                 tasks.cancel_scope.cancel()
         except Exception:

@@ -253,6 +253,7 @@ class Session:
 
     def restored(
         self,
+        *,
         tokens: Tokens | None,
         username: str | None,
         remember: bool,

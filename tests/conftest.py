@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import random
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import functools
-import random
-import socket
 
 import httpx
 import pytest

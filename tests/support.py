@@ -40,7 +40,9 @@ class EmulatorProcess:
     def control(self, method: str, action: str, body: Mapping[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 - loopback, the test's own emulator
-            f"{self.url}/_emulator/{action}", data=data, method=method,
+            f"{self.url}/_emulator/{action}",
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
@@ -69,7 +71,11 @@ def write_config(
     def toml_value(value: Any) -> str:
         return json.dumps(value)  # TOML strings, numbers, booleans and arrays read the same
 
-    lines = ["[broker]", f"socket = {toml_value(str(socket_path))}", f"state_dir = {toml_value(str(state_dir))}"]
+    lines = [
+        "[broker]",
+        f"socket = {toml_value(str(socket_path))}",
+        f"state_dir = {toml_value(str(state_dir))}",
+    ]
     lines += [f"{k} = {toml_value(v)}" for k, v in (broker or {}).items()]
     for name in profiles:
         lines += [
@@ -121,8 +127,14 @@ class NotifySocket:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, workdir: Path, env: Mapping[str, str] | None = None,
-                 *, wait_ready: bool = True) -> None:
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        wait_ready: bool = True,
+    ) -> None:
         self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}")
         self.log_path = workdir / "daemon.log"
         self._log: IO[bytes] = self.log_path.open("ab")

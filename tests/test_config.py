@@ -37,7 +37,9 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
 
 
 def test_several_profiles_and_settings(tmp_path: Path) -> None:
-    text = GOOD + """
+    text = (
+        GOOD
+        + """
 [broker]
 socket = "/tmp/x.sock"
 state_dir = "/tmp/state"
@@ -54,6 +56,7 @@ jitter = 0
 allow_users = ["root", 1234]
 allow_groups = [0]
 """
+    )
     loaded = load(write(tmp_path, text))
     assert set(loaded.profiles) == {"default", "other"}
     other = loaded.profiles["other"]
@@ -68,13 +71,29 @@ allow_groups = [0]
     [
         ("[profiles.default]\naccount = 'a'\n", "profiles.default.api_key", "is required"),
         (GOOD + "api_kye = 'x'\n", "profiles.default.api_kye", "unknown key"),
-        (GOOD + "[broker]\nmax_connections = 'many'\n", "broker.max_connections", "expected a number, got str"),
+        (
+            GOOD + "[broker]\nmax_connections = 'many'\n",
+            "broker.max_connections",
+            "expected a number, got str",
+        ),
         (GOOD + "[broker]\nmax_connections = 0\n", "broker.max_connections", "at least 1"),
         (GOOD + "[broker]\nidle_timeout = true\n", "broker.idle_timeout", "got a boolean"),
-        (GOOD + "auth_service_url = 'http://auth.example.com'\n", "profiles.default.auth_service_url", "HTTPS"),
-        (GOOD + "merchant_api_url = 'ftp://x'\n", "profiles.default.merchant_api_url", "http(s) URL"),
+        (
+            GOOD + "auth_service_url = 'http://auth.example.com'\n",
+            "profiles.default.auth_service_url",
+            "HTTPS",
+        ),
+        (
+            GOOD + "merchant_api_url = 'ftp://x'\n",
+            "profiles.default.merchant_api_url",
+            "http(s) URL",
+        ),
         (GOOD + "refresh_at = 0.99\n", "profiles.default.refresh_at", "between 0.1 and 0.9"),
-        (GOOD + "allow_users = ['no-such-user-here']\n", "profiles.default.allow_users", "no such user"),
+        (
+            GOOD + "allow_users = ['no-such-user-here']\n",
+            "profiles.default.allow_users",
+            "no such user",
+        ),
         (GOOD + "allow_groups = [true]\n", "profiles.default.allow_groups", "names or numeric ids"),
         (GOOD + "[broker]\nsocket_mode = '0644x'\n", "broker.socket_mode", "octal"),
         (GOOD + "[broker]\nsocket_mode = '0066'\n", "broker.socket_mode", "owner"),
@@ -84,7 +103,9 @@ allow_groups = [0]
         ("color = 'blue'\n" + GOOD, "color", "unknown key"),
     ],
 )
-def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, key: str, problem: str) -> None:
+def test_errors_name_file_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load(path)

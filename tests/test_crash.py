@@ -24,7 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import DEMO_PASSWORD, DEMO_USER, DaemonProcess, EmulatorProcess, call, write_config
+from tests.support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    DaemonProcess,
+    EmulatorProcess,
+    call,
+    write_config,
+)
 
 #: A kill this soon after Geins replaced the saved token may have beaten the fsync.
 IN_FLIGHT = 1.0
@@ -41,13 +48,21 @@ def _saved(state: Path) -> dict[str, object]:
 def _kill_loop(short_tmp: Path, kills: int, grace: float) -> dict[str, int]:
     emulator = EmulatorProcess("--token-ttl", "2", "--refresh-grace", str(grace))
     sock, state = short_tmp / "b.sock", short_tmp / "state"
-    config = write_config(short_tmp / "c.toml", emulator.url, sock, state,
-                          broker={"startup_spread": 0.1}, profile={"request_timeout": 2})
-    rng = random.Random(os.getpid())  # noqa: S311
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        sock,
+        state,
+        broker={"startup_spread": 0.1},
+        profile={"request_timeout": 2},
+    )
+    rng = random.Random(os.getpid())
     outcome = {"kills": 0, "lost_in_flight": 0, "rotations": 0}
     try:
         daemon = DaemonProcess(config, short_tmp)
-        assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD, remember=True)["ok"]
+        assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD, remember=True)[
+            "ok"
+        ]
         for _ in range(kills):
             time.sleep(rng.uniform(0.0, 1.6))
             killed_at = time.time()
@@ -70,7 +85,9 @@ def _kill_loop(short_tmp: Path, kills: int, grace: float) -> dict[str, int]:
                 continue
             assert answer["error"]["code"] == "login_required", answer
             outcome["lost_in_flight"] += 1
-            assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD, remember=True)["ok"]
+            assert call(
+                sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD, remember=True
+            )["ok"]
         assert call(sock, op="token", min_valid=1)["ok"]
         status = call(sock, op="status")["profiles"][0]
         assert status["state"] == "active", status
@@ -81,7 +98,9 @@ def _kill_loop(short_tmp: Path, kills: int, grace: float) -> dict[str, int]:
     return outcome
 
 
-def test_fifty_kills_during_rotation_strict_rotation(short_tmp: Path, record_property: object) -> None:
+def test_fifty_kills_during_rotation_strict_rotation(
+    short_tmp: Path, record_property: object
+) -> None:
     outcome = _kill_loop(short_tmp, kills=50, grace=0.0)
     print(f"kill -9 loop, strict rotation: {outcome}")
     assert outcome["kills"] == 50

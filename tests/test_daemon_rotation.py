@@ -27,10 +27,12 @@ from tests.conftest import Broker, Fraction, RawConnection, start_broker
 EXACT = {"jitter": 0}
 
 
-async def exact_broker(nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path,
-                       **settings: object) -> Broker:
-    return await start_broker(nursery, emulator, wall, tmp, rng=Fraction(1.0),
-                              profile_settings=EXACT, **settings)
+async def exact_broker(
+    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
+) -> Broker:
+    return await start_broker(
+        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
+    )
 
 
 def refreshes(emulator: Emulator) -> int:
@@ -38,7 +40,11 @@ def refreshes(emulator: Emulator) -> int:
 
 
 async def test_rotation_happens_at_three_quarters_of_the_lifetime(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
@@ -56,9 +62,15 @@ async def test_rotation_happens_at_three_quarters_of_the_lifetime(
 
 
 async def test_jitter_spreads_rotation_within_a_few_percent(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
-    broker = await start_broker(nursery, emulator, wall, short_tmp, profiles=tuple(f"p{i}" for i in range(20)))
+    broker = await start_broker(
+        nursery, emulator, wall, short_tmp, profiles=tuple(f"p{i}" for i in range(20))
+    )
     for i in range(20):
         await broker.login(f"p{i}")
     points = {
@@ -70,7 +82,11 @@ async def test_jitter_spreads_rotation_within_a_few_percent(
 
 
 async def test_single_flight_under_a_thousand_concurrent_requests(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
@@ -96,7 +112,11 @@ def _token_request(request_id: int, min_valid: float) -> bytes:
 
 
 async def test_transient_failures_back_off_exponentially(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
@@ -107,7 +127,9 @@ async def test_transient_failures_back_off_exponentially(
     assert emulator.service.counts["fault 503"] == 5
     assert session.failures == 5
     assert session.state is State.DEGRADED
-    assert session.next_refresh_at == pytest.approx(wall.now() - trio.current_time() + start + 675 + 31)
+    assert session.next_refresh_at == pytest.approx(
+        wall.now() - trio.current_time() + start + 675 + 31
+    )
     async with broker.client() as client:
         token = await client.token()  # still valid: served
         assert token.expires_in(wall.now()) > 200
@@ -118,7 +140,11 @@ async def test_transient_failures_back_off_exponentially(
 
 
 async def test_backoff_caps_at_sixty_seconds_and_recovers(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
@@ -138,11 +164,17 @@ async def test_backoff_caps_at_sixty_seconds_and_recovers(
 
 
 async def test_retry_after_is_honoured(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
-    emulator.server.faults.add(Fault("status", match="GET /api", status=429, retry_after="120", times=1))
+    emulator.server.faults.add(
+        Fault("status", match="GET /api", status=429, retry_after="120", times=1)
+    )
     await trio.sleep(675.5)
     session = broker.profile().session
     assert session.failures == 1
@@ -155,7 +187,11 @@ async def test_retry_after_is_honoured(
 
 
 async def test_rejected_refresh_token_needs_a_login_at_once(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
@@ -193,7 +229,11 @@ async def test_session_expiry_from_max_age(
 
 
 async def test_a_wall_clock_jump_never_serves_an_expired_token(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login(remember=True)
@@ -206,7 +246,11 @@ async def test_a_wall_clock_jump_never_serves_an_expired_token(
 
 
 async def test_the_runner_notices_a_clock_jump_within_thirty_seconds(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login(remember=True)
@@ -222,7 +266,9 @@ async def test_not_logged_in(autojump_clock: MockClock, broker: Broker) -> None:
             await client.token()
 
 
-async def test_min_valid_longer_than_the_lifetime(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_min_valid_longer_than_the_lifetime(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     await broker.login()
     async with broker.client() as client:
         with pytest.raises(ProtocolError, match="lifetime"):
@@ -230,7 +276,11 @@ async def test_min_valid_longer_than_the_lifetime(autojump_clock: MockClock, bro
 
 
 async def test_waiting_for_a_refresh_is_bounded(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp, token_wait=5)
     await broker.login()
@@ -246,9 +296,15 @@ async def test_waiting_for_a_refresh_is_bounded(
 
 
 async def test_restart_keeps_every_session(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
-    first = await start_broker(nursery, emulator, wall, short_tmp / "a", profiles=("one", "two", "three"))
+    first = await start_broker(
+        nursery, emulator, wall, short_tmp / "a", profiles=("one", "two", "three")
+    )
     await first.login("one")
     await first.login("two")
     async with first.client() as client:
@@ -256,8 +312,14 @@ async def test_restart_keeps_every_session(
     first.daemon.stop()
     await trio.sleep(1)
     assert not first.socket.exists()
-    second = await start_broker(nursery, emulator, wall, short_tmp / "b", profiles=("one", "two", "three"),
-                                state_dir=first.state_dir)
+    second = await start_broker(
+        nursery,
+        emulator,
+        wall,
+        short_tmp / "b",
+        profiles=("one", "two", "three"),
+        state_dir=first.state_dir,
+    )
     async with second.client() as client:
         assert (await client.token(profile="one")).token == token.token
         states = {p.profile: p.state for p in (await client.status()).profiles}
@@ -267,7 +329,11 @@ async def test_restart_keeps_every_session(
 
 
 async def test_overdue_refreshes_after_a_restart_are_spread_and_bounded(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     names = tuple(f"p{i}" for i in range(40))
     first = await start_broker(nursery, emulator, wall, short_tmp / "a", profiles=names)
@@ -278,8 +344,16 @@ async def test_overdue_refreshes_after_a_restart_are_spread_and_bounded(
     wall.step(800)  # the daemon was down past every rotation point
     emulator.server.faults.add(Fault("latency", match="GET /api", seconds=0.5))
     peak = 0
-    second = await start_broker(nursery, emulator, wall, short_tmp / "b", profiles=names,
-                                state_dir=first.state_dir, startup_spread=10, max_concurrent_refreshes=3)
+    second = await start_broker(
+        nursery,
+        emulator,
+        wall,
+        short_tmp / "b",
+        profiles=names,
+        state_dir=first.state_dir,
+        startup_spread=10,
+        max_concurrent_refreshes=3,
+    )
     limiter = second.daemon._limiter
     start = trio.current_time()
     while any(p.session.refreshes == 0 for p in second.daemon.profiles.values()):
@@ -291,7 +365,11 @@ async def test_overdue_refreshes_after_a_restart_are_spread_and_bounded(
 
 
 async def test_corrupt_state_costs_only_its_profile(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     first = await start_broker(nursery, emulator, wall, short_tmp / "a", profiles=("good", "bad"))
     await first.login("good")
@@ -300,8 +378,14 @@ async def test_corrupt_state_costs_only_its_profile(
     await trio.sleep(1)
     bad = first.state_dir / "bad.session.json"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
-    second = await start_broker(nursery, emulator, wall, short_tmp / "b", profiles=("good", "bad"),
-                                state_dir=first.state_dir)
+    second = await start_broker(
+        nursery,
+        emulator,
+        wall,
+        short_tmp / "b",
+        profiles=("good", "bad"),
+        state_dir=first.state_dir,
+    )
     async with second.client() as client:
         states = {p.profile: p.state for p in (await client.status()).profiles}
         await client.token(profile="good")
@@ -323,8 +407,12 @@ def tiny_state(short_tmp: Path) -> Iterator[Path]:
 
 
 async def test_full_disk_keeps_serving_and_retries_the_write(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock,
-    short_tmp: Path, tiny_state: Path,
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+    tiny_state: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp, state_dir=tiny_state / "state")
     await broker.login()

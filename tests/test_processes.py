@@ -42,25 +42,36 @@ def emulator() -> Iterator[EmulatorProcess]:
 
 
 def login(socket_path: Path, profile: str = "default") -> dict[str, Any]:
-    answer = call(socket_path, op="login", profile=profile, username=DEMO_USER, password=DEMO_PASSWORD)
+    answer = call(
+        socket_path, op="login", profile=profile, username=DEMO_USER, password=DEMO_PASSWORD
+    )
     assert answer["ok"], answer
     return answer
 
 
 def test_emulator_process_and_its_control_api(emulator: EmulatorProcess) -> None:
     assert emulator.control("GET", "stats") == {"counts": {}}
-    assert emulator.control("POST", "faults", {"kind": "status", "status": 503, "times": 1}) == {"faults": 1}
+    assert emulator.control("POST", "faults", {"kind": "status", "status": 503, "times": 1}) == {
+        "faults": 1
+    }
     assert emulator.control("DELETE", "faults") == {"faults": 0}
 
 
 def test_emulator_rejects_bad_arguments() -> None:
-    result = subprocess.run([*GEINS_BROKER, "emulator", "--listen", "nowhere"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [*GEINS_BROKER, "emulator", "--listen", "nowhere"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert "HOST:PORT" in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signals.SIGTERM, signals.SIGINT])
-def test_stop_signals_exit_cleanly_and_keep_sessions(emulator: EmulatorProcess, short_tmp: Path, signum: int) -> None:
+def test_stop_signals_exit_cleanly_and_keep_sessions(
+    emulator: EmulatorProcess, short_tmp: Path, signum: int
+) -> None:
     sock = short_tmp / "b.sock"
     config = write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state")
     daemon = DaemonProcess(config, short_tmp)
@@ -78,9 +89,13 @@ def test_stop_signals_exit_cleanly_and_keep_sessions(emulator: EmulatorProcess, 
         assert again.stop() == 0
 
 
-def test_sigterm_lets_a_request_in_flight_finish(emulator: EmulatorProcess, short_tmp: Path) -> None:
+def test_sigterm_lets_a_request_in_flight_finish(
+    emulator: EmulatorProcess, short_tmp: Path
+) -> None:
     sock = short_tmp / "b.sock"
-    daemon = DaemonProcess(write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state"), short_tmp)
+    daemon = DaemonProcess(
+        write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state"), short_tmp
+    )
     emulator.control("POST", "faults", {"kind": "latency", "seconds": 0.5, "match": "POST"})
     answers: list[dict[str, Any]] = []
     worker = threading.Thread(target=lambda: answers.append(login(sock)))
@@ -91,7 +106,9 @@ def test_sigterm_lets_a_request_in_flight_finish(emulator: EmulatorProcess, shor
     assert answers and answers[0]["ok"]
 
 
-def test_sighup_reloads_profiles_without_dropping_sessions(emulator: EmulatorProcess, short_tmp: Path) -> None:
+def test_sighup_reloads_profiles_without_dropping_sessions(
+    emulator: EmulatorProcess, short_tmp: Path
+) -> None:
     sock, state = short_tmp / "b.sock", short_tmp / "state"
     config = write_config(short_tmp / "c.toml", emulator.url, sock, state, profiles=("one",))
     daemon = DaemonProcess(config, short_tmp)
@@ -123,7 +140,9 @@ def test_sighup_reloads_profiles_without_dropping_sessions(emulator: EmulatorPro
         assert [p["profile"] for p in call(sock, op="status")["profiles"]] == ["two"]
         write_config(config, emulator.url, sock, state, profiles=("one", "two"))
         reload()
-        assert call(sock, op="token", profile="one")["token"] == token  # its session was kept on disk
+        assert (
+            call(sock, op="token", profile="one")["token"] == token
+        )  # its session was kept on disk
     finally:
         assert daemon.stop() == 0
 
@@ -131,7 +150,12 @@ def test_sighup_reloads_profiles_without_dropping_sessions(emulator: EmulatorPro
 def test_bad_config_exits_2_naming_file_and_key(short_tmp: Path) -> None:
     config = short_tmp / "c.toml"
     config.write_text("[profiles.default]\naccount = 'a'\n")
-    result = subprocess.run([*GEINS_BROKER, "serve", "--config", str(config)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [*GEINS_BROKER, "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert f"{config}: profiles.default.api_key: is required" in result.stderr
     assert "Traceback" not in result.stderr
@@ -139,18 +163,27 @@ def test_bad_config_exits_2_naming_file_and_key(short_tmp: Path) -> None:
 
 def test_missing_config_exits_2(short_tmp: Path) -> None:
     env = {**os.environ, "XDG_CONFIG_HOME": str(short_tmp)}
-    result = subprocess.run([*GEINS_BROKER, "serve"], capture_output=True, text=True, check=False, env=env)
+    result = subprocess.run(
+        [*GEINS_BROKER, "serve"], capture_output=True, text=True, check=False, env=env
+    )
     assert result.returncode == 2
     assert "no configuration file" in result.stderr
 
 
-def test_a_second_daemon_on_the_same_socket_refuses(emulator: EmulatorProcess, short_tmp: Path) -> None:
+def test_a_second_daemon_on_the_same_socket_refuses(
+    emulator: EmulatorProcess, short_tmp: Path
+) -> None:
     sock = short_tmp / "b.sock"
     config = write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state")
     daemon = DaemonProcess(config, short_tmp)
     try:
-        result = subprocess.run([*GEINS_BROKER, "serve", "--config", str(config)], capture_output=True, text=True,
-                                check=False, timeout=20)
+        result = subprocess.run(
+            [*GEINS_BROKER, "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=20,
+        )
         assert result.returncode == 1
         assert "already listening" in result.stderr
         assert call(sock, op="hello")["ok"]
@@ -190,9 +223,21 @@ sys.stdout.write(data.hex())
 def as_nobody(sock: Path, **message: Any) -> dict[str, Any]:
     """A request from uid 65534 (a plain stdlib Python: the venv lives under /root)."""
     result = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "/usr/bin/python3", "-c", _AS_NOBODY, str(sock), encode({"id": 1, **message}).hex()],
-        capture_output=True, text=True, check=True, timeout=20,
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            _AS_NOBODY,
+            str(sock),
+            encode({"id": 1, **message}).hex(),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
     )
     data = bytes.fromhex(result.stdout)
     answer: dict[str, Any] = msgpack.unpackb(data[4:], raw=False)
@@ -208,12 +253,20 @@ def open_tmp(short_tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("allowed", [False, True])
-def test_another_uid_is_refused_by_the_peer_check(emulator: EmulatorProcess, open_tmp: Path, allowed: bool) -> None:
+def test_another_uid_is_refused_by_the_peer_check(
+    emulator: EmulatorProcess, open_tmp: Path, allowed: bool
+) -> None:
     sock = open_tmp / "b.sock"
     # The socket is deliberately 0666, so that the peer check, not the file mode, decides.
     profile = {"allow_users": [NOBODY]} if allowed else {}
-    config = write_config(open_tmp / "c.toml", emulator.url, sock, open_tmp / "state",
-                          broker={"socket_mode": "0666"}, profile=profile)
+    config = write_config(
+        open_tmp / "c.toml",
+        emulator.url,
+        sock,
+        open_tmp / "state",
+        broker={"socket_mode": "0666"},
+        profile=profile,
+    )
     daemon = DaemonProcess(config, open_tmp)
     try:
         login(sock)
@@ -253,15 +306,26 @@ def test_state_files_and_socket_are_private(emulator: EmulatorProcess, short_tmp
 def test_systemd_socket_activation(emulator: EmulatorProcess, short_tmp: Path) -> None:
     """systemd-socket-activate binds the socket and passes it as fd 3 (LISTEN_FDS)."""
     sock = short_tmp / "activated.sock"
-    config = write_config(short_tmp / "c.toml", emulator.url, short_tmp / "unused.sock", short_tmp / "state")
+    config = write_config(
+        short_tmp / "c.toml", emulator.url, short_tmp / "unused.sock", short_tmp / "state"
+    )
     notify = short_tmp / "notify"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(notify))
     receiver.settimeout(15)
     activator = subprocess.Popen(
-        ["systemd-socket-activate", "--listen", str(sock), f"--setenv=NOTIFY_SOCKET={notify}",
-         *GEINS_BROKER, "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "systemd-socket-activate",
+            "--listen",
+            str(sock),
+            f"--setenv=NOTIFY_SOCKET={notify}",
+            *GEINS_BROKER,
+            "serve",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 15

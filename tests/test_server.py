@@ -30,11 +30,19 @@ def error_code(answer: dict[str, object] | None) -> object:
 async def test_hello(autojump_clock: MockClock, broker: Broker) -> None:
     conn = await raw(broker)
     answer = await conn.call(id=1, op="hello", v=1, client="test")
-    assert answer == {"id": 1, "ok": True, "v": 1, "server": "geins-broker/0.1.0", "ops": list(Op.ALL)}
+    assert answer == {
+        "id": 1,
+        "ok": True,
+        "v": 1,
+        "server": "geins-broker/0.1.0",
+        "ops": list(Op.ALL),
+    }
     conn.close()
 
 
-async def test_every_op_through_the_client(autojump_clock: MockClock, broker: Broker, wall: TrioWallClock) -> None:
+async def test_every_op_through_the_client(
+    autojump_clock: MockClock, broker: Broker, wall: TrioWallClock
+) -> None:
     async with broker.client() as client:
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         assert session.username == DEMO_USER
@@ -51,7 +59,9 @@ async def test_every_op_through_the_client(autojump_clock: MockClock, broker: Br
             await client.change_password("wrong", "x")
         await client.logout()
         assert (await client.status()).profiles[0].state == "logged_out"
-        registered = await client.register("new@example.com", "pw", user={"newsletter": True, "customerType": "PERSON"})
+        registered = await client.register(
+            "new@example.com", "pw", user={"newsletter": True, "customerType": "PERSON"}
+        )
         assert registered.username == "new@example.com"
         assert broker.emulator.service.user_committed("new@example.com")
         assert (await client.user()).username == "new@example.com"
@@ -66,7 +76,9 @@ async def test_logout_ends_the_session_upstream(autojump_clock: MockClock, broke
     assert not (broker.state_dir / "default.session.json").exists()
 
 
-async def test_login_again_ends_the_replaced_session(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_login_again_ends_the_replaced_session(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     await broker.login()
     first = broker.profile().session.tokens.refresh.reveal()  # type: ignore[union-attr]
     await broker.login()
@@ -74,7 +86,9 @@ async def test_login_again_ends_the_replaced_session(autojump_clock: MockClock, 
     assert broker.emulator.service.live_sessions(DEMO_USER) == 1
 
 
-async def test_pipelined_requests_are_answered_by_id(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_pipelined_requests_are_answered_by_id(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     await broker.login()
     conn = await raw(broker)
     await conn.send(
@@ -109,17 +123,31 @@ async def test_pipelined_requests_are_answered_by_id(autojump_clock: MockClock, 
         ({"id": 1, "op": "logout"}, "not_logged_in"),
         ({"id": 1, "op": "login", "username": "u"}, "bad_request"),
         ({"id": 1, "op": "login", "username": "", "password": "p"}, "bad_request"),
-        ({"id": 1, "op": "login", "username": DEMO_USER, "password": "wrong"}, "invalid_credentials"),
+        (
+            {"id": 1, "op": "login", "username": DEMO_USER, "password": "wrong"},
+            "invalid_credentials",
+        ),
         ({"id": 1, "op": "login", "username": DEMO_USER, "password": 5}, "bad_request"),
-        ({"id": 1, "op": "login", "username": DEMO_USER, "password": "x", "remember": "yes"}, "bad_request"),
-        ({"id": 1, "op": "register", "username": DEMO_USER, "password": "x"}, "invalid_credentials"),
-        ({"id": 1, "op": "register", "username": "a@b", "password": "x", "user": [1]}, "bad_request"),
+        (
+            {"id": 1, "op": "login", "username": DEMO_USER, "password": "x", "remember": "yes"},
+            "bad_request",
+        ),
+        (
+            {"id": 1, "op": "register", "username": DEMO_USER, "password": "x"},
+            "invalid_credentials",
+        ),
+        (
+            {"id": 1, "op": "register", "username": "a@b", "password": "x", "user": [1]},
+            "bad_request",
+        ),
         ({"id": 1, "op": "change_password", "password": "x"}, "bad_request"),
         ({"id": 1, "op": "change_password", "password": "x", "new_password": "y"}, "not_logged_in"),
         ({"id": 1, "op": "hello", "v": "one"}, "bad_request"),
     ],
 )
-async def test_error_codes(autojump_clock: MockClock, broker: Broker, message: dict[str, object], code: str) -> None:
+async def test_error_codes(
+    autojump_clock: MockClock, broker: Broker, message: dict[str, object], code: str
+) -> None:
     conn = await raw(broker)
     answer = await conn.call(**message)
     assert answer["id"] == (message["id"] if isinstance(message.get("id"), int) else None)
@@ -157,16 +185,25 @@ async def test_upstream_codes(autojump_clock: MockClock, broker: Broker) -> None
 
 
 async def test_wrong_api_key_is_an_upstream_error(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
-    broker = await start_broker(nursery, emulator, wall, short_tmp, profile_settings={"api_key": "wrong"})
+    broker = await start_broker(
+        nursery, emulator, wall, short_tmp, profile_settings={"api_key": "wrong"}
+    )
     async with broker.client() as client:
         with pytest.raises(UpstreamError, match="API key"):
             await client.login(DEMO_USER, DEMO_PASSWORD)
 
 
 async def test_internal_errors_are_answered_and_logged(
-    autojump_clock: MockClock, broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken(peer: object, args: object) -> dict[str, object]:
         raise RuntimeError("bug")
@@ -188,7 +225,9 @@ async def test_internal_errors_are_answered_and_logged(
         struct.pack(">I", 0),
     ],
 )
-async def test_bad_frames_get_one_answer_then_the_close(autojump_clock: MockClock, broker: Broker, data: bytes) -> None:
+async def test_bad_frames_get_one_answer_then_the_close(
+    autojump_clock: MockClock, broker: Broker, data: bytes
+) -> None:
     conn = await raw(broker)
     await conn.send(encode({"id": 1, "op": "hello"}) + data + encode({"id": 2, "op": "hello"}))
     assert (await conn.receive())["id"] == 1  # type: ignore[index]
@@ -201,7 +240,9 @@ async def test_bad_frames_get_one_answer_then_the_close(autojump_clock: MockCloc
     other.close()
 
 
-async def test_half_frame_times_out_without_holding_anything(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_half_frame_times_out_without_holding_anything(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     stalled = await raw(broker)
     await stalled.send(struct.pack(">I", 100) + b"\x81")
     other = await raw(broker)
@@ -223,13 +264,15 @@ async def test_idle_connections_are_closed(autojump_clock: MockClock, broker: Br
     conn.close()
 
 
-async def test_a_client_that_never_reads_is_dropped(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_a_client_that_never_reads_is_dropped(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     await broker.login()
     greedy = await raw(broker)
     greedy.sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
     request = encode({"id": 1, "op": "token"})
     start = trio.current_time()
-    with pytest.raises(OSError), trio.fail_after(60):  # noqa: PT012
+    with pytest.raises((BrokenPipeError, ConnectionResetError)), trio.fail_after(60):  # noqa: PT012
         while True:  # pour requests in, read nothing back, until the daemon hangs up
             await greedy.send(request * 100)
     assert trio.current_time() - start == pytest.approx(10, abs=0.1)  # send_timeout
@@ -241,7 +284,11 @@ async def test_a_client_that_never_reads_is_dropped(autojump_clock: MockClock, b
 
 
 async def test_too_many_waiting_requests_on_one_connection(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await start_broker(nursery, emulator, wall, short_tmp, max_requests_per_connection=2)
     await broker.login()
@@ -255,7 +302,11 @@ async def test_too_many_waiting_requests_on_one_connection(
 
 
 async def test_connection_limit(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await start_broker(nursery, emulator, wall, short_tmp, max_connections=3)
     held = [await raw(broker) for _ in range(3)]
@@ -275,7 +326,11 @@ async def test_connection_limit(
 
 
 async def test_busy_connection_limit_maps_to_unavailable(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await start_broker(nursery, emulator, wall, short_tmp, max_connections=1)
     holder = await raw(broker)
@@ -287,7 +342,9 @@ async def test_busy_connection_limit_maps_to_unavailable(
     holder.close()
 
 
-async def test_watch_streams_rotations_and_the_end(autojump_clock: MockClock, broker: Broker, wall: TrioWallClock) -> None:
+async def test_watch_streams_rotations_and_the_end(
+    autojump_clock: MockClock, broker: Broker, wall: TrioWallClock
+) -> None:
     conn = await raw(broker)
     await conn.request(id=7, op="watch")
     first = await conn.receive()
@@ -296,7 +353,9 @@ async def test_watch_streams_rotations_and_the_end(autojump_clock: MockClock, br
     login = await conn.receive()
     assert login is not None and login["event"] == "token" and login["id"] == 7
     rotated = await conn.receive()  # ~675 s later
-    assert rotated is not None and rotated["event"] == "token" and rotated["token"] != login["token"]
+    assert (
+        rotated is not None and rotated["event"] == "token" and rotated["token"] != login["token"]
+    )
     assert rotated["expires_at"] == pytest.approx(wall.now() + 900)
     assert (await conn.call(id=8, op="hello"))["ok"]  # the connection still takes requests
     broker.emulator.service.revoke_user(DEMO_USER)
@@ -322,7 +381,11 @@ async def test_watch_through_the_client(autojump_clock: MockClock, broker: Broke
 
 
 async def test_client_reconnects_after_a_restart(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     first = await start_broker(nursery, emulator, wall, short_tmp)
     await first.login()

@@ -42,7 +42,9 @@ def jwt(exp: float, iat: float | None = None, **claims: object) -> str:
     return f"h.{body}.s"
 
 
-def grant(now: float, lifetime: float = 900, max_age: int | None = 1800, refresh: str = "r1") -> Grant:
+def grant(
+    now: float, lifetime: float = 900, max_age: int | None = 1800, refresh: str = "r1"
+) -> Grant:
     return Grant(Secret(jwt(now + lifetime, now)), Secret(refresh), max_age)
 
 

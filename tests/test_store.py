@@ -70,7 +70,7 @@ def test_repr_hides_tokens() -> None:
     "content",
     [
         b"",
-        b"{\"format\": 1, \"profile\": \"default\", \"userna",  # truncated
+        b'{"format": 1, "profile": "default", "userna',  # truncated
         b"\x00\xff\xfe",
         b"[]",
         b'{"format": 2, "profile": "default"}',
@@ -104,7 +104,9 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mount = tmp_path / "tiny"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True
+    )
     try:
         yield mount
     finally:
