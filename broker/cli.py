@@ -306,6 +306,48 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return emulator_main(options)
 
 
+_BASH_COMPLETION = """# bash completion for geins-broker: source <(geins-broker completion bash)
+_geins_broker() {
+    local cur=${COMP_WORDS[COMP_CWORD]} command=${COMP_WORDS[1]}
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "%(commands)s" -- "$cur"))
+        return
+    fi
+    case "$command" in
+%(cases)s
+    esac
+}
+complete -F _geins_broker geins-broker
+"""
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    commands = _subcommands(parser)
+    cases = "\n".join(
+        f'        {name}) COMPREPLY=($(compgen -W "{" ".join(_options(sub))}" -- "$cur"));;'
+        for name, sub in commands.items()
+    )
+    print(_BASH_COMPLETION % {"commands": " ".join(commands), "cases": cases}, end="")
+    return EXIT_OK
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return [
+        flag
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--")
+    ]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -432,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a replaced refresh token still works if unused (default 0: strict)",
     )
+
+    completion = add("completion", cmd_completion, "print a shell completion script")
+    completion.add_argument("shell", choices=("bash",))
 
     demo = add("demo", cmd_demo, "emulator + daemon + demo login, printing each rotation")
     demo.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")

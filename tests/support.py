@@ -99,10 +99,16 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.messages: list[str] = []
 
-    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
-        """Every message until one holding `line` (e.g. "READY=1")."""
+    def wait_for(self, line: str, timeout: float = 10.0, *, prefix: bool = False) -> list[str]:
+        """Every message until one holding `line` (e.g. "READY=1"), or a line starting
+        with it when `prefix`."""
         deadline = time.monotonic() + timeout
-        while not any(line in m.split("\n") for m in self.messages):
+
+        def seen() -> bool:
+            lines = [x for m in self.messages for x in m.split("\n")]
+            return any(x.startswith(line) if prefix else x == line for x in lines)
+
+        while not seen():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no {line} within {timeout} s; got {self.messages}")

@@ -1,6 +1,9 @@
 """An httpx Auth that signs each request with the broker's current bearer token.
 
-    client = httpx.Client(auth=BrokerAuth(profile="default"))
+    auth = BrokerAuth(profile="default")
+    client = httpx.Client(auth=auth)
+    ...
+    auth.close()    # or `await auth.aclose()` after async use
 
 Importing this module imports httpx; the package root does not, so apps that do not use
 httpx never load it.
@@ -58,6 +61,16 @@ class BrokerAuth(httpx.Auth):
             cache.invalidate()
             request.headers["Authorization"] = (await cache.get()).authorization
             yield request
+
+    def close(self) -> None:
+        """Close the connection the blocking flow opened (if any)."""
+        self._cache.client.close()
+
+    async def aclose(self) -> None:
+        """Close the connections both flows opened (if any)."""
+        self.close()
+        if self._async_cache is not None:
+            await self._async_cache.client.aclose()
 
     def _make_async_cache(self) -> AsyncTokenCache:
         client = self._async_client or _client_for_running_loop(self._socket_path)
