@@ -223,9 +223,8 @@ def test_exit_code_per_error_family(
 def test_login_prompts_without_echo(setup: Setup) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: a terminal session running the real command
-        os.execv(
-            sys.executable, [sys.executable, "-m", "broker", "login", "--socket", str(setup.socket)]
-        )
+        argv = [sys.executable, "-m", "broker", "login", "--socket", str(setup.socket)]
+        os.execv(sys.executable, argv)  # noqa: S606 - our own command, no shell
     output = b""
 
     def read_until(marker: bytes) -> None:
