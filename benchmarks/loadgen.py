@@ -611,12 +611,13 @@ class SshAgent:
 
 
 def start_ssh_agent(
-    socket_path: str | None = None, *, with_key: bool = False, nofile: int | None = None
+    socket_path: str | None = None, *, with_key: bool | str = False, nofile: int | None = None
 ) -> SshAgent:
     """Start ``ssh-agent -D -a PATH`` (foreground) and wait until it listens.
 
-    ``with_key`` generates a throwaway ed25519 key and ``ssh-add``s it, so the
-    identities answer is non-empty.  ``nofile`` sets the agent's RLIMIT_NOFILE (its
+    ``with_key`` generates a throwaway key and ``ssh-add``s it, so the identities
+    answer is non-empty: True or "ed25519" (a 75-byte answer), or "rsa" (RSA-4096,
+    a ~560-byte answer, close to the size of a Geins bearer token answer).  ``nofile`` sets the agent's RLIMIT_NOFILE (its
     only connection limit: it accepts while open fds < nofile - 10).
     """
     tmpdir = tempfile.mkdtemp(prefix="loadgen-agent-")
@@ -638,9 +639,11 @@ def start_ssh_agent(
     try:
         wait_for_socket(path, proc)
         if with_key:
-            key = os.path.join(tmpdir, "id_ed25519")
+            kind = "ed25519" if with_key is True else str(with_key)
+            key = os.path.join(tmpdir, f"id_{kind}")
+            size = ["-b", "4096"] if kind == "rsa" else []
             subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "loadgen", "-f", key],
+                ["ssh-keygen", "-q", "-t", kind, *size, "-N", "", "-C", "loadgen", "-f", key],
                 check=True,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -659,7 +662,7 @@ def start_ssh_agent(
 
 
 @contextlib.contextmanager
-def ssh_agent(with_key: bool = False, nofile: int | None = None) -> Iterator[SshAgent]:
+def ssh_agent(with_key: bool | str = False, nofile: int | None = None) -> Iterator[SshAgent]:
     agent = start_ssh_agent(with_key=with_key, nofile=nofile)
     try:
         yield agent

@@ -11,8 +11,6 @@ a traceback means a bug.
 from __future__ import annotations
 
 import argparse
-import getpass
-import json
 import os
 import sys
 import time
@@ -87,6 +85,8 @@ def _in(when: float | None, now: float) -> str:
 
 
 def _print_json(value: Any) -> None:
+    import json
+
     print(json.dumps(value, separators=(",", ":"), sort_keys=True))
 
 
@@ -129,6 +129,8 @@ def _stdin_lines(count: int) -> list[str]:
 
 
 def _prompt(label: str) -> str:
+    import getpass
+
     value = getpass.getpass(f"{label}: ")
     if not value:
         raise UsageError(f"{label.lower()} must not be empty")
@@ -137,7 +139,7 @@ def _prompt(label: str) -> str:
 
 def _new_password() -> str:
     first = _prompt("New password")
-    if getpass.getpass("Repeat new password: ") != first:
+    if _prompt("Repeat new password") != first:
         raise UsageError("the new passwords do not match")
     return first
 
@@ -169,9 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             {
                 "server": status.server,
                 "uptime": status.uptime,
-                "profiles": [
-                    {name: getattr(p, name) for name in ProfileStatus.__slots__} for p in profiles
-                ],
+                "profiles": [p._asdict() for p in profiles],
             }
         )
     else:
@@ -197,7 +197,7 @@ def _token_json(token: Token) -> dict[str, Any]:
 def cmd_user(args: argparse.Namespace) -> int:
     with _client(args) as client:
         user = client.user(args.profile)
-    fields = {name: getattr(user, name) for name in type(user).__slots__}
+    fields = user._asdict()
     if args.json:
         _print_json(fields)
     else:
@@ -322,21 +322,12 @@ complete -F _geins_broker geins-broker
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    parser = build_parser()
-    commands = _subcommands(parser)
-    cases = "\n".join(
-        f'        {name}) COMPREPLY=($(compgen -W "{" ".join(_options(sub))}" -- "$cur"));;'
-        for name, sub in commands.items()
-    )
-    print(_BASH_COMPLETION % {"commands": " ".join(commands), "cases": cases}, end="")
+    cases = []
+    for name in COMMANDS:
+        words = " ".join(_options(command_parser(name)))
+        cases.append(f'        {name}) COMPREPLY=($(compgen -W "{words}" -- "$cur"));;')
+    print(_BASH_COMPLETION % {"commands": " ".join(COMMANDS), "cases": "\n".join(cases)}, end="")
     return EXIT_OK
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
 
 
 def _options(parser: argparse.ArgumentParser) -> list[str]:
@@ -367,107 +358,81 @@ def _positive(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="geins-broker",
-        description="Local token broker for Geins: one daemon keeps every session fresh.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"geins-broker {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    socket_opts = argparse.ArgumentParser(add_help=False)
-    socket_opts.add_argument(
-        "--socket",
-        help="the daemon's socket (default: $GEINS_BROKER_SOCKET, then the usual places)",
-    )
-    client_opts = argparse.ArgumentParser(add_help=False, parents=[socket_opts])
-    client_opts.add_argument("--profile", help='the profile to act on (default: "default")')
-    client_opts.add_argument(
+def _client_options(
+    parser: argparse.ArgumentParser, *, json: bool = False, secrets: bool = False
+) -> None:
+    _socket_option(parser)
+    parser.add_argument("--profile", help='the profile to act on (default: "default")')
+    parser.add_argument(
         "--timeout",
         type=_positive,
         default=60.0,
         help="seconds to wait for the daemon (default 60)",
     )
-    json_opt = argparse.ArgumentParser(add_help=False)
-    json_opt.add_argument("--json", action="store_true", help="machine-readable output")
-    secret_opts = argparse.ArgumentParser(add_help=False)
-    secret_opts.add_argument(
-        "--password-stdin", action="store_true", help="read password(s) from stdin, one per line"
-    )
-
-    def add(
-        name: str,
-        handler: Callable[[argparse.Namespace], int],
-        help_text: str,
-        *parents: argparse.ArgumentParser,
-    ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name, help=help_text, description=help_text, parents=list(parents)
+    if json:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if secrets:
+        parser.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read password(s) from stdin, one per line",
         )
-        sub.set_defaults(handler=handler)
-        return sub
 
-    add(
-        "status",
-        cmd_status,
-        "show every profile's session (exit 5 if any needs a login)",
-        client_opts,
-        json_opt,
+
+def _socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        help="the daemon's socket (default: $GEINS_BROKER_SOCKET, then the usual places)",
     )
-    token = add("token", cmd_token, "print the current bearer token", client_opts, json_opt)
-    token.add_argument(
+
+
+def _token_options(parser: argparse.ArgumentParser) -> None:
+    _client_options(parser, json=True)
+    parser.add_argument(
         "--min-valid",
         type=_positive,
         default=0.0,
         metavar="SECONDS",
         help="refresh first unless the token lasts this long",
     )
-    add("user", cmd_user, "show who the session belongs to", client_opts, json_opt)
-    for name, handler, text in (
-        ("login", cmd_login, "log a user in to a profile"),
-        ("register", cmd_register, "register a new user and log in"),
-    ):
-        sub = add(name, handler, text, client_opts, secret_opts)
-        sub.add_argument("--username", "-u", help="the username (e-mail); prompted if absent")
-        sub.add_argument(
-            "--remember", action="store_true", help="ask Geins for a long-lived session"
-        )
-    register = commands.choices["register"]
-    register.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
-    register.add_argument("--newsletter", action="store_true")
-    add("logout", cmd_logout, "end the profile's session here and at Geins", client_opts)
-    add("refresh", cmd_refresh, "rotate the tokens now", client_opts)
-    add("passwd", cmd_passwd, "change the logged-in user's password", client_opts, secret_opts)
-    add("watch", cmd_watch, "print each token rotation until interrupted", client_opts, json_opt)
 
-    serve = add("serve", cmd_serve, "run the broker daemon", socket_opts)
-    serve.add_argument(
+
+def _login_options(parser: argparse.ArgumentParser) -> None:
+    _client_options(parser, secrets=True)
+    parser.add_argument("--username", "-u", help="the username (e-mail); prompted if absent")
+    parser.add_argument(
+        "--remember", action="store_true", help="ask Geins for a long-lived session"
+    )
+
+
+def _register_options(parser: argparse.ArgumentParser) -> None:
+    _login_options(parser)
+    parser.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
+    parser.add_argument("--newsletter", action="store_true")
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    _socket_option(parser)
+    parser.add_argument(
         "--config", help="config file (default: $GEINS_BROKER_CONFIG, then the usual places)"
     )
 
-    emulator = add("emulator", cmd_emulator, "run the Geins auth emulator")
-    emulator.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        metavar="HOST:PORT",
-        help="port 0 picks a free one (default 127.0.0.1:0)",
-    )
-    emulator.add_argument("--account", default="demo")
-    emulator.add_argument("--environment", default="prod")
-    emulator.add_argument("--api-key", default="demo-api-key")
-    emulator.add_argument(
+
+def _emulator_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="port 0 picks a free one")
+    add("--account", default="demo")
+    add("--environment", default="prod")
+    add("--api-key", default="demo-api-key")
+    add(
         "--user",
         action="append",
         metavar="USERNAME:PASSWORD",
         help="a user (repeatable; default: the demo user)",
     )
-    emulator.add_argument("--token-ttl", type=_positive, default=900.0, metavar="SECONDS")
-    emulator.add_argument(
-        "--refresh-ttl", type=_positive, default=7 * 24 * 3600.0, metavar="SECONDS"
-    )
-    emulator.add_argument(
+    add("--token-ttl", type=_positive, default=900.0, metavar="SECONDS")
+    add("--refresh-ttl", type=_positive, default=7 * 24 * 3600.0, metavar="SECONDS")
+    add(
         "--refresh-grace",
         type=_positive,
         default=0.0,
@@ -475,16 +440,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a replaced refresh token still works if unused (default 0: strict)",
     )
 
-    completion = add("completion", cmd_completion, "print a shell completion script")
-    completion.add_argument("shell", choices=("bash",))
 
-    demo = add("demo", cmd_demo, "emulator + daemon + demo login, printing each rotation")
-    demo.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
+def _demo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
+
+
+def _completion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shell", choices=("bash",))
+
+
+Handler = Callable[[argparse.Namespace], int]
+Options = Callable[[argparse.ArgumentParser], None]
+
+#: Every subcommand: what it does, its handler, and the options it takes. Only the
+#: chosen one's parser is built, which keeps `geins-broker token` quick to start.
+COMMANDS: dict[str, tuple[str, Handler, Options]] = {
+    "status": (
+        "show every profile's session (exit 5 if any needs a login)",
+        cmd_status,
+        lambda p: _client_options(p, json=True),
+    ),
+    "token": ("print the current bearer token", cmd_token, _token_options),
+    "user": ("show who the session belongs to", cmd_user, lambda p: _client_options(p, json=True)),
+    "login": ("log a user in to a profile", cmd_login, _login_options),
+    "register": ("register a new user and log in", cmd_register, _register_options),
+    "logout": ("end the profile's session here and at Geins", cmd_logout, _client_options),
+    "refresh": ("rotate the tokens now", cmd_refresh, _client_options),
+    "passwd": (
+        "change the logged-in user's password",
+        cmd_passwd,
+        lambda p: _client_options(p, secrets=True),
+    ),
+    "watch": (
+        "print each token rotation until interrupted",
+        cmd_watch,
+        lambda p: _client_options(p, json=True),
+    ),
+    "serve": ("run the broker daemon", cmd_serve, _serve_options),
+    "emulator": ("run the Geins auth emulator", cmd_emulator, _emulator_options),
+    "demo": ("emulator + daemon + demo login, printing each rotation", cmd_demo, _demo_options),
+    "completion": ("print a shell completion script", cmd_completion, _completion_options),
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<12}{text}" for name, (text, _, _) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="geins-broker",
+        usage="geins-broker [-h] [--version] COMMAND [OPTIONS]",
+        description="Local token broker for Geins: one daemon keeps every session fresh.",
+        epilog=f"commands:\n{listing}\n\n`geins-broker COMMAND --help` lists its options."
+        f"\n\n{_EPILOG}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"geins-broker {__version__}")
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    text, handler, options = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"geins-broker {name}", description=text)
+    options(parser)
+    parser.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    chosen = top_parser().parse_args(argv)
+    args = command_parser(chosen.command).parse_args(chosen.args)
     try:
         return int(args.handler(args))
     except UsageError as exc:

@@ -50,7 +50,11 @@ def login(socket_path: Path, profile: str = "default") -> dict[str, Any]:
 
 
 def test_emulator_process_and_its_control_api(emulator: EmulatorProcess) -> None:
-    assert emulator.control("GET", "stats") == {"counts": {}}
+    assert emulator.control("GET", "stats") == {"counts": {}, "in_flight": 0, "peak_in_flight": 0}
+    sessions = emulator.control("POST", "sessions", {"username": DEMO_USER, "count": 3})["sessions"]
+    assert len({s["refresh_token"] for s in sessions}) == 3
+    verdict = emulator.control("POST", "inspect", {"refresh_token": sessions[0]["refresh_token"]})
+    assert verdict["state"] == "current"
     assert emulator.control("POST", "faults", {"kind": "status", "status": 503, "times": 1}) == {
         "faults": 1
     }

@@ -189,6 +189,23 @@ class AuthService:
             return {"state": "replaced", "replaced_at": old.at}
         return {"state": "unknown"}
 
+    def mint_sessions(self, username: str, count: int) -> list[dict[str, Any]]:
+        """Sessions as a login would make them, without the signature dance: for
+        benchmarks that need thousands of logged-in profiles."""
+        if username not in self._users:
+            raise KeyError(username)
+        sessions = []
+        for _ in range(count):
+            response = self._grant(username, self.config.refresh_ttl)
+            sessions.append(
+                {
+                    "token": json.loads(response.body)["token"],
+                    "refresh_token": dict(response.headers)[REFRESH_HEADER],
+                    "max_age": int(self.config.refresh_ttl),
+                }
+            )
+        return sessions
+
     def user_committed(self, username: str) -> bool:
         return self._users[username].committed
 

@@ -36,6 +36,9 @@ class EmulatorServer:
         self._listener: trio.socket.SocketType | None = None
         self._accepting = trio.CancelScope()
         self._refuse_requested: float | None = None
+        #: Requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     @property
     def url(self) -> str:
@@ -118,6 +121,14 @@ class EmulatorServer:
         """The response, after any fault; None means hang up without answering."""
         if request.path.startswith(CONTROL_PREFIX):
             return self._control(request)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._serve(request, stream)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, request: HttpRequest, stream: trio.SocketStream) -> HttpResponse | None:
         route = f"{request.method} {request.path}"
         fault = self.faults.pick(route, trio.current_time())
         if fault is None:
@@ -170,6 +181,7 @@ class EmulatorServer:
             ("POST", "revoke"): self._revoke,
             ("POST", "users"): self._add_user,
             ("POST", "inspect"): self._inspect,
+            ("POST", "sessions"): self._mint_sessions,
             ("GET", "stats"): self._stats,
             ("DELETE", "stats"): self._reset_stats,
         }
@@ -188,11 +200,22 @@ class EmulatorServer:
     def _inspect(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.service.inspect_refresh(str(body["refresh_token"]))
 
+    def _mint_sessions(self, body: dict[str, Any]) -> dict[str, Any]:
+        count = int(body.get("count", 1))
+        if not 1 <= count <= 100_000:
+            raise TypeError("count must be 1 to 100000")
+        return {"sessions": self.service.mint_sessions(str(body["username"]), count)}
+
     def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
-        return {"counts": dict(self.service.counts)}
+        return {
+            "counts": dict(self.service.counts),
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+        }
 
     def _reset_stats(self, _: dict[str, Any]) -> dict[str, Any]:
         self.service.counts.clear()
+        self.peak_in_flight = 0
         return {"counts": {}}
 
     def _add_fault(self, spec: dict[str, Any]) -> dict[str, Any]:

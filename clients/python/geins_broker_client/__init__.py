@@ -4,8 +4,9 @@
     with Client() as broker:
         token = broker.token(min_valid=60)
 
-Only msgpack is needed. `TrioClient`, `AsyncioClient` and `BrokerAuth` (httpx) are
-imported on first use, so a blocking caller never loads trio, asyncio or httpx.
+Only msgpack is needed. `TokenCache`, `TrioClient`, `AsyncioClient` and `BrokerAuth`
+(httpx) are imported on first use, so a blocking caller never loads trio, asyncio or
+httpx, and a one-shot caller (`geins-broker token`) starts fast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .blocking import Client
-from .cache import AsyncTokenCache, TokenCache
 from .errors import (
     BrokerError,
     BrokerNotRunning,
@@ -32,12 +32,15 @@ from .results import Hello, ProfileStatus, Session, Status, Token, User, WatchEv
 
 if TYPE_CHECKING:
     from .asyncio_client import AsyncioClient
+    from .cache import AsyncTokenCache, TokenCache
     from .httpx_auth import BrokerAuth
     from .trio_client import TrioClient
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "TokenCache": ".cache",
+    "AsyncTokenCache": ".cache",
     "TrioClient": ".trio_client",
     "AsyncioClient": ".asyncio_client",
     "BrokerAuth": ".httpx_auth",

@@ -9,8 +9,7 @@ written once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .errors import BrokerError, ProtocolError, error_from_wire
 from .protocol import MAX_RESPONSE_SIZE, FrameDecoder, FrameError, Message, Op, encode
@@ -31,8 +30,7 @@ T = TypeVar("T")
 NUMBER = (int, float)
 
 
-@dataclass(frozen=True, slots=True)
-class Call(Generic[T]):
+class Call(NamedTuple, Generic[T]):
     op: str
     args: Mapping[str, Any]
     parse: Callable[[Message], T]

@@ -128,8 +128,10 @@ class PreparedResponse:
 
     def frame(self, request_id: int | None) -> bytes:
         packed_id: bytes = _packer.pack(request_id)
-        size = len(self._head) + len(packed_id) + len(self._tail)
-        return b"".join((_HEADER.pack(size), self._head, packed_id, self._tail))
+        head, tail = self._head, self._tail
+        return b"".join(
+            (_HEADER.pack(len(head) + len(packed_id) + len(tail)), head, packed_id, tail)
+        )
 
 
 class FrameDecoder:
@@ -156,29 +158,29 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Message]:
         if self.error is not None:
             return []
-        buffer = self._buffer
-        buffer += data
+        if self._buffer:
+            # The rare path: a frame was split across reads.
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
         messages: list[Message] = []
-        offset = 0
-        end = len(buffer)
+        offset, end, limit = 0, len(data), self._max_size
         while end - offset >= HEADER_SIZE:
-            (size,) = _HEADER.unpack_from(buffer, offset)
-            if size > self._max_size:
-                self.error = FrameError(f"frame of {size} bytes is over the {self._max_size} limit")
-                break
-            if end - offset - HEADER_SIZE < size:
-                break
+            (size,) = _HEADER.unpack_from(data, offset)
+            if size > limit:
+                self.error = FrameError(f"frame of {size} bytes is over the {limit} limit")
+                return messages
             start = offset + HEADER_SIZE
+            if end - start < size:
+                break
             offset = start + size
             try:
-                messages.append(decode_body(bytes(buffer[start:offset])))
+                messages.append(decode_body(data[start:offset]))
             except FrameError as exc:
                 self.error = exc
-                break
-        if self.error is not None:
-            buffer.clear()
-        else:
-            del buffer[:offset]
+                return messages
+        if offset < end:
+            self._buffer += data[offset:]
         return messages
 
 
@@ -191,8 +193,9 @@ def decode_body(body: bytes) -> Message:
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         # ValueError covers truncated input, bad UTF-8 and non-string map keys.
         raise FrameError(f"frame is not one msgpack value ({type(exc).__name__})") from None
-    if not isinstance(message, dict):
+    if type(message) is not dict:
         raise FrameError(f"frame holds a msgpack {type(message).__name__}, not a map")
-    if not all(type(key) is str for key in message):
-        raise FrameError("frame's map has keys that are not strings")
+    for key in message:
+        if type(key) is not str:
+            raise FrameError("frame's map has keys that are not strings")
     return message

@@ -1,0 +1,1 @@
+"""Reproducible speed and memory figures: `scripts/bench` (or `python -m benchmarks`)."""

@@ -1,0 +1,100 @@
+"""Run the benchmarks and write benchmarks/results/latest.{json,md}.
+
+python -m benchmarks                 # everything (about ten minutes)
+python -m benchmarks tokens cli      # some of: tokens cli memory idle restore
+python -m benchmarks --quick         # fewer repetitions and shorter runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from . import footprint, tokens
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL = ("tokens", "cli", "memory", "idle", "restore")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    out = [f"Measured {results['when']} on {results['machine']}.", ""]
+    if "tokens" in results:
+        t = results["tokens"]
+        out += [
+            f"**Token requests from memory** (median of {t['repeat']} interleaved runs of {t['duration']:g} s "
+            "per cell; one load process, one request in flight per connection):",
+            "",
+            tokens.table(t),
+            "",
+        ]
+    if "cli" in results:
+        c = results["cli"]
+        out += [
+            f"**CLI**: `geins-broker token` takes {c['token_ms']:.1f} ms of wall time, `python -c pass` "
+            f"{c['python_ms']:.1f} ms: {c['ratio']:.2f}x (median of {c['runs']} runs each).",
+            "",
+        ]
+    if "memory" in results:
+        rss = results["memory"]["rss_mib"]
+        cells = ", ".join(f"{n} profiles {v:.1f} MiB" for n, v in rss.items())
+        out += [f"**Memory** (RSS of the idle daemon, logged-in profiles): {cells}.", ""]
+    if "idle" in results:
+        i = results["idle"]
+        out += [
+            f"**Idle**: {i['cpu_seconds']:.3f} s of CPU over {i['seconds']:g} s with {i['profiles']} active "
+            f"profiles ({i['cpu_percent']:.3f} %).",
+            "",
+        ]
+    if "restore" in results:
+        r = results["restore"]
+        out += [
+            f"**Restart with {r['profiles']:,} overdue sessions**: serving after {r['startup_s']:.1f} s, all "
+            f"fresh after {r['all_fresh_s']:.1f} s ({r['refreshes']:,} refreshes, each held "
+            f"{r['emulator_latency_s'] * 1000:g} ms by the emulator); at most {r['peak_in_flight']} in flight "
+            f"at once (bound {r['bound']}); RSS then {r['rss_mib']:.1f} MiB.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument(
+        "only", nargs="*", metavar="NAME", help=f"some of {', '.join(ALL)} (default: all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs")
+    args = parser.parse_args(argv)
+    if unknown := set(args.only) - set(ALL):
+        parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
+    chosen = args.only or list(ALL)
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
+    if "tokens" in chosen:
+        results["tokens"] = tokens.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "cli" in chosen:
+        results["cli"] = footprint.cli(runs=10 if args.quick else 40)
+    if "memory" in chosen:
+        results["memory"] = footprint.memory((1, 100, 1000) if args.quick else (1, 100, 10_000))
+    if "idle" in chosen:
+        results["idle"] = footprint.idle(seconds=10 if args.quick else 60)
+    if "restore" in chosen:
+        results["restore"] = footprint.restore(profiles=1000 if args.quick else 10_000)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    (RESULTS / "latest.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
