@@ -396,3 +396,12 @@ async def test_client_reconnects_after_a_restart(
     await start_broker(nursery, emulator, wall, short_tmp)
     assert (await client.token()).token == token.token
     await client.aclose()
+
+
+async def test_client_notices_an_idle_timeout_before_a_login(autojump_clock: MockClock, broker: Broker) -> None:
+    """The daemon closed the idle connection; a non-idempotent call must not be lost."""
+    async with broker.client() as client:
+        await client.hello()
+        await trio.sleep(301)  # past idle_timeout: the daemon hung up
+        session = await client.login(DEMO_USER, DEMO_PASSWORD)
+        assert session.username == DEMO_USER

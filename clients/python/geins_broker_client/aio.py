@@ -31,6 +31,9 @@ class Stream(Protocol):
     async def receive_some(self) -> bytes: ...
     async def aclose(self) -> None: ...
 
+    def stale(self) -> bool:
+        """Whether the daemon has closed the (idle) connection."""
+
 
 class AsyncLock(Protocol):
     async def __aenter__(self) -> object: ...
@@ -152,6 +155,8 @@ class AsyncClient(ABC):
                 raise
 
     async def _call_with_retry(self, call: Call[T]) -> T:
+        if self._connection is not None and self._connection.stream.stale():
+            await self._drop()
         reused = self._connection is not None
         for attempt in range(2):
             if self._connection is None:

@@ -32,6 +32,9 @@ class _AsyncioStream:
         except ConnectionError as exc:
             raise ConnectionLost from exc
 
+    def stale(self) -> bool:
+        return self._reader.at_eof() or self._writer.is_closing()
+
     async def aclose(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -67,6 +68,14 @@ class _Connection:
             message = self.exchange.receive(data, request_id)
             if message is not None:
                 return message
+
+    def stale(self) -> bool:
+        """Whether the daemon closed this idle connection (timeout, restart).
+
+        Between calls nothing is due from the daemon, so a readable socket means an
+        end of stream (or a last error before one): reconnect rather than send.
+        """
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def _set_timeout(self, deadline: float | None) -> None:
         if deadline is not None:
@@ -136,6 +145,8 @@ class Client:
                 raise BrokerNotRunning("the broker closed the connection") from None
 
     def _round_trip(self, call: Call[T], deadline: float | None) -> T:
+        if self._connection is not None and self._connection.stale():
+            self._drop()
         if self._connection is None:
             self._connection = _Connection(self.socket_path, _first_timeout(deadline))
         connection = self._connection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -32,6 +33,10 @@ class _TrioStream:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    def stale(self) -> bool:
+        # Nothing is due between calls: a readable socket means the daemon hung up.
+        return bool(select.select([self._stream.socket.fileno()], [], [], 0)[0])
 
 
 class TrioClient(AsyncClient):
