@@ -79,7 +79,9 @@ async def test_transient_faults_degrade_serve_back_off_and_recover(
     assert session.tokens.bearer.reveal() != first_token  # type: ignore[union-attr]
 
 
-async def test_revoked_session_needs_a_login_and_says_so(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_revoked_session_needs_a_login_and_says_so(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     await broker.login()
     broker.emulator.service.revoke_user("demo@example.com")
     await trio.sleep(900)
@@ -114,7 +116,12 @@ async def test_read_only_state_directory_keeps_serving_and_recovers(
     tmpfs: Path,
 ) -> None:
     broker = await start_broker(
-        nursery, emulator, wall, short_tmp, state_dir=tmpfs / "state", profile_settings={"jitter": 0}
+        nursery,
+        emulator,
+        wall,
+        short_tmp,
+        state_dir=tmpfs / "state",
+        profile_settings={"jitter": 0},
     )
     await broker.login()
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
@@ -149,9 +156,18 @@ async def _fuzz_one(data: bytes, chunk: int) -> None:
                 assert set(answer) >= {"id", "ok"}
                 if answer["ok"] is False:
                     assert answer["error"]["code"] in {
-                        "bad_frame", "bad_request", "unknown_op", "unknown_profile", "not_logged_in",
-                        "invalid_credentials", "forbidden", "busy", "upstream_unavailable", "timeout",
-                        "upstream_error", "login_required",
+                        "bad_frame",
+                        "bad_request",
+                        "unknown_op",
+                        "unknown_profile",
+                        "not_logged_in",
+                        "invalid_credentials",
+                        "forbidden",
+                        "busy",
+                        "upstream_unavailable",
+                        "timeout",
+                        "upstream_error",
+                        "login_required",
                     }
                 if answer["id"] == 999_999 and answer.get("v") == 1:
                     break
@@ -166,7 +182,11 @@ async def _fuzz_one(data: bytes, chunk: int) -> None:
 
 @pytest.fixture
 async def fuzz_target(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> Broker:
     broker = await start_broker(nursery, emulator, wall, short_tmp)
     _FUZZ["broker"] = broker
@@ -177,7 +197,9 @@ async def test_fuzzed_frames(autojump_clock: MockClock, fuzz_target: Broker) -> 
     """Hypothesis drives the socket from inside the running trio test."""
     examples: list[tuple[bytes, int]] = []
 
-    @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     @given(
         st.one_of(
             st.binary(max_size=120),
@@ -188,10 +210,19 @@ async def test_fuzzed_frames(autojump_clock: MockClock, fuzz_target: Broker) -> 
             st.builds(
                 lambda m: encode(m),
                 st.dictionaries(
-                    st.sampled_from(["id", "op", "profile", "min_valid", "username", "password", "v", "x"]),
-                    st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40), st.floats(allow_nan=True),
-                              st.text(max_size=10), st.sampled_from(["token", "hello", "status", "user", "login"]),
-                              st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3), st.binary(max_size=5)),
+                    st.sampled_from(
+                        ["id", "op", "profile", "min_valid", "username", "password", "v", "x"]
+                    ),
+                    st.one_of(
+                        st.none(),
+                        st.booleans(),
+                        st.integers(-5, 2**40),
+                        st.floats(allow_nan=True),
+                        st.text(max_size=10),
+                        st.sampled_from(["token", "hello", "status", "user", "login"]),
+                        st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
+                        st.binary(max_size=5),
+                    ),
                     max_size=6,
                 ),
             ),
@@ -214,8 +245,15 @@ async def test_deeply_nested_and_oversized(autojump_clock: MockClock, broker: Br
     answer = await conn.receive()
     assert answer is not None and answer["error"]["code"] == "bad_frame"
     conn.close()
-    nested_value = msgpack.packb({"id": 2, "op": "register", "username": "x@y", "password": "p",
-                                  "user": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {}}}}}}}}}}})
+    nested_value = msgpack.packb(
+        {
+            "id": 2,
+            "op": "register",
+            "username": "x@y",
+            "password": "p",
+            "user": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {}}}}}}}}}},
+        }
+    )
     conn = await RawConnection.open(broker.socket)
     await conn.send(struct.pack(">I", len(nested_value)) + nested_value)
     answer = await conn.receive()
@@ -224,7 +262,11 @@ async def test_deeply_nested_and_oversized(autojump_clock: MockClock, broker: Br
 
 
 async def test_a_flood_of_connections_past_the_limit(
-    autojump_clock: MockClock, nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, short_tmp: Path
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
 ) -> None:
     broker = await start_broker(nursery, emulator, wall, short_tmp, max_connections=50)
     await broker.login()
@@ -247,8 +289,13 @@ def test_memory_stays_bounded_under_hostile_clients(short_tmp: Path) -> None:
     Its RSS afterwards stays within a few MiB of where it started."""
     emulator = EmulatorProcess()
     sock = short_tmp / "b.sock"
-    config = write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state",
-                          broker={"max_connections": 300, "frame_timeout": 1, "send_timeout": 1})
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        sock,
+        short_tmp / "state",
+        broker={"max_connections": 300, "frame_timeout": 1, "send_timeout": 1},
+    )
     daemon = DaemonProcess(config, short_tmp)
     try:
         assert call(sock, op="login", username="demo@example.com", password="demo-password")["ok"]

@@ -70,7 +70,11 @@ async def test_a_whole_session_leaks_nothing(
         seen.append(repr(await client.change_password(DEMO_PASSWORD, NEW_PASSWORD)))
         seen.append(repr(await client.user()))
         seen.append(repr(await client.token()))
-        seen.append(repr(broker.profile()) + repr(broker.profile().session) + repr(broker.profile().session.tokens))
+        seen.append(
+            repr(broker.profile())
+            + repr(broker.profile().session)
+            + repr(broker.profile().session.tokens)
+        )
         seen.append(json.dumps([p._asdict() for p in (await client.status()).profiles]))
         await client.logout()
         broker.emulator.service.add_user(DEMO_USER + ".x", "unused")
@@ -93,17 +97,24 @@ def _secrets(issued: list[str]) -> list[str]:
 def test_the_daemons_own_log_holds_no_secret(short_tmp: Path) -> None:
     emulator = EmulatorProcess("--token-ttl", "2")
     sock = short_tmp / "b.sock"
-    daemon = DaemonProcess(write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state"), short_tmp)
+    daemon = DaemonProcess(
+        write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state"), short_tmp
+    )
     tokens: list[str] = []
     try:
-        assert call(sock, op="login", username=DEMO_USER, password=WRONG_PASSWORD)["error"]["code"] == "invalid_credentials"
+        assert (
+            call(sock, op="login", username=DEMO_USER, password=WRONG_PASSWORD)["error"]["code"]
+            == "invalid_credentials"
+        )
         assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD)["ok"]
         for _ in range(3):
             tokens.append(call(sock, op="token")["token"])
             trio.run(trio.sleep, 1.6)
         state = json.loads((short_tmp / "state" / "default.session.json").read_text())
         tokens.append(state["refresh_token"])
-        answer: dict[str, Any] = call(sock, op="change_password", password=DEMO_PASSWORD, new_password=NEW_PASSWORD)
+        answer: dict[str, Any] = call(
+            sock, op="change_password", password=DEMO_PASSWORD, new_password=NEW_PASSWORD
+        )
         assert answer["ok"]
         tokens.append(call(sock, op="token")["token"])
         status = json.dumps(call(sock, op="status"))

@@ -398,7 +398,9 @@ async def test_client_reconnects_after_a_restart(
     await client.aclose()
 
 
-async def test_client_notices_an_idle_timeout_before_a_login(autojump_clock: MockClock, broker: Broker) -> None:
+async def test_client_notices_an_idle_timeout_before_a_login(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
     """The daemon closed the idle connection; a non-idempotent call must not be lost."""
     async with broker.client() as client:
         await client.hello()
