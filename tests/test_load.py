@@ -98,7 +98,7 @@ def _worker(path: str, connections: int, seconds: float, results: Any) -> None:
 
 @pytest.mark.slow
 def test_512_clients_for_a_minute_across_rotations(short_tmp: Path) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     emulator = EmulatorProcess("--token-ttl", "13.34")  # 75 % of it: a rotation every 10 s
     sock = short_tmp / "b.sock"

@@ -124,14 +124,15 @@ async def test_read_only_state_directory_keeps_serving_and_recovers(
         profile_settings={"jitter": 0},
     )
     await broker.login()
-    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    # Blocking on purpose: under MockClock a trio.run_process wait would let time jump.
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)  # noqa: ASYNC221
     await trio.sleep(676)
     session = broker.profile().session
     assert session.state is State.DEGRADED
     assert "Read-only" in (session.store_error or "")
     async with broker.client() as client:
         assert (await client.token()).token == session.tokens.bearer.reveal()  # type: ignore[union-attr]
-    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)  # noqa: ASYNC221
     await trio.sleep(64)
     assert session.state is State.ACTIVE
     saved = (tmpfs / "state" / "default.session.json").read_text()
@@ -208,7 +209,7 @@ async def test_fuzzed_frames(autojump_clock: MockClock, fuzz_target: Broker) -> 
                 st.binary(max_size=80),
             ),
             st.builds(
-                lambda m: encode(m),
+                encode,
                 st.dictionaries(
                     st.sampled_from(
                         ["id", "op", "profile", "min_valid", "username", "password", "v", "x"]
