@@ -32,6 +32,7 @@ from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
+from .scheduler import Scheduler
 from .server import Server
 from .store import CorruptState, Record, Store
 from .wallclock import SystemClock, WallClock
@@ -61,7 +62,7 @@ class Daemon:
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
-        self._scopes: dict[str, trio.CancelScope] = {}
+        self.scheduler = Scheduler(self.wall)
         self._stop = trio.Event()
         self._status_dirty = trio.Event()
         self.server: Server | None = None
@@ -116,10 +117,11 @@ class Daemon:
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
                 self.server = server = Server(Api(self.profiles), config, self.wall)
+                del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
+                    await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
-                        self._start(profile)
+                        profile.plan()
                     await nursery.start(server.serve, listener.sock)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
@@ -220,6 +222,7 @@ class Daemon:
             token_wait=self.config.token_wait,
             on_change=self._profile_changed,
             offload=self._offload,
+            scheduler=self.scheduler,
         )
         if record is not None:
             profile.restore(record, self.config.startup_spread)
@@ -231,15 +234,6 @@ class Daemon:
             )
         self.profiles[config.name] = profile
         return profile
-
-    def _start(self, profile: Profile) -> None:
-        scope = self._scopes[profile.name] = trio.CancelScope()
-
-        async def run() -> None:
-            with scope:
-                await profile.run()
-
-        self._nursery.start_soon(run, name=f"profile:{profile.name}")
 
     def _profile_changed(self, profile: Profile) -> None:
         self._status_dirty.set()
@@ -261,8 +255,7 @@ class Daemon:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
         for name in [n for n in self.profiles if n not in new.profiles]:
-            self._scopes.pop(name).cancel()
-            del self.profiles[name]
+            self.profiles.pop(name).retire()
             log.info("profile_removed", profile=name)
         added = [n for n in new.profiles if n not in self.profiles]
         records = await self._offload(self._load_records, added)
@@ -270,7 +263,7 @@ class Daemon:
             if name in self.profiles:
                 self.profiles[name].reconfigure(profile_config)
             else:
-                self._start(self._add_profile(profile_config, records.get(name)))
+                self._add_profile(profile_config, records.get(name)).plan()
                 log.info("profile_added", profile=name)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))

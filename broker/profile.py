@@ -39,6 +39,7 @@ from .errors import (
 )
 from .geins import GeinsClient
 from .log import events
+from .scheduler import Scheduler
 from .secret import Secret
 from .session import EndSession, Refresh, Session, SleepUntil, Tokens
 from .store import Record, Store
@@ -69,6 +70,7 @@ class Profile:
         token_wait: float = 15.0,
         on_change: Callable[[Profile], None] | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
@@ -81,13 +83,14 @@ class Profile:
         self._limiter = limiter
         self._on_change = on_change
         self._offload = offload
-        self._upstream = trio.Lock()
-        self._write_lock = trio.Lock()
-        self._wake = trio.Event()
-        #: Set after every refresh attempt, so `token` waiters learn how it went.
-        self._attempt = trio.Event()
-        #: Set after every change a watcher may care about.
-        self._changed = trio.Event()
+        self._scheduler = scheduler
+        # Made on first use: ten thousand idle profiles should not each carry a lock
+        # and two events that nobody waits on.
+        self._upstream_lock: trio.Lock | None = None
+        #: Set after the next refresh attempt, for `token` callers waiting on it.
+        self._attempt: trio.Event | None = None
+        #: Set after the next change a watcher may care about.
+        self._changed: trio.Event | None = None
         self._last_failure: BrokerFault | None = None
         self._prepared: PreparedResponse | None = None
         self._prepared_revision = -1
@@ -139,36 +142,48 @@ class Profile:
 
     # -- the rotation loop -----------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Refresh ahead of expiry, forever. Wakes at the rotation point, when poked,
-        and at least every `recheck` seconds while a session is live, to look at the
-        wall clock again (after a suspend, trio's clock has not moved; the wall has)."""
-        task_status.started()
-        session = self.session
-        while True:
-            now = self._wall.now()
-            action = session.next_action(now)
-            if isinstance(action, Refresh):
-                await self._refresh()
-                continue
-            if isinstance(action, EndSession):
-                await self._end_session()
-                continue
-            if self._write_pending and trio.current_time() >= self._write_retry_at:
-                await self._save(self._record())
-                continue
-            delay = float("inf")
-            if isinstance(action, SleepUntil):
-                delay = min(action.when - now, session.policy.recheck)
-            if self._write_pending:
-                delay = min(delay, self._write_retry_at - trio.current_time())
-            with trio.move_on_after(max(delay, 0.0)):
-                await self._wake.wait()
-            if self._wake.is_set():
-                self._wake = trio.Event()
+    @property
+    def _upstream(self) -> trio.Lock:
+        """Held for every exchange that changes the tokens (and every write to disk)."""
+        if self._upstream_lock is None:
+            self._upstream_lock = trio.Lock()
+        return self._upstream_lock
 
-    def poke(self) -> None:
-        self._wake.set()
+    async def step(self) -> None:
+        """Do what is due now (refresh, end the session, retry a write), then plan the
+        next step. The scheduler calls this; at most one runs per profile."""
+        action = self.session.next_action(self._wall.now())
+        if isinstance(action, Refresh):
+            await self._refresh()
+        elif isinstance(action, EndSession):
+            await self._end_session()
+        if self._write_pending and trio.current_time() >= self._write_retry_at:
+            await self.flush()
+        self.plan()
+
+    def retire(self) -> None:
+        """Removed from the configuration: no more steps (one under way finishes)."""
+        if self._scheduler is not None:
+            self._scheduler.forget(self)
+            self._scheduler = None
+
+    def plan(self) -> None:
+        """Tell the scheduler when this profile next has something to do."""
+        if self._scheduler is None:
+            return
+        now = self._wall.now()
+        action = self.session.next_action(now)
+        when = float("inf")
+        if isinstance(action, Refresh | EndSession):
+            when = now
+        elif isinstance(action, SleepUntil):
+            when = action.when
+        if self._write_pending:
+            when = min(when, now + max(self._write_retry_at - trio.current_time(), 0.0))
+        if when == float("inf"):
+            self._scheduler.forget(self)
+        else:
+            self._scheduler.at(self, when)
 
     async def _refresh(self) -> None:
         async with self._upstream:
@@ -179,8 +194,9 @@ class Profile:
             assert refresh_token is not None
             async with self._limiter, self._shielded():
                 await self._refresh_with(refresh_token)
-        self._attempt.set()
-        self._attempt = trio.Event()
+        if self._attempt is not None:
+            self._attempt.set()
+            self._attempt = None
 
     async def _refresh_with(self, refresh_token: Secret) -> None:
         session = self.session
@@ -307,8 +323,10 @@ class Profile:
             if tried or (session.failures and (session.next_refresh_at or now) - now > waiting_for):
                 raise self._failure()
             session.demand_refresh(now)
+            if self._attempt is None:
+                self._attempt = trio.Event()
             attempt = self._attempt
-            self.poke()
+            self.plan()
             with trio.move_on_at(deadline):
                 await attempt.wait()
             if not attempt.is_set():
@@ -357,7 +375,7 @@ class Profile:
             event, profile=self.name, username=username, expires_in=round(tokens.expires_at - now)
         )
         self._publish()
-        self.poke()
+        self.plan()
         if replaced is not None and replaced.refresh is not None and event != "password_changed":
             await self._logout_upstream(replaced.refresh, "replaced")
 
@@ -369,6 +387,7 @@ class Profile:
             refresh_token = session.tokens.refresh if session.tokens else None
             session.logged_out()
             self._publish()
+            self.plan()
             with trio.CancelScope(shield=True):
                 await self._save(None)
                 log.info("logged_out", profile=self.name)
@@ -430,44 +449,47 @@ class Profile:
         )
 
     async def flush(self) -> None:
-        """One more try at a write that failed, e.g. before shutting down."""
-        if self._write_pending:
-            await self._save(self._record())
+        """One more try at a write that failed (also before shutting down)."""
+        async with self._upstream:
+            if self._write_pending:
+                await self._save(self._record())
 
     async def _save(self, record: Record | None) -> bool:
         """Write (None: delete) in a worker thread. A failure keeps the daemon serving
-        from memory, marks the profile degraded, and schedules another try."""
-        async with self._write_lock:
-            try:
-                if record is None:
-                    await self._offload(self._store.delete, self.name)
-                else:
-                    await self._offload(self._store.save, self.name, record)
-            except StoreError as exc:
-                self._write_failures += 1
-                delay = min(_WRITE_RETRY_CAP, _WRITE_RETRY_FIRST * 2 ** (self._write_failures - 1))
-                self._write_pending = True
-                self._write_retry_at = trio.current_time() + delay
-                if self.session.store_error is None:
-                    self.session.revision += 1
-                self.session.store_error = str(exc)
-                log.error("state_write_failed", profile=self.name, reason=str(exc), retry_in=delay)
-                self._publish()
-                return False
-            if self.session.store_error is not None:
-                log.info("state_write_recovered", profile=self.name)
-                self.session.store_error = None
+        from memory, marks the profile degraded, and schedules another try.
+
+        Callers hold `_upstream`, so there is one write at a time per profile."""
+        try:
+            if record is None:
+                await self._offload(self._store.delete, self.name)
+            else:
+                await self._offload(self._store.save, self.name, record)
+        except StoreError as exc:
+            self._write_failures += 1
+            delay = min(_WRITE_RETRY_CAP, _WRITE_RETRY_FIRST * 2 ** (self._write_failures - 1))
+            self._write_pending = True
+            self._write_retry_at = trio.current_time() + delay
+            if self.session.store_error is None:
                 self.session.revision += 1
-                self._publish()
-            self._write_pending = False
-            self._write_failures = 0
-            return True
+            self.session.store_error = str(exc)
+            log.error("state_write_failed", profile=self.name, reason=str(exc), retry_in=delay)
+            self._publish()
+            return False
+        if self.session.store_error is not None:
+            log.info("state_write_recovered", profile=self.name)
+            self.session.store_error = None
+            self.session.revision += 1
+            self._publish()
+        self._write_pending = False
+        self._write_failures = 0
+        return True
 
     # -- what clients see --------------------------------------------------------------------
 
     def _publish(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         if self._on_change is not None:
             self._on_change(self)
 
@@ -507,6 +529,8 @@ class Profile:
         """Emit the current token, then every rotation and session end, until cancelled."""
         last: object = None
         while True:
+            if self._changed is None:
+                self._changed = trio.Event()
             changed = self._changed
             event, key = self._watch_event()
             if key != last:

@@ -52,6 +52,8 @@ log = events("broker.server")
 _RECV_SIZE: Final = 65536
 _MAX_EVENTS: Final = 1024
 _BATCHES_PER_WAKEUP: Final = 8
+#: Requests answered per write; the rest of a pipelined read waits for the client.
+_BATCH: Final = 64
 _CREDENTIALS: Final = struct.Struct("3i")
 #: Linux's SO_PEERGROUPS (4.13+); the stdlib does not name it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
@@ -240,16 +242,28 @@ class Server:
             self._close(conn)
             return
         conn.last_active = now
-        answers = [a for m in conn.decoder.feed(data) if (a := self._dispatch(conn, m))]
-        if conn.decoder.error is not None:
-            answers.append(error_frame(None, BadFrame(str(conn.decoder.error))))
-            conn.closing = True
-        if answers:
-            self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
+        self._answer(conn, data)
+        if not conn.closed and conn.decoder.buffered and not conn.decoder.complete:
+            self._check_timeouts_by(now + self.frame_timeout)
+
+    def _answer(self, conn: Connection, data: bytes = b"") -> None:
+        """Answer the requests received, a batch at a time, while the client takes the
+        answers. One read can hold thousands of pipelined requests, whose answers are
+        fifty times their size: those the client is not reading yet stay undecoded."""
+        decoder = conn.decoder
+        while True:
+            messages = decoder.feed(data, _BATCH)
+            data = b""
+            answers = [a for m in messages if (a := self._dispatch(conn, m))]
+            if decoder.error is not None:
+                answers.append(error_frame(None, BadFrame(str(decoder.error))))
+                conn.closing = True
+            if answers:
+                self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
+            if conn.closed or conn.out or not decoder.complete:
+                break  # done, or waiting for the client to read (flush resumes here)
         if conn.closing and not conn.out:
             self._close(conn)
-        elif conn.decoder.buffered:
-            self._check_timeouts_by(now + self.frame_timeout)
 
     def write(self, conn: Connection, data: bytes) -> None:
         """Send at once what the socket takes; keep the rest, stop reading meanwhile."""
@@ -286,8 +300,9 @@ class Server:
         conn.last_active = now
         if conn.closing:
             self._close(conn)
-        else:
-            self._epoll.modify(conn.fd, _IN)
+            return
+        self._epoll.modify(conn.fd, _IN)
+        self._answer(conn)  # requests held back while the client was not reading
 
     def _close(self, conn: Connection) -> None:
         if conn.closed:

@@ -45,8 +45,6 @@ class Policy:
     #: Retry delays: full jitter over [0, min(cap, base * 2**(failures-1))].
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
-    #: Longest sleep between two looks at the wall clock (suspend, clock steps).
-    recheck: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,3 +117,17 @@ def test_fuzzed_bytes_never_escape_as_anything_but_frame_error(data: bytes, chun
             assert isinstance(message, dict)
             assert all(isinstance(k, str) for k in message)
     assert decoder.error is None or isinstance(decoder.error, FrameError)
+
+
+def test_feed_can_leave_frames_for_later() -> None:
+    data = b"".join(encode({"id": i, "op": "token"}) for i in range(10))
+    decoder = FrameDecoder()
+    assert [m["id"] for m in decoder.feed(data, 4)] == [0, 1, 2, 3]
+    assert decoder.complete
+    assert [m["id"] for m in decoder.feed(b"", 4)] == [4, 5, 6, 7]
+    assert [m["id"] for m in decoder.feed(encode({"id": 10}), 4)] == [8, 9, 10]
+    assert not decoder.complete
+    assert decoder.buffered == 0
+    decoder.feed(encode({"id": 11})[:5])
+    assert decoder.buffered == 5
+    assert not decoder.complete

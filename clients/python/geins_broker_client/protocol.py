@@ -152,20 +152,34 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
+        """Bytes received but not yet decoded."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Message]:
+    @property
+    def complete(self) -> bool:
+        """Whether a whole frame is buffered, waiting to be decoded."""
+        buffer = self._buffer
+        return (
+            len(buffer) >= HEADER_SIZE
+            and len(buffer) - HEADER_SIZE >= _HEADER.unpack_from(buffer)[0]
+        )
+
+    def feed(self, data: bytes = b"", most: int | None = None) -> list[Message]:
+        """Take `data`; return the messages it completes, at most `most` of them.
+
+        Frames beyond `most` stay buffered, undecoded, for the next call (with or
+        without new data): a reader can bound the work, and the answers, per call.
+        """
         if self.error is not None:
             return []
         if self._buffer:
-            # The rare path: a frame was split across reads.
+            # The rare path: a frame was split across reads, or left over by `most`.
             self._buffer += data
             data = bytes(self._buffer)
             self._buffer.clear()
         messages: list[Message] = []
         offset, end, limit = 0, len(data), self._max_size
-        while end - offset >= HEADER_SIZE:
+        while end - offset >= HEADER_SIZE and (most is None or len(messages) < most):
             (size,) = _HEADER.unpack_from(data, offset)
             if size > limit:
                 self.error = FrameError(f"frame of {size} bytes is over the {limit} limit")
