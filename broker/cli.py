@@ -14,14 +14,22 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
 from geins_broker_client import Client
 from geins_broker_client import errors as client_errors
-from geins_broker_client.results import ProfileStatus, Session, Token
 
 from . import __version__
+
+# Not even typing is imported at run time on the way to `geins-broker token`.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from geins_broker_client.results import ProfileStatus, Session, Token
+
+    Handler = Callable[[argparse.Namespace], int]
+    Options = Callable[[argparse.ArgumentParser], None]
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -449,9 +457,6 @@ def _completion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shell", choices=("bash",))
 
 
-Handler = Callable[[argparse.Namespace], int]
-Options = Callable[[argparse.ArgumentParser], None]
-
 #: Every subcommand: what it does, its handler, and the options it takes. Only the
 #: chosen one's parser is built, which keeps `geins-broker token` quick to start.
 COMMANDS: dict[str, tuple[str, Handler, Options]] = {
@@ -483,6 +488,25 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
 }
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, told the terminal width up front.
+
+    Left to itself it imports shutil to ask, on every start and not only for --help:
+    a few milliseconds of `geins-broker token`.
+    """
+
+    def __init__(self, prog: str) -> None:
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit():
+            width = int(columns)
+        else:
+            try:
+                width = os.get_terminal_size(sys.stdout.fileno()).columns
+            except (OSError, ValueError):
+                width = 80
+        super().__init__(prog, width=max(width - 2, 40))
+
+
 def top_parser() -> argparse.ArgumentParser:
     listing = "\n".join(f"  {name:<12}{text}" for name, (text, _, _) in COMMANDS.items())
     parser = argparse.ArgumentParser(
@@ -491,7 +515,7 @@ def top_parser() -> argparse.ArgumentParser:
         description="Local token broker for Geins: one daemon keeps every session fresh.",
         epilog=f"commands:\n{listing}\n\n`geins-broker COMMAND --help` lists its options."
         f"\n\n{_EPILOG}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"geins-broker {__version__}")
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=argparse.SUPPRESS)
@@ -501,7 +525,9 @@ def top_parser() -> argparse.ArgumentParser:
 
 def command_parser(name: str) -> argparse.ArgumentParser:
     text, handler, options = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"geins-broker {name}", description=text)
+    parser = argparse.ArgumentParser(
+        prog=f"geins-broker {name}", description=text, formatter_class=_Formatter
+    )
     options(parser)
     parser.set_defaults(handler=handler)
     return parser

@@ -27,14 +27,13 @@ import select
 import socket
 import struct
 from collections.abc import Awaitable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from geins_broker_client.protocol import (
     MAX_REQUEST_SIZE,
     FrameDecoder,
-    Message,
     Op,
     encode,
     error_body,
@@ -46,6 +45,9 @@ from .errors import BadFrame, BadRequest, BrokerFault, Busy, Forbidden, Internal
 from .log import events
 from .requests import SCHEMAS, arguments
 from .wallclock import WallClock
+
+if TYPE_CHECKING:
+    from geins_broker_client.protocol import Message
 
 log = events("broker.server")
 

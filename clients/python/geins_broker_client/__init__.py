@@ -11,8 +11,6 @@ httpx, and a one-shot caller (`geins-broker token`) starts fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .blocking import Client
 from .errors import (
     BrokerError,
@@ -30,7 +28,10 @@ from .errors import (
 from .paths import find_socket
 from .results import Hello, ProfileStatus, Session, Status, Token, User, WatchEvent
 
+TYPE_CHECKING = False  # typing itself is not imported: start-up time, see calls.py
 if TYPE_CHECKING:
+    from typing import Any
+
     from .asyncio_client import AsyncioClient
     from .cache import AsyncTokenCache, TokenCache
     from .httpx_auth import BrokerAuth

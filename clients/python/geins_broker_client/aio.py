@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from . import calls
 from .calls import Call, Exchange, answer
@@ -22,6 +22,9 @@ from .protocol import Code
 from .results import Hello, Session, Status, Token, User, WatchEvent
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from .protocol import Message
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -55,16 +58,16 @@ class _AsyncConnection:
         self.stream = stream
         self.exchange = Exchange()
 
-    async def round_trip(self, call: Call[T]) -> T:
+    async def round_trip(self, call: Call, parse: Callable[[Message], T]) -> T:
         try:
             request_id = await self.send(call)
         except ConnectionLost:
             # The daemon may have said why before it closed (busy: too many connections).
             await self.receive(-1)
             raise
-        return answer(call, await self.receive(request_id))
+        return answer(parse, await self.receive(request_id))
 
-    async def send(self, call: Call[Any]) -> int:
+    async def send(self, call: Call) -> int:
         request_id, frame = self.exchange.request(call)
         await self.stream.send_all(frame)
         return request_id
@@ -138,7 +141,7 @@ class AsyncClient(ABC):
             raise BrokerNotRunning(f"cannot connect to {path} ({exc.strerror})") from None
         return _AsyncConnection(stream)
 
-    async def call(self, call: Call[T]) -> T:
+    async def call(self, call: Call, parse: Callable[[Message], T]) -> T:
         """One request and its answer, within the client's `timeout` (None: no limit).
 
         For a tighter bound on one call, wrap it in your event loop's own cancel scope
@@ -146,7 +149,7 @@ class AsyncClient(ABC):
         """
         async with self._lock:
             try:
-                return await self._within(self.timeout, lambda: self._call_with_retry(call))
+                return await self._within(self.timeout, lambda: self._call_with_retry(call, parse))
             except TimeoutError:
                 await self._drop()
                 raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
@@ -154,7 +157,7 @@ class AsyncClient(ABC):
                 await self._drop()
                 raise
 
-    async def _call_with_retry(self, call: Call[T]) -> T:
+    async def _call_with_retry(self, call: Call, parse: Callable[[Message], T]) -> T:
         if self._connection is not None and self._connection.stream.stale():
             await self._drop()
         reused = self._connection is not None
@@ -162,7 +165,7 @@ class AsyncClient(ABC):
             if self._connection is None:
                 self._connection = await self._connect()
             try:
-                return await self._connection.round_trip(call)
+                return await self._connection.round_trip(call, parse)
             except ConnectionLost:
                 await self._drop()
                 if attempt or not (reused and call.idempotent):
@@ -170,32 +173,36 @@ class AsyncClient(ABC):
         raise BrokerNotRunning("the broker closed the connection")
 
     async def hello(self, client: str | None = None) -> Hello:
-        return await self.call(calls.hello(client))
+        return await self.call(calls.hello(client), calls.parse_hello)
 
     async def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
-        return await self.call(calls.token(profile, min_valid))
+        return await self.call(calls.token(profile, min_valid), calls.parse_token)
 
     async def user(self, profile: str | None = None) -> User:
-        return await self.call(calls.user(profile))
+        return await self.call(calls.user(profile), calls.parse_user)
 
     async def status(self) -> Status:
-        return await self.call(calls.status())
+        return await self.call(calls.status(), calls.parse_status)
 
     async def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:
-        return await self.call(calls.login(username, password, profile, remember))
+        return await self.call(
+            calls.login(username, password, profile, remember), calls.parse_session
+        )
 
     async def logout(self, profile: str | None = None) -> None:
-        await self.call(calls.logout(profile))
+        await self.call(calls.logout(profile), calls.parse_nothing)
 
     async def refresh(self, profile: str | None = None) -> Session:
-        return await self.call(calls.refresh(profile))
+        return await self.call(calls.refresh(profile), calls.parse_session)
 
     async def change_password(
         self, password: str, new_password: str, *, profile: str | None = None
     ) -> Session:
-        return await self.call(calls.change_password(password, new_password, profile))
+        return await self.call(
+            calls.change_password(password, new_password, profile), calls.parse_session
+        )
 
     async def register(
         self,
@@ -206,7 +213,9 @@ class AsyncClient(ABC):
         remember: bool = False,
         user: Mapping[str, Any] | None = None,
     ) -> Session:
-        return await self.call(calls.register(username, password, profile, remember, user))
+        return await self.call(
+            calls.register(username, password, profile, remember, user), calls.parse_session
+        )
 
     async def watch(self, profile: str | None = None) -> AsyncIterator[WatchEvent]:
         """Each new token as the daemon rotates it, on a connection of its own."""
@@ -215,7 +224,7 @@ class AsyncClient(ABC):
         try:
             request_id = await connection.send(call)
             while True:
-                yield answer(call, await connection.receive(request_id))
+                yield answer(calls.parse_watch_event, await connection.receive(request_id))
         except ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
         finally:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import socket
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
 
 from . import calls
 from .calls import Call, Exchange, answer
@@ -17,7 +15,14 @@ from .paths import find_socket
 from .protocol import Code
 from .results import Hello, Session, Status, Token, User, WatchEvent
 
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+    from typing import Any, TypeVar
+
+    from .protocol import Message
+
+    T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 _RECV_SIZE = 65536
@@ -47,7 +52,7 @@ class _Connection:
         self.sock = sock
         self.exchange = Exchange()
 
-    def send(self, call: Call[Any], deadline: float | None) -> int:
+    def send(self, call: Call, deadline: float | None) -> int:
         request_id, frame = self.exchange.request(call)
         self._set_timeout(deadline)
         try:
@@ -105,7 +110,7 @@ class Client:
         self._explicit_path = socket_path
         self.timeout = timeout
         self._connection: _Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading's, without importing threading
 
     @property
     def socket_path(self) -> str:
@@ -126,25 +131,26 @@ class Client:
             self._connection.close()
             self._connection = None
 
-    def call(self, call: Call[T], timeout: float | None = None) -> T:
-        """Send one request and wait for its answer; raises the typed error it carries."""
+    def call(self, call: Call, parse: Callable[[Message], T], timeout: float | None = None) -> T:
+        """Send one request and wait for its answer, read by `parse`; raises the typed
+        error the answer carries."""
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         with self._lock:
             reused = self._connection is not None
             try:
-                return self._round_trip(call, deadline)
+                return self._round_trip(call, parse, deadline)
             except _ConnectionLost:
                 self._drop()
                 if not (reused and call.idempotent):
                     raise BrokerNotRunning("the broker closed the connection") from None
             try:
-                return self._round_trip(call, deadline)
+                return self._round_trip(call, parse, deadline)
             except _ConnectionLost:
                 self._drop()
                 raise BrokerNotRunning("the broker closed the connection") from None
 
-    def _round_trip(self, call: Call[T], deadline: float | None) -> T:
+    def _round_trip(self, call: Call, parse: Callable[[Message], T], deadline: float | None) -> T:
         if self._connection is not None and self._connection.stale():
             self._drop()
         if self._connection is None:
@@ -157,7 +163,7 @@ class Client:
                 # The daemon may have said why before it closed (busy: too many connections).
                 connection.receive(-1, deadline)
                 raise
-            return answer(call, connection.receive(request_id, deadline))
+            return answer(parse, connection.receive(request_id, deadline))
         except TimeoutError:
             self._drop()
             raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
@@ -166,32 +172,34 @@ class Client:
             raise
 
     def hello(self, client: str | None = None) -> Hello:
-        return self.call(calls.hello(client))
+        return self.call(calls.hello(client), calls.parse_hello)
 
     def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
-        return self.call(calls.token(profile, min_valid))
+        return self.call(calls.token(profile, min_valid), calls.parse_token)
 
     def user(self, profile: str | None = None) -> User:
-        return self.call(calls.user(profile))
+        return self.call(calls.user(profile), calls.parse_user)
 
     def status(self) -> Status:
-        return self.call(calls.status())
+        return self.call(calls.status(), calls.parse_status)
 
     def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:
-        return self.call(calls.login(username, password, profile, remember))
+        return self.call(calls.login(username, password, profile, remember), calls.parse_session)
 
     def logout(self, profile: str | None = None) -> None:
-        self.call(calls.logout(profile))
+        self.call(calls.logout(profile), calls.parse_nothing)
 
     def refresh(self, profile: str | None = None) -> Session:
-        return self.call(calls.refresh(profile))
+        return self.call(calls.refresh(profile), calls.parse_session)
 
     def change_password(
         self, password: str, new_password: str, *, profile: str | None = None
     ) -> Session:
-        return self.call(calls.change_password(password, new_password, profile))
+        return self.call(
+            calls.change_password(password, new_password, profile), calls.parse_session
+        )
 
     def register(
         self,
@@ -202,7 +210,9 @@ class Client:
         remember: bool = False,
         user: Mapping[str, Any] | None = None,
     ) -> Session:
-        return self.call(calls.register(username, password, profile, remember, user))
+        return self.call(
+            calls.register(username, password, profile, remember, user), calls.parse_session
+        )
 
     def watch(self, profile: str | None = None) -> Iterator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
@@ -217,7 +227,7 @@ class Client:
             request_id = connection.send(call, None)
             connection.sock.settimeout(None)
             while True:
-                yield answer(call, connection.receive(request_id, None))
+                yield answer(calls.parse_watch_event, connection.receive(request_id, None))
         except _ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
         finally:

@@ -1,18 +1,18 @@
 """Requests and how to read their answers, shared by every client flavour.
 
-Each function returns a `Call`: the request's fields and the function that turns the
-`ok: true` response into a result. The blocking, trio and asyncio clients differ only in
-how they move the bytes (`Exchange` below does the rest), so the meaning of each op is
-written once.
+Each request function returns a `Call` (an op and its fields), each `parse_*` turns an
+`ok: true` response into a result. The blocking, trio and asyncio clients differ only
+in how they move the bytes (`Exchange` below does the rest), so the meaning of each op
+is written once.
+
+No `typing` at run time here (nor in the other modules a blocking client imports):
+importing it would add a tenth to the start-up of `geins-broker token`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, NamedTuple, TypeVar
-
 from .errors import BrokerError, ProtocolError, error_from_wire
-from .protocol import MAX_RESPONSE_SIZE, FrameDecoder, FrameError, Message, Op, encode
+from .protocol import MAX_RESPONSE_SIZE, FrameDecoder, Op, encode
 from .results import (
     Hello,
     ProfileStatus,
@@ -25,17 +25,28 @@ from .results import (
     optional_field,
 )
 
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeVar
+
+    from .protocol import Message
+
+    T = TypeVar("T")
 
 NUMBER = (int, float)
 
 
-class Call(NamedTuple, Generic[T]):
-    op: str
-    args: Mapping[str, Any]
-    parse: Callable[[Message], T]
-    #: Safe to send again on a new connection if the old one died mid-call.
-    idempotent: bool = False
+class Call:
+    """A request: its op, its fields, and whether it may be sent twice."""
+
+    __slots__ = ("args", "idempotent", "op")
+
+    def __init__(self, op: str, args: Mapping[str, Any], idempotent: bool = False) -> None:
+        self.op = op
+        self.args = args
+        #: Safe to send again on a new connection if the old one died mid-call.
+        self.idempotent = idempotent
 
 
 def _with_profile(profile: str | None, **args: Any) -> dict[str, Any]:
@@ -60,7 +71,7 @@ def parse_session(message: Message) -> Session:
     )
 
 
-def _parse_user(message: Message) -> User:
+def parse_user(message: Message) -> User:
     return User(
         profile=field_of(message, "profile", str),
         user_id=field_of(message, "user_id", str),
@@ -73,7 +84,7 @@ def _parse_user(message: Message) -> User:
     )
 
 
-def _parse_profile_status(entry: Any) -> ProfileStatus:
+def parse_profile_status(entry: Any) -> ProfileStatus:
     if not isinstance(entry, dict):
         raise ProtocolError("status entry is not a map")
 
@@ -94,15 +105,15 @@ def _parse_profile_status(entry: Any) -> ProfileStatus:
     )
 
 
-def _parse_status(message: Message) -> Status:
+def parse_status(message: Message) -> Status:
     return Status(
         server=field_of(message, "server", str),
         uptime=float(field_of(message, "uptime", NUMBER)),
-        profiles=tuple(_parse_profile_status(p) for p in field_of(message, "profiles", list)),
+        profiles=tuple(parse_profile_status(p) for p in field_of(message, "profiles", list)),
     )
 
 
-def _parse_hello(message: Message) -> Hello:
+def parse_hello(message: Message) -> Hello:
     return Hello(
         version=field_of(message, "v", int),
         server=field_of(message, "server", str),
@@ -115,45 +126,43 @@ def parse_watch_event(message: Message) -> WatchEvent:
     return WatchEvent(event, parse_token(message) if event == "token" else None)
 
 
-def _ignore(message: Message) -> None:
+def parse_nothing(message: Message) -> None:
     return None
 
 
-def hello(client: str | None = None) -> Call[Hello]:
-    return Call(Op.HELLO, _with_profile(None, v=1, client=client), _parse_hello, idempotent=True)
+def hello(client: str | None = None) -> Call:
+    return Call(Op.HELLO, _with_profile(None, v=1, client=client), idempotent=True)
 
 
-def token(profile: str | None = None, min_valid: float = 0) -> Call[Token]:
+def token(profile: str | None = None, min_valid: float = 0) -> Call:
     args = _with_profile(profile, min_valid=min_valid or None)
-    return Call(Op.TOKEN, args, parse_token, idempotent=True)
+    return Call(Op.TOKEN, args, idempotent=True)
 
 
-def user(profile: str | None = None) -> Call[User]:
-    return Call(Op.USER, _with_profile(profile), _parse_user, idempotent=True)
+def user(profile: str | None = None) -> Call:
+    return Call(Op.USER, _with_profile(profile), idempotent=True)
 
 
-def status() -> Call[Status]:
-    return Call(Op.STATUS, {}, _parse_status, idempotent=True)
+def status() -> Call:
+    return Call(Op.STATUS, {}, idempotent=True)
 
 
-def login(
-    username: str, password: str, profile: str | None = None, remember: bool = False
-) -> Call[Session]:
+def login(username: str, password: str, profile: str | None = None, remember: bool = False) -> Call:
     args = _with_profile(profile, username=username, password=password, remember=remember)
-    return Call(Op.LOGIN, args, parse_session)
+    return Call(Op.LOGIN, args)
 
 
-def logout(profile: str | None = None) -> Call[None]:
-    return Call(Op.LOGOUT, _with_profile(profile), _ignore)
+def logout(profile: str | None = None) -> Call:
+    return Call(Op.LOGOUT, _with_profile(profile))
 
 
-def refresh(profile: str | None = None) -> Call[Session]:
-    return Call(Op.REFRESH, _with_profile(profile), parse_session)
+def refresh(profile: str | None = None) -> Call:
+    return Call(Op.REFRESH, _with_profile(profile))
 
 
-def change_password(password: str, new_password: str, profile: str | None = None) -> Call[Session]:
+def change_password(password: str, new_password: str, profile: str | None = None) -> Call:
     args = _with_profile(profile, password=password, new_password=new_password)
-    return Call(Op.CHANGE_PASSWORD, args, parse_session)
+    return Call(Op.CHANGE_PASSWORD, args)
 
 
 def register(
@@ -162,7 +171,7 @@ def register(
     profile: str | None = None,
     remember: bool = False,
     user: Mapping[str, Any] | None = None,
-) -> Call[Session]:
+) -> Call:
     args = _with_profile(
         profile,
         username=username,
@@ -170,11 +179,11 @@ def register(
         remember=remember,
         user=dict(user) if user is not None else None,
     )
-    return Call(Op.REGISTER, args, parse_session)
+    return Call(Op.REGISTER, args)
 
 
-def watch(profile: str | None = None) -> Call[WatchEvent]:
-    return Call(Op.WATCH, _with_profile(profile), parse_watch_event)
+def watch(profile: str | None = None) -> Call:
+    return Call(Op.WATCH, _with_profile(profile))
 
 
 def outcome(message: Message) -> Message:
@@ -202,7 +211,7 @@ class Exchange:
         self._next_id = 1
         self._pending: list[Message] = []
 
-    def request(self, call: Call[Any]) -> tuple[int, bytes]:
+    def request(self, call: Call) -> tuple[int, bytes]:
         request_id = self._next_id
         self._next_id += 1
         return request_id, encode({"id": request_id, "op": call.op, **call.args})
@@ -221,14 +230,11 @@ class Exchange:
         return None
 
 
-def answer(call: Call[T], message: Message) -> T:
-    """The result of `call` from its response, or the error the response carries."""
+def answer(parse: Callable[[Message], T], message: Message) -> T:
+    """The result a response carries, or the error it carries."""
     try:
-        return call.parse(outcome(message))
+        return parse(outcome(message))
     except BrokerError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed {call.op} response: {exc}") from None
-
-
-__all__ = ["Call", "Exchange", "FrameError", "answer"]
+        raise ProtocolError(f"malformed response: {exc}") from None

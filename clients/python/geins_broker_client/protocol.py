@@ -13,10 +13,16 @@ with string keys.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
-from typing import Any, Final
 
 import msgpack
+
+# No typing at run time: see calls.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, Final
+
+    Message = dict[str, Any]
 
 VERSION: Final = 1
 
@@ -27,8 +33,6 @@ MAX_RESPONSE_SIZE: Final = 16 * 1024 * 1024
 
 _HEADER: Final = struct.Struct(">I")
 HEADER_SIZE: Final = _HEADER.size
-
-Message = dict[str, Any]
 
 
 class Op:

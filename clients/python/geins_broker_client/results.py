@@ -1,7 +1,8 @@
 """What the daemon answers, as small immutable values.
 
-NamedTuples rather than dataclasses: importing dataclasses (and the inspect module it
-pulls in) would cost `geins-broker token` about a third of its start-up time.
+Plain slotted classes: dataclasses (with the inspect module they import) or
+NamedTuples (with typing) would cost `geins-broker token` a sizeable share of its
+start-up, for nothing a caller would notice.
 
 A bearer token is a credential: `Token.__repr__` leaves it out, so a token that ends up
 in a log line or a traceback shows its profile and expiry, never its value.
@@ -10,20 +11,68 @@ in a log line or a traceback shows its profile and expiry, never its value.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
 
 from .errors import ProtocolError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-class Token(NamedTuple):
+
+class _Value:
+    """Fields in `_fields` order, compared and printed by value, never changed."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+    _hidden: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._fields
+        values = dict(zip(names, args, strict=False))
+        values.update(kwargs)
+        if len(args) > len(names) or values.keys() != set(names):
+            raise TypeError(f"{type(self).__name__} takes exactly: {', '.join(names)}")
+        for name in names:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Value)
+            and type(other) is type(self)
+            and self._values() == other._values()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in self._fields if n not in self._hidden
+        )
+        return f"{type(self).__name__}({shown})"
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def _asdict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._fields}
+
+
+class Token(_Value):
     """A bearer token and when it stops working (Unix seconds, wall clock)."""
 
+    _fields = ("profile", "token", "expires_at")
+    __slots__ = _fields
+    _hidden = ("token",)
     profile: str
     token: str
     expires_at: float
+    if TYPE_CHECKING:
 
-    def __repr__(self) -> str:
-        return f"Token(profile={self.profile!r}, expires_at={self.expires_at!r})"
+        def __init__(self, profile: str, token: str, expires_at: float) -> None: ...
 
     def expires_in(self, now: float | None = None) -> float:
         return self.expires_at - (time.time() if now is None else now)
@@ -34,9 +83,20 @@ class Token(NamedTuple):
         return f"Bearer {self.token}"
 
 
-class User(NamedTuple):
+class User(_Value):
     """Who the profile's session belongs to, from the bearer token's claims."""
 
+    _fields = (
+        "profile",
+        "user_id",
+        "username",
+        "customer_type",
+        "member_type",
+        "member_id",
+        "member_discount",
+        "expires_at",
+    )
+    __slots__ = _fields
     profile: str
     user_id: str
     username: str
@@ -45,17 +105,48 @@ class User(NamedTuple):
     member_id: str
     member_discount: str
     expires_at: float
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            profile: str,
+            user_id: str,
+            username: str,
+            customer_type: str,
+            member_type: str,
+            member_id: str,
+            member_discount: str,
+            expires_at: float,
+        ) -> None: ...
 
 
-class Session(NamedTuple):
+class Session(_Value):
     """The outcome of login, register, refresh and change_password."""
 
+    _fields = ("profile", "username", "expires_at")
+    __slots__ = _fields
     profile: str
     username: str | None
     expires_at: float
+    if TYPE_CHECKING:
+
+        def __init__(self, profile: str, username: str | None, expires_at: float) -> None: ...
 
 
-class ProfileStatus(NamedTuple):
+class ProfileStatus(_Value):
+    _fields = (
+        "profile",
+        "state",
+        "username",
+        "expires_at",
+        "next_refresh_at",
+        "last_refresh_at",
+        "refreshes",
+        "failures",
+        "last_error",
+    )
+    __slots__ = _fields
     profile: str
     state: str
     username: str | None
@@ -65,29 +156,61 @@ class ProfileStatus(NamedTuple):
     refreshes: int
     failures: int
     last_error: str | None
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            profile: str,
+            state: str,
+            username: str | None,
+            expires_at: float | None,
+            next_refresh_at: float | None,
+            last_refresh_at: float | None,
+            refreshes: int,
+            failures: int,
+            last_error: str | None,
+        ) -> None: ...
 
 
-class Status(NamedTuple):
+class Status(_Value):
+    _fields = ("server", "uptime", "profiles")
+    __slots__ = _fields
     server: str
     uptime: float
     profiles: tuple[ProfileStatus, ...]
+    if TYPE_CHECKING:
+
+        def __init__(
+            self, server: str, uptime: float, profiles: tuple[ProfileStatus, ...]
+        ) -> None: ...
 
     @property
     def needs_login(self) -> tuple[ProfileStatus, ...]:
         return tuple(p for p in self.profiles if p.state == "login_required")
 
 
-class Hello(NamedTuple):
+class Hello(_Value):
+    _fields = ("version", "server", "ops")
+    __slots__ = _fields
     version: int
     server: str
     ops: tuple[str, ...]
+    if TYPE_CHECKING:
+
+        def __init__(self, version: int, server: str, ops: tuple[str, ...]) -> None: ...
 
 
-class WatchEvent(NamedTuple):
-    """One frame of a watch stream: a new token, or the session ending."""
+class WatchEvent(_Value):
+    """One frame of a watch stream: a new token, or the session ending (token None)."""
 
+    _fields = ("event", "token")
+    __slots__ = _fields
     event: str
-    token: Token | None = None
+    token: Token | None
+    if TYPE_CHECKING:
+
+        def __init__(self, event: str, token: Token | None) -> None: ...
 
 
 def field_of(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
