@@ -176,6 +176,15 @@ class FrameDecoder:
         """
         if self.error is not None:
             return []
+        if not self._buffer and len(data) > HEADER_SIZE:
+            # The common case by far: exactly one whole frame per read.
+            (size,) = _HEADER.unpack_from(data)
+            if size + HEADER_SIZE == len(data) and size <= self._max_size:
+                try:
+                    return [decode_body(data[HEADER_SIZE:])]
+                except FrameError as exc:
+                    self.error = exc
+                    return []
         if self._buffer:
             # The rare path: a frame was split across reads, or left over by `most`.
             self._buffer += data
