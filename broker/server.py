@@ -253,10 +253,15 @@ class Server:
         answers. One read can hold thousands of pipelined requests, whose answers are
         fifty times their size: those the client is not reading yet stay undecoded."""
         decoder = conn.decoder
+        dispatch = self._dispatch
         while True:
             messages = decoder.feed(data, _BATCH)
             data = b""
-            answers = [a for m in messages if (a := self._dispatch(conn, m))]
+            if len(messages) == 1:  # one request per read: the usual case
+                answer = dispatch(conn, messages[0])
+                answers = [answer] if answer is not None else []
+            else:
+                answers = [a for m in messages if (a := dispatch(conn, m)) is not None]
             if decoder.error is not None:
                 answers.append(error_frame(None, BadFrame(str(decoder.error))))
                 conn.closing = True
@@ -356,10 +361,8 @@ class Server:
             return error_frame(None, BadRequest("field 'id' must be an integer"))
         op = message.get("op")
         try:
-            if op == _TOKEN:
-                frame = self._token_from_memory(conn, request_id, message)
-                if frame is not None:
-                    return frame
+            if op == _TOKEN and (frame := self._token_from_memory(conn, request_id, message)):
+                return frame
             if not isinstance(op, str):
                 raise BadRequest("field 'op' must be a string")
             if op not in SCHEMAS:
