@@ -7,9 +7,6 @@ so hours of rotation run in milliseconds and times are asserted exactly.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired, NotLoggedIn, Unavailable
 from geins_broker_client.errors import ProtocolError
-from tests.conftest import Broker, Fraction, RawConnection, start_broker
+from tests.conftest import Broker, Fraction, RawConnection, fill, start_broker
 
 EXACT = {"jitter": 0}
 
@@ -393,36 +390,17 @@ async def test_corrupt_state_costs_only_its_profile(
     assert len(list(first.state_dir.glob("bad.session.json.corrupt-*"))) == 1
 
 
-@pytest.fixture
-def tiny_state(short_tmp: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = short_tmp / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 async def test_full_disk_keeps_serving_and_retries_the_write(
     autojump_clock: MockClock,
     nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
     short_tmp: Path,
-    tiny_state: Path,
+    tmpfs: Path,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp, state_dir=tiny_state / "state")
+    broker = await exact_broker(nursery, emulator, wall, short_tmp, state_dir=tmpfs / "state")
     await broker.login()
-    filler = tiny_state / "filler"
-    with filler.open("wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
+    filler = fill(tmpfs)
     await trio.sleep(676)
     session = broker.profile().session
     assert session.state is State.DEGRADED
@@ -434,5 +412,5 @@ async def test_full_disk_keeps_serving_and_retries_the_write(
     filler.unlink()
     await trio.sleep(64)  # write retries back off: 1, 2, 4, ... seconds
     assert session.state is State.ACTIVE
-    on_disk = json.loads((tiny_state / "state" / "default.session.json").read_text())
+    on_disk = json.loads((tmpfs / "state" / "default.session.json").read_text())
     assert on_disk["refresh_token"] == session.tokens.refresh.reveal()  # type: ignore[union-attr]

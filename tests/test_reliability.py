@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from broker.emulator.faults import Fault
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client.protocol import encode
-from tests.conftest import Broker, Fraction, RawConnection, start_broker
+from tests.conftest import Broker, Fraction, RawConnection, remount, start_broker
 from tests.support import DaemonProcess, EmulatorProcess, call, write_config
 
 # -- upstream faults ------------------------------------------------------------------------
@@ -94,19 +92,6 @@ async def test_revoked_session_needs_a_login_and_says_so(
 # -- disk faults ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(short_tmp: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = short_tmp / "fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 async def test_read_only_state_directory_keeps_serving_and_recovers(
     autojump_clock: MockClock,
     nursery: trio.Nursery,
@@ -125,14 +110,14 @@ async def test_read_only_state_directory_keeps_serving_and_recovers(
     )
     await broker.login()
     # Blocking on purpose: under MockClock a trio.run_process wait would let time jump.
-    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)  # noqa: ASYNC221
+    remount(tmpfs, "ro")
     await trio.sleep(676)
     session = broker.profile().session
     assert session.state is State.DEGRADED
     assert "Read-only" in (session.store_error or "")
     async with broker.client() as client:
         assert (await client.token()).token == session.tokens.bearer.reveal()  # type: ignore[union-attr]
-    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)  # noqa: ASYNC221
+    remount(tmpfs, "rw")
     await trio.sleep(64)
     assert session.state is State.ACTIVE
     saved = (tmpfs / "state" / "default.session.json").read_text()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import pytest
 from broker.errors import StoreError
 from broker.secret import Secret
 from broker.store import CorruptState, Record, Store
+from tests.conftest import fill, remount
 
 RECORD = Record(
     username="ada@example.com",
@@ -97,33 +95,11 @@ def test_delete(store: Store) -> None:
     assert store.load("default") is None
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs, to fill up and to make read-only (root only: mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True
-    )
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def test_full_disk_fails_cleanly_and_keeps_the_old_file(tiny_fs: Path) -> None:
-    store = Store(tiny_fs / "state")
+def test_full_disk_fails_cleanly_and_keeps_the_old_file(tmpfs: Path) -> None:
+    store = Store(tmpfs / "state")
     store.prepare()
     store.save("default", RECORD)
-    filler = tiny_fs / "filler"
-    with filler.open("wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
+    filler = fill(tmpfs)
     big = Record(username="x" * 20000, refresh=Secret("refresh-2"))
     with pytest.raises(StoreError, match="No space left"):
         store.save("default", big)
@@ -134,11 +110,11 @@ def test_full_disk_fails_cleanly_and_keeps_the_old_file(tiny_fs: Path) -> None:
     assert store.load("default") == big
 
 
-def test_read_only_disk_fails_cleanly(tiny_fs: Path) -> None:
-    store = Store(tiny_fs / "state")
+def test_read_only_disk_fails_cleanly(tmpfs: Path) -> None:
+    store = Store(tmpfs / "state")
     store.prepare()
     store.save("default", RECORD)
-    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    remount(tmpfs, "ro")
     try:
         with pytest.raises(StoreError, match="Read-only"):
             store.save("default", Record(username="bob"))
@@ -146,7 +122,7 @@ def test_read_only_disk_fails_cleanly(tiny_fs: Path) -> None:
             store.delete("default")
         assert store.load("default") == RECORD
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
+        remount(tmpfs, "rw")
 
 
 def test_file_content_is_plain_json_for_operators(store: Store) -> None:
