@@ -117,11 +117,7 @@ class Api:
         await profile.ensure_token(args["min_valid"])
         tokens = profile.session.tokens
         assert tokens is not None
-        return {
-            "profile": profile.name,
-            "token": tokens.bearer.reveal(),
-            "expires_at": tokens.expires_at,
-        }
+        return profile.token_fields(tokens)
 
     async def login(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         profile = self.administrable(peer, args["profile"])
@@ -159,7 +155,15 @@ class Api:
         }
 
     async def watch(self, peer: Peer, args: dict[str, Any], emit: Emit) -> None:
-        await self.readable(peer, args["profile"]).watch(emit)
+        profile = self.readable(peer, args["profile"])
+
+        async def emit_while_allowed(event: WatchEvent) -> None:
+            # A reload may take this peer's access away while it watches.
+            if not self.may_read(peer, profile):
+                raise Forbidden(f"uid {peer.uid} may no longer read profile {profile.name!r}")
+            await emit(event)
+
+        await profile.watch(emit_while_allowed)
 
 
 __all__ = ["Api", "Peer", "arguments"]

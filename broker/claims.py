@@ -76,8 +76,8 @@ def _int_claim(claims: dict[str, str], name: str) -> int | None:
         return None
     try:
         return int(float(text))
-    except ValueError:
-        raise NotAJwt(f"bearer token claim {name!r} is not a number") from None
+    except (ValueError, OverflowError):  # not a number, or inf/nan
+        raise NotAJwt(f"bearer token claim {name!r} is not a finite number") from None
 
 
 def decode(token: str) -> Claims:

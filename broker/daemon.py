@@ -63,6 +63,8 @@ class Daemon:
         self._transport = transport
         self._offload = offload
         self.scheduler = Scheduler(self.wall)
+        #: Profiles a reload removed, kept in case a later reload brings them back.
+        self._retired: dict[str, Profile] = {}
         self._stop = trio.Event()
         self._status_dirty = trio.Event()
         self.server: Server | None = None
@@ -255,16 +257,26 @@ class Daemon:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
         for name in [n for n in self.profiles if n not in new.profiles]:
-            self.profiles.pop(name).retire()
+            retired = self._retired[name] = self.profiles.pop(name)
+            retired.retire()
             log.info("profile_removed", profile=name)
-        added = [n for n in new.profiles if n not in self.profiles]
+        added = [n for n in new.profiles if n not in self.profiles and n not in self._retired]
         records = await self._offload(self._load_records, added)
         for name, profile_config in new.profiles.items():
             if name in self.profiles:
-                self.profiles[name].reconfigure(profile_config)
+                self.profiles[name].reconfigure(profile_config, new.token_wait)
+            elif name in self._retired:
+                # The very object that left: its lock still guards an exchange that may
+                # be under way, and its session is newer than the file.
+                self.profiles[name] = self._retired.pop(name)
+                self.profiles[name].reinstate(profile_config)
+                log.info("profile_added", profile=name, kept_session=True)
             else:
                 self._add_profile(profile_config, records.get(name)).plan()
                 log.info("profile_added", profile=name)
+        self._limiter.total_tokens = new.max_concurrent_refreshes
+        if self.server is not None:
+            self.server.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -255,6 +256,10 @@ class GeinsClient:
             ) from None
         except httpx.TransportError as exc:
             raise Transient(f"cannot reach Geins for the {what} ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:  # e.g. a body that does not decode as declared
+            raise MalformedAnswer(
+                f"Geins answered the {what} unreadably ({type(exc).__name__})"
+            ) from None
 
 
 def _checked(response: httpx.Response, what: str) -> httpx.Response:
@@ -291,7 +296,12 @@ def _grant(response: httpx.Response, what: str) -> Grant:
     if not isinstance(token, str) or not token:
         raise MalformedAnswer(f"Geins answered the {what} without a token")
     max_age = body.get("maxAge")
-    if isinstance(max_age, bool) or not isinstance(max_age, int | float | None):
+    if max_age is not None and (
+        isinstance(max_age, bool)
+        or not isinstance(max_age, int | float)
+        or not math.isfinite(max_age)
+        or max_age < 0
+    ):
         raise MalformedAnswer(f"Geins answered the {what} with a maxAge that is not a number")
     return Grant(Secret(token), Secret(refresh), None if max_age is None else int(max_age))
 

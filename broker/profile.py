@@ -36,6 +36,8 @@ from .errors import (
     Relayed,
     StoreError,
     Timeout,
+    UnknownProfile,
+    UpstreamTimeout,
 )
 from .geins import GeinsClient
 from .log import events
@@ -84,6 +86,7 @@ class Profile:
         self._on_change = on_change
         self._offload = offload
         self._scheduler = scheduler
+        self.retired = False
         # Made on first use: ten thousand idle profiles should not each carry a lock
         # and two events that nobody waits on.
         self._upstream_lock: trio.Lock | None = None
@@ -104,11 +107,13 @@ class Profile:
 
     # -- configuration and restart ---------------------------------------------------------
 
-    def reconfigure(self, config: ProfileConfig) -> None:
+    def reconfigure(self, config: ProfileConfig, token_wait: float | None = None) -> None:
         """New settings from a reloaded config; the session itself is kept."""
         self.config = config
         self.session.policy = config.policy
         self.geins = GeinsClient(config.endpoint, self._http, config.request_timeout)
+        if token_wait is not None:
+            self.token_wait = token_wait
 
     def restore(self, record: Record, spread: float) -> None:
         tokens = None
@@ -162,14 +167,22 @@ class Profile:
         self.plan()
 
     def retire(self) -> None:
-        """Removed from the configuration: no more steps (one under way finishes)."""
+        """Removed from the configuration: no more steps (one under way finishes), and
+        watchers are told. The daemon keeps the object, in case the profile returns."""
+        self.retired = True
         if self._scheduler is not None:
             self._scheduler.forget(self)
-            self._scheduler = None
+        self._publish()
+
+    def reinstate(self, config: ProfileConfig) -> None:
+        """Back in the configuration: the same object, so the same lock and session."""
+        self.retired = False
+        self.reconfigure(config)
+        self.plan()
 
     def plan(self) -> None:
         """Tell the scheduler when this profile next has something to do."""
-        if self._scheduler is None:
+        if self._scheduler is None or self.retired:
             return
         now = self._wall.now()
         action = self.session.next_action(now)
@@ -192,11 +205,13 @@ class Profile:
                 return  # someone refreshed (or logged out) while we waited for the lock
             refresh_token = session.tokens.refresh if session.tokens else None
             assert refresh_token is not None
-            async with self._limiter, self._shielded():
-                await self._refresh_with(refresh_token)
-        if self._attempt is not None:
-            self._attempt.set()
-            self._attempt = None
+            try:
+                async with self._limiter, self._shielded(1):
+                    await self._refresh_with(refresh_token)
+            except UpstreamTimeout as exc:  # slower than even httpx's per-phase limits
+                self._fail(exc)
+            finally:
+                self._wake_waiters()
 
     async def _refresh_with(self, refresh_token: Secret) -> None:
         session = self.session
@@ -257,13 +272,16 @@ class Profile:
                 self._publish()
 
     @asynccontextmanager
-    async def _shielded(self) -> Any:
-        """Finish what was started with Geins even if the caller goes away; bounded."""
+    async def _shielded(self, requests: int) -> Any:
+        """Finish what was started with Geins even if the caller goes away, within the
+        time `requests` requests may take, plus the write to disk."""
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + 3 * self.config.request_timeout + _SAVE_ALLOWANCE
+            scope.deadline = (
+                trio.current_time() + requests * self.config.request_timeout + _SAVE_ALLOWANCE
+            )
             yield
         if scope.cancelled_caught:
-            raise Timeout("the exchange with Geins took too long")
+            raise UpstreamTimeout("the exchange with Geins took too long")
 
     # -- answering token requests ----------------------------------------------------------
 
@@ -287,14 +305,15 @@ class Profile:
             self._prepared, self._serve_until = None, float("-inf")
             return
         self._serve_until = tokens.expires_at
-        self._prepared = PreparedResponse(
-            {
-                "ok": True,
-                "profile": self.name,
-                "token": tokens.bearer.reveal(),
-                "expires_at": tokens.expires_at,
-            }
-        )
+        self._prepared = PreparedResponse({"ok": True, **self.token_fields(tokens)})
+
+    def token_fields(self, tokens: Tokens) -> dict[str, Any]:
+        """What a `token` answer (and a watch's token event) says."""
+        return {
+            "profile": self.name,
+            "token": tokens.bearer.reveal(),
+            "expires_at": tokens.expires_at,
+        }
 
     async def ensure_token(self, min_valid: float) -> None:
         """Wait until the bearer has `min_valid` seconds left, refreshing once if needed.
@@ -310,10 +329,8 @@ class Profile:
             if session.serves(now, min_valid):
                 return
             tokens = session.tokens
-            if session.login_required:
-                raise LoginRequired(f"profile {self.name!r} needs a login: {session.last_error}")
-            if tokens is None:
-                raise NotLoggedIn(f"profile {self.name!r} is not logged in")
+            if tokens is None or session.login_required:
+                raise self._no_session()
             if min_valid >= tokens.lifetime:
                 raise BadRequest(
                     f"min_valid {min_valid:g} s is not less than the token lifetime "
@@ -342,21 +359,23 @@ class Profile:
     # -- operations from the daemon's own user -----------------------------------------------
 
     async def login(self, username: str, password: Secret, remember: bool) -> None:
-        async with self._upstream, self._shielded():
+        # Challenge, signature, login, and the logout of a session it replaces.
+        async with self._upstream, self._shielded(4):
             grant = await self.geins.login(username, password, remember=remember)
             await self._took(grant, username, remember, "login")
 
     async def register(
         self, username: str, password: Secret, remember: bool, user: Mapping[str, Any] | None
     ) -> None:
-        async with self._upstream, self._shielded():
+        # Challenge, signature, register, commit, and the logout of a replaced session.
+        async with self._upstream, self._shielded(5):
             grant = await self.geins.create_account(username, password)
             await self._took(grant, username, remember, "register")
             # The account exists and the session is saved whatever the commit does.
             await self.geins.commit_user(grant.bearer, user)
 
     async def change_password(self, password: Secret, new_password: Secret) -> None:
-        async with self._upstream, self._shielded():
+        async with self._upstream, self._shielded(3):
             session = self.session
             if session.tokens is None or session.tokens.refresh is None or session.username is None:
                 raise self._no_session()
@@ -387,9 +406,9 @@ class Profile:
             refresh_token = session.tokens.refresh if session.tokens else None
             session.logged_out()
             self._publish()
-            self.plan()
             with trio.CancelScope(shield=True):
                 await self._save(None)
+                self.plan()  # a failed delete is retried
                 log.info("logged_out", profile=self.name)
                 if refresh_token is not None:
                     await self._logout_upstream(refresh_token, "logout")
@@ -474,6 +493,7 @@ class Profile:
             self.session.store_error = str(exc)
             log.error("state_write_failed", profile=self.name, reason=str(exc), retry_in=delay)
             self._publish()
+            self.plan()
             return False
         if self.session.store_error is not None:
             log.info("state_write_recovered", profile=self.name)
@@ -486,7 +506,14 @@ class Profile:
 
     # -- what clients see --------------------------------------------------------------------
 
+    def _wake_waiters(self) -> None:
+        """`token` callers waiting on a refresh look again (it ended, or the session did)."""
+        if self._attempt is not None:
+            self._attempt.set()
+            self._attempt = None
+
     def _publish(self) -> None:
+        self._wake_waiters()
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -529,6 +556,8 @@ class Profile:
         """Emit the current token, then every rotation and session end, until cancelled."""
         last: object = None
         while True:
+            if self.retired:
+                raise UnknownProfile(f"profile {self.name!r} was removed from the configuration")
             if self._changed is None:
                 self._changed = trio.Event()
             changed = self._changed
@@ -545,10 +574,4 @@ class Profile:
         tokens = session.tokens
         if tokens is None:
             return {"event": "logged_out"}, "logged_out"
-        event = {
-            "event": "token",
-            "profile": self.name,
-            "token": tokens.bearer.reveal(),
-            "expires_at": tokens.expires_at,
-        }
-        return event, tokens.bearer
+        return {"event": "token", **self.token_fields(tokens)}, tokens.bearer

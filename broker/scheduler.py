@@ -29,6 +29,8 @@ log = events("broker.scheduler")
 
 #: How far the wall clock may drift from trio's before every profile looks again.
 _DRIFT: Final = 1.0
+#: When a step failed with a bug, try that profile again this much later.
+_RETRY_AFTER_BUG: Final = 60.0
 
 
 class Steppable(Protocol):
@@ -100,5 +102,9 @@ class Scheduler:
     async def _step(self, step: Callable[[], Awaitable[None]], profile: Steppable) -> None:
         try:
             await step()
+        except Exception:
+            # A bug in one profile's step must not stop every profile's rotation.
+            log.exception("step_failed", profile=profile.name)
+            self.at(profile, self._wall.now() + _RETRY_AFTER_BUG)
         finally:
             self._running.discard(profile)

@@ -54,6 +54,8 @@ log = events("broker.server")
 _RECV_SIZE: Final = 65536
 _MAX_EVENTS: Final = 1024
 _BATCHES_PER_WAKEUP: Final = 8
+#: How long to stop accepting when the process has run out of file descriptors.
+_ACCEPT_PAUSE: Final = 0.5
 #: Requests answered per write; the rest of a pipelined read waits for the client.
 _BATCH: Final = 64
 _CREDENTIALS: Final = struct.Struct("3i")
@@ -94,6 +96,7 @@ class Connection:
         "fd",
         "last_active",
         "out",
+        "partial_since",
         "peer",
         "readable",
         "sock",
@@ -110,8 +113,11 @@ class Connection:
         self.out = bytearray()
         self.blocked_since = _INF
         self.last_active = now
-        #: Profiles this peer may read, decided once per connection and profile.
-        self.readable: dict[str, bool] = {}
+        #: When the half-received frame now buffered began to arrive.
+        self.partial_since = _INF
+        #: Whether this peer may read a profile, decided once per connection and
+        #: profile configuration (a reload replaces the configuration object).
+        self.readable: dict[str, tuple[object, bool]] = {}
         #: Ops of this connection still waiting, and their cancel scopes.
         self.waiting = 0
         self.tasks: set[trio.CancelScope] = set()
@@ -125,11 +131,6 @@ class Server:
         self.api = api
         self._profiles = api.profiles  # the daemon's live table, changed in place on reload
         self._now = wall.now
-        self.max_connections = config.max_connections
-        self.max_waiting = config.max_requests_per_connection
-        self.idle_timeout = config.idle_timeout
-        self.frame_timeout = config.frame_timeout
-        self.send_timeout = config.send_timeout
         #: Waiting ops in flight, watches excluded: what a shutdown waits for.
         self.in_flight = 0
         self._connections: dict[int, Connection] = {}
@@ -139,6 +140,16 @@ class Server:
         self._drained = trio.Event()
         self._wake_housekeeper = trio.Event()
         self._next_check = _INF
+        self.configure(config)
+
+    def configure(self, config: BrokerConfig) -> None:
+        """Limits and timeouts, at start and again at every reload."""
+        self.max_connections = config.max_connections
+        self.max_waiting = config.max_requests_per_connection
+        self.idle_timeout = config.idle_timeout
+        self.frame_timeout = config.frame_timeout
+        self.send_timeout = config.send_timeout
+        self._wake_housekeeper.set()
 
     @property
     def connections(self) -> int:
@@ -217,9 +228,15 @@ class Server:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept_failed", reason=exc.strerror)
+                    # The listener stays readable: stop watching it for a moment rather
+                    # than spin, and let connections close meanwhile.
+                    log.error("accept_paused", reason=exc.strerror, seconds=_ACCEPT_PAUSE)
+                    self._epoll.unregister(listener.fileno())
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._resume_accepting, listener)
                     return
-                raise
+                log.warning("accept_failed", reason=exc.strerror)  # that client is gone
+                continue
             sock.setblocking(False)
             if len(self._connections) >= self.max_connections:
                 _refuse(sock)
@@ -233,6 +250,11 @@ class Server:
             self._epoll.register(conn.fd, _IN)
             self._check_timeouts_by(now + self.idle_timeout)
 
+    async def _resume_accepting(self, listener: socket.socket) -> None:
+        await trio.sleep(_ACCEPT_PAUSE)
+        if self._listener is listener:
+            self._epoll.register(listener.fileno(), _IN)
+
     def _read(self, conn: Connection, now: float) -> None:
         try:
             data = conn.sock.recv(_RECV_SIZE)
@@ -245,7 +267,12 @@ class Server:
             return
         conn.last_active = now
         self._answer(conn, data)
-        if not conn.closed and conn.decoder.buffered and not conn.decoder.complete:
+        if conn.closed or not conn.decoder.buffered or conn.decoder.complete:
+            conn.partial_since = _INF
+        elif conn.partial_since == _INF:
+            # The clock starts with the first byte of a frame, not the latest one: a
+            # byte every few seconds must not keep a half frame alive for ever.
+            conn.partial_since = now
             self._check_timeouts_by(now + self.frame_timeout)
 
     def _answer(self, conn: Connection, data: bytes = b"") -> None:
@@ -326,8 +353,8 @@ class Server:
     def _deadline(self, conn: Connection) -> float:
         if conn.out:
             return conn.blocked_since + self.send_timeout
-        if conn.decoder.buffered:
-            return conn.last_active + self.frame_timeout
+        if conn.partial_since != _INF:
+            return conn.partial_since + self.frame_timeout
         if conn.waiting:
             return _INF
         return conn.last_active + self.idle_timeout
@@ -387,11 +414,14 @@ class Server:
         name = message.get("profile", _DEFAULT)
         min_valid = message.get("min_valid", 0)
         profile = self._profiles.get(name) if type(name) is str else None
-        if profile is None or type(min_valid) not in _NUMBERS:
-            return None
-        allowed = conn.readable.get(name)
-        if allowed is None:
-            allowed = conn.readable[name] = self.api.may_read(conn.peer, profile)
+        if profile is None or type(min_valid) not in _NUMBERS or not min_valid >= 0:
+            return None  # (not >= also catches NaN)
+        cached = conn.readable.get(name)
+        if cached is not None and cached[0] is profile.config:
+            allowed = cached[1]
+        else:
+            allowed = self.api.may_read(conn.peer, profile)
+            conn.readable[name] = (profile.config, allowed)
         if not allowed:
             raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
         return profile.token_frame(request_id, min_valid, self._now())

@@ -168,11 +168,13 @@ class Store:
 
     def _replace(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            tmp.unlink()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileExistsError:  # left by a write this process abandoned
+                tmp.unlink()
+                fd = os.open(tmp, flags, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         try:

@@ -83,3 +83,13 @@ def test_not_a_jwt(token: str) -> None:
         claims.decode(token)
     # The message describes the problem without repeating the token.
     assert token == "" or token not in str(info.value)
+
+
+@pytest.mark.parametrize("exp", ["1e999", "nan", "-inf"])
+def test_non_finite_exp_is_not_a_jwt(exp: str) -> None:
+    token = _jwt(
+        None,
+        raw_payload=base64.urlsafe_b64encode(f'{{"exp": {exp}}}'.encode()).rstrip(b"=").decode(),
+    )
+    with pytest.raises(claims.NotAJwt):
+        claims.decode(token)

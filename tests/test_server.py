@@ -15,7 +15,7 @@ from broker.emulator.faults import Fault
 from broker.wallclock import TrioWallClock
 from geins_broker_client import InvalidCredentials, Unavailable, UpstreamError
 from geins_broker_client.protocol import Op, encode
-from tests.conftest import Broker, RawConnection, start_broker
+from tests.conftest import Broker, Fraction, RawConnection, start_broker
 
 
 async def raw(broker: Broker) -> RawConnection:
@@ -407,3 +407,54 @@ async def test_client_notices_an_idle_timeout_before_a_login(
         await trio.sleep(301)  # past idle_timeout: the daemon hung up
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         assert session.username == DEMO_USER
+
+
+@pytest.mark.parametrize("min_valid", [-1, float("nan"), float("inf")])
+async def test_bad_min_valid_on_the_fast_path(
+    autojump_clock: MockClock, broker: Broker, min_valid: float
+) -> None:
+    await broker.login()
+    conn = await raw(broker)
+    answer = await conn.call(id=1, op="token", min_valid=min_valid)
+    assert error_code(answer) == "bad_request"
+    conn.close()
+
+
+async def test_a_trickled_half_frame_still_times_out(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
+    """The frame clock starts at the frame's first byte, not its latest one."""
+    conn = await RawConnection.open(broker.socket)
+    start = trio.current_time()
+    frame = encode({"id": 1, "op": "hello"})
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):  # noqa: PT012 - it hangs up
+        for byte in frame[:-1]:
+            await conn.send(bytes([byte]))
+            await trio.sleep(3)
+    assert 10 <= trio.current_time() - start <= 13  # closed at 10 s; noticed at the next send
+    conn.close()
+
+
+async def test_token_waiters_hear_of_a_logout_at_once(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    broker = await start_broker(
+        nursery, emulator, wall, short_tmp, rng=Fraction(1.0), profile_settings={"jitter": 0}
+    )
+    await broker.login()
+    emulator.server.faults.add(Fault("status", status=503, match="GET /api"))
+    await trio.sleep(675 + 1 + 2 + 4 + 0.5)  # four failures; the next try is 8 s away
+    waiter = await raw(broker)
+    await waiter.request(id=1, op="token", min_valid=899)  # waits for that try
+    await trio.sleep(1)
+    start = trio.current_time()
+    async with broker.client() as admin:
+        await admin.logout()
+    answer = await waiter.receive()
+    assert error_code(answer) == "not_logged_in"
+    assert trio.current_time() - start < 1  # told at once, not after the try or the 15-s wait
+    waiter.close()

@@ -21,7 +21,13 @@ from .cache import DEFAULT_MIN_VALID, AsyncTokenCache, TokenCache
 
 
 class BrokerAuth(httpx.Auth):
-    """Adds `Authorization: Bearer ...`; on a 401 it drops its cached token and retries once."""
+    """Adds `Authorization: Bearer ...` from the broker to every request.
+
+    On a 401 it drops its cached token, asks the daemon again and retries once: that
+    helps when the daemon rotated the token meanwhile (the cached one was revoked with
+    a password change, say); if the daemon still holds the same token, the retry gets
+    the same 401 and it is returned to the caller.
+    """
 
     def __init__(
         self,
