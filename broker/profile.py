@@ -1,6 +1,6 @@
 """One profile's I/O shell: drives its pure `Session` with Geins, the disk and the clocks.
 
-Everything that changes the profile's tokens (the rotation loop, login, logout,
+Everything that changes the profile's tokens (a scheduled step, login, logout,
 refresh, password change, register) holds `_upstream`, so exactly one exchange with
 Geins is in flight per profile: the refresh token rotates, and two refreshes racing
 with the same token would void each other. Those exchanges run shielded from
@@ -145,7 +145,7 @@ class Profile:
         )
         self.session.defer_startup_refresh(self._wall.now(), spread)
 
-    # -- the rotation loop -----------------------------------------------------------------
+    # -- scheduled steps ---------------------------------------------------------------------
 
     @property
     def _upstream(self) -> trio.Lock:
