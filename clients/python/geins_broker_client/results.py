@@ -185,10 +185,6 @@ class Status(_Value):
             self, server: str, uptime: float, profiles: tuple[ProfileStatus, ...]
         ) -> None: ...
 
-    @property
-    def needs_login(self) -> tuple[ProfileStatus, ...]:
-        return tuple(p for p in self.profiles if p.state == "login_required")
-
 
 class Hello(_Value):
     _fields = ("version", "server", "ops")
