@@ -22,7 +22,8 @@ import trio.testing
 from broker import config as config_module
 from broker.config import BrokerConfig
 from broker.daemon import Daemon
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.profile import Profile
 from broker.wallclock import TrioWallClock
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode

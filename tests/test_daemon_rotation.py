@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
 from broker.session import State
 from broker.wallclock import TrioWallClock

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
 from broker.session import State
 from broker.wallclock import TrioWallClock

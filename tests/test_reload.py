@@ -14,7 +14,8 @@ from trio.testing import MockClock
 from broker.api import Peer
 from broker.config import load
 from broker.daemon import Daemon
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.server import Connection
 from broker.wallclock import TrioWallClock
 from geins_broker_client.protocol import FrameDecoder

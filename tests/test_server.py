@@ -10,8 +10,9 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.wallclock import TrioWallClock
 from geins_broker_client import InvalidCredentials, Unavailable, UpstreamError
 from geins_broker_client.protocol import Op, encode

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from broker.errors import MalformedAnswer
-from broker.geins import Grant
+from broker.geins.protocol import Grant
 from broker.secret import Secret
 from broker.session import (
     END_SESSION,
