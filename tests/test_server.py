@@ -16,7 +16,7 @@ from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.wallclock import TrioWallClock
 from geins_broker_client import InvalidCredentials, Unavailable, UpstreamError
 from geins_broker_client.protocol import Op, encode
-from tests.conftest import Broker, Fraction, RawConnection, start_broker
+from tests.support import Broker, Fraction, RawConnection, start_broker
 
 
 async def raw(broker: Broker) -> RawConnection:
