@@ -46,14 +46,18 @@ def trusted_uids() -> frozenset[int]:
     return frozenset({os.geteuid(), 0, service})
 
 
-def directory_problem(info: os.stat_result, trusted: Collection[int]) -> str | None:
-    """Why the socket's directory (from lstat) cannot be trusted, or None."""
+def directory_problem(
+    info: os.stat_result, trusted: Collection[int], who: str = _WHO
+) -> str | None:
+    """Why the socket's directory (from lstat) cannot be trusted, or None.
+
+    `who` names the trusted uids in the reason (the daemon trusts only its own)."""
     if stat.S_ISLNK(info.st_mode):
         return "is a symlink"
     if not stat.S_ISDIR(info.st_mode):
         return "is not a directory"
     if info.st_uid not in trusted:
-        return f"is owned by uid {info.st_uid}, not by {_WHO}"
+        return f"is owned by uid {info.st_uid}, not by {who}"
     if info.st_mode & 0o022:
         return f"may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
     return None
