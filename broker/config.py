@@ -119,28 +119,31 @@ def runtime_dir() -> Path:
     exists and is ours, else TMPDIR/runtime-UID, made 0700 here if missing.
 
     Computed here rather than by platformdirs, whose answer changed between versions.
-    The last resort lies in a directory everyone can write, so it must be ours, private
-    and no symlink: another user may have made it first, to plant a socket of their own
-    where our clients look (ConfigError otherwise; the daemon exits 2).
+    Whichever it is must be ours, no symlink, and not writable by group or others: the
+    last resort lies in a directory everyone can write, where another user may have made
+    it first to plant a socket where our clients look (ConfigError; the daemon exits 2).
     """
     uid = os.geteuid()
+    chosen = None
     if (xdg := os.environ.get("XDG_RUNTIME_DIR")) and os.path.isdir(xdg):
-        return Path(xdg)
-    user_run = Path(f"/run/user/{uid}")
-    with contextlib.suppress(OSError):
-        info = user_run.lstat()
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
-            return user_run
-    fallback = Path(temp_dir()) / f"runtime-{uid}"
-    try:
-        fallback.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"{fallback}: cannot create ({exc.strerror})") from None
-    if (problem := unsafe_directory(fallback)) is not None:
-        raise ConfigError(f"{fallback}: {problem}")
-    return fallback
+        chosen = Path(xdg)
+    else:
+        user_run = Path(f"/run/user/{uid}")
+        with contextlib.suppress(OSError):
+            info = user_run.lstat()
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+                chosen = user_run
+    if chosen is None:
+        chosen = Path(temp_dir()) / f"runtime-{uid}"
+        try:
+            chosen.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot create ({exc.strerror})") from None
+    if (problem := unsafe_directory(chosen)) is not None:
+        raise ConfigError(f"{chosen}: {problem}")
+    return chosen
 
 
 def default_state_dir() -> Path:
