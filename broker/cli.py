@@ -46,6 +46,8 @@ EXIT_UNKNOWN_PROFILE = 10
 #: Exit code per client error family; the most specific class wins.
 EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
+    # No broker we may trust is running: the socket found is another user's.
+    (client_errors.UntrustedSocket, EXIT_NOT_RUNNING),
     (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
     (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
     (client_errors.Forbidden, EXIT_FORBIDDEN),
@@ -56,7 +58,7 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.ProtocolError, EXIT_USAGE),
 )
 
-_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running,
+_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running (or untrusted),
 4 not logged in, 5 login required, 6 forbidden, 7 Geins unavailable or timeout,
 8 invalid credentials, 9 Geins error, 10 unknown profile"""
 
