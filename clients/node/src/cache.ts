@@ -80,7 +80,11 @@ export class TokenCache {
     const held = this.held;
     if (held !== null && held.token !== refused.token) return Promise.resolve(held);
     if (this.renewing !== null) return this.renewing;
-    const outlive = Math.max(Math.ceil(refused.expiresAt - this.clock()) + 1, this.minValid);
+    // Between what the refused token has left and its whole lifetime: more than it can
+    // meet, less than a new one will (the daemon refuses a min_valid of a lifetime or more).
+    const left = refused.expiresAt - this.clock();
+    const lifetime = jwtLifetime(refused.token);
+    const outlive = lifetime !== null && lifetime > left ? (left + lifetime) / 2 : left + 1;
     const renewing = this.client
       .token({ profile: this.profile, minValid: outlive })
       .catch((error: unknown) => {
@@ -114,5 +118,17 @@ export class TokenCache {
     );
     this.inFlight = request;
     return request;
+  }
+}
+
+/** exp - iat from a JWT's claims (read, not verified: only to size a wait), or null. */
+function jwtLifetime(jwt: string): number | null {
+  try {
+    const claims = JSON.parse(Buffer.from(jwt.split(".")[1] ?? "", "base64url").toString("utf8")) as unknown;
+    if (typeof claims !== "object" || claims === null) return null;
+    const { exp, iat } = claims as { exp?: unknown; iat?: unknown };
+    return typeof exp === "number" && typeof iat === "number" ? exp - iat : null;
+  } catch {
+    return null;
   }
 }

@@ -211,7 +211,6 @@ describe("every op against the daemon", () => {
       setTimeout(() => controller.abort(), 50);
       await assert.rejects(pending, { name: "AbortError" });
       await assert.rejects(client.hello({ signal: AbortSignal.abort(new Error("gone")) }), { message: "gone" });
-      await assert.rejects(client.hello({ signal: AbortSignal.timeout(0) }), { name: "TimeoutError" });
       assert.equal((await client.hello()).version, 1);
       await broker.emulator.control("DELETE", "faults");
     });
