@@ -8,8 +8,10 @@
 // API's address built in (https://merchantapi.geins.io/graphql); with MERCHANT_API_BASE
 // (e.g. the emulator's http://127.0.0.1:PORT) this example sends the SDK's requests there
 // instead, by wrapping the global fetch the SDK's GraphQL client calls. Until the emulator
-// answers the getUser query (it knows only the register commit today), it answers 400 and
-// the SDK returns undefined; against Geins the user comes back.
+// answers the getUser query (it knows only the register commit today), it answers 400
+// "knows only the UserCreate mutation" and the SDK throws that: which shows the SDK's
+// request got through the emulator's API key and bearer checks with the broker's token.
+// Against Geins, or an emulator with getUser, the user comes back.
 
 import { GeinsCore } from "@geins/core";
 import { GeinsCRM } from "@geins/crm";
