@@ -296,22 +296,9 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         users = dict(parse_user(u) for u in args.user) if args.user else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if users is None:
-        from .emulator import DEMO_PASSWORD, DEMO_USER
-
-        users = {DEMO_USER: DEMO_PASSWORD}
-    options = EmulatorOptions(
-        host=host,
-        port=port,
-        account=args.account,
-        environment=args.environment,
-        api_key=args.api_key,
-        users=users,
-        token_ttl=args.token_ttl,
-        refresh_ttl=args.refresh_ttl,
-        refresh_grace=args.refresh_grace,
-    )
-    return emulator_main(options)
+    names = ("account", "environment", "api_key", "token_ttl", "refresh_ttl", "refresh_grace")
+    settings = {name: value for name in names if (value := getattr(args, name)) is not None}
+    return emulator_main(EmulatorOptions(host, port, users, settings))
 
 
 _BASH_COMPLETION = """# bash completion for geins-broker: source <(geins-broker completion bash)
@@ -429,21 +416,21 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
 def _emulator_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="port 0 picks a free one")
-    add("--account", default="demo")
-    add("--environment", default="prod")
-    add("--api-key", default="demo-api-key")
+    # No defaults here: the emulator's own (broker/emulator/model.py ServiceConfig) apply.
+    add("--account", help="default: demo")
+    add("--environment", help="default: prod")
+    add("--api-key", help="default: demo-api-key")
     add(
         "--user",
         action="append",
         metavar="USERNAME:PASSWORD",
         help="a user (repeatable; default: the demo user)",
     )
-    add("--token-ttl", type=_positive, default=900.0, metavar="SECONDS")
-    add("--refresh-ttl", type=_positive, default=7 * 24 * 3600.0, metavar="SECONDS")
+    add("--token-ttl", type=_positive, metavar="SECONDS", help="default: 900")
+    add("--refresh-ttl", type=_positive, metavar="SECONDS", help="default: 7 days")
     add(
         "--refresh-grace",
         type=_positive,
-        default=0.0,
         metavar="SECONDS",
         help="how long a replaced refresh token still works if unused (default 0: strict)",
     )

@@ -22,13 +22,16 @@ import platformdirs
 
 from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME
 
-from .geins import Endpoint
-from .geins_protocol import DEFAULT_AUTH_SERVICE_URL, DEFAULT_MERCHANT_API_URL, REQUEST_TIMEOUT
+from .geins.protocol import (
+    DEFAULT_AUTH_SERVICE_URL,
+    DEFAULT_MERCHANT_API_URL,
+    REQUEST_TIMEOUT,
+    Endpoint,
+)
 from .session import Policy
 
 ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
-DEFAULT_PROFILE: Final = "default"
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 _PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

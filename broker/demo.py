@@ -20,7 +20,7 @@ import trio
 from geins_broker_client import BrokerError
 from geins_broker_client.trio_client import TrioClient
 
-from .emulator import DEMO_PASSWORD, DEMO_USER
+from .emulator.model import DEMO_PASSWORD, DEMO_USER
 
 _COMMAND = [sys.executable, "-m", "broker"]
 

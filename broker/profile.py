@@ -24,7 +24,6 @@ import trio
 
 from geins_broker_client.protocol import Code, PreparedResponse
 
-from . import claims
 from .config import ProfileConfig
 from .errors import (
     BadRequest,
@@ -39,7 +38,8 @@ from .errors import (
     UnknownProfile,
     UpstreamTimeout,
 )
-from .geins import GeinsClient
+from .geins import claims
+from .geins.client import GeinsClient
 from .log import events
 from .scheduler import Scheduler
 from .secret import Secret

@@ -1,22 +1,55 @@
 """The Unix-socket server: connections, peer credentials, framing, dispatch.
 
-The hot path is `token` answered from memory, tens of thousands of times a second. A
-trio task per connection pays for a scheduler round trip and an epoll_ctl per request,
-which profiling showed to be most of the cost; so instead one task, the reactor, owns
-every connection through a private level-triggered epoll that trio waits on as a
-single file descriptor. One wake-up then serves every connection that is ready: recv,
-decode every complete frame, answer what memory can answer, send once. Nothing on that
-path awaits.
-
-What may wait (a refresh a token needs, a login, a watch) runs as a task in the
-server's nursery and writes its answer through the same connection object when done,
-so a slow request never holds up the ones behind it. A connection's failure (or a bug
-while serving it) closes that connection, never the server.
+The hot path is `token` answered from memory, tens of thousands of times a second.
+Everything that may wait (a refresh a token needs, a login, a watch) runs as a task in
+the server's nursery and writes its answer through the same connection object when
+done, so a slow request never holds up the ones behind it. A connection's failure (or a
+bug while serving it) closes that connection, never the server.
 
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
 `busy` frame and is closed); `max_requests_per_connection` waiting ops per connection;
 idle connections, half-sent frames and unread answers time out, checked by a
 housekeeping task that sleeps until the earliest deadline.
+
+Some facts about the private epoll
+==================================
+
+Why not a trio task per connection: each request would then cost a scheduler round
+trip and an epoll_ctl in trio's own epoll (trio arms an fd with EPOLLONESHOT for
+each wait), which profiling showed to be most of the cost of a `token`
+answer (19k req/s against 75k with the reactor; benchmarks/README.md has the history).
+So one task, the reactor, owns every connection through an epoll instance of its own,
+and trio waits on that epoll's fd as one readable file descriptor
+(`trio.lowlevel.wait_readable`): an epoll fd is readable while any fd in its set is
+ready.
+
+Who owns which fd: the listening socket belongs to the daemon (listener.py); the server
+only registers it while it accepts (`_accepting`), and unregisters it to pause (fd
+exhaustion) or to stop. Every accepted socket belongs to its `Connection`; `_close` is
+the one place that unregisters it, closes it and cancels the connection's waiting
+tasks, and it runs at most once per connection (`closed`). Nothing else registers fds
+in this epoll, and trio never sees them, so no fd is ever in two epoll sets.
+
+Level-triggered without EPOLLONESHOT is safe here because only the reactor ever reads
+or writes a connection's socket from a ready event, on trio's single thread, and each
+event is handled to the point where the fd is no longer ready or its interest is
+changed: a read takes what one recv returns and answers it (a frame left in the kernel
+buffer simply wakes us again next round, which is the fairness we want); a writable
+connection flushes, and its interest goes back to EPOLLIN only when its backlog is
+gone. Tasks that answer later (`write`) send directly and switch the fd to EPOLLOUT
+when the socket is full; they run between reactor rounds, never during one.
+Edge-triggered mode would make every handler drain its socket to EAGAIN, which lets
+one greedy client starve the rest of a wake-up.
+
+Fairness within one wake-up: one wake-up serves up to `_BATCHES_PER_WAKEUP` (8) polls
+of up to `_MAX_EVENTS` (1024) ready fds without a checkpoint, so up to 8 x 1024
+connections are served before other tasks run. That bound is deliberate: nothing on
+that path awaits or blocks (each connection gets one recv and at most `_BATCH` (64)
+answers per round), so the longest gap is a few milliseconds at full load, and the
+tasks that wait (refreshes, watches) are not latency-critical at that scale.
+
+Linux only: epoll, SO_PEERCRED and SO_PEERGROUPS are Linux interfaces, and the daemon
+is a Linux service (systemd units).
 """
 
 from __future__ import annotations
@@ -32,7 +65,9 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from geins_broker_client.protocol import (
+    DEFAULT_PROFILE,
     MAX_REQUEST_SIZE,
+    RECV_SIZE,
     FrameDecoder,
     Op,
     encode,
@@ -43,7 +78,7 @@ from .api import Api, Peer
 from .config import BrokerConfig
 from .errors import BadFrame, BadRequest, BrokerFault, Busy, Forbidden, Internal, UnknownOp
 from .log import events
-from .requests import SCHEMAS, arguments
+from .schemas import SCHEMAS, arguments
 from .wallclock import WallClock
 
 if TYPE_CHECKING:
@@ -51,7 +86,10 @@ if TYPE_CHECKING:
 
 log = events("broker.server")
 
-_RECV_SIZE: Final = 65536
+#: accept() errors that mean "out of resources", not "that client is gone": the
+#: listener stays readable, so accepting pauses instead of spinning (trio's
+#: ACCEPT_CAPACITY_ERRNOS names the same four).
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _MAX_EVENTS: Final = 1024
 _BATCHES_PER_WAKEUP: Final = 8
 #: How long to stop accepting when the process has run out of file descriptors.
@@ -65,7 +103,6 @@ _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
 _INF: Final = float("inf")
 _TOKEN: Final = Op.TOKEN
-_DEFAULT: Final = "default"
 _NUMBERS: Final = (int, float)
 
 
@@ -89,6 +126,7 @@ class Connection:
     """One client: its socket, what it has half-sent, what it has not read yet."""
 
     __slots__ = (
+        "acl_cache",
         "blocked_since",
         "closed",
         "closing",
@@ -98,7 +136,6 @@ class Connection:
         "out",
         "partial_since",
         "peer",
-        "readable",
         "sock",
         "tasks",
         "waiting",
@@ -117,7 +154,7 @@ class Connection:
         self.partial_since = _INF
         #: Whether this peer may read a profile, decided once per connection and
         #: profile configuration (a reload replaces the configuration object).
-        self.readable: dict[str, tuple[object, bool]] = {}
+        self.acl_cache: dict[str, tuple[object, bool]] = {}
         #: Ops of this connection still waiting, and their cancel scopes.
         self.waiting = 0
         self.tasks: set[trio.CancelScope] = set()
@@ -136,6 +173,8 @@ class Server:
         self._connections: dict[int, Connection] = {}
         self._epoll = select.epoll()
         self._listener: socket.socket | None = None
+        #: Whether the listener is registered in the epoll now (not while paused).
+        self._accepting = False
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
         self._wake_housekeeper = trio.Event()
@@ -167,6 +206,7 @@ class Server:
         listener.setblocking(False)
         self._listener = listener
         self._epoll.register(listener.fileno(), _IN)
+        self._accepting = True
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -179,9 +219,11 @@ class Server:
             self._epoll.close()
 
     def stop_accepting(self) -> None:
-        if self._listener is not None:
-            self._epoll.unregister(self._listener.fileno())
-            self._listener = None
+        """Accept no more connections; safe at any moment, a pause included."""
+        listener, self._listener = self._listener, None
+        if listener is not None and self._accepting:
+            self._epoll.unregister(listener.fileno())
+        self._accepting = False
 
     async def drained(self) -> None:
         """Return once no waiting op (other than watches) is in flight."""
@@ -206,7 +248,13 @@ class Server:
             conn = self._connections.get(fd)
             if conn is None:
                 if self._listener is not None and fd == self._listener.fileno():
-                    self._accept(self._listener, now)
+                    try:
+                        self._accept(self._listener, now)
+                    except Exception:
+                        # Like a connection's failure: a bug while accepting costs a
+                        # pause in accepting, never the reactor (nor a busy loop).
+                        log.exception("accept_failed")
+                        self._pause_accepting(self._listener)
                 continue
             try:
                 if mask & _OUT:
@@ -227,13 +275,11 @@ class Server:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     # The listener stays readable: stop watching it for a moment rather
                     # than spin, and let connections close meanwhile.
                     log.error("accept_paused", reason=exc.strerror, seconds=_ACCEPT_PAUSE)
-                    self._epoll.unregister(listener.fileno())
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._resume_accepting, listener)
+                    self._pause_accepting(listener)
                     return
                 log.warning("accept_failed", reason=exc.strerror)  # that client is gone
                 continue
@@ -250,14 +296,22 @@ class Server:
             self._epoll.register(conn.fd, _IN)
             self._check_timeouts_by(now + self.idle_timeout)
 
+    def _pause_accepting(self, listener: socket.socket) -> None:
+        if self._accepting:
+            self._epoll.unregister(listener.fileno())
+            self._accepting = False
+            assert self._nursery is not None
+            self._nursery.start_soon(self._resume_accepting, listener)
+
     async def _resume_accepting(self, listener: socket.socket) -> None:
         await trio.sleep(_ACCEPT_PAUSE)
-        if self._listener is listener:
+        if self._listener is listener and not self._accepting:
             self._epoll.register(listener.fileno(), _IN)
+            self._accepting = True
 
     def _read(self, conn: Connection, now: float) -> None:
         try:
-            data = conn.sock.recv(_RECV_SIZE)
+            data = conn.sock.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -411,17 +465,17 @@ class Server:
     ) -> bytes | None:
         """The hot path: the token a profile holds, in its pre-encoded answer. None
         sends the request the long way (validation, waiting for a refresh)."""
-        name = message.get("profile", _DEFAULT)
+        name = message.get("profile", DEFAULT_PROFILE)
         min_valid = message.get("min_valid", 0)
         profile = self._profiles.get(name) if type(name) is str else None
         if profile is None or type(min_valid) not in _NUMBERS or not min_valid >= 0:
             return None  # (not >= also catches NaN)
-        cached = conn.readable.get(name)
+        cached = conn.acl_cache.get(name)
         if cached is not None and cached[0] is profile.config:
             allowed = cached[1]
         else:
             allowed = self.api.may_read(conn.peer, profile)
-            conn.readable[name] = (profile.config, allowed)
+            conn.acl_cache[name] = (profile.config, allowed)
         if not allowed:
             raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
         return profile.token_frame(request_id, min_valid, self._now())

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
-from . import claims
 from .errors import MalformedAnswer
-from .geins import Grant
+from .geins import claims
+from .geins.protocol import Grant
 from .secret import Secret
 
 #: The jittered rotation point stays inside this share of the lifetime.

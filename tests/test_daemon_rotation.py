@@ -13,13 +13,14 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
+from broker.emulator.model import DEMO_USER
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired, NotLoggedIn, Unavailable
 from geins_broker_client.errors import ProtocolError
-from tests.conftest import Broker, Fraction, RawConnection, fill, start_broker
+from tests.support import Broker, Fraction, RawConnection, fill, start_broker
 
 EXACT = {"jitter": 0}
 
@@ -192,7 +193,7 @@ async def test_rejected_refresh_token_needs_a_login_at_once(
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
-    emulator.service.revoke_user("demo@example.com")
+    emulator.service.revoke_user(DEMO_USER)
     await trio.sleep(676)
     session = broker.profile().session
     assert session.state is State.LOGIN_REQUIRED

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from broker import claims
 from broker.emulator.model import AuthService, HttpRequest, HttpResponse, ServiceConfig
-from broker.geins_protocol import encode_uri_component, password_digest
+from broker.geins import claims
+from broker.geins.protocol import encode_uri_component, password_digest
 
 AUTH = "/api/shop_prod"
 KEY = "merchant-key"

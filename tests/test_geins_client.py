@@ -14,8 +14,8 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker import claims
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.errors import (
     InvalidCredentials,
     MalformedAnswer,
@@ -24,8 +24,9 @@ from broker.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from broker.geins import GeinsClient, Grant
-from broker.geins_protocol import password_digest
+from broker.geins import claims
+from broker.geins.client import GeinsClient
+from broker.geins.protocol import Grant, password_digest
 from broker.secret import Secret
 from broker.wallclock import TrioWallClock
 
@@ -304,7 +305,7 @@ async def test_bad_fault_spec_is_refused(
 
 
 def _mock_client(handler: Any) -> GeinsClient:
-    from broker.geins import Endpoint
+    from broker.geins.protocol import Endpoint
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return GeinsClient(Endpoint(account="a", api_key="k"), http)

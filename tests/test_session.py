@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 
 import pytest
 
 from broker.errors import MalformedAnswer
-from broker.geins import Grant
+from broker.geins.protocol import Grant
 from broker.secret import Secret
 from broker.session import (
     END_SESSION,
@@ -21,19 +20,9 @@ from broker.session import (
     State,
     Tokens,
 )
+from tests.support import Fraction
 
 T0 = 1_800_000_000.0
-
-
-class Fraction(random.Random):
-    """A random source whose `uniform(a, b)` lands at a chosen point between a and b."""
-
-    def __init__(self, at: float) -> None:
-        super().__init__(0)
-        self.at = at
-
-    def uniform(self, a: float, b: float) -> float:
-        return a + (b - a) * self.at
 
 
 def jwt(exp: float, iat: float | None = None, **claims: object) -> str:

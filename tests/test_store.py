@@ -11,7 +11,7 @@ import pytest
 from broker.errors import StoreError
 from broker.secret import Secret
 from broker.store import CorruptState, Record, Store
-from tests.conftest import fill, remount
+from tests.support import fill, remount
 
 RECORD = Record(
     username="ada@example.com",

@@ -23,10 +23,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
-from ..geins_protocol import (
+from ..geins.protocol import (
     API_KEY_HEADER,
     CUSTOMER_TYPES,
     GRAPHQL_PATH,
@@ -120,11 +120,18 @@ class Replaced:
     successor: str
 
 
+DEMO_USER: Final = "demo@example.com"
+DEMO_PASSWORD: Final = "demo-password"  # noqa: S105 - the emulator's public demo account
+
+
 @dataclass(slots=True)
 class ServiceConfig:
-    account: str
-    environment: str
-    api_key: str = field(repr=False)
+    """The emulated service's settings. These defaults are the only ones: the CLI and
+    `Emulator` pass on only what they were given."""
+
+    account: str = "demo"
+    environment: str = "prod"
+    api_key: str = field(default="demo-api-key", repr=False)
     token_ttl: float = 900.0
     refresh_ttl: float = 7 * 24 * 3600.0
     #: Seconds a just-replaced refresh token still works if its successor is unused.

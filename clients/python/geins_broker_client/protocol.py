@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 VERSION: Final = 1
 
+#: The profile an op acts on when the request names none.
+DEFAULT_PROFILE: Final = "default"
+#: How much one read from a broker socket asks for, on either side.
+RECV_SIZE: Final = 65536
+
 #: The largest request body the daemon reads; a longer frame ends the connection.
 MAX_REQUEST_SIZE: Final = 64 * 1024
 #: The largest response body a client accepts. `status` with ten thousand profiles fits.

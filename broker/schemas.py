@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from geins_broker_client.protocol import Op
+from geins_broker_client.protocol import DEFAULT_PROFILE, Op
 
-from .config import DEFAULT_PROFILE
 from .errors import BadRequest
 from .secret import Secret
 

@@ -1,7 +1,7 @@
 """The Geins auth client: the only module that speaks to Geins.
 
 Every function sends exactly what the official SDK sends (same paths, methods, headers,
-bodies, digest and escaping; see geins_protocol.py) and turns every way it can fail into
+bodies, digest and escaping; see protocol.py) and turns every way it can fail into
 one of the typed errors in errors.py, once, here: connection trouble and 5xx/429 are
 `Transient` (with Retry-After), a dead refresh token is `RefreshTokenRejected`, a wrong
 password is `InvalidCredentials`, a 2xx without what the protocol promises is
@@ -11,19 +11,16 @@ token, nor the URLs (the sign URL carries the API key).
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from . import __version__
-from .errors import (
-    GeinsError,
+from .. import __version__
+from ..errors import (
     InvalidCredentials,
     MalformedAnswer,
     RefreshTokenRejected,
@@ -31,75 +28,23 @@ from .errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from .geins_protocol import (
+from ..secret import Secret
+from .protocol import (
     API_KEY_HEADER,
-    DEFAULT_AUTH_SERVICE_URL,
-    DEFAULT_MERCHANT_API_URL,
     DEFAULT_NEW_USER,
-    GRAPHQL_PATH,
     REFRESH_HEADER,
     REQUEST_TIMEOUT,
     SHORT_SESSION_MINUTES,
     USER_CREATE_MUTATION,
-    auth_path,
+    Endpoint,
+    Grant,
     encode_uri_component,
     password_digest,
-    sign_path,
+    retry_after_seconds,
 )
-from .secret import Secret
 
 USER_AGENT = f"geins-broker/{__version__}"
 _JSON = {"Content-Type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where one profile's Geins account lives."""
-
-    account: str
-    api_key: str = field(repr=False)
-    environment: str = "prod"
-    auth_service_url: str = DEFAULT_AUTH_SERVICE_URL
-    merchant_api_url: str = DEFAULT_MERCHANT_API_URL
-    channel_id: str | None = None
-    language_id: str | None = None
-    market_id: str | None = None
-
-    @property
-    def auth_base(self) -> str:
-        return self.auth_service_url.rstrip("/") + auth_path(self.account, self.environment)
-
-    @property
-    def sign_base(self) -> str:
-        return self.merchant_api_url.rstrip("/") + sign_path(self.api_key) + "?identity="
-
-    @property
-    def graphql_url(self) -> str:
-        return self.merchant_api_url.rstrip("/") + GRAPHQL_PATH
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What a successful login, refresh, password change or register hands back."""
-
-    bearer: Secret
-    refresh: Secret
-    #: Seconds the session (the refresh token) lasts, as Geins states it; None if it did not.
-    max_age: int | None
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class GeinsClient:
@@ -267,7 +212,7 @@ def _checked(response: httpx.Response, what: str) -> httpx.Response:
     status = response.status_code
     if 200 <= status < 300:
         return response
-    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
     if status == 429:
         raise Transient(f"Geins is rate limiting the {what} (429)", retry_after)
     if status >= 500:
@@ -306,4 +251,4 @@ def _grant(response: httpx.Response, what: str) -> Grant:
     return Grant(Secret(token), Secret(refresh), None if max_age is None else int(max_age))
 
 
-__all__ = ["Endpoint", "GeinsClient", "GeinsError", "Grant", "retry_after_seconds"]
+__all__ = ["GeinsClient"]

@@ -1,16 +1,21 @@
-"""The Geins auth protocol's fixed parts, as the official SDK speaks them.
+"""The Geins auth protocol's values, as the official SDK speaks them. Pure: no I/O.
 
-Shared by the client (geins.py) and the emulator, so the two cannot disagree on a salt,
-a header name or how a challenge is escaped. docs/geins-protocol.md (and
-../shared/geins-auth-protocol.md) describe each field.
+Shared by the HTTP client (client.py) and the emulator, so the two cannot disagree on a
+salt, a header name, how a challenge is escaped or what a grant holds. The reference is
+the official SDK's auth service client (@geins/core, `authServiceClient.ts`); each value
+below says which part of the exchange it is.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
+
+from ..secret import Secret
 
 #: The fixed public salt the SDK appends to every password before hashing it.
 PASSWORD_SALT: Final = "Dd1dfLonNy6Am2fXQl2AcoI+IbhLhXvaibnDNn8uEa6vbJ05eyJajSuGFm9uQSmD"  # noqa: S105 - public, fixed by the protocol
@@ -60,3 +65,53 @@ def sign_path(api_key: str) -> str:
 
 
 GRAPHQL_PATH: Final = "/graphql"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one profile's Geins account lives."""
+
+    account: str
+    api_key: str = field(repr=False)
+    environment: str = "prod"
+    auth_service_url: str = DEFAULT_AUTH_SERVICE_URL
+    merchant_api_url: str = DEFAULT_MERCHANT_API_URL
+    channel_id: str | None = None
+    language_id: str | None = None
+    market_id: str | None = None
+
+    @property
+    def auth_base(self) -> str:
+        return self.auth_service_url.rstrip("/") + auth_path(self.account, self.environment)
+
+    @property
+    def sign_base(self) -> str:
+        return self.merchant_api_url.rstrip("/") + sign_path(self.api_key) + "?identity="
+
+    @property
+    def graphql_url(self) -> str:
+        return self.merchant_api_url.rstrip("/") + GRAPHQL_PATH
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a successful login, refresh, password change or register hands back."""
+
+    bearer: Secret
+    refresh: Secret
+    #: Seconds the session (the refresh token) lasts, as Geins states it; None if it did not.
+    max_age: int | None
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
