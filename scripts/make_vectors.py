@@ -249,6 +249,7 @@ TRUST_CASES: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, bool]
         _stat("socket", 999, 0o660),
         True,
     ),
+    ("own directory, root's socket", _stat("directory"), _stat("socket", 0, 0o600), True),
     ("sticky /tmp-like directory", _stat("directory", 0, 0o1777), _stat("socket"), False),
     ("group-writable directory", _stat("directory", mode=0o770), _stat("socket"), False),
     ("other-writable directory", _stat("directory", mode=0o703), _stat("socket"), False),
@@ -258,8 +259,10 @@ TRUST_CASES: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, bool]
     ("socket of another uid", _stat("directory"), _stat("socket", 65534, 0o777), False),
     ("socket is a symlink", _stat("directory"), _stat("symlink", mode=0o777), False),
     ("socket is a regular file", _stat("directory"), _stat("file", mode=0o600), False),
-    ("socket missing", _stat("directory"), None, False),
-    ("directory missing", None, None, False),
+    ("missing socket under a 0777 directory", _stat("directory", 65534, 0o777), None, False),
+    # Nothing there is nothing to distrust: connecting says "not running".
+    ("socket missing", _stat("directory"), None, True),
+    ("directory missing", None, None, True),
 ]
 
 
@@ -313,6 +316,10 @@ def build() -> dict[str, Any]:
         },
         "socket_paths": SOCKET_PATHS,
         "trust": {
+            "about": "lstat of the socket's directory and of the socket (null: does not "
+            "exist) -> accept: no problem with rules 1 and 2 (docs/protocol.md, 'Finding and "
+            "trusting the socket'). The trusted uids stand for: the client (1000), root, "
+            "geins-broker (999).",
             "trusted_uids": TRUSTED,
             "cases": [
                 {"name": n, "directory": d, "socket": s, "accept": a} for n, d, s, a in TRUST_CASES

@@ -29,8 +29,8 @@ export class BrokerNotRunning extends BrokerError {
 
 /**
  * The socket, or the directory holding it, could be controlled by another user: nothing
- * was sent to it. Raised for a path given explicitly (or in $GEINS_BROKER_SOCKET); the
- * default search skips such candidates instead.
+ * was sent to it. Raised for a path given explicitly (or in $GEINS_BROKER_SOCKET), and by
+ * the default search when candidates exist but none passes the rule.
  */
 export class UntrustedSocket extends BrokerError {
   static override readonly defaultCode: string = "untrusted_socket";

@@ -77,25 +77,30 @@ export function statInfo(stats: StatsLike): StatInfo {
 }
 
 /**
- * Why a socket may not be trusted, or null when it may: the rule as a pure function of
- * the two lstat results (null: missing) and the trusted uids.
+ * Why a socket may not be trusted, or null when nothing is wrong: rules 1 and 2 of
+ * docs/protocol.md ("Finding and trusting the socket") as a pure function of the two lstat
+ * results and the trusted uids. A directory or socket that does not exist (null) is no
+ * trust problem: connecting to it says "not running", and nothing can appear later under
+ * a directory that passed. The Python twin is geins_broker_client/trust.py.
  */
 export function checkTrusted(
   directory: StatInfo | null,
   socket: StatInfo | null,
   trusted: ReadonlySet<number>,
 ): string | null {
-  if (directory === null) return "its directory does not exist";
+  if (directory === null) return null;
   if (directory.type !== "directory") return `its directory is a ${directory.type}, not a directory`;
-  if (!trusted.has(directory.uid)) return `its directory belongs to uid ${directory.uid}`;
+  if (!trusted.has(directory.uid)) return `its directory is owned by uid ${directory.uid}, not by ${WHO}`;
   if ((directory.mode & 0o022) !== 0) {
-    return `its directory is writable by others (mode ${directory.mode.toString(8).padStart(4, "0")})`;
+    return `its directory may be written by others (mode ${directory.mode.toString(8).padStart(4, "0")})`;
   }
-  if (socket === null) return "it does not exist";
+  if (socket === null) return null;
   if (socket.type !== "socket") return `it is a ${socket.type}, not a socket`;
-  if (!trusted.has(socket.uid)) return `it belongs to uid ${socket.uid}`;
+  if (!trusted.has(socket.uid)) return `it is owned by uid ${socket.uid}, not by ${WHO}`;
   return null;
 }
+
+const WHO = "you, root or the geins-broker service";
 
 let systemUserUid: number | null | undefined;
 
@@ -129,6 +134,7 @@ export function trustedUids(euid: number = effectiveUid(), system: number | null
 }
 
 async function lstatInfo(path: string): Promise<StatInfo | null> {
+  // Any other error (EACCES on a directory above) propagates: it is not "missing".
   try {
     return statInfo(await lstat(path));
   } catch (error) {
@@ -155,9 +161,11 @@ export interface TrustedSocket {
 }
 
 /**
- * The socket to connect to. An explicit path (argument or $GEINS_BROKER_SOCKET) that fails
- * the trust rule is UntrustedSocket; the default search skips such candidates and takes the
- * first that exists and passes. Nothing found: BrokerNotRunning, naming what was skipped.
+ * The socket to connect to, checked before a byte is sent. An explicit path (argument or
+ * $GEINS_BROKER_SOCKET) that fails the trust rule is UntrustedSocket. The default search
+ * takes the first candidate that exists and passes; when some exist but none passes, the
+ * first of those is refused (UntrustedSocket, naming why); when none exists,
+ * BrokerNotRunning names the most likely path.
  */
 export async function locateSocket(explicit?: string, env: Env = process.env): Promise<TrustedSocket> {
   const trusted = trustedUids();
@@ -169,15 +177,15 @@ export async function locateSocket(explicit?: string, env: Env = process.env): P
     return { path: given, identity: socket };
   }
   const candidates = candidateSockets(env);
-  const skipped: string[] = [];
+  let refused: string | null = null;
   for (const path of candidates) {
     const { socket, problem } = await inspectSocket(path, trusted);
     if (socket === null) continue;
     if (problem === null) return { path, identity: socket };
-    skipped.push(`${path}: ${problem}`);
+    refused ??= `refusing the socket ${path}: ${problem}`;
   }
-  const note = skipped.length ? `; skipped as untrusted: ${skipped.join("; ")}` : "";
-  throw new BrokerNotRunning(`no broker is listening at ${candidates[0]} (no such socket)${note}`);
+  if (refused !== null) throw new UntrustedSocket(refused);
+  throw new BrokerNotRunning(`no broker is listening at ${candidates[0]} (no such socket)`);
 }
 
 /** Whether the path still names the same socket the rule accepted (checked after connecting). */

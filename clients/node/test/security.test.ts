@@ -9,7 +9,10 @@ import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
 import { after, before, describe, test } from "node:test";
 
-import { BrokerClient, BrokerNotRunning, UntrustedSocket } from "../src/index.js";
+import { createServer } from "node:net";
+
+import { BrokerClient, UntrustedSocket } from "../src/index.js";
+import { FrameDecoder, encode } from "../src/protocol.js";
 import { BUILD, NOBODY, asNobody, canSwitchUid, removeTmp, shortTmp, startBroker } from "./support.js";
 
 const skip = canSwitchUid() ? false : "switching to another uid needs root and setpriv (CI runs as root)";
@@ -104,15 +107,37 @@ describe("a socket planted by another uid", { skip }, () => {
         await assert.rejects(client.token(), UntrustedSocket);
         // The same path in $GEINS_BROKER_SOCKET counts as given explicitly.
         await assert.rejects(new BrokerClient({ env: { GEINS_BROKER_SOCKET: planted.path } }).token(), UntrustedSocket);
-        // The default search skips it (and says so) rather than connecting.
-        const systemSockets = ["/run/user/0/geins-broker/broker.sock", "/run/geins-broker/broker.sock"];
+        // The default search skips it; with nothing else there, it refuses it by name.
+        const systemSockets = [`/run/user/${process.geteuid!()}/geins-broker/broker.sock`, "/run/geins-broker/broker.sock"];
         if (!systemSockets.some((p) => existsSync(p))) {
           const env = { XDG_RUNTIME_DIR: join(planted.path, "..", ".."), TMPDIR: "/nonexistent-gbn" };
           await assert.rejects(new BrokerClient({ env }).token(), (error: unknown) => {
-            assert.ok(error instanceof BrokerNotRunning);
-            assert.match(error.message, /skipped as untrusted/);
+            assert.ok(error instanceof UntrustedSocket);
+            assert.ok(error.message.includes(planted.path));
             return true;
           });
+        }
+        // With a trusted socket further down the list, the search skips the planted one.
+        const mine = shortTmp();
+        const runtime = join(mine, `runtime-${process.geteuid!()}`, "geins-broker");
+        mkdirSync(runtime, { recursive: true, mode: 0o700 });
+        const server = createServer((socket) =>
+          socket.on("data", (data) => {
+            const [request] = new FrameDecoder().feed(data);
+            socket.write(encode({ id: request!["id"], ok: true, v: 1, server: "trusted-fake", ops: [] }));
+          }),
+        );
+        await new Promise<void>((done) => server.listen(join(runtime, "broker.sock"), done));
+        try {
+          const env = { XDG_RUNTIME_DIR: join(planted.path, "..", ".."), TMPDIR: mine };
+          const client = new BrokerClient({ env });
+          if (!systemSockets.slice(0, 1).some((p) => existsSync(p))) {
+            assert.equal((await client.hello()).server, "trusted-fake");
+          }
+          client.close();
+        } finally {
+          await new Promise<void>((done) => server.close(() => done()));
+          removeTmp(mine);
         }
         assert.equal(planted.seen(), "", "the planted listener saw a connection or bytes");
       } finally {
