@@ -13,8 +13,8 @@
 
 import { createConnection, type Socket } from "node:net";
 
-import { BrokerError, BrokerNotRunning, BadFrame, errorFromWire } from "./errors.js";
-import { FrameDecoder, MAX_RESPONSE_SIZE, encode, type Message } from "./protocol.js";
+import { BadFrame, BadRequest, BrokerError, BrokerNotRunning, errorFromWire } from "./errors.js";
+import { FrameDecoder, HEADER_SIZE, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, encode, type Message } from "./protocol.js";
 
 /** The stream ended or broke before the answer came. */
 export class ConnectionLost extends Error {
@@ -72,6 +72,10 @@ export class Connection {
     if (!this.usable) throw this.failure ?? new ConnectionLost("the connection is closed");
     const id = this.nextId++;
     const frame = encode({ id, ...fields });
+    if (frame.byteLength - HEADER_SIZE > MAX_REQUEST_SIZE) {
+      // The daemon would end the connection (bad_frame) and every call on it with it.
+      throw new BadRequest(`request of ${frame.byteLength - HEADER_SIZE} bytes is over the ${MAX_REQUEST_SIZE} limit`);
+    }
     this.waiters.set(id, waiter);
     if (this.waiters.size === 1) this.socket.ref();
     this.socket.write(frame);

@@ -14,6 +14,7 @@ import {
   InvalidCredentials,
   LoginRequired,
   NotLoggedIn,
+  TokenCache,
   type Token,
   ProtocolError,
   Timeout,
@@ -66,6 +67,23 @@ describe("every op against the daemon", () => {
     assert.ok(!JSON.stringify(token).includes(token.token));
     assert.ok(!inspect({ nested: [token] }, { depth: 5 }).includes(token.token));
     assert.equal(token.authorization, `Bearer ${token.token}`);
+  });
+
+  test("a request over the daemon's 64 KiB limit is refused before it is sent", async () => {
+    const user = { note: "x".repeat(70_000) };
+    await assert.rejects(client.register({ profile: "idle", username: "big@example.com", password: "pw", user }), (error: unknown) => {
+      assert.ok(error instanceof BadRequest);
+      assert.match(error.message, /over the 65536 limit/);
+      return true;
+    });
+    assert.equal((await client.hello()).version, 1);
+  });
+
+  test("a TokenCache shows no token either", async () => {
+    const cache = new TokenCache({ client });
+    const token = await cache.get();
+    assert.ok(!inspect(cache, { depth: 10 }).includes(token.token));
+    assert.ok(!inspect(client, { depth: 10 }).includes(token.token));
   });
 
   test("user, status", async () => {
