@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 """
 
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, tokens
+from . import footprint, node_client, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore")
+ALL = ("tokens", "node", "cli", "memory", "idle", "restore")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -30,6 +30,14 @@ def markdown(results: dict[str, Any]) -> str:
             "per cell; one load process, one request in flight per connection):",
             "",
             tokens.table(t),
+            "",
+        ]
+    if "node" in results:
+        out += [
+            "**The Node client beside the Python client** (same daemon, same run; median of "
+            f"{results['node'].get('repeat', 0)} interleaved runs):",
+            "",
+            node_client.table(results["node"]),
             "",
         ]
     if "cli" in results:
@@ -78,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "node" in chosen:
+        results["node"] = node_client.run(
             repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
         )
     if "cli" in chosen:
