@@ -1,0 +1,121 @@
+"""Fixtures of the systemd suite: a cached Debian root, and per test a container booted
+from it with the project deployed as docs/deployment.md says.
+
+Every test here is marked `systemd` (scripts/test --quick leaves them out). Where a
+container cannot be booted (not root, no systemd-nspawn or mmdebstrap, the root cannot
+be built), the tests are skipped with the reason, and the run's summary says so in
+capitals; under CI (CI=true) or GEINS_BROKER_REQUIRE_SYSTEMD=1 they fail instead, since
+a CI that cannot boot systemd must not look green.
+
+A new scenario takes `system` (a booted container, the system service deployed and
+enabled, the emulator on 127.0.0.1:8080) or `machine` (a booted container only) and
+uses their helpers: `run`, `systemctl`, `show`, `journal`, `cli`, `emulator`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .deploy import BUNDLE, SystemService, make_bundle
+from .image import ImageError, ensure_root
+from .machine import Machine, MachineError
+
+HERE = Path(__file__).resolve().parent
+TOOLS = ("systemd-nspawn", "mmdebstrap", "nsenter", "setpriv")
+_not_run: list[str] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: the marker must be on before `-m "not systemd"` deselects.
+    for item in items:
+        if HERE in Path(item.path).parents:
+            item.add_marker(pytest.mark.systemd)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _not_run:
+        banner = f"SYSTEMD SUITE NOT RUN: {_not_run[0]}"
+        terminalreporter.write_sep("!", banner, red=True, bold=True)
+
+
+def _cannot_boot(reason: str) -> None:
+    _not_run.append(reason)
+    if os.environ.get("CI") == "true" or os.environ.get("GEINS_BROKER_REQUIRE_SYSTEMD") == "1":
+        pytest.fail(f"cannot boot a systemd container: {reason}", pytrace=False)
+    pytest.skip(f"SYSTEMD SUITE NOT RUN: {reason}")
+
+
+@pytest.fixture(scope="session")
+def systemd_root() -> Path:
+    """The cached root (built on first use), or a loud skip saying why there is none."""
+    if _not_run:
+        _cannot_boot(_not_run[0])
+    if os.geteuid() != 0:
+        _cannot_boot("systemd-nspawn needs root (run scripts/test as root)")
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        _cannot_boot(
+            f"{', '.join(missing)} missing (scripts/test installs systemd-container and "
+            "mmdebstrap with apt-get when it runs as root)"
+        )
+    try:
+        return ensure_root()
+    except ImageError as exc:
+        _cannot_boot(f"building the Debian root failed: {exc}")
+        raise  # unreachable: _cannot_boot raises
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="geins-broker-systemd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bundle(workdir: Path) -> Path:
+    return make_bundle(workdir / "bundle")
+
+
+@pytest.fixture
+def machine(
+    systemd_root: Path, bundle: Path, workdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Machine]:
+    """A freshly booted container (a tmpfs overlay on the cached root)."""
+    try:
+        booted = Machine.boot(systemd_root, workdir, {bundle: BUNDLE})
+    except MachineError as exc:
+        if "systemd-nspawn exited" in str(exc) and not _not_run:
+            _cannot_boot(f"systemd-nspawn does not boot here: {exc}")
+        raise
+    try:
+        yield booted
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            journal = booted.run(["journalctl", "--no-pager", "-n", "300"], check=False)
+            request.node.add_report_section("call", "container journal", journal.stdout)
+        booted.stop()
+
+
+@pytest.fixture
+def system(machine: Machine) -> SystemService:
+    """A container with the system service deployed and enabled (docs/deployment.md,
+    steps 1-4) and the emulator on 127.0.0.1:8080. Nothing has connected yet."""
+    service = SystemService(machine)
+    service.deploy()
+    return service
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
