@@ -75,9 +75,20 @@ def make_bundle(directory: Path) -> Path:
     """The working directory the document assumes: the wheel, systemd/, config.toml."""
     directory.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
-         str(directory), str(REPO)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--wheel-dir",
+            str(directory),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"building the project's wheel failed:\n{result.stderr[-3000:]}")
@@ -86,8 +97,9 @@ def make_bundle(directory: Path) -> Path:
     return directory
 
 
-def run_steps(machine: Machine, section: str, steps: list[str], *, user: str | None = None,
-              cwd: str = BUNDLE) -> None:
+def run_steps(
+    machine: Machine, section: str, steps: list[str], *, user: str | None = None, cwd: str = BUNDLE
+) -> None:
     blocks = doc_blocks(section)
     for step in steps:
         for block in blocks[step]:
@@ -112,8 +124,17 @@ class SystemService:
         so forgetting every session, if it runs already)."""
         self.machine.run(["systemctl", "stop", "geins-emulator.service"], check=False)
         self.machine.run(
-            ["systemd-run", "--quiet", "--unit=geins-emulator", "--property=DynamicUser=yes",
-             f"{VENV}/bin/geins-broker", "emulator", "--listen", "127.0.0.1:8080", *args]
+            [
+                "systemd-run",
+                "--quiet",
+                "--unit=geins-emulator",
+                "--property=DynamicUser=yes",
+                f"{VENV}/bin/geins-broker",
+                "emulator",
+                "--listen",
+                "127.0.0.1:8080",
+                *args,
+            ]
         )
         self.machine.run([f"{VENV}/bin/python", "-c", _WAIT_FOR_PORT])
 
@@ -124,14 +145,22 @@ class SystemService:
 
     # -- the broker --------------------------------------------------------------------
 
-    def cli(self, *args: str, user: str | None = None, input: str | None = None,  # noqa: A002
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, user: str | None = None, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """`geins-broker ARGS` inside, as root or `user`."""
         return self.machine.run(["geins-broker", *args], user=user, input=input, check=check)
 
     def login(self, profile: str = "default") -> None:
-        self.cli("login", "--profile", profile, "--username", DEMO_USER, "--password-stdin",
-                 input=DEMO_PASSWORD + "\n")
+        self.cli(
+            "login",
+            "--profile",
+            profile,
+            "--username",
+            DEMO_USER,
+            "--password-stdin",
+            input=DEMO_PASSWORD + "\n",
+        )
 
     def token(self, profile: str = "default", user: str | None = None) -> str:
         return self.cli("token", "--profile", profile, user=user).stdout.strip()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.metadata as metadata
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -153,24 +153,46 @@ def _build(entry: Path, pins: list[str]) -> None:
         _run(
             "download the dependencies' wheels",
             [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                "--only-binary=:all:", "--dest", str(wheels),
-                "--python-version", PYTHON["python_version"], "--implementation", "cp",
-                "--abi", "cp311", "--platform", "manylinux2014_x86_64",
-                "--platform", "manylinux_2_17_x86_64",
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                str(wheels),
+                "--python-version",
+                PYTHON["python_version"],
+                "--implementation",
+                "cp",
+                "--abi",
+                "cp311",
+                "--platform",
+                "manylinux2014_x86_64",
+                "--platform",
+                "manylinux_2_17_x86_64",
                 *pins,
             ],
         )
         _run(
             f"venv {VENV} with the dependencies",
             [
-                "systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
-                "--private-network", f"--machine=gb-build-{os.getpid()}",
-                f"--directory={tree}", f"--bind-ro={wheels}:/mnt/wheels",
-                "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "sh", "-c",
+                "systemd-nspawn",
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                f"--machine=gb-build-{os.getpid()}",
+                f"--directory={tree}",
+                f"--bind-ro={wheels}:/mnt/wheels",
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/bin:/bin",
+                "sh",
+                "-c",
                 f"python3 -m venv {VENV} && {VENV}/bin/pip install --quiet "
-                "--disable-pip-version-check --no-index --find-links /mnt/wheels "
-                + " ".join(pins),
+                "--disable-pip-version-check --no-index --find-links /mnt/wheels " + " ".join(pins),
             ],
         )
         shutil.rmtree(wheels)

@@ -11,6 +11,7 @@ groups. Every wait is bounded: a wedged container fails the test instead of hang
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shlex
@@ -50,7 +51,7 @@ class Machine:
         self.leader = 0
 
     @classmethod
-    def boot(cls, root: Path, workdir: Path, binds: Mapping[Path, str] = {}) -> Machine:  # noqa: B006 - never mutated
+    def boot(cls, root: Path, workdir: Path, binds: Mapping[Path, str] = {}) -> Machine:
         name = f"gb-{os.getpid()}-{next(_names)}"
         console = workdir / f"{name}.console"
         argv = [
@@ -115,7 +116,7 @@ class Machine:
         *,
         user: str | None = None,
         env: Mapping[str, str] | None = None,
-        input: str | None = None,  # noqa: A002 - subprocess's own name
+        input: str | None = None,
         check: bool = True,
         timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
@@ -130,8 +131,9 @@ class Machine:
             full += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
         full += command
         try:
-            result = subprocess.run(full, input=input, capture_output=True, text=True,
-                                    timeout=timeout, check=False)
+            result = subprocess.run(
+                full, input=input, capture_output=True, text=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired as exc:
             raise MachineError(f"{shlex.join(command)} took over {timeout} s") from exc
         if check and result.returncode != 0:
@@ -156,9 +158,7 @@ class Machine:
         selector = [("--user-unit=" if user_unit else "--unit=") + unit] if unit else []
         return self.run(["journalctl", "--no-pager", "--output=cat", *selector]).stdout
 
-    def wait_until(
-        self, what: str, predicate: Callable[[], bool], timeout: float = 30.0
-    ) -> None:
+    def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll `predicate` (real time, short steps) until it holds, or fail naming `what`."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -180,7 +180,5 @@ class Machine:
         # nspawn leaves an empty mount-propagation directory behind.
         propagate = Path("/run/systemd/nspawn/propagate") / self.name
         if propagate.is_dir() and not os.path.ismount(propagate):
-            try:
+            with contextlib.suppress(OSError):
                 propagate.rmdir()
-            except OSError:
-                pass
