@@ -101,7 +101,7 @@ def machine(
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             journal = booted.run(["journalctl", "--no-pager", "-n", "300"], check=False)
-            request.node.add_report_section("call", "container journal", journal.stdout)
+            request.node.add_report_section("teardown", "container journal", journal.stdout)
         booted.stop()
 
 
