@@ -46,6 +46,20 @@ auth_service_url = "{EMULATOR}"
 merchant_api_url = "{EMULATOR}"
 """
 
+#: What a refused system call or a crash would leave in the unit's journal.
+TROUBLE = (
+    "Operation not permitted",
+    "EPERM",
+    "PermissionError",
+    "Traceback",
+    "level=error",
+    "level=warning",
+    "SIGSYS",
+    "status=31/SYS",
+    "core-dump",
+    "mode is different",
+)
+
 
 def doc_blocks(section: str) -> dict[str, list[str]]:
     """The ```sh blocks of one `## section` of docs/deployment.md, by numbered step
@@ -98,12 +112,21 @@ def make_bundle(directory: Path) -> Path:
 
 
 def run_steps(
-    machine: Machine, section: str, steps: list[str], *, user: str | None = None, cwd: str = BUNDLE
-) -> None:
+    machine: Machine,
+    section: str,
+    steps: list[str],
+    *,
+    user: str | None = None,
+    cwd: str = BUNDLE,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Run the blocks of these steps, each under `set -e`; their outputs."""
     blocks = doc_blocks(section)
-    for step in steps:
-        for block in blocks[step]:
-            machine.run(f"set -e\ncd {shlex.quote(cwd)}\n{block}", user=user)
+    return [
+        machine.run(f"set -e\ncd {shlex.quote(cwd)}\n{block}", user=user, env=env).stdout
+        for step in steps
+        for block in blocks[step]
+    ]
 
 
 @dataclass

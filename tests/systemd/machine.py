@@ -144,13 +144,28 @@ class Machine:
             )
         return result
 
-    def systemctl(self, *args: str, user: str | None = None, check: bool = True) -> str:
+    def systemctl(
+        self,
+        *args: str,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+    ) -> str:
+        """systemctl inside; with `user`, `systemctl --user` as that user (pass their
+        XDG_RUNTIME_DIR in `env`)."""
         argv = ["systemctl", *(["--user"] if user else []), *args]
-        return self.run(argv, user=user, check=check).stdout
+        return self.run(argv, user=user, env=env, check=check).stdout
 
-    def show(self, unit: str, *properties: str, user: str | None = None) -> dict[str, str]:
+    def show(
+        self,
+        unit: str,
+        *properties: str,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
         """`systemctl show` as a dict: what systemd itself knows about the unit."""
-        out = self.systemctl("show", unit, *(f"--property={p}" for p in properties), user=user)
+        props = (f"--property={p}" for p in properties)
+        out = self.systemctl("show", unit, *props, user=user, env=env)
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, unit: str | None = None, *, user_unit: bool = False) -> str:

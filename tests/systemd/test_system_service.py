@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from .deploy import CONFIG, DEMO_USER, SOCKET, SOCKET_UNIT, UNIT, SystemService
+from .deploy import (
+    CONFIG,
+    DEMO_PASSWORD,
+    DEMO_USER,
+    SOCKET,
+    SOCKET_UNIT,
+    TROUBLE,
+    UNIT,
+    SystemService,
+)
 
 
 def test_socket_activation_ready_and_status(system: SystemService) -> None:
@@ -157,3 +168,65 @@ def test_stop_drains_exits_zero_and_systemd_keeps_the_socket(system: SystemServi
     assert machine.show(SOCKET_UNIT, "SubState")["SubState"] == "listening"
     machine.run(["test", "-S", SOCKET])
     assert "default  active" in system.cli("status").stdout  # started again on demand
+
+
+def test_rotation_under_the_hardened_unit_keeps_the_journal_clean(
+    system: SystemService,
+) -> None:
+    """Ten rotations of 3-second bearers: hours of production rotation, compressed."""
+    machine = system.machine
+    system.start_emulator("--token-ttl", "3")  # strict: a used refresh token is dead
+    system.login()
+    secrets = {DEMO_PASSWORD}
+
+    def rotated_enough() -> bool:
+        state = system.state()
+        secrets.update(s for s in (state["token"], state["refresh_token"]) if s)
+        secrets.add(system.token())
+        return int(state["refreshes"]) >= 10
+
+    machine.wait_until("ten rotations", rotated_enough, timeout=90)
+    status = system.cli("status", "--json").stdout
+    profile = next(p for p in json.loads(status)["profiles"] if p["profile"] == "default")
+    assert (profile["state"], profile["last_error"]) == ("active", None)
+    assert system.emulator("GET", "stats")["counts"]["GET /login"] >= 10
+    assert len(secrets) >= 20  # every rotation brought a new bearer and refresh token
+
+    unit_journal = machine.journal(UNIT)
+    assert unit_journal.count("event=refreshed profile=default") >= 10
+    assert [t for t in TROUBLE if t in unit_journal] == []
+    everything = machine.run(["journalctl", "--no-pager", "--output=verbose"]).stdout
+    assert [s[:8] for s in secrets if s in everything] == []
+    assert system.show("NRestarts")["NRestarts"] == "0"
+
+
+def test_no_system_call_is_refused(system: SystemService) -> None:
+    """With SystemCallErrorNumber= reset, a call the filter refuses kills the daemon
+    (SIGSYS) instead of failing with EPERM, so one that a library would have swallowed
+    shows too. Everything the daemon does in a day: start, login, refresh, token, status,
+    reload, watch, logout, stop."""
+    machine = system.machine
+    machine.run(
+        "mkdir -p /etc/systemd/system/geins-broker.service.d && "
+        "cat > /etc/systemd/system/geins-broker.service.d/test-seccomp-kill.conf",
+        input="[Service]\nSystemCallErrorNumber=\n",
+    )
+    machine.systemctl("daemon-reload")
+    system.start_emulator("--token-ttl", "2")
+    system.login()
+    machine.wait_until("a rotation", lambda: int(system.state()["refreshes"]) >= 2, timeout=30)
+    system.cli("refresh")
+    system.cli("status")
+    watched = machine.run(["timeout", "4", "geins-broker", "watch"], check=False)
+    assert watched.returncode == 124, watched.stderr  # still watching when timed out
+    assert watched.stdout.strip(), "watch saw no rotation in 4 s of 2-second tokens"
+    machine.systemctl("reload", UNIT)
+    system.cli("logout")
+    system.login()
+    system.token()
+    machine.systemctl("stop", UNIT)
+    shown = system.show("Result", "ExecMainStatus", "NRestarts")
+    assert shown == {"Result": "success", "ExecMainStatus": "0", "NRestarts": "0"}, machine.journal(
+        UNIT
+    )
+    assert [t for t in TROUBLE if t in machine.journal(UNIT)] == []
