@@ -39,10 +39,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.systemd)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _not_run:
-        banner = f"SYSTEMD SUITE NOT RUN: {_not_run[0]}"
-        terminalreporter.write_sep("!", banner, red=True, bold=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # After pytest's closing line, so it is the last thing a reader of the log sees.
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if _not_run and reporter is not None:
+        reporter.write_sep("!", "SYSTEMD SUITE NOT RUN", red=True, bold=True)
+        reporter.write_line(f"The systemd tests did not run: {_not_run[0]}", red=True)
+        reporter.write_sep("!", red=True, bold=True)
 
 
 def _cannot_boot(reason: str) -> None:

@@ -67,7 +67,7 @@ def test_root_logs_in_a_group_member_reads_a_stranger_is_refused(system: SystemS
     assert machine.run(["ls", "/var/lib/geins-broker"], user="bob", check=False).returncode != 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 defect 2")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 9 defect 2")
 def test_a_supplementary_group_member_reads_a_token(system: SystemService) -> None:
     system.add_user("alice", "geins-broker")
     system.login()
