@@ -47,7 +47,11 @@ PACKAGES = (
     "python3-venv",
     "passwd",
     "procps",
+    "netbase",
 )
+#: What an installed Debian has and mmdebstrap does not write: without it "localhost"
+#: does not resolve.
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 #: The venv the units' /usr/bin/geins-broker points into (docs/deployment.md, step 1).
 VENV = "/opt/geins-broker"
 #: The container's Python, for the markers of the dependencies and their wheels' tags.
@@ -149,6 +153,7 @@ def _build(entry: Path, pins: list[str]) -> None:
                 *mirror,
             ],
         )
+        (tree / "etc" / "hosts").write_text(HOSTS)
         wheels = staging / "wheels"
         _run(
             "download the dependencies' wheels",

@@ -201,9 +201,9 @@ def test_rotation_under_the_hardened_unit_keeps_the_journal_clean(
 
 
 def test_no_system_call_is_refused(system: SystemService) -> None:
-    """With SystemCallErrorNumber= reset, a call the filter refuses kills the daemon
-    (SIGSYS) instead of failing with EPERM, so one that a library would have swallowed
-    shows too. Everything the daemon does in a day: start, login, refresh, token, status,
+    """With SystemCallErrorNumber= reset (systemd shows that as 2**31 - 2, its "kill"),
+    a call the filter refuses kills the daemon (SIGSYS) instead of failing with EPERM,
+    so one that a library would have swallowed shows too. Everything the daemon does in a day: start, login, refresh, token, status,
     reload, watch, logout, stop."""
     machine = system.machine
     machine.run(
@@ -212,6 +212,9 @@ def test_no_system_call_is_refused(system: SystemService) -> None:
         input="[Service]\nSystemCallErrorNumber=\n",
     )
     machine.systemctl("daemon-reload")
+    # A host name, so the address comes through NSS (getaddrinfo), as in production.
+    system.set_config(CONFIG.replace("127.0.0.1", "localhost"))
+    assert system.show("SystemCallErrorNumber")["SystemCallErrorNumber"] == str(2**31 - 2)
     system.start_emulator("--token-ttl", "2")
     system.login()
     machine.wait_until("a rotation", lambda: int(system.state()["refreshes"]) >= 2, timeout=30)
