@@ -169,6 +169,13 @@ def test_stop_drains_exits_zero_and_systemd_keeps_the_socket(system: SystemServi
     machine.run(["test", "-S", SOCKET])
     assert "default  active" in system.cli("status").stdout  # started again on demand
 
+    machine.systemctl("stop", SOCKET_UNIT)  # stops both, and the socket goes (RemoveOnStop=)
+    assert system.show("ActiveState", "ExecMainStatus") == {
+        "ActiveState": "inactive",
+        "ExecMainStatus": "0",
+    }
+    assert machine.run(["test", "-e", SOCKET], check=False).returncode == 1
+
 
 def test_rotation_under_the_hardened_unit_keeps_the_journal_clean(
     system: SystemService,
