@@ -24,7 +24,7 @@ from .machine import BASE_ENV, Machine
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # still stop the container
     workdir = Path(tempfile.mkdtemp(prefix="geins-broker-systemd-"))
-    machine = Machine.boot(ensure_root(), workdir, {make_bundle(workdir / "bundle"): BUNDLE})
+    machine = Machine.boot(ensure_root(), workdir, {BUNDLE: make_bundle(workdir / "bundle")})
     try:
         SystemService(machine).deploy()
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in BASE_ENV.items())

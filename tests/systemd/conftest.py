@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -88,24 +88,37 @@ def bundle(workdir: Path) -> Path:
 
 
 @pytest.fixture
-def machine(
+def boot(
     systemd_root: Path, bundle: Path, workdir: Path, request: pytest.FixtureRequest
-) -> Iterator[Machine]:
-    """A freshly booted container (a tmpfs overlay on the cached root)."""
-    try:
-        booted = Machine.boot(systemd_root, workdir, {bundle: BUNDLE})
-    except MachineError as exc:
-        if "systemd-nspawn exited" in str(exc) and not _not_run:
-            _cannot_boot(f"systemd-nspawn does not boot here: {exc}")
-        raise
-    try:
-        yield booted
-    finally:
-        report = getattr(request.node, "rep_call", None)
+) -> Iterator[Callable[[Mapping[str, Path]], Machine]]:
+    """Boots containers for this test: a tmpfs overlay on the cached root, the bundle
+    at /mnt/bundle, and `binds` (path inside: host path, read-only). Stopped after the
+    test, their journals added to its report if it failed."""
+    booted: list[Machine] = []
+
+    def start(binds: Mapping[str, Path]) -> Machine:
+        try:
+            machine = Machine.boot(systemd_root, workdir, {BUNDLE: bundle, **binds})
+        except MachineError as exc:
+            if "systemd-nspawn exited" in str(exc) and not _not_run:
+                _cannot_boot(f"systemd-nspawn does not boot here: {exc}")
+            raise
+        booted.append(machine)
+        return machine
+
+    yield start
+    report = getattr(request.node, "rep_call", None)
+    for machine in booted:
         if report is not None and report.failed:
-            journal = booted.run(["journalctl", "--no-pager", "-n", "300"], check=False)
-            request.node.add_report_section("teardown", "container journal", journal.stdout)
-        booted.stop()
+            journal = machine.run(["journalctl", "--no-pager", "-n", "300"], check=False)
+            request.node.add_report_section("teardown", f"{machine.name} journal", journal.stdout)
+        machine.stop()
+
+
+@pytest.fixture
+def machine(boot: Callable[[Mapping[str, Path]], Machine]) -> Machine:
+    """A freshly booted container, nothing deployed."""
+    return boot({})
 
 
 @pytest.fixture

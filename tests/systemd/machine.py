@@ -51,7 +51,9 @@ class Machine:
         self.leader = 0
 
     @classmethod
-    def boot(cls, root: Path, workdir: Path, binds: Mapping[Path, str] = {}) -> Machine:
+    def boot(cls, root: Path, workdir: Path, binds: Mapping[str, Path] = {}) -> Machine:
+        """Boot `root`; `binds` maps paths inside to host files or directories, which
+        appear there read-only."""
         name = f"gb-{os.getpid()}-{next(_names)}"
         console = workdir / f"{name}.console"
         argv = [
@@ -63,7 +65,7 @@ class Machine:
             "--private-network",
             "--volatile=overlay",
             "--console=passive",
-            *(f"--bind-ro={host}:{inside}" for host, inside in binds.items()),
+            *(f"--bind-ro={host}:{inside}" for inside, host in binds.items()),
             "--boot",
         ]
         with console.open("wb") as out:
