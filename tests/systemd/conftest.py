@@ -8,8 +8,10 @@ capitals; under CI (CI=true) or GEINS_BROKER_REQUIRE_SYSTEMD=1 they fail instead
 a CI that cannot boot systemd must not look green.
 
 A new scenario takes `system` (a booted container, the system service deployed and
-enabled, the emulator on 127.0.0.1:8080) or `machine` (a booted container only) and
-uses their helpers: `run`, `systemctl`, `show`, `journal`, `cli`, `emulator`.
+enabled, the emulator on 127.0.0.1:8080), `machine` (a booted container only) or `boot`
+(boots containers with extra read-only files, e.g. a credential or a unit drop-in in
+place at boot) and uses the helpers: `run`, `systemctl`, `show`, `journal`, `cli`,
+`emulator`, `state`, `set_config`, and deploy.run_steps for the document's steps.
 """
 
 from __future__ import annotations
