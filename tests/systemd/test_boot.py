@@ -48,8 +48,8 @@ def test_packaged_units_come_up_at_boot(
     assert stat(SOCKET, user="alice")[0] == "srw-rw----"  # reachable before any start
     assert system_never_ran(machine)
     status = system.cli("status", user="alice")  # a group member's connection starts it
-    assert status.stdout.startswith("geins-broker/")  # answered (which profiles alice
-    # sees depends on her groups: tests/systemd/test_system_service.py checks that)
+    assert "default  logged_out" in status.stdout  # allow_groups = ["geins-broker"]
+    assert "private" not in status.stdout
     assert system.show("ActiveState", "User") == {"ActiveState": "active", "User": "geins-broker"}
 
 

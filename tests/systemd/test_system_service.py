@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from .deploy import (
     CONFIG,
     DEMO_PASSWORD,
@@ -69,7 +67,6 @@ def test_root_logs_in_a_group_member_reads_a_stranger_is_refused(system: SystemS
     assert machine.run(["ls", "/var/lib/geins-broker"], user="bob", check=False).returncode != 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 9 defect 2")
 def test_a_supplementary_group_member_reads_a_token(system: SystemService) -> None:
     system.add_user("alice")
     run_steps(system.machine, "System service", ["5"])  # usermod -aG geins-broker alice
