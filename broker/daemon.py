@@ -23,7 +23,7 @@ from typing import Final
 import httpx
 import trio
 
-from . import __version__
+from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
@@ -53,8 +53,11 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        faults: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
+        #: Test-only faults (broker/fault_injection.py); empty in production.
+        self.faults = faults
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
@@ -85,7 +88,10 @@ class Daemon:
             return
         # Installed for the whole run, so a second signal during the shutdown is
         # absorbed rather than killing the process half-way.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        if fault_injection.HANG_ON_SIGUSR1 in self.faults:
+            wanted.append(signal.SIGUSR1)
+        with trio.open_signal_receiver(*wanted) as signals:
             await self._run(listener, signals, task_status)
 
     async def _run(
@@ -169,6 +175,8 @@ class Daemon:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 await self.reload()
+            elif signum == signal.SIGUSR1:
+                fault_injection.hang()
             else:
                 log.info("signal", name=signal.Signals(signum).name)
                 self.stop()
@@ -297,12 +305,13 @@ def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
     try:
+        faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
-    except ConfigError as exc:
+    except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(Daemon(config).run)
+        trio.run(Daemon(config, faults=faults).run)
     except UnsafeDirectory as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
