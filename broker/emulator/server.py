@@ -188,6 +188,7 @@ class EmulatorServer:
             ("POST", "users"): self._add_user,
             ("POST", "inspect"): self._inspect,
             ("POST", "sessions"): self._mint_sessions,
+            ("POST", "orders"): self._add_orders,
             ("GET", "stats"): self._stats,
             ("DELETE", "stats"): self._reset_stats,
         }
@@ -211,6 +212,12 @@ class EmulatorServer:
         if not 1 <= count <= 100_000:
             raise TypeError("count must be 1 to 100000")
         return {"sessions": self.service.mint_sessions(str(body["username"]), count)}
+
+    def _add_orders(self, body: dict[str, Any]) -> dict[str, Any]:
+        count, note_size = int(body.get("count", 1)), int(body.get("note_size", 0))
+        if not 0 <= count <= 100_000 or not 0 <= note_size <= 1024 * 1024:
+            raise TypeError("count must be 0 to 100000 and note_size 0 to 1048576")
+        return {"orders": self.service.add_orders(str(body["username"]), count, note_size)}
 
     def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
         return {
