@@ -32,6 +32,7 @@ from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
+from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .server import Server
 from .store import CorruptState, Record, Store
@@ -69,6 +70,8 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -118,13 +121,19 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                self.server = server = Server(Api(self.profiles), config, self.wall)
+                api = Api(self.profiles)
+                self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
+                if config.proxy.enabled:
+                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
                     await nursery.start(server.serve, listener.sock)
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
@@ -148,6 +157,8 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.proxy is not None:
+                self.proxy.close()
         log.info("stopped")
 
     def stop(self) -> None:
@@ -158,6 +169,8 @@ class Daemon:
         log.info("stopping", in_flight=server.in_flight, connections=server.connections)
         server.stop_accepting()
         listener.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
             for profile in self.profiles.values():
@@ -277,6 +290,8 @@ class Daemon:
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())

@@ -260,12 +260,15 @@ class HttpServer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on `listener` until cancelled; connections die with this call."""
+        """Accept on `listener` until cancelled or until it is closed; the connections
+        live as long as this call."""
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 try:
                     sock, _ = await listener.accept()
+                except trio.ClosedResourceError:
+                    break  # the owner closed the listener: connections carry on to the end
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise

@@ -1,0 +1,223 @@
+"""The proxy's handler: one request in, the profile's credentials on, Geins' answer out.
+
+For each request: pick the profile (the listener's, or the Geins-Broker-Profile
+header), check the peer may read it (the token op's ACL), read the body (buffered up
+to 1 MiB so it can be sent twice; a larger one streams through), take a bearer with
+at least `MIN_VALID` seconds left, forward, and stream the answer back as it comes.
+
+Renewal is invisible: a 401 from Geins for a buffered request makes the profile
+rotate once (`Profile.renew_rejected`, single flight) and the request is sent again,
+byte for byte, x-idempotency-key included. A streamed body cannot be replayed, so its
+401 goes to the caller as it is.
+
+Nothing here logs a header value or a body: the access line has method, path (no
+query string), status, duration, profile and uid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Final
+
+import httpx
+import trio
+
+from ..api import Api, Peer
+from ..config import ProxyConfig
+from ..errors import BrokerFault
+from ..http.server import BadHttp, Exchange, HungUp
+from ..log import events
+from ..profile import Profile
+from ..wallclock import WallClock
+from .rules import (
+    PROFILE_HEADER,
+    RETRY_BODY_LIMIT,
+    ProxyRefusal,
+    downstream_headers,
+    error_body,
+    min_valid_for,
+    refusal_for,
+    upstream_headers,
+)
+
+log = events("broker.proxy")
+
+_KEEPALIVE: Final = 32
+
+
+class ProxyApp:
+    def __init__(self, api: Api, config: ProxyConfig, wall: WallClock) -> None:
+        self.api = api
+        self.config = config
+        self.wall = wall
+        #: One pooled client per profile (and upstream URL), made on first use.
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
+
+    @property
+    def profiles(self) -> Mapping[str, Profile]:
+        return self.api.profiles
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    def _client(self, profile: Profile) -> httpx.AsyncClient:
+        base = profile.config.endpoint.merchant_api_url.rstrip("/")
+        key = (profile.name, base)
+        client = self._clients.get(key)
+        if client is None:
+            timeout = self.config.upstream_timeout
+            client = self._clients[key] = httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout),
+                limits=httpx.Limits(
+                    max_connections=self.config.max_connections,
+                    max_keepalive_connections=_KEEPALIVE,
+                ),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return client
+
+    # -- one request -----------------------------------------------------------------------
+
+    async def handle(self, exchange: Exchange) -> None:
+        started = trio.current_time()
+        peer: Peer | None = exchange.peer
+        name = exchange.header(PROFILE_HEADER) or self.config.profile
+        status = 0
+        try:
+            status = await self._proxy(exchange, peer, name)
+        except ProxyRefusal as refusal:
+            status = refusal.status
+            await self._refuse(exchange, refusal)
+        except BadHttp as bad:
+            status = bad.status
+            raise
+        except HungUp:
+            status = 499  # the client went away
+            raise
+        finally:
+            log.info(
+                "request",
+                method=exchange.method,
+                path=exchange.path,
+                status=status,
+                ms=round((trio.current_time() - started) * 1000, 1),
+                profile=name,
+                uid=None if peer is None else peer.uid,
+            )
+
+    async def _refuse(self, exchange: Exchange, refusal: ProxyRefusal) -> None:
+        if exchange.started:
+            return  # too late for an answer: the connection is hung up instead
+        headers, body = error_body(refusal.status, refusal.code, str(refusal))
+        await exchange.respond(refusal.status, headers, body)
+
+    async def _proxy(self, exchange: Exchange, peer: Peer | None, name: str) -> int:
+        if not exchange.target.startswith("/"):
+            raise ProxyRefusal(400, "bad_request", "the target must be a path, like /graphql")
+        profile = self._readable(peer, name)
+        body, rest = await _buffer(exchange)
+        bearer = await self._bearer(profile)
+        response = await self._send(exchange, profile, bearer, body, rest)
+        if response.status_code == 401 and rest is None:
+            await response.aclose()
+            log.info("upstream_refused_bearer", profile=profile.name)
+            await profile.renew_rejected(bearer)
+            bearer = await self._bearer(profile)
+            response = await self._send(exchange, profile, bearer, body, None)
+        return await _relay(exchange, response)
+
+    def _readable(self, peer: Peer | None, name: str) -> Profile:
+        if peer is None:
+            raise ProxyRefusal(403, "forbidden", "the broker cannot tell which user is calling")
+        try:
+            return self.api.readable_profile(peer, name)
+        except BrokerFault as fault:
+            raise refusal_for(fault.code, str(fault)) from None
+
+    async def _bearer(self, profile: Profile) -> str:
+        session = profile.session
+        tokens = session.tokens
+        min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
+        try:
+            if not session.serves(self.wall.now(), min_valid):
+                await profile.ensure_token(min_valid)
+        except BrokerFault as fault:
+            raise refusal_for(fault.code, str(fault)) from None
+        tokens = session.tokens
+        assert tokens is not None
+        return tokens.bearer.reveal()
+
+    async def _send(
+        self,
+        exchange: Exchange,
+        profile: Profile,
+        bearer: str,
+        body: bytes,
+        rest: AsyncIterator[bytes] | None,
+    ) -> httpx.Response:
+        headers = upstream_headers(
+            exchange.headers,
+            bearer=bearer,
+            api_key=profile.config.endpoint.api_key,
+            keep_length=rest is not None,
+        )
+        client = self._client(profile)
+        content: bytes | AsyncIterator[bytes] = body if rest is None else _chain(body, rest)
+        # The target is origin-form (checked in _proxy): appended, never resolved, so
+        # no target can name another host.
+        base = profile.config.endpoint.merchant_api_url.rstrip("/")
+        request = httpx.Request(
+            exchange.method, base + exchange.target, headers=headers, content=content
+        )
+        try:
+            with trio.fail_after(self.config.upstream_timeout):
+                return await client.send(request, stream=True)
+        except (trio.TooSlowError, httpx.TimeoutException):
+            raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
+        except httpx.TransportError as exc:
+            reason = type(exc).__name__
+            raise ProxyRefusal(
+                502, "upstream_unavailable", f"Geins unreachable ({reason})"
+            ) from None
+
+
+async def _buffer(exchange: Exchange) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    """The body, whole if it is at most RETRY_BODY_LIMIT; else the first part and an
+    iterator over the rest."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= RETRY_BODY_LIMIT:
+        chunk = await exchange.next_chunk()
+        if chunk is None:
+            return b"".join(parts), None
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), exchange.chunks()
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _relay(exchange: Exchange, response: httpx.Response) -> int:
+    """Stream Geins' answer to the client, chunk by chunk, never whole in memory."""
+    try:
+        headers = downstream_headers(
+            [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.headers.raw]
+        )
+        await exchange.start(response.status_code, headers)
+        async for chunk in response.aiter_raw():
+            await exchange.send(chunk)
+        await exchange.end()
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        # Geins broke off mid-answer: the head is out, so hanging up is the only way to
+        # tell the client its answer is incomplete.
+        log.warning("upstream_broke_off", reason=type(exc).__name__)
+    finally:
+        await response.aclose()
+    return response.status_code
