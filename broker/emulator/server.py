@@ -20,12 +20,13 @@ from .faults import Fault, Faults, FaultSpecError
 from .model import AuthService, HttpRequest, HttpResponse, json_response, refusal
 
 CONTROL_PREFIX = "/_emulator/"
-MAX_BODY = 1024 * 1024
+#: Room for the proxy's streamed (larger than 1 MiB) request bodies.
+MAX_BODY = 16 * 1024 * 1024
 #: A test fixture, not a service: no timeouts (faults stall on purpose), and room for the
 #: thousands of connections the load benchmarks open.
 EMULATOR_LIMITS = HttpLimits(
     max_connections=100_000,
-    max_header_size=MAX_BODY,
+    max_header_size=1024 * 1024,
     max_body_size=MAX_BODY,
     header_timeout=float("inf"),
     idle_timeout=float("inf"),

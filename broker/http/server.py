@@ -349,6 +349,11 @@ class HttpServer:
                 code = "headers_too_large" if status == 431 else "bad_request"
                 raise BadHttp(status, code, f"bad request: {exc}") from None
             if isinstance(event, h11.Request):
+                # h11 bounds only an incomplete head; one that arrived whole in a
+                # single read is measured here.
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > limits.max_header_size:
+                    raise BadHttp(431, "headers_too_large", "request head too large")
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
