@@ -481,3 +481,26 @@ async def test_an_absolute_target_is_refused(
         answer = await read_all(sock)
     assert status_of(answer) == 400
     assert proxied.emulator.service.recent[-1].path != "/x"
+
+
+async def test_a_tcp_peer_nobody_can_place_is_refused(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sock_diag and /proc/net both unable to say (another namespace, a hidden /proc):
+    the connection is refused, whoever it is."""
+    from broker.proxy import peers
+
+    monkeypatch.setattr(peers, "_uid_by_sock_diag", lambda *a: None)
+    broker = await start_broker(nursery, emulator, wall, short_tmp, proxy={"tcp": "127.0.0.1:0"})
+    await broker.login()
+    assert broker.daemon.proxy is not None and broker.daemon.proxy.tcp_address is not None
+    host, port = broker.daemon.proxy.tcp_address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+        response = await client.post("/graphql", json=GET_USER)
+    assert (response.status_code, error_code(response)) == (403, "forbidden")
+    assert graphql_requests(emulator) == []
