@@ -17,7 +17,6 @@ query string), status, duration, profile and uid.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Final
 
 import httpx
 import trio
@@ -41,8 +40,6 @@ from .rules import (
 )
 
 log = events("broker.proxy")
-
-_KEEPALIVE: Final = 32
 
 
 class ProxyApp:
@@ -72,7 +69,7 @@ class ProxyApp:
                 timeout=httpx.Timeout(timeout),
                 limits=httpx.Limits(
                     max_connections=self.config.max_connections,
-                    max_keepalive_connections=_KEEPALIVE,
+                    max_keepalive_connections=self.config.max_connections,
                 ),
                 follow_redirects=False,
                 trust_env=False,
