@@ -94,6 +94,7 @@ class Exchange:
 
     __slots__ = (
         "_conn",
+        "_pending",
         "_received",
         "_server",
         "body_done",
@@ -128,6 +129,7 @@ class Exchange:
         self.body_done = False
         self.started = False
         self.ended = False
+        self._pending = b""
 
     @property
     def path(self) -> str:
@@ -201,16 +203,23 @@ class Exchange:
         await self._send(data)
 
     async def start(self, status: int, headers: Headers) -> None:
-        """Send the head; the body follows with `send` and `end`."""
-        await self._send(self._head(status, headers, False))
+        """The head; it goes out with the first `send` (or `end`): one write, not two,
+        for an answer whose body is at hand."""
+        self._pending = self._head(status, headers, False)
 
     async def send(self, data: bytes) -> None:
         if data:
-            await self._send(self._conn.send(h11.Data(data=data)) or b"")
+            await self._send(self._take_pending() + (self._conn.send(h11.Data(data=data)) or b""))
 
     async def end(self) -> None:
         self.ended = True
-        await self._send(self._conn.send(h11.EndOfMessage()) or b"")
+        data = self._take_pending() + (self._conn.send(h11.EndOfMessage()) or b"")
+        if data:
+            await self._send(data)
+
+    def _take_pending(self) -> bytes:
+        pending, self._pending = self._pending, b""
+        return pending
 
     def _head(self, status: int, headers: Headers, close: bool) -> bytes:
         if close:

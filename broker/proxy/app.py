@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 
-import httpx
 import trio
 
 from ..api import Api, Peer
@@ -38,6 +37,7 @@ from .rules import (
     refusal_for,
     upstream_headers,
 )
+from .upstream import Pool, Response, UpstreamFailed, UpstreamTimedOut
 
 log = events("broker.proxy")
 
@@ -47,34 +47,29 @@ class ProxyApp:
         self.api = api
         self.config = config
         self.wall = wall
-        #: One pooled client per profile (and upstream URL), made on first use.
-        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
+        #: One keep-alive pool per profile (and upstream URL), made on first use.
+        self._pools: dict[tuple[str, str], Pool] = {}
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
         return self.api.profiles
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
 
-    def _client(self, profile: Profile) -> httpx.AsyncClient:
-        base = profile.config.endpoint.merchant_api_url.rstrip("/")
-        key = (profile.name, base)
-        client = self._clients.get(key)
-        if client is None:
-            timeout = self.config.upstream_timeout
-            client = self._clients[key] = httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout),
-                limits=httpx.Limits(
-                    max_connections=self.config.max_connections,
-                    max_keepalive_connections=self.config.max_connections,
-                ),
-                follow_redirects=False,
-                trust_env=False,
+    def _pool(self, profile: Profile) -> Pool:
+        url = profile.config.endpoint.merchant_api_url
+        key = (profile.name, url)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(
+                url,
+                max_connections=self.config.max_connections,
+                timeout=self.config.upstream_timeout,
             )
-        return client
+        return pool
 
     # -- one request -----------------------------------------------------------------------
 
@@ -118,7 +113,7 @@ class ProxyApp:
         body, rest = await _buffer(exchange)
         bearer = await self._bearer(profile)
         response = await self._send(exchange, profile, bearer, body, rest)
-        if response.status_code == 401 and rest is None:
+        if response.status == 401 and rest is None:
             await response.aclose()
             log.info("upstream_refused_bearer", profile=profile.name)
             await profile.renew_rejected(bearer)
@@ -154,31 +149,24 @@ class ProxyApp:
         bearer: str,
         body: bytes,
         rest: AsyncIterator[bytes] | None,
-    ) -> httpx.Response:
+    ) -> Response:
         headers = upstream_headers(
             exchange.headers,
             bearer=bearer,
             api_key=profile.config.endpoint.api_key,
             keep_length=rest is not None,
         )
-        client = self._client(profile)
         content: bytes | AsyncIterator[bytes] = body if rest is None else _chain(body, rest)
-        # The target is origin-form (checked in _proxy): appended, never resolved, so
-        # no target can name another host.
-        base = profile.config.endpoint.merchant_api_url.rstrip("/")
-        request = httpx.Request(
-            exchange.method, base + exchange.target, headers=headers, content=content
-        )
+        # The target is origin-form (checked in _proxy) and is appended to the
+        # upstream's base path, never resolved: no target can name another host.
+        pool = self._pool(profile)
+        pool.timeout = self.config.upstream_timeout
         try:
-            with trio.fail_after(self.config.upstream_timeout):
-                return await client.send(request, stream=True)
-        except (trio.TooSlowError, httpx.TimeoutException):
+            return await pool.request(exchange.method, exchange.target, headers, content)
+        except UpstreamTimedOut:
             raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
-        except httpx.TransportError as exc:
-            reason = type(exc).__name__
-            raise ProxyRefusal(
-                502, "upstream_unavailable", f"Geins unreachable ({reason})"
-            ) from None
+        except UpstreamFailed as exc:
+            raise ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}") from None
 
 
 async def _buffer(exchange: Exchange) -> tuple[bytes, AsyncIterator[bytes] | None]:
@@ -201,20 +189,17 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
         yield chunk
 
 
-async def _relay(exchange: Exchange, response: httpx.Response) -> int:
+async def _relay(exchange: Exchange, response: Response) -> int:
     """Stream Geins' answer to the client, chunk by chunk, never whole in memory."""
     try:
-        headers = downstream_headers(
-            [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.headers.raw]
-        )
-        await exchange.start(response.status_code, headers)
-        async for chunk in response.aiter_raw():
+        await exchange.start(response.status, downstream_headers(response.headers))
+        while (chunk := await response.next_chunk()) is not None:
             await exchange.send(chunk)
         await exchange.end()
-    except (httpx.TransportError, httpx.StreamError) as exc:
+    except UpstreamFailed as exc:
         # Geins broke off mid-answer: the head is out, so hanging up is the only way to
         # tell the client its answer is incomplete.
-        log.warning("upstream_broke_off", reason=type(exc).__name__)
+        log.warning("upstream_broke_off", reason=str(exc))
     finally:
         await response.aclose()
-    return response.status_code
+    return response.status
