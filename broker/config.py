@@ -256,7 +256,7 @@ def parse(
 def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:
     socket = None
     if r.get("unix", bool, True):
-        socket = Path(r.get("socket", str) or broker_socket.parent / PROXY_SOCKET_NAME)
+        socket = Path(r.get("socket", str) or default_proxy_socket(broker_socket))
         if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
             raise r.error("socket", f"path is {length} bytes; a Unix socket path has at most 107")
     tcp = r.get("tcp", str)
@@ -275,6 +275,14 @@ def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:
         raise r.error("max_header_size", "must be at least 1024")
     r.check_unknown()
     return config
+
+
+def default_proxy_socket(broker_socket: Path) -> Path:
+    """`merchant.sock` next to the broker's socket; next to a socket given another name
+    (`NAME.sock`), `NAME.merchant.sock`, so daemons sharing a directory do not collide."""
+    if broker_socket.name == SOCKET_NAME:
+        return broker_socket.parent / PROXY_SOCKET_NAME
+    return broker_socket.parent / f"{broker_socket.name.removesuffix('.sock')}.{PROXY_SOCKET_NAME}"
 
 
 def _loopback(r: _Reader, value: str) -> tuple[str, int]:

@@ -146,6 +146,7 @@ class Daemon:
                         socket=listener.path,
                         activated=listener.activated,
                         profiles=len(self.profiles),
+                        **(self.proxy.describe() if self.proxy is not None else {}),
                     )
                     # Everything allocated so far lives as long as the daemon: keep the
                     # collector from walking it again and again.

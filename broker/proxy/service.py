@@ -79,6 +79,13 @@ class Proxy:
             self.close()
             raise
 
+    def describe(self) -> dict[str, object]:
+        """Where it listens, for the daemon's `ready` line."""
+        return {
+            "proxy_socket": self.config.proxy.socket,
+            "proxy_tcp": None if self.tcp_address is None else _address(self.tcp_address),
+        }
+
     def close(self) -> None:
         """Close the listeners (and remove the Unix socket file this daemon made)."""
         for sock, _, _ in self._listeners:
@@ -101,12 +108,6 @@ class Proxy:
                     )
                     self.servers.append(server)
                     await nursery.start(server.serve, sock)
-                log.info(
-                    "proxy_listening",
-                    socket=self.config.proxy.socket,
-                    tcp=None if self.tcp_address is None else _address(self.tcp_address),
-                    profile=self.config.proxy.profile,
-                )
                 task_status.started()
                 await trio.sleep_forever()
         finally:
