@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -379,20 +380,32 @@ async def test_a_chunked_body_over_the_limit_is_413(
     assert graphql_requests(broker.emulator) == []
 
 
+class OffsetWall:
+    """Real wall time plus an offset the test moves."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
 async def test_a_large_body_streams_through_and_is_not_retried(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    nursery: trio.Nursery, short_tmp: Path
 ) -> None:
-    broker, skew = await _skewed_broker(nursery, wall, short_tmp)
+    """Real time: megabytes through real sockets must not race a mock clock's jumps."""
+    daemon_wall, emulator_wall = OffsetWall(), OffsetWall()
+    emulator = Emulator(clock=emulator_wall.now, token_ttl=900.0)
+    await emulator.start(nursery)
+    broker = await start_broker(nursery, emulator, daemon_wall, short_tmp)  # type: ignore[arg-type]
     await broker.login()
-    await trio.sleep(60)
+    daemon_wall.offset = 60.0  # the bearer is a minute old: old enough to renew on a 401
+    emulator_wall.offset = 60.0
     big = {**GET_USER, "variables": {"padding": "x" * (3 * 1024 * 1024)}}
     async with proxy_client(broker) as client:
         assert (await client.post("/graphql", json=big)).status_code == 200
         assert len(graphql_requests(broker.emulator)[-1].body) > 3 * 1024 * 1024
-        skew[0] = 900.0
+        emulator_wall.offset = 960.0  # Geins: expired; the daemon: 840 s left
         assert (await client.post("/graphql", json=big)).status_code == 401  # not replayable
         assert broker.emulator.service.counts["GET /login"] == 0
         assert (await client.post("/graphql", json=GET_USER)).status_code == 200  # renewed

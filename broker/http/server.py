@@ -31,7 +31,7 @@ import contextlib
 import errno
 import http
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -175,10 +175,6 @@ class Exchange:
                 return None
             else:
                 raise HungUp
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self.next_chunk()) is not None:
-            yield chunk
 
     async def read_body(self) -> bytes:
         """The whole body (at most `max_body_size`)."""

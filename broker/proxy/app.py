@@ -148,7 +148,7 @@ class ProxyApp:
         profile: Profile,
         bearer: str,
         body: bytes,
-        rest: AsyncIterator[bytes] | None,
+        rest: _StreamedBody | None,
     ) -> Response:
         headers = upstream_headers(
             exchange.headers,
@@ -156,7 +156,7 @@ class ProxyApp:
             api_key=profile.config.endpoint.api_key,
             keep_length=rest is not None,
         )
-        content: bytes | AsyncIterator[bytes] = body if rest is None else _chain(body, rest)
+        content: bytes | AsyncIterator[bytes] = body if rest is None else rest
         # The target is origin-form (checked in _proxy) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         pool = self._pool(profile)
@@ -169,9 +169,9 @@ class ProxyApp:
             raise ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}") from None
 
 
-async def _buffer(exchange: Exchange) -> tuple[bytes, AsyncIterator[bytes] | None]:
-    """The body, whole if it is at most RETRY_BODY_LIMIT; else the first part and an
-    iterator over the rest."""
+async def _buffer(exchange: Exchange) -> tuple[bytes, _StreamedBody | None]:
+    """The body, whole if it is at most RETRY_BODY_LIMIT; else the part read so far and
+    the body to stream (that part first, then the rest as it arrives)."""
     parts: list[bytes] = []
     size = 0
     while size <= RETRY_BODY_LIMIT:
@@ -180,13 +180,30 @@ async def _buffer(exchange: Exchange) -> tuple[bytes, AsyncIterator[bytes] | Non
             return b"".join(parts), None
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts), exchange.chunks()
+    return b"", _StreamedBody(b"".join(parts), exchange)
 
 
-async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
+class _StreamedBody:
+    """A request body the upstream pulls as it sends: what was read, then the rest.
+
+    A class rather than an async generator: a generator abandoned half-way (Geins
+    refused early, the caller hung up) would be left to the garbage collector."""
+
+    def __init__(self, first: bytes, exchange: Exchange) -> None:
+        self._first: bytes | None = first
+        self._exchange = exchange
+
+    def __aiter__(self) -> _StreamedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        chunk = await self._exchange.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
 
 async def _relay(exchange: Exchange, response: Response) -> int:
