@@ -174,6 +174,8 @@ class Daemon:
             self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
+            if self.proxy is not None:
+                await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
         if grace.cancelled_caught:

@@ -517,3 +517,24 @@ async def test_a_tcp_peer_nobody_can_place_is_refused(
         response = await client.post("/graphql", json=GET_USER)
     assert (response.status_code, error_code(response)) == (403, "forbidden")
     assert graphql_requests(emulator) == []
+
+
+async def test_a_stop_lets_a_proxied_request_finish(
+    autojump_clock: trio.testing.MockClock, proxied: Broker
+) -> None:
+    await proxied.login()
+    await _fault(proxied, {"kind": "latency", "match": "/graphql", "seconds": 3, "times": 1})
+    statuses: list[int] = []
+    async with proxy_client(proxied) as client, trio.open_nursery() as nursery:
+
+        async def slow_request() -> None:
+            statuses.append((await client.post("/graphql", json=GET_USER)).status_code)
+
+        nursery.start_soon(slow_request)
+        await trio.sleep(1)  # the request is waiting on Geins
+        proxy = proxied.daemon.proxy
+        assert proxy is not None
+        assert proxy.in_flight == 1
+        proxied.daemon.stop()
+    assert statuses == [200]
+    assert not (proxied.socket.parent / "merchant.sock").exists()

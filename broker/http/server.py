@@ -258,6 +258,9 @@ class HttpServer:
         self._error_body = error_body
         self.name = name
         self.connections = 0
+        #: Requests being handled right now.
+        self.in_flight = 0
+        self._quiet: trio.Event | None = None
 
     async def serve(
         self,
@@ -285,6 +288,13 @@ class HttpServer:
                     continue
                 self.connections += 1
                 nursery.start_soon(self._connection, sock)
+
+    async def drained(self) -> None:
+        """Return once no request is being handled (for a graceful stop)."""
+        while self.in_flight:
+            self._quiet = self._quiet or trio.Event()
+            await self._quiet.wait()
+            self._quiet = None
 
     async def _busy(self, sock: trio.socket.SocketType) -> None:
         """Over `max_connections`: a 503 into the fresh (empty) send buffer, and close."""
@@ -319,7 +329,13 @@ class HttpServer:
                     return
                 exchange = Exchange(self, conn, stream, head, peer)
                 _check_declared_length(exchange, limits.max_body_size)
-                await self.handler(exchange)
+                self.in_flight += 1
+                try:
+                    await self.handler(exchange)
+                finally:
+                    self.in_flight -= 1
+                    if self.in_flight == 0 and self._quiet is not None:
+                        self._quiet.set()
             except BadHttp as bad:
                 await self._refuse(conn, stream, bad)
                 return

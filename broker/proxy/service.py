@@ -79,6 +79,15 @@ class Proxy:
             self.close()
             raise
 
+    @property
+    def in_flight(self) -> int:
+        return sum(server.in_flight for server in self.servers)
+
+    async def drained(self) -> None:
+        """Return once no proxied request is under way (the listeners being closed)."""
+        for server in self.servers:
+            await server.drained()
+
     def describe(self) -> dict[str, object]:
         """Where it listens, for the daemon's `ready` line."""
         return {
