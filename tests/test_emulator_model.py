@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from broker.emulator.model import AuthService, HttpRequest, HttpResponse, ServiceConfig
+from broker.emulator.model import AuthService, ServiceConfig
+from broker.emulator.values import HttpRequest, HttpResponse
 from broker.geins import claims
 from broker.geins.protocol import encode_uri_component, password_digest
 

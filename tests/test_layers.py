@@ -23,6 +23,8 @@ PURE = (
     "broker.emulator.model",
     "broker.emulator.jwt",
     "broker.emulator.faults",
+    "broker.emulator.merchant",
+    "broker.emulator.values",
     "broker.proxy.rules",
     "geins_broker_client.protocol",
 )

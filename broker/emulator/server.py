@@ -17,7 +17,8 @@ import trio
 
 from ..http.server import Exchange, HttpLimits, HttpServer
 from .faults import Fault, Faults, FaultSpecError
-from .model import AuthService, HttpRequest, HttpResponse, json_response, refusal
+from .model import AuthService
+from .values import HttpRequest, HttpResponse, json_response, refusal
 
 CONTROL_PREFIX = "/_emulator/"
 #: Room for the proxy's streamed (larger than 1 MiB) request bodies.
