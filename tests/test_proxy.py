@@ -23,7 +23,7 @@ from broker.emulator.app import Emulator
 from broker.emulator.model import DEMO_USER
 from broker.wallclock import TrioWallClock
 
-from .conftest import Broker, start_broker
+from .conftest import Broker, broker_config, start_broker
 
 GET_USER = {"query": "{ getUser { email } }"}
 
@@ -538,3 +538,42 @@ async def test_a_stop_lets_a_proxied_request_finish(
         proxied.daemon.stop()
     assert statuses == [200]
     assert not (proxied.socket.parent / "merchant.sock").exists()
+
+
+async def test_expect_100_continue(autojump_clock: trio.testing.MockClock, proxied: Broker) -> None:
+    """curl asks before sending a large body; the proxy says go on when it reads it."""
+    await proxied.login()
+    body = json.dumps(GET_USER).encode()
+    sock = await raw(proxied)
+    with sock:
+        await sock.send(
+            HEAD
+            + b"Expect: 100-continue\r\nConnection: close\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = await sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await sock.send(body)
+        answer = await read_all(sock)
+    assert status_of(answer) == 200
+    assert DEMO_USER.encode() in answer
+    assert graphql_requests(proxied.emulator)[-1].headers.get("expect") is None
+
+
+async def test_a_reload_applies_new_limits(
+    autojump_clock: trio.testing.MockClock, proxied: Broker
+) -> None:
+    """What a SIGHUP hands the proxy (Daemon.reload -> Proxy.configure)."""
+    await proxied.login()
+    new = broker_config(
+        proxied.emulator,
+        proxied.socket,
+        proxied.state_dir,
+        profiles=("default", "other"),
+        proxy={"max_body_size": 1000},
+    )
+    proxied.daemon.proxy.configure(new)  # type: ignore[union-attr]
+    async with proxy_client(proxied) as client:
+        small = await client.post("/graphql", json=GET_USER)
+        large = await client.post("/graphql", json={**GET_USER, "variables": {"x": "y" * 2000}})
+    assert (small.status_code, large.status_code) == (200, 413)
