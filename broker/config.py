@@ -38,6 +38,8 @@ SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
 MAX_SOCKET_PATH: Final = 107
 _PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
+#: The proxy's Unix socket, next to the broker's.
+PROXY_SOCKET_NAME: Final = "merchant.sock"
 
 
 class ConfigError(Exception):
@@ -52,6 +54,28 @@ class ProfileConfig:
     allow_gids: frozenset[int] = frozenset()
     policy: Policy = field(default_factory=Policy)
     request_timeout: float = REQUEST_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The Merchant API proxy's listeners and limits (`[proxy]`; docs/proxy.md)."""
+
+    #: The Unix socket, or None when `unix = false`.
+    socket: Path | None
+    #: Loopback TCP (host, port), or None.
+    tcp: tuple[str, int] | None = None
+    #: The profile a request without a Geins-Broker-Profile header uses.
+    profile: str = "default"
+    max_connections: int = 256
+    max_header_size: int = 16 * 1024
+    max_body_size: int = 10 * 1024 * 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    upstream_timeout: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.socket is not None or self.tcp is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +100,7 @@ class BrokerConfig:
     startup_spread: float = 10.0
     #: How long SIGTERM waits for requests in flight.
     shutdown_grace: float = 5.0
+    proxy: ProxyConfig = ProxyConfig(socket=None)
 
 
 # -- where things are ------------------------------------------------------------------------
@@ -229,6 +254,7 @@ def parse(
 ) -> BrokerConfig:
     top = _Reader(source, data, "")
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
+    proxy = _Reader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
     top.check_unknown()
     if not profiles_table:
@@ -258,9 +284,52 @@ def parse(
         max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
         startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
         shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+        proxy=_proxy(proxy, socket),
     )
     broker.check_unknown()
     return config
+
+
+def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:
+    socket = None
+    if r.get("unix", bool, True):
+        socket = Path(r.get("socket", str) or default_proxy_socket(broker_socket))
+        if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
+            raise r.error("socket", f"path is {length} bytes; a Unix socket path has at most 107")
+    tcp = r.get("tcp", str)
+    config = ProxyConfig(
+        socket=socket,
+        tcp=None if tcp is None else _loopback(r, tcp),
+        profile=r.text("profile", "default"),
+        max_connections=r.count("max_connections", 256),
+        max_header_size=r.count("max_header_size", 16 * 1024),
+        max_body_size=r.count("max_body_size", 10 * 1024 * 1024),
+        header_timeout=r.seconds("header_timeout", 10.0),
+        idle_timeout=r.seconds("idle_timeout", 60.0),
+        upstream_timeout=r.seconds("upstream_timeout", 30.0),
+    )
+    if config.max_header_size < 1024:
+        raise r.error("max_header_size", "must be at least 1024")
+    r.check_unknown()
+    return config
+
+
+def default_proxy_socket(broker_socket: Path) -> Path:
+    """`merchant.sock` next to the broker's socket; next to a socket given another name
+    (`NAME.sock`), `NAME.merchant.sock`, so daemons sharing a directory do not collide."""
+    if broker_socket.name == SOCKET_NAME:
+        return broker_socket.parent / PROXY_SOCKET_NAME
+    return broker_socket.parent / f"{broker_socket.name.removesuffix('.sock')}.{PROXY_SOCKET_NAME}"
+
+
+def _loopback(r: _Reader, value: str) -> tuple[str, int]:
+    """`127.0.0.1:PORT` or `[::1]:PORT`, nothing else: the proxy hands out a user's
+    session, and only on loopback can it tell which local user is calling."""
+    for prefix, host in (("127.0.0.1:", "127.0.0.1"), ("[::1]:", "::1")):
+        port = value.removeprefix(prefix)
+        if port != value and port.isdigit() and int(port) <= 65535:
+            return host, int(port)
+    raise r.error("tcp", f"must be 127.0.0.1:PORT or [::1]:PORT (loopback only), got {value!r}")
 
 
 def _profile(source: Path, name: str, table: Any) -> ProfileConfig:

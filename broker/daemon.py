@@ -32,6 +32,7 @@ from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_syste
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
+from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .server import Server
 from .store import CorruptState, Record, Store
@@ -72,6 +73,8 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -124,13 +127,19 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                self.server = server = Server(Api(self.profiles), config, self.wall)
+                api = Api(self.profiles)
+                self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
+                if config.proxy.enabled:
+                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
                     await nursery.start(server.serve, listener.sock)
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
@@ -143,6 +152,7 @@ class Daemon:
                         socket=listener.path,
                         activated=listener.activated,
                         profiles=len(self.profiles),
+                        **(self.proxy.describe() if self.proxy is not None else {}),
                     )
                     # Everything allocated so far lives as long as the daemon: keep the
                     # collector from walking it again and again.
@@ -154,6 +164,8 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.proxy is not None:
+                self.proxy.close()
         log.info("stopped")
 
     def stop(self) -> None:
@@ -164,8 +176,12 @@ class Daemon:
         log.info("stopping", in_flight=server.in_flight, connections=server.connections)
         server.stop_accepting()
         listener.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
+            if self.proxy is not None:
+                await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
         if grace.cancelled_caught:
@@ -285,6 +301,8 @@ class Daemon:
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())

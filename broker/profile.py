@@ -51,6 +51,8 @@ log = events("broker.profile")
 
 #: Extra time a shielded exchange may take beyond its requests' own timeouts (disk).
 _SAVE_ALLOWANCE: Final = 10.0
+#: A bearer Geins refuses is rotated only if it is at least this old (renew_rejected).
+_RENEW_MIN_AGE: Final = 10.0
 #: Retry delays for a failed write to disk.
 _WRITE_RETRY_FIRST, _WRITE_RETRY_CAP = 1.0, 60.0
 
@@ -101,6 +103,8 @@ class Profile:
         self._write_pending = False
         self._write_retry_at = 0.0
         self._write_failures = 0
+        #: Set when the renewal of a bearer Geins refused is over (`renew_rejected`).
+        self._renewal: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {self.session.state})"
@@ -430,6 +434,34 @@ class Profile:
         await self._refresh()
         if session.refreshes == before:
             raise self._no_session() if session.login_required else self._failure()
+
+    async def renew_rejected(self, bearer: str) -> None:
+        """Geins refused `bearer` (a 401) though it has time left by our clock: rotate once.
+
+        Single flight per refused bearer: the first caller rotates and the others wait
+        for it; a caller whose bearer was replaced meanwhile returns at once. A failure
+        is the session's (backoff, login required); the caller learns of it from its
+        next `ensure_token`.
+
+        A bearer younger than `_RENEW_MIN_AGE` is not rotated again: a 401 for a token
+        that fresh is about something else (a wrong API key), and rotating on every such
+        answer would turn a flood of requests into a flood of refreshes."""
+        session = self.session
+        tokens = session.tokens
+        if tokens is None or tokens.bearer.reveal() != bearer or not session.can_refresh:
+            return
+        if self._wall.now() - tokens.obtained_at < _RENEW_MIN_AGE:
+            return
+        if self._renewal is not None:
+            await self._renewal.wait()
+            return
+        renewal = self._renewal = trio.Event()
+        try:
+            session.next_refresh_at = self._wall.now()
+            await self._refresh()
+        finally:
+            self._renewal = None
+            renewal.set()
 
     def _no_session(self) -> BrokerFault:
         if self.session.login_required:

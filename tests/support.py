@@ -273,10 +273,11 @@ def broker_config(
     *,
     profiles: tuple[str, ...] = ("default",),
     profile_settings: dict[str, object] | None = None,
+    proxy: dict[str, object] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
     endpoint = emulator.endpoint()
-    data = {
+    data: dict[str, object] = {
         "broker": {"socket": str(socket), "state_dir": str(state_dir), **broker_settings},
         "profiles": {
             name: {
@@ -292,6 +293,8 @@ def broker_config(
             for name in profiles
         },
     }
+    if proxy is not None:
+        data["proxy"] = proxy
     return config_module.parse(data, state_dir / "config.toml")
 
 

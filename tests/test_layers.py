@@ -23,6 +23,9 @@ PURE = (
     "broker.emulator.model",
     "broker.emulator.jwt",
     "broker.emulator.faults",
+    "broker.emulator.merchant",
+    "broker.emulator.values",
+    "broker.proxy.rules",
     "geins_broker_client.protocol",
 )
 IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-KINDS: Final = ("refuse", "status", "latency", "stall")
+KINDS: Final = ("refuse", "status", "latency", "stall", "truncate")
 
 
 class FaultSpecError(ValueError):
@@ -18,7 +18,11 @@ class FaultSpecError(ValueError):
 
 @dataclass(slots=True)
 class Fault:
-    """One rule. `match` is a substring of "METHOD /path" (None: every request)."""
+    """One rule. `match` is a substring of "METHOD /path" (None: every request).
+
+    Kinds: refuse (close the port), status (answer `status` instead), latency (answer
+    `seconds` late), stall (never answer), truncate (answer the head and half the body,
+    then close the connection)."""
 
     kind: str
     match: str | None = None
