@@ -22,8 +22,7 @@ import trio.testing
 from broker.emulator.app import Emulator
 from broker.emulator.model import DEMO_USER
 from broker.wallclock import TrioWallClock
-
-from .conftest import Broker, broker_config, start_broker
+from tests.support import Broker, broker_config, start_broker
 
 GET_USER = {"query": "{ getUser { email } }"}
 
