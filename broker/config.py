@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import math
 import os
 import pwd
 import re
@@ -38,6 +39,9 @@ SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
 MAX_SOCKET_PATH: Final = 107
 _PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
+#: Upper bounds for durations: generous, but a typo of a few zeros is caught.
+_HOUR: Final = 3600.0
+_DAY: Final = 86400.0
 
 
 class ConfigError(Exception):
@@ -188,10 +192,17 @@ class _Reader:
             raise self.error(key, "must not be empty")
         return str(value)
 
-    def seconds(self, key: str, default: float, *, low: float = 0.0) -> float:
+    def seconds(self, key: str, default: float, *, most: float, zero_ok: bool = False) -> float:
+        """A duration: finite, more than 0 (or at least 0 with `zero_ok`), at most `most`.
+
+        TOML has `nan` and `inf` literals; a timeout of either would make every wait on
+        it fail or never end, so both are refused here rather than at the first wait."""
         value = float(self.get(key, (int, float), default))
-        if value <= low:
-            raise self.error(key, f"must be more than {low:g}")
+        if not math.isfinite(value):
+            raise self.error(key, f"must be a finite number of seconds, not {value}")
+        if value < 0 or (value == 0 and not zero_ok) or value > most:
+            low = "0" if zero_ok else "more than 0"
+            raise self.error(key, f"must be {low} and at most {most:g} seconds, not {value:g}")
         return value
 
     def count(self, key: str, default: int) -> int:
@@ -251,13 +262,13 @@ def parse(
         socket_group=None if group is None else _gid(broker, "socket_group", group),
         max_connections=broker.count("max_connections", 1024),
         max_requests_per_connection=broker.count("max_requests_per_connection", 32),
-        idle_timeout=broker.seconds("idle_timeout", 300.0),
-        frame_timeout=broker.seconds("frame_timeout", 10.0),
-        send_timeout=broker.seconds("send_timeout", 10.0),
-        token_wait=broker.seconds("token_wait", 15.0),
+        idle_timeout=broker.seconds("idle_timeout", 300.0, most=_DAY),
+        frame_timeout=broker.seconds("frame_timeout", 10.0, most=_HOUR),
+        send_timeout=broker.seconds("send_timeout", 10.0, most=_HOUR),
+        token_wait=broker.seconds("token_wait", 15.0, most=_HOUR),
         max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
-        startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
-        shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+        startup_spread=broker.seconds("startup_spread", 10.0, most=_DAY, zero_ok=True),
+        shutdown_grace=broker.seconds("shutdown_grace", 5.0, most=_HOUR),
     )
     broker.check_unknown()
     return config
@@ -294,7 +305,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
         policy=Policy(refresh_at=refresh_at, jitter=jitter),
-        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT),
+        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
     )
     r.check_unknown()
     return profile
