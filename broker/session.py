@@ -24,6 +24,7 @@ from .secret import Secret
 
 #: The jittered rotation point stays inside this share of the lifetime.
 _EARLIEST, _LATEST = 0.05, 0.95
+_INF: Final = float("inf")
 
 
 class State(StrEnum):
@@ -172,11 +173,18 @@ class Session:
         return SleepUntil(due if session_end is None else min(due, session_end))
 
     def backoff_delay(self, retry_after: float | None = None) -> float:
-        """The wait before the next attempt after `failures` failed ones."""
+        """The wait before the next attempt after `failures` failed ones.
+
+        Geins' Retry-After is honoured up to the backoff ceiling and no further: an
+        upstream (or a proxy in front of it) saying "in three years" must not park the
+        session past its bearer's life; a value that is not a finite, non-negative
+        number is ignored."""
         policy = self.policy
         ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** max(self.failures - 1, 0))
         delay = self._rng.uniform(0, ceiling)
-        return max(delay, retry_after) if retry_after is not None else delay
+        if retry_after is None or not 0 <= retry_after < _INF:  # (catches NaN too)
+            return delay
+        return max(delay, min(retry_after, policy.backoff_cap))
 
     # -- transitions --------------------------------------------------------------------
 
@@ -209,10 +217,16 @@ class Session:
         return tokens.obtained_at + lifetime * min(max(share, _EARLIEST), _LATEST)
 
     def refresh_failed(self, reason: str, now: float, retry_after: float | None = None) -> float:
-        """A transient failure: keep serving, retry after a backoff. Returns the delay."""
+        """A transient failure: keep serving, retry after a backoff. Returns the delay.
+
+        A bearer that runs out before the backoff (or a Retry-After) ends brings the
+        retry forward to its expiry: from then on nothing can be served without one."""
         self.failures += 1
         self.last_error = reason
         delay = self.backoff_delay(retry_after)
+        expires_at = self.tokens.expires_at if self.tokens is not None else _INF
+        if now < expires_at < now + delay:
+            delay = expires_at - now
         self.next_refresh_at = now + delay
         self.revision += 1
         return delay

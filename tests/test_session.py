@@ -139,6 +139,25 @@ def test_retry_after_is_honoured() -> None:
     assert s.refresh_failed("429", T0 + 30, retry_after=0.5) == 2  # backoff is larger
 
 
+@pytest.mark.parametrize("retry_after", [99_999_999.0, float("inf"), float("nan"), -5.0])
+def test_retry_after_is_capped_at_the_backoff_ceiling(retry_after: float) -> None:
+    """Issue 9, defect 5: an upstream's Retry-After never parks the session for years."""
+    s = session(0.0)  # no jitter of our own: whatever waits longer comes from Geins
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    delay = s.refresh_failed("429", T0 + 675, retry_after=retry_after)
+    assert delay == (60.0 if 0 < retry_after < float("inf") else 0.0)
+    assert s.next_refresh_at == T0 + 675 + delay
+
+
+def test_an_expiring_bearer_brings_a_retry_forward() -> None:
+    s = session(1.0)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=900), T0), "ada", False, T0)
+    assert s.refresh_failed("429", T0 + 880, retry_after=60) == 20
+    assert s.next_refresh_at == T0 + 900  # the bearer's expiry, not T0 + 940
+    # Once it has expired the backoff is plain (nothing left to protect).
+    assert s.refresh_failed("429", T0 + 900, retry_after=60) == 60
+
+
 def test_a_session_shorter_than_the_bearer_is_refreshed_in_time() -> None:
     s = session(0.5)
     s.logged_in(Tokens.from_grant(grant(T0, lifetime=3600, max_age=1800), T0), "ada", False, T0)
