@@ -304,7 +304,13 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         endpoint=endpoint,
         allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
-        policy=Policy(refresh_at=refresh_at, jitter=jitter),
+        policy=Policy(
+            refresh_at=refresh_at,
+            jitter=jitter,
+            reader_refresh_interval=r.seconds(
+                "reader_refresh_interval", 30.0, most=_DAY, zero_ok=True
+            ),
+        ),
         request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
     )
     r.check_unknown()

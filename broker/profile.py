@@ -28,6 +28,7 @@ from .config import ProfileConfig
 from .errors import (
     BadRequest,
     BrokerFault,
+    Busy,
     GeinsError,
     LoginRequired,
     NotLoggedIn,
@@ -315,15 +316,18 @@ class Profile:
             "expires_at": tokens.expires_at,
         }
 
-    async def ensure_token(self, min_valid: float) -> None:
+    async def ensure_token(self, min_valid: float, *, reader: bool = False) -> None:
         """Wait until the bearer has `min_valid` seconds left, refreshing once if needed.
 
-        Never waits longer than `token_wait`; a failed refresh is reported at once
-        rather than retried here, and an expired token is never the answer.
+        Never waits longer than `token_wait`, and causes at most one refresh: a failed
+        one is reported at once rather than retried here, and one that still leaves
+        less than `min_valid` (a fresh token has exactly its lifetime, minus the time
+        its answer took) is a `bad_request`, never a loop. An expired token is never
+        the answer. A `reader` is held to the policy's reader_refresh_interval.
         """
         session = self.session
         deadline = trio.current_time() + self.token_wait
-        tried = False
+        attempts = session.attempts
         while True:
             now = self._wall.now()
             if session.serves(now, min_valid):
@@ -336,10 +340,23 @@ class Profile:
                     f"min_valid {min_valid:g} s is not less than the token lifetime "
                     f"of {tokens.lifetime:.0f} s"
                 )
-            waiting_for = deadline - trio.current_time()
-            if tried or (session.failures and (session.next_refresh_at or now) - now > waiting_for):
-                raise self._failure()
-            session.demand_refresh(now)
+            if session.attempts != attempts:  # this request has had its refresh
+                if session.failures:
+                    raise self._failure()
+                raise BadRequest(
+                    f"min_valid {min_valid:g} s is more than even a fresh token has "
+                    f"({session.valid_for(now):.3f} s left of {tokens.lifetime:.0f} s); "
+                    "ask for less"
+                )
+            due = session.demand_refresh(now, reader=reader)
+            if due - now > deadline - trio.current_time():
+                if session.failures:
+                    raise self._failure()
+                raise Busy(
+                    f"profile {self.name!r} was refreshed for a reader less than "
+                    f"{session.policy.reader_refresh_interval:g} s ago; try again in "
+                    f"{due - now:.0f} s"
+                )
             if self._attempt is None:
                 self._attempt = trio.Event()
             attempt = self._attempt
@@ -348,7 +365,6 @@ class Profile:
                 await attempt.wait()
             if not attempt.is_set():
                 raise Timeout(f"no fresh token for {self.name!r} within {self.token_wait:g} s")
-            tried = session.failures > 0
 
     def _failure(self) -> BrokerFault:
         failure = self._last_failure

@@ -46,6 +46,8 @@ class Policy:
     #: Retry delays: full jitter over [0, min(cap, base * 2**(failures-1))].
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
+    #: A reader's `token` may cause a refresh at most this often (admins: any time).
+    reader_refresh_interval: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,11 @@ class Session:
         self.next_refresh_at: float | None = None
         self.last_refresh_at: float | None = None
         self.refreshes = 0
+        #: Refresh attempts that ended, whatever their outcome: a `token` request that
+        #: saw this change has had its one refresh.
+        self.attempts = 0
+        #: When a reader's demand last brought a refresh forward.
+        self.reader_demand_at: float | None = None
         #: Consecutive failed refreshes; 0 after a success.
         self.failures = 0
         self.last_error: str | None = None
@@ -196,6 +203,7 @@ class Session:
 
     def refreshed(self, tokens: Tokens, now: float) -> None:
         self.refreshes += 1
+        self.attempts += 1
         self.last_refresh_at = now
         self._took(tokens, now)
 
@@ -222,6 +230,7 @@ class Session:
         A bearer that runs out before the backoff (or a Retry-After) ends brings the
         retry forward to its expiry: from then on nothing can be served without one."""
         self.failures += 1
+        self.attempts += 1
         self.last_error = reason
         delay = self.backoff_delay(retry_after)
         expires_at = self.tokens.expires_at if self.tokens is not None else _INF
@@ -233,6 +242,7 @@ class Session:
 
     def refresh_rejected(self, reason: str) -> None:
         """The refresh token is dead. The bearer is still served until it expires."""
+        self.attempts += 1
         self.login_required = True
         self.last_error = reason
         self.next_refresh_at = None
@@ -253,10 +263,24 @@ class Session:
         self.store_error = None
         self.revision += 1
 
-    def demand_refresh(self, now: float) -> None:
-        """A client needs a longer-lived token: refresh now, unless backing off."""
-        if self.failures == 0 and (self.next_refresh_at is None or self.next_refresh_at > now):
-            self.next_refresh_at = now
+    def demand_refresh(self, now: float, *, reader: bool = False) -> float:
+        """A client needs a longer-lived token: refresh now, unless backing off. Returns
+        when the next attempt is due.
+
+        A reader (a uid allowed to read, not to administer) may bring a refresh forward
+        at most once per `reader_refresh_interval`: otherwise any reader could make the
+        daemon refresh, fsync and log as fast as it can ask."""
+        due = self.next_refresh_at
+        if self.failures:
+            return now if due is None else due
+        earliest = now
+        if reader and self.reader_demand_at is not None:
+            earliest = max(now, self.reader_demand_at + self.policy.reader_refresh_interval)
+        if due is None or due > earliest:
+            due = self.next_refresh_at = earliest
+            if reader:
+                self.reader_demand_at = earliest
+        return due
 
     def defer_startup_refresh(self, now: float, spread: float) -> None:
         """After a restart, spread overdue refreshes over `spread` seconds."""

@@ -185,6 +185,27 @@ def test_demand_refresh_respects_backoff() -> None:
     assert s.next_refresh_at == backoff
 
 
+def test_a_reader_brings_a_refresh_forward_at_most_once_per_interval() -> None:
+    """Issue 9, defect 3: readers get a per-profile minimum interval between the
+    refreshes they cause; admins do not."""
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 100
+    s.refreshed(Tokens.from_grant(grant(T0 + 100), T0 + 100), T0 + 100)
+    assert s.demand_refresh(T0 + 101, reader=True) == T0 + 130
+    assert s.next_refresh_at == T0 + 130
+    assert s.demand_refresh(T0 + 102) == T0 + 102  # an admin is not held back
+
+
+def test_every_ended_attempt_is_counted() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.refreshed(Tokens.from_grant(grant(T0 + 1), T0 + 1), T0 + 1)
+    s.refresh_failed("down", T0 + 2)
+    s.refresh_rejected("gone")
+    assert s.attempts == 3
+
+
 def test_startup_spread_only_moves_overdue_refreshes() -> None:
     s = session(0.5)
     s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
