@@ -31,7 +31,7 @@ from .geins.protocol import (
     Endpoint,
 )
 from .listener import unsafe_directory
-from .session import Policy
+from .session import MAX_CLOCK_SKEW, Policy
 
 ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
@@ -310,6 +310,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
             reader_refresh_interval=r.seconds(
                 "reader_refresh_interval", 30.0, most=_DAY, zero_ok=True
             ),
+            max_clock_skew=r.seconds("max_clock_skew", MAX_CLOCK_SKEW, most=30 * _DAY),
         ),
         request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
     )

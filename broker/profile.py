@@ -31,12 +31,14 @@ from .errors import (
     Busy,
     GeinsError,
     LoginRequired,
+    MalformedAnswer,
     NotLoggedIn,
     RefreshTokenRejected,
     Relayed,
     StoreError,
     Timeout,
     UnknownProfile,
+    UnusableGrant,
     UpstreamTimeout,
 )
 from .geins import claims
@@ -225,18 +227,18 @@ class Profile:
             await self._save(self._record())
             self._publish()
             return
+        except UnusableGrant as exc:
+            await self._keep_rotated(exc.refresh)
+            self._fail(exc)
+            return
         except GeinsError as exc:
             self._fail(exc)
             return
         now = self._wall.now()
         try:
-            tokens = Tokens.from_grant(grant, now)
+            tokens = Tokens.from_grant(grant, now, session.policy.max_clock_skew)
         except GeinsError as exc:
-            # Geins rotated the refresh token but sent an unusable bearer: keep the new
-            # refresh token (the old one is spent), count a failure, retry later.
-            assert session.tokens is not None
-            session.tokens = replace(session.tokens, refresh=grant.refresh)
-            await self._save(self._record())
+            await self._keep_rotated(grant.refresh)
             self._fail(exc)
             return
         await self._save(self._record(tokens, refreshed_at=now))
@@ -248,6 +250,16 @@ class Profile:
             next_in=round((session.next_refresh_at or now) - now),
         )
         self._publish()
+
+    async def _keep_rotated(self, refresh_token: Secret) -> None:
+        """Geins rotated the refresh token but sent an unusable bearer (or none): the
+        old refresh token is spent, so keep the new one (on disk first) with the
+        bearer still held, and let the caller count a failure and retry later."""
+        session = self.session
+        if session.tokens is None:
+            return
+        session.tokens = replace(session.tokens, refresh=refresh_token)
+        await self._save(self._record())
 
     def _fail(self, exc: GeinsError) -> None:
         self._last_failure = exc
@@ -395,14 +407,24 @@ class Profile:
             session = self.session
             if session.tokens is None or session.tokens.refresh is None or session.username is None:
                 raise self._no_session()
-            grant = await self.geins.change_password(
-                session.tokens.refresh, session.username, password, new_password
-            )
-            await self._took(grant, session.username, session.remember, "password_changed")
+            # Geins voids the old tokens on success: a new refresh token is kept even when
+            # the rest of the answer is unusable.
+            try:
+                grant = await self.geins.change_password(
+                    session.tokens.refresh, session.username, password, new_password
+                )
+            except UnusableGrant as exc:
+                await self._keep_rotated(exc.refresh)
+                raise
+            try:
+                await self._took(grant, session.username, session.remember, "password_changed")
+            except MalformedAnswer:  # the bearer was refused
+                await self._keep_rotated(grant.refresh)
+                raise
 
     async def _took(self, grant: Any, username: str, remember: bool, event: str) -> None:
         now = self._wall.now()
-        tokens = Tokens.from_grant(grant, now)
+        tokens = Tokens.from_grant(grant, now, self.session.policy.max_clock_skew)
         replaced = self.session.tokens
         await self._save(self._record(tokens, username=username, remember=remember))
         self.session.logged_in(tokens, username, remember, now)

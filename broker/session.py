@@ -25,6 +25,15 @@ from .secret import Secret
 #: The jittered rotation point stays inside this share of the lifetime.
 _EARLIEST, _LATEST = 0.05, 0.95
 _INF: Final = float("inf")
+#: The clock-skew rule: a bearer's `iat` may be at most this far from the wall clock.
+#: The lifetime is counted from this machine's clock (exp - iat from the receipt), so
+#: skew does not matter to rotation; a day covers a host set to local time instead of
+#: UTC (at most 14 h) and refuses times that are no clock's at all (exp in 1970).
+MAX_CLOCK_SKEW: Final = 86400.0
+#: The longest bearer lifetime believed (the SDK's "remember me" is 30 days).
+MAX_LIFETIME: Final = 366 * 86400
+#: 9999-12-31T23:59:59Z: no later time is a time (datetime cannot hold one).
+_LAST_TIME: Final = 253_402_300_799
 
 
 class State(StrEnum):
@@ -48,6 +57,8 @@ class Policy:
     backoff_cap: float = 60.0
     #: A reader's `token` may cause a refresh at most this often (admins: any time).
     reader_refresh_interval: float = 30.0
+    #: How far a new bearer's `iat` may be from the wall clock (see Tokens.from_grant).
+    max_clock_skew: float = MAX_CLOCK_SKEW
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +77,37 @@ class Tokens:
         return self.expires_at - self.obtained_at
 
     @classmethod
-    def from_grant(cls, grant: Grant, now: float) -> Tokens:
+    def from_grant(cls, grant: Grant, now: float, max_skew: float = MAX_CLOCK_SKEW) -> Tokens:
         """Tokens as received at wall time `now`.
 
-        With an `iat` claim the lifetime is exp - iat, counted from now, so a skew
-        between this machine's clock and Geins' does not shorten or stretch it.
+        With an `iat` claim the lifetime is exp - iat, counted from now, so a small skew
+        between this machine's clock and Geins' does not shorten or stretch it. A large
+        one is refused (the clock-skew rule): an `iat` more than `max_skew` seconds from
+        `now` means one of the two clocks is wrong, and a token whose times cannot be
+        trusted is not served. Absurd times (negative, past year 9999, a lifetime over
+        `MAX_LIFETIME`) are refused too. Each refusal is a `MalformedAnswer`: the caller
+        keeps the session it had.
         """
         try:
             decoded = claims.decode(grant.bearer.reveal())
         except claims.NotAJwt as exc:
             raise MalformedAnswer(f"Geins sent a bearer token that is not a JWT: {exc}") from None
+        for name, value in (("exp", decoded.exp), ("iat", decoded.iat)):
+            if value is not None and not 0 <= value <= _LAST_TIME:
+                raise MalformedAnswer(f"Geins sent a bearer token whose {name} is not a time")
+        if decoded.iat is not None and abs(decoded.iat - now) > max_skew:
+            raise MalformedAnswer(
+                f"Geins sent a bearer token issued {decoded.iat - now:+.0f} s from this "
+                f"machine's clock (at most {max_skew:g} s of skew is accepted; check the clock)"
+            )
         lifetime = decoded.exp - (decoded.iat if decoded.iat is not None else now)
         if lifetime <= 0 or decoded.expired:
             raise MalformedAnswer("Geins sent a bearer token that has already expired")
+        if lifetime > MAX_LIFETIME:
+            raise MalformedAnswer(
+                f"Geins sent a bearer token valid for {lifetime:.0f} s "
+                f"(at most {MAX_LIFETIME} s is believed)"
+            )
         session_end = None if grant.max_age is None else now + grant.max_age
         return cls(grant.bearer, grant.refresh, decoded, now, now + lifetime, session_end)
 

@@ -21,6 +21,7 @@ from broker.errors import (
     MalformedAnswer,
     RefreshTokenRejected,
     Transient,
+    UnusableGrant,
     UpstreamRejected,
     UpstreamTimeout,
 )
@@ -339,6 +340,35 @@ async def test_malformed_answers(
     geins = _mock_client(lambda request: response)
     with pytest.raises(MalformedAnswer, match=message):
         await geins.refresh(Secret("refresh-secret"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502</html>",
+        b'{"token": "' + b"x" * (64 * 1024 + 1) + b'"}',
+        b'{"token": "t", "maxAge": 1e300}',
+    ],
+)
+async def test_an_unusable_answer_still_hands_over_the_rotated_refresh_token(
+    autojump_clock: MockClock, body: bytes
+) -> None:
+    """Issue 9, defects 6 and 8: the new refresh token in the header is never lost."""
+    response = httpx.Response(200, headers={"x-auth-refresh-token": "new-refresh"}, content=body)
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(UnusableGrant) as info:
+        await geins.refresh(Secret("refresh-secret"))
+    assert info.value.refresh.reveal() == "new-refresh"
+    assert "new-refresh" not in str(info.value) + repr(info.value) + repr(info.value.args)
+
+
+async def test_an_oversized_refresh_token_is_refused(autojump_clock: MockClock) -> None:
+    big = "r" * (4 * 1024 + 1)
+    response = httpx.Response(200, headers={"x-auth-refresh-token": big}, json={"token": "t"})
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(MalformedAnswer, match="refresh token of 4097 characters") as info:
+        await geins.refresh(Secret("refresh-secret"))
+    assert not isinstance(info.value, UnusableGrant)
 
 
 async def test_challenge_without_sign_is_malformed(

@@ -7,6 +7,8 @@ the attacks that live in the kernel (other uids, signals, FIFOs) use real proces
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from pathlib import Path
 
@@ -140,3 +142,65 @@ async def test_a_reader_may_cause_one_refresh_per_interval(
     await profile.ensure_token(890)  # root is not held back
     assert refreshes(emulator) == before + 3
     assert session.last_refresh_at == refreshed_at + 80
+
+
+# -- defects 6 and 8, and the clock-skew rule: answers that rotate but cannot be used --------
+
+
+def forged_jwt(**claims: object) -> str:
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256'})}.{part(claims)}.c2ln"
+
+
+T = 1_800_000_675  # about when the first rotation happens (TrioWallClock starts at 1.8e9)
+UNUSABLE_BODIES = {
+    "html error page": "<html><body>502 Bad Gateway</body></html>",
+    "exp overflows": json.dumps({"token": forged_jwt(exp=1e300, iat=T), "maxAge": 1800}),
+    "exp is 400 digits": json.dumps(
+        {"token": forged_jwt(exp=int("9" * 400), iat=T), "maxAge": 1800}
+    ),
+    "negative times": json.dumps({"token": forged_jwt(exp=-1, iat=-61), "maxAge": 1800}),
+    "lives ten years": json.dumps({"token": forged_jwt(exp=T + 10 * 366 * 86400, iat=T)}),
+    # The clock-skew rule: exp in 1970 with exp - iat = 60 was served for 60 s.
+    "issued in 1970": json.dumps({"token": forged_jwt(exp=60, iat=0), "maxAge": 1800}),
+    # Defect 8: a 5 MB bearer was copied into every answer; 64 KiB is the most taken.
+    "bearer of 100 KiB": json.dumps(
+        {"token": forged_jwt(exp=T + 900, iat=T, pad="x" * 100_000), "maxAge": 1800}
+    ),
+}
+
+
+@pytest.mark.parametrize("body", list(UNUSABLE_BODIES.values()), ids=list(UNUSABLE_BODIES))
+async def test_a_rotated_refresh_token_survives_an_unusable_answer(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+    body: str,
+) -> None:
+    """Geins rotates the refresh token (the header) but the body is unusable: the new
+    refresh token is kept (the old one is spent) and the old bearer served; the next
+    refresh works. Before, the new token was dropped and the session died."""
+    broker = await exact_broker(nursery, emulator, wall, short_tmp)
+    await broker.login()
+    session = broker.profile().session
+    before = session.tokens
+    assert before is not None
+    emulator.server.faults.add(Fault("body", match="GET /api", body=body, times=1))
+    await trio.sleep(675.5)
+    assert session.failures == 1 and session.refreshes == 0
+    assert session.state is State.DEGRADED
+    held = session.tokens
+    assert held is not None and held.bearer == before.bearer
+    assert held.expires_at == before.expires_at
+    assert held.refresh is not None and held.refresh != before.refresh
+    assert emulator.service.inspect_refresh(held.refresh.reveal())["state"] == "current"
+    async with broker.client() as client:
+        token = await client.token()
+    assert token.token == before.bearer.reveal()
+    await trio.sleep(1)  # the first retry (backoff 1 s at the top of its jitter)
+    assert session.refreshes == 1 and session.state is State.ACTIVE
+    assert session.last_refresh_at == before.obtained_at + 676

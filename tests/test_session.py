@@ -55,6 +55,33 @@ def test_iat_corrects_for_clock_skew() -> None:
     assert tokens.session_expires_at is None
 
 
+@pytest.mark.parametrize(
+    ("exp", "iat", "problem"),
+    [
+        (60, 0, "issued -1800000000 s from this machine's clock"),  # the clock-skew rule
+        (T0 + 900, T0 + 86400 + 1, "skew"),
+        (T0 + 900, T0 - 86400 - 1, "skew"),
+        (1e300, T0, "exp is not a time"),
+        (T0 + 900, -5, "iat is not a time"),
+        (T0 + 367 * 86400, T0, "at most 31622400 s"),
+    ],
+)
+def test_absurd_times_and_skew_are_refused(exp: float, iat: float, problem: str) -> None:
+    """Issue 9: a JWT whose times no clock could give is an upstream error (the caller
+    keeps the session it had), never a token served for years or for a minute."""
+    with pytest.raises(MalformedAnswer, match=problem):
+        Tokens.from_grant(Grant(Secret(jwt(exp, iat)), Secret("r"), None), T0)
+
+
+def test_skew_up_to_a_day_is_accepted() -> None:
+    """A host set to local time instead of UTC is off by whole hours; harmless, since the
+    lifetime is counted from this machine's clock."""
+    tokens = Tokens.from_grant(
+        Grant(Secret(jwt(T0 - 50400 + 900, T0 - 50400)), Secret("r"), None), T0
+    )
+    assert tokens.expires_at == T0 + 900
+
+
 def test_without_iat_exp_is_absolute() -> None:
     tokens = Tokens.from_grant(Grant(Secret(jwt(T0 + 600)), Secret("r"), None), T0)
     assert tokens.expires_at == T0 + 600

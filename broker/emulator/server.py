@@ -137,6 +137,11 @@ class EmulatorServer:
             headers = (("Retry-After", fault.retry_after),) if fault.retry_after else ()
             self.service.counts[f"fault {fault.status}"] += 1
             return json_response(fault.status, {"error": "injected fault"}, headers)
+        if fault.kind == "body":
+            answer = self.service.handle(request)
+            assert fault.body is not None
+            kept = tuple((k, v) for k, v in answer.headers if k.lower() != "content-type")
+            return HttpResponse(answer.status, fault.body.encode(), kept)
         if fault.kind == "latency":
             if not fault.after:
                 # The request waits in front of the service (a queue, a slow proxy). A
