@@ -42,6 +42,8 @@ _LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
 #: Upper bounds for durations: generous, but a typo of a few zeros is caught.
 _HOUR: Final = 3600.0
 _DAY: Final = 86400.0
+#: A bound on unread answers below one token answer would close every slow reader.
+_MIN_UNREAD: Final = 64 * 1024
 
 
 class ConfigError(Exception):
@@ -68,6 +70,10 @@ class BrokerConfig:
     socket_group: int | None = None
     max_connections: int = 1024
     max_requests_per_connection: int = 32
+    #: Bytes of answers a client may leave unread on one connection (beyond one
+    #: answer), and on all of them together, before its connection is closed.
+    max_unread_bytes: int = 1024 * 1024
+    max_unread_total: int = 64 * 1024 * 1024
     idle_timeout: float = 300.0
     #: How long a half-received frame may sit before the connection is closed.
     frame_timeout: float = 10.0
@@ -205,10 +211,10 @@ class _Reader:
             raise self.error(key, f"must be {low} and at most {most:g} seconds, not {value:g}")
         return value
 
-    def count(self, key: str, default: int) -> int:
+    def count(self, key: str, default: int, *, least: int = 1) -> int:
         value = int(self.get(key, int, default))
-        if value < 1:
-            raise self.error(key, "must be at least 1")
+        if value < least:
+            raise self.error(key, f"must be at least {least}")
         return value
 
     def check_unknown(self) -> None:
@@ -262,6 +268,8 @@ def parse(
         socket_group=None if group is None else _gid(broker, "socket_group", group),
         max_connections=broker.count("max_connections", 1024),
         max_requests_per_connection=broker.count("max_requests_per_connection", 32),
+        max_unread_bytes=broker.count("max_unread_bytes", 1024 * 1024, least=_MIN_UNREAD),
+        max_unread_total=broker.count("max_unread_total", 64 * 1024 * 1024, least=_MIN_UNREAD),
         idle_timeout=broker.seconds("idle_timeout", 300.0, most=_DAY),
         frame_timeout=broker.seconds("frame_timeout", 10.0, most=_HOUR),
         send_timeout=broker.seconds("send_timeout", 10.0, most=_HOUR),

@@ -8,8 +8,11 @@ bug while serving it) closes that connection, never the server.
 
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
 `busy` frame and is closed); `max_requests_per_connection` waiting ops per connection;
-idle connections, half-sent frames and unread answers time out, checked by a
-housekeeping task that sleeps until the earliest deadline.
+unread answers of at most `max_unread_bytes` per connection (beyond one answer) and
+`max_unread_total` in all (past either, the connection is closed and counted); at most
+`_MAX_JOIN` bytes of answers joined into one write; idle connections, half-sent frames
+and unread answers time out, checked by a housekeeping task that sleeps until the
+earliest deadline.
 
 Some facts about the private epoll
 ==================================
@@ -96,6 +99,9 @@ _BATCHES_PER_WAKEUP: Final = 8
 _ACCEPT_PAUSE: Final = 0.5
 #: Requests answered per write; the rest of a pipelined read waits for the client.
 _BATCH: Final = 64
+#: At most this many bytes of answers are joined into one write (a batch of big answers
+#: is written in parts, and what the client is not reading yet stays unanswered).
+_MAX_JOIN: Final = 256 * 1024
 _CREDENTIALS: Final = struct.Struct("3i")
 #: Linux's SO_PEERGROUPS (4.13+); the stdlib does not name it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
@@ -162,6 +168,7 @@ class Connection:
         "closing",
         "decoder",
         "fd",
+        "held",
         "last_active",
         "out",
         "partial_since",
@@ -178,6 +185,9 @@ class Connection:
         self.decoder = FrameDecoder(MAX_REQUEST_SIZE)
         #: Answers the socket would not take yet; while any wait, no requests are read.
         self.out = bytearray()
+        #: Requests decoded but not answered: their batch's answers outgrew one write
+        #: and the client is not reading them. Answered once `out` is flushed.
+        self.held: list[Message] | None = None
         self.blocked_since = _INF
         self.last_active = now
         #: When the half-received frame now buffered began to arrive.
@@ -209,6 +219,10 @@ class Server:
         self._drained = trio.Event()
         self._wake_housekeeper = trio.Event()
         self._next_check = _INF
+        #: Bytes in every connection's `out`, and connections closed for leaving too
+        #: many unread (a client that never reads its watch events, say).
+        self.unread = 0
+        self.overflows = 0
         self.configure(config)
 
     def configure(self, config: BrokerConfig) -> None:
@@ -218,6 +232,8 @@ class Server:
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
         self.send_timeout = config.send_timeout
+        self.max_unread = config.max_unread_bytes
+        self.max_unread_total = config.max_unread_total
         self._wake_housekeeper.set()
 
     @property
@@ -362,33 +378,75 @@ class Server:
     def _answer(self, conn: Connection, data: bytes = b"") -> None:
         """Answer the requests received, a batch at a time, while the client takes the
         answers. One read can hold thousands of pipelined requests, whose answers are
-        fifty times their size: those the client is not reading yet stay undecoded."""
+        fifty times their size: those the client is not reading yet stay undecoded, or,
+        once a batch's answers outgrow one write, decoded but unanswered (`held`)."""
         decoder = conn.decoder
         dispatch = self._dispatch
         while True:
-            messages = decoder.feed(data, _BATCH)
+            if conn.held is not None:
+                messages, conn.held = conn.held, None
+                if data:
+                    decoder.feed(data, 0)  # buffer it, undecoded, behind the held ones
+            else:
+                messages = decoder.feed(data, _BATCH)
             data = b""
             if len(messages) == 1:  # one request per read: the usual case
                 answer = dispatch(conn, messages[0])
                 answers = [answer] if answer is not None else []
             else:
-                answers = [a for m in messages if (a := dispatch(conn, m)) is not None]
-            if decoder.error is not None:
+                answers = self._answer_batch(conn, messages)
+                if conn.closed:
+                    return
+            if decoder.error is not None and conn.held is None:
                 answers.append(error_frame(None, BadFrame(str(decoder.error))))
                 conn.closing = True
             if answers:
                 self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
-            if conn.closed or conn.out or not decoder.complete:
+            if conn.closed or conn.out or not (conn.held or decoder.complete):
                 break  # done, or waiting for the client to read (flush resumes here)
         if conn.closing and not conn.out:
             self._close(conn)
 
+    def _answer_batch(self, conn: Connection, messages: list[Message]) -> list[bytes]:
+        """The answers to a batch, writing every `_MAX_JOIN` bytes of them; what is
+        left when the client stops taking them is held. Returns the unwritten answers."""
+        dispatch = self._dispatch
+        answers: list[bytes] = []
+        size = 0
+        for i, message in enumerate(messages):
+            answer = dispatch(conn, message)
+            if answer is None:
+                continue
+            answers.append(answer)
+            size += len(answer)
+            if size >= _MAX_JOIN and i + 1 < len(messages):
+                self.write(conn, b"".join(answers))
+                answers, size = [], 0
+                if conn.closed:
+                    break
+                if conn.out:
+                    conn.held = messages[i + 1 :]
+                    break
+        return answers
+
     def write(self, conn: Connection, data: bytes) -> None:
-        """Send at once what the socket takes; keep the rest, stop reading meanwhile."""
+        """Send at once what the socket takes; keep the rest, stop reading meanwhile.
+
+        What a client leaves unread is bounded: past `max_unread` bytes on its
+        connection (beyond one answer, which may be larger), or past
+        `max_unread_total` across all of them, the connection is closed and counted.
+        Nothing else waits for it, so others are never slowed."""
         if conn.closed:
             return
         if conn.out:
+            if (
+                len(conn.out) + len(data) > self.max_unread
+                or self.unread + len(data) > self.max_unread_total
+            ):
+                self._overflow(conn, len(data))
+                return
             conn.out += data
+            self.unread += len(data)
             return
         try:
             sent = conn.sock.send(data)
@@ -398,10 +456,27 @@ class Server:
             self._close(conn)
             return
         if sent < len(data):
+            left = len(data) - sent
+            if self.unread + left > self.max_unread_total:
+                self._overflow(conn, left)
+                return
             conn.out += data[sent:]
+            self.unread += left
             conn.blocked_since = trio.current_time()
             self._epoll.modify(conn.fd, _OUT)
             self._check_timeouts_by(conn.blocked_since + self.send_timeout)
+
+    def _overflow(self, conn: Connection, adding: int) -> None:
+        self.overflows += 1
+        log.warning(
+            "connection_overflow",
+            peer_uid=conn.peer.uid,
+            unread=len(conn.out),
+            adding=adding,
+            unread_total=self.unread,
+            closed_total=self.overflows,
+        )
+        self._close(conn)
 
     def _flush(self, conn: Connection, now: float) -> None:
         try:
@@ -412,6 +487,7 @@ class Server:
             self._close(conn)
             return
         del conn.out[:sent]
+        self.unread -= sent
         if conn.out:
             return
         conn.blocked_since = _INF
@@ -426,6 +502,10 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
+        conn.held = None
+        if conn.out:
+            self.unread -= len(conn.out)
+            conn.out = bytearray()
         del self._connections[conn.fd]
         self._epoll.unregister(conn.fd)
         conn.sock.close()

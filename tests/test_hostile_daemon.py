@@ -22,7 +22,8 @@ from broker.errors import Busy
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client.errors import ProtocolError
-from tests.conftest import Broker, Fraction, start_broker
+from geins_broker_client.protocol import encode
+from tests.conftest import Broker, Fraction, RawConnection, start_broker
 
 EXACT = {"jitter": 0}
 
@@ -204,3 +205,77 @@ async def test_a_rotated_refresh_token_survives_an_unusable_answer(
     await trio.sleep(1)  # the first retry (backoff 1 s at the top of its jitter)
     assert session.refreshes == 1 and session.state is State.ACTIVE
     assert session.last_refresh_at == before.obtained_at + 676
+
+
+# -- defect 4: answers a client leaves unread ----------------------------------------------
+
+
+def unread(broker: Broker) -> int:
+    server = broker.daemon.server
+    assert server is not None
+    return sum(len(conn.out) for conn in server._connections.values())
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [{"max_unread_bytes": 65536}, {"max_unread_total": 65536}],
+    ids=["per connection", "in total"],
+)
+async def test_unread_watch_streams_are_bounded_and_the_connection_closed(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+    bounds: dict[str, int],
+) -> None:
+    """32 watches on one connection, never read, while the token rotates: the queued
+    events grew without bound (300 such connections: +400 MB). Now the connection is
+    closed once 64 KiB are queued, counted, and the others are served."""
+    broker = await exact_broker(nursery, emulator, wall, short_tmp, **bounds)
+    await broker.login()
+    hog = await RawConnection.open(broker.socket)
+    for request_id in range(32):
+        await hog.request(id=request_id, op="watch")
+    await trio.sleep(1)
+    server = broker.daemon.server
+    assert server is not None
+    profile = broker.profile()
+    for _ in range(60):  # 32 events of ~1 KB per rotation; the kernel holds ~200 KB
+        await profile.refresh_now()
+        assert unread(broker) <= 65536
+    assert server.overflows == 1
+    assert server.unread == unread(broker) == 0
+    while await hog.receive() is not None:  # what the kernel held, then the end
+        pass
+    hog.close()
+    async with broker.client() as client:
+        assert (await client.token()).token
+
+
+async def test_pipelined_big_answers_are_written_in_parts(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    """Defect 8: 64 pipelined requests whose answers are 60 KiB each were joined into
+    one 3.8 MB write and queued whole. Now at most 256 KiB are joined, and what the
+    client does not read stays unanswered until it does."""
+    broker = await exact_broker(nursery, emulator, wall, short_tmp)
+    await broker.login()
+    now = int(wall.now())
+    big = forged_jwt(exp=now + 900, iat=now, pad="x" * 45_000)
+    emulator.server.faults.add(
+        Fault("body", match="GET /api", body=json.dumps({"token": big, "maxAge": 1800}), times=1)
+    )
+    await broker.profile().refresh_now()
+    hog = await RawConnection.open(broker.socket)
+    await hog.send(b"".join(encode({"id": i, "op": "token"}) for i in range(64)))
+    await trio.sleep(1)
+    assert unread(broker) < 256 * 1024 + len(big) + 100
+    answers = [await hog.receive() for _ in range(64)]
+    assert [a["id"] for a in answers if a is not None] == list(range(64))
+    assert all(a is not None and a["token"] == big for a in answers)
+    hog.close()
