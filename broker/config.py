@@ -69,12 +69,18 @@ class BrokerConfig:
     socket_mode: int | None = None
     socket_group: int | None = None
     max_connections: int = 1024
+    #: Connections one uid other than root and the daemon's may hold.
+    max_connections_per_uid: int = 64
+    #: Of max_connections, how many only root and the daemon's user may take.
+    admin_reserved_connections: int = 16
     max_requests_per_connection: int = 32
     #: Bytes of answers a client may leave unread on one connection (beyond one
     #: answer), and on all of them together, before its connection is closed.
     max_unread_bytes: int = 1024 * 1024
     max_unread_total: int = 64 * 1024 * 1024
     idle_timeout: float = 300.0
+    #: The idle timeout of a peer that may read no profile.
+    stranger_idle_timeout: float = 10.0
     #: How long a half-received frame may sit before the connection is closed.
     frame_timeout: float = 10.0
     #: How long a client may leave answers unread before the connection is closed.
@@ -267,10 +273,13 @@ def parse(
         socket_mode=None if mode is None else _mode(broker, mode),
         socket_group=None if group is None else _gid(broker, "socket_group", group),
         max_connections=broker.count("max_connections", 1024),
+        max_connections_per_uid=broker.count("max_connections_per_uid", 64),
+        admin_reserved_connections=broker.count("admin_reserved_connections", 16),
         max_requests_per_connection=broker.count("max_requests_per_connection", 32),
         max_unread_bytes=broker.count("max_unread_bytes", 1024 * 1024, least=_MIN_UNREAD),
         max_unread_total=broker.count("max_unread_total", 64 * 1024 * 1024, least=_MIN_UNREAD),
         idle_timeout=broker.seconds("idle_timeout", 300.0, most=_DAY),
+        stranger_idle_timeout=broker.seconds("stranger_idle_timeout", 10.0, most=_DAY),
         frame_timeout=broker.seconds("frame_timeout", 10.0, most=_HOUR),
         send_timeout=broker.seconds("send_timeout", 10.0, most=_HOUR),
         token_wait=broker.seconds("token_wait", 15.0, most=_HOUR),

@@ -7,7 +7,9 @@ done, so a slow request never holds up the ones behind it. A connection's failur
 bug while serving it) closes that connection, never the server.
 
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
-`busy` frame and is closed); `max_requests_per_connection` waiting ops per connection;
+`busy` frame and is closed), of which the last `admin_reserved_connections` are for root
+and the daemon's user, and at most `max_connections_per_uid` for any other uid; a
+peer that may read no profile is closed after `stranger_idle_timeout` idle; `max_requests_per_connection` waiting ops per connection;
 unread answers of at most `max_unread_bytes` per connection (beyond one answer) and
 `max_unread_total` in all (past either, the connection is closed and counted); at most
 `_MAX_JOIN` bytes of answers joined into one write; idle connections, half-sent frames
@@ -174,14 +176,19 @@ class Connection:
         "partial_since",
         "peer",
         "sock",
+        "stranger",
         "tasks",
         "waiting",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Peer, now: float, *, stranger: bool = False
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        #: The peer may read no profile: it gets the short idle timeout.
+        self.stranger = stranger
         self.decoder = FrameDecoder(MAX_REQUEST_SIZE)
         #: Answers the socket would not take yet; while any wait, no requests are read.
         self.out = bytearray()
@@ -223,11 +230,20 @@ class Server:
         #: many unread (a client that never reads its watch events, say).
         self.unread = 0
         self.overflows = 0
+        #: Open connections per peer uid, and whether a peer identity may read nothing
+        #: (per uid, gid and groups; forgotten at each reload).
+        self._per_uid: dict[int, int] = {}
+        self._strangers: dict[tuple[int, int, frozenset[int]], bool] = {}
         self.configure(config)
 
     def configure(self, config: BrokerConfig) -> None:
         """Limits and timeouts, at start and again at every reload."""
         self.max_connections = config.max_connections
+        self.max_per_uid = config.max_connections_per_uid
+        # Never more than half: a small max_connections still leaves others room.
+        self.admin_reserve = min(config.admin_reserved_connections, config.max_connections // 2)
+        self.stranger_idle_timeout = min(config.stranger_idle_timeout, config.idle_timeout)
+        self._strangers = {}
         self.max_waiting = config.max_requests_per_connection
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
@@ -330,17 +346,46 @@ class Server:
                 log.warning("accept_failed", reason=exc.strerror)  # that client is gone
                 continue
             sock.setblocking(False)
-            if len(self._connections) >= self.max_connections:
-                _refuse(sock)
-                continue
             try:
-                conn = Connection(sock, peer_of(sock), now)
+                peer = peer_of(sock)
             except OSError:  # gone before we could look at it
                 sock.close()
                 continue
+            if not self._admits(peer):
+                _refuse(sock)
+                continue
+            stranger = self._is_stranger(peer)
+            conn = Connection(sock, peer, now, stranger=stranger)
             self._connections[conn.fd] = conn
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             self._epoll.register(conn.fd, _IN)
-            self._check_timeouts_by(now + self.idle_timeout)
+            timeout = self.stranger_idle_timeout if stranger else self.idle_timeout
+            self._check_timeouts_by(now + timeout)
+
+    def _admits(self, peer: Peer) -> bool:
+        """Whether a new connection from `peer` fits. The last `admin_reserve` slots
+        are for root and the daemon's user, and no other uid may hold more than
+        `max_per_uid`: a stranger's flood of idle connections locks out no one."""
+        total = len(self._connections)
+        if self.api.is_admin(peer):
+            return total < self.max_connections
+        return (
+            total < self.max_connections - self.admin_reserve
+            and self._per_uid.get(peer.uid, 0) < self.max_per_uid
+        )
+
+    def _is_stranger(self, peer: Peer) -> bool:
+        """Whether `peer` may read no profile (so may do nothing but say hello)."""
+        key = (peer.uid, peer.gid, peer.groups)
+        stranger = self._strangers.get(key)
+        if stranger is None:
+            stranger = not self.api.is_admin(peer) and not any(
+                self.api.may_read(peer, profile) for profile in self._profiles.values()
+            )
+            if len(self._strangers) >= _MAX_EVENTS:
+                self._strangers.clear()
+            self._strangers[key] = stranger
+        return stranger
 
     def _pause_accepting(self, listener: socket.socket) -> None:
         if self._accepting:
@@ -503,6 +548,11 @@ class Server:
             return
         conn.closed = True
         conn.held = None
+        uid = conn.peer.uid
+        if (left := self._per_uid.get(uid, 1) - 1) > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
         if conn.out:
             self.unread -= len(conn.out)
             conn.out = bytearray()
@@ -521,6 +571,8 @@ class Server:
             return conn.partial_since + self.frame_timeout
         if conn.waiting:
             return _INF
+        if conn.stranger:
+            return conn.last_active + self.stranger_idle_timeout
         return conn.last_active + self.idle_timeout
 
     def _check_timeouts_by(self, when: float) -> None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +28,14 @@ from broker.wallclock import TrioWallClock
 from geins_broker_client.errors import ProtocolError
 from geins_broker_client.protocol import encode
 from tests.conftest import Broker, Fraction, RawConnection, start_broker
+from tests.support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    DaemonProcess,
+    EmulatorProcess,
+    call,
+    write_config,
+)
 
 EXACT = {"jitter": 0}
 
@@ -279,3 +291,120 @@ async def test_pipelined_big_answers_are_written_in_parts(
     assert [a["id"] for a in answers if a is not None] == list(range(64))
     assert all(a is not None and a["token"] == big for a in answers)
     hog.close()
+
+
+# -- defect 7: a stranger's flood of connections, with real uids ------------------------------
+
+STRANGER, READER = 65534, 65533
+#: Run as another uid with the system's Python (the venv lives under /root): open
+#: argv[2] connections, report how many the daemon kept, hold them until stdin closes,
+#: then report how many the daemon has closed meanwhile (bounded wait).
+_FLOOD = """
+import select, socket, sys, time
+held, refused = [], 0
+for _ in range(int(sys.argv[2])):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    held.append(sock)
+time.sleep(0.5)
+kept = []
+for sock in held:
+    readable, _, _ = select.select([sock], [], [], 0)
+    if readable:
+        refused += 1  # a busy frame, then the end
+        sock.close()
+    else:
+        kept.append(sock)
+print(len(kept), refused, flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + 15
+closed = 0
+for sock in kept:
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        closed += sock.recv(1) == b""
+    except OSError:
+        pass
+print(closed, flush=True)
+"""
+
+_AS_READER = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+sock.sendall(bytes.fromhex(sys.argv[2]))
+sys.stdout.write(sock.recv(65536).hex())
+"""
+
+
+_SETPRIV = ("setpriv", "--clear-groups")
+
+
+def as_uid(uid: int, script: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*_SETPRIV, f"--reuid={uid}", f"--regid={uid}", "/usr/bin/python3", "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def open_tmp(short_tmp: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("switching to another uid needs root (CI runs as root)")
+    short_tmp.chmod(0o755)
+    return short_tmp
+
+
+@pytest.fixture
+def emulator_process() -> Iterator[EmulatorProcess]:
+    process = EmulatorProcess()
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0
+
+
+def test_a_strangers_flood_locks_out_neither_root_nor_a_reader(
+    emulator_process: EmulatorProcess, open_tmp: Path
+) -> None:
+    """A uid that may read nothing held every connection slot, and root got `busy`.
+    Now it gets at most max_connections_per_uid, the last slots are root's, and its
+    idle connections are closed after stranger_idle_timeout."""
+    sock = open_tmp / "b.sock"
+    config = write_config(
+        open_tmp / "c.toml",
+        emulator_process.url,
+        sock,
+        open_tmp / "state",
+        broker={
+            "socket_mode": "0666",
+            "max_connections": 16,
+            "max_connections_per_uid": 8,
+            "admin_reserved_connections": 4,
+            "stranger_idle_timeout": 1,
+        },
+        profile={"allow_users": [READER]},
+    )
+    daemon = DaemonProcess(config, open_tmp)
+    flood = as_uid(STRANGER, _FLOOD, str(sock), "16")
+    try:
+        login = call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD)
+        assert login["ok"], login
+        assert flood.stdout is not None and flood.stdin is not None
+        kept, refused = map(int, flood.stdout.readline().split())
+        assert (kept, refused) == (8, 8)
+        assert call(sock, op="status")["ok"]  # root
+        reader = as_uid(READER, _AS_READER, str(sock), encode({"id": 1, "op": "token"}).hex())
+        out, _ = reader.communicate(timeout=20)
+        assert b"ok" in bytes.fromhex(out) and b"token" in bytes.fromhex(out)
+        flood.stdin.write("\n")
+        flood.stdin.flush()
+        assert int(flood.stdout.readline()) == 8  # closed by the daemon, idle
+    finally:
+        flood.kill()
+        flood.communicate(timeout=10)
+        daemon.close()
