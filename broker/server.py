@@ -9,7 +9,8 @@ bug while serving it) closes that connection, never the server.
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
 `busy` frame and is closed), of which the last `admin_reserved_connections` are for root
 and the daemon's user, and at most `max_connections_per_uid` for any other uid; a
-peer that may read no profile is closed after `stranger_idle_timeout` idle; `max_requests_per_connection` waiting ops per connection;
+peer that may read no profile is closed after `stranger_idle_timeout` idle;
+`max_requests_per_connection` waiting ops per connection;
 unread answers of at most `max_unread_bytes` per connection (beyond one answer) and
 `max_unread_total` in all (past either, the connection is closed and counted); at most
 `_MAX_JOIN` bytes of answers joined into one write; idle connections, half-sent frames
