@@ -37,6 +37,8 @@ ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
+#: A config file is a few kilobytes; ten thousand profiles are about a megabyte.
+MAX_CONFIG_SIZE: Final = 16 * 1024 * 1024
 _PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
 #: Upper bounds for durations: generous, but a typo of a few zeros is caught.
@@ -235,16 +237,36 @@ def _kind_names(kinds: tuple[type, ...]) -> str:
 
 
 def load(path: Path, *, socket_override: str | None = None) -> BrokerConfig:
+    return parse(_toml(path), path, socket_override=socket_override)
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    """The file's TOML. Only a regular file of at most `MAX_CONFIG_SIZE` bytes is read,
+    opened without blocking: a FIFO (or a device) at the config path would otherwise
+    hold the reader, and with it a reload and the SIGTERM behind it, for ever."""
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_CONFIG_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse(data, path, socket_override=socket_override)
 
 
 def parse(
