@@ -485,10 +485,7 @@ class Server:
         if conn.closed:
             return
         if conn.out:
-            if (
-                len(conn.out) + len(data) > self.max_unread
-                or self.unread + len(data) > self.max_unread_total
-            ):
+            if len(conn.out) + len(data) > self.max_unread or not self._room(conn, len(data)):
                 self._overflow(conn, len(data))
                 return
             conn.out += data
@@ -503,7 +500,7 @@ class Server:
             return
         if sent < len(data):
             left = len(data) - sent
-            if self.unread + left > self.max_unread_total:
+            if not self._room(conn, left):
                 self._overflow(conn, left)
                 return
             conn.out += data[sent:]
@@ -511,6 +508,18 @@ class Server:
             conn.blocked_since = trio.current_time()
             self._epoll.modify(conn.fd, _OUT)
             self._check_timeouts_by(conn.blocked_since + self.send_timeout)
+
+    def _room(self, conn: Connection, adding: int) -> bool:
+        """Whether `adding` unread bytes fit in the total, after closing the connections
+        that hold the most unread (the hogs, not whoever happens to write next: a slow
+        reader must not pay for a connection that never reads). False when `conn`
+        itself holds the most. Rare, so a scan of the connections is fine."""
+        while self.unread + adding > self.max_unread_total:
+            hog = max(self._connections.values(), key=lambda c: len(c.out))
+            if hog is conn or len(hog.out) <= len(conn.out):
+                return False
+            self._overflow(hog, 0)
+        return True
 
     def _overflow(self, conn: Connection, adding: int) -> None:
         self.overflows += 1

@@ -11,7 +11,9 @@ import base64
 import json
 import math
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,9 +25,11 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from broker.api import Peer
 from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
 from broker.errors import Busy
+from broker.server import Connection
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client.errors import ProtocolError
@@ -266,6 +270,35 @@ async def test_unread_watch_streams_are_bounded_and_the_connection_closed(
     hog.close()
     async with broker.client() as client:
         assert (await client.token()).token
+
+
+async def test_the_total_bound_closes_the_hog_not_a_slow_reader(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
+    """Found attacking the fix: past max_unread_total, whoever wrote next was closed,
+    so one reader's hog of unread watches got another, merely slow, reader closed.
+    Now the connection holding the most unread goes."""
+    server = broker.daemon.server
+    assert server is not None
+    server.max_unread_total = 100_000
+    pairs = [socket.socketpair() for _ in range(2)]
+    hog, slow = (
+        Connection(ours, Peer(pid, 1000 + pid, 1000), trio.current_time())
+        for pid, (ours, _) in enumerate(pairs)
+    )
+    for conn, unread_bytes in ((hog, 90_000), (slow, 5_000)):
+        server._connections[conn.fd] = conn
+        server._epoll.register(conn.fd, select.EPOLLOUT)
+        conn.out += b"x" * unread_bytes
+        server.unread += unread_bytes
+    server.write(slow, b"y" * 10_000)
+    assert hog.closed and not slow.closed
+    assert len(slow.out) == 15_000 and server.unread == 15_000
+    assert server.overflows == 1
+    server.write(slow, b"z" * 90_000)  # now the slow one is the biggest: it goes
+    assert slow.closed and server.unread == 0 and server.overflows == 2
+    for _, theirs in pairs:
+        theirs.close()
 
 
 async def test_pipelined_big_answers_are_written_in_parts(
