@@ -360,8 +360,7 @@ class Server:
             self._connections[conn.fd] = conn
             self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             self._epoll.register(conn.fd, _IN)
-            timeout = self.stranger_idle_timeout if stranger else self.idle_timeout
-            self._check_timeouts_by(now + timeout)
+            self._check_timeouts_by(now + self._idle_limit(conn))
 
     def _admits(self, peer: Peer) -> bool:
         """Whether a new connection from `peer` fits. The last `admin_reserve` slots
@@ -581,9 +580,10 @@ class Server:
             return conn.partial_since + self.frame_timeout
         if conn.waiting:
             return _INF
-        if conn.stranger:
-            return conn.last_active + self.stranger_idle_timeout
-        return conn.last_active + self.idle_timeout
+        return conn.last_active + self._idle_limit(conn)
+
+    def _idle_limit(self, conn: Connection) -> float:
+        return self.stranger_idle_timeout if conn.stranger else self.idle_timeout
 
     def _check_timeouts_by(self, when: float) -> None:
         if when < self._next_check:
@@ -680,7 +680,7 @@ class Server:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self._drained.set()
-            self._check_timeouts_by(conn.last_active + self.idle_timeout)
+            self._check_timeouts_by(conn.last_active + self._idle_limit(conn))
 
     async def _answer_later(
         self, conn: Connection, request_id: int, result: Awaitable[dict[str, Any]]

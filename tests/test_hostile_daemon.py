@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from broker.api import Peer
@@ -444,6 +445,32 @@ def test_a_strangers_flood_locks_out_neither_root_nor_a_reader(
         flood.kill()
         flood.communicate(timeout=10)
         daemon.close()
+
+
+async def test_a_strangers_connection_is_closed_on_time_after_its_last_op(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    """Found attacking the fix for defect 7: once a stranger's waiting op ended, the
+    housekeeper was told of the ordinary idle deadline (300 s), not the stranger's."""
+    broker = await exact_broker(nursery, emulator, wall, short_tmp, stranger_idle_timeout=10)
+    await broker.login()
+    server = broker.daemon.server
+    assert server is not None
+    conn = await RawConnection.open(broker.socket)
+    await trio.testing.wait_all_tasks_blocked()
+    (accepted,) = (c for c in server._connections.values() if c.waiting == 0 and not c.out)
+    accepted.stranger = True  # (an in-process test's peer is root: mark it by hand)
+    emulator.server.faults.add(Fault("latency", match="GET /api", seconds=5, times=1))
+    started = trio.current_time()
+    answer = await conn.call(id=1, op="refresh")
+    assert answer["ok"] and trio.current_time() == started + 5
+    assert await conn.receive() is None  # the end, at the stranger's idle deadline
+    assert trio.current_time() == started + 15
+    conn.close()
 
 
 # -- defect 12: a config path that blocks -------------------------------------------------------
