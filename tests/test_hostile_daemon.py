@@ -35,13 +35,16 @@ from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client.errors import ProtocolError
 from geins_broker_client.protocol import encode
-from tests.conftest import Broker, Fraction, RawConnection, start_broker
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    Broker,
     DaemonProcess,
     EmulatorProcess,
+    Fraction,
+    RawConnection,
     call,
+    start_broker,
     write_config,
 )
 
