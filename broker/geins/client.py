@@ -50,6 +50,9 @@ _JSON = {"Content-Type": "application/json"}
 MAX_BEARER: Final = 64 * 1024
 #: The largest refresh token accepted (Geins' are opaque strings of some dozens of bytes).
 MAX_REFRESH_TOKEN: Final = 4 * 1024
+#: The most of an answer read: a bearer of 64 KiB in JSON is well under it.
+MAX_ANSWER: Final = 1024 * 1024
+_FRAMING_HEADERS: Final = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 #: The longest session (maxAge) believed: ten years.
 MAX_SESSION_SECONDS: Final = 10 * 366 * 86400
 
@@ -198,10 +201,15 @@ class GeinsClient:
         if json_body is not None:
             all_headers.update(_JSON)
             content = json.dumps(json_body, separators=(",", ":")).encode()
+        request = self._http.build_request(
+            method, url, content=content, headers=all_headers, timeout=self._timeout
+        )
         try:
-            return await self._http.request(
-                method, url, content=content, headers=all_headers, timeout=self._timeout
-            )
+            response = await self._http.send(request, stream=True)
+            try:
+                body = await _bounded_body(response, what)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             raise UpstreamTimeout(
                 f"Geins did not answer the {what} within {self._timeout:g} s"
@@ -212,6 +220,26 @@ class GeinsClient:
             raise MalformedAnswer(
                 f"Geins answered the {what} unreadably ({type(exc).__name__})"
             ) from None
+        # The body as read (decoded), under the headers that still describe it.
+        kept = [
+            (k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING_HEADERS
+        ]
+        return httpx.Response(response.status_code, headers=kept, content=body)
+
+
+async def _bounded_body(response: httpx.Response, what: str) -> bytes:
+    """At most `MAX_ANSWER` bytes of the body: an upstream (or a proxy in front of it)
+    streaming gigabytes is cut off, not held in memory."""
+    too_big = MalformedAnswer(f"Geins answered the {what} with more than {MAX_ANSWER} bytes")
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > MAX_ANSWER:
+        raise too_big
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER:
+            raise too_big
+    return bytes(body)
 
 
 def _checked(response: httpx.Response, what: str) -> httpx.Response:
