@@ -33,7 +33,7 @@ from broker.errors import Busy
 from broker.server import Connection
 from broker.session import State
 from broker.wallclock import TrioWallClock
-from geins_broker_client.errors import ProtocolError
+from geins_broker_client.errors import ProtocolError, UpstreamError
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from tests.support import (
     DEMO_PASSWORD,
@@ -228,6 +228,34 @@ async def test_a_rotated_refresh_token_survives_an_unusable_answer(
     await trio.sleep(1)  # the first retry (backoff 1 s at the top of its jitter)
     assert session.refreshes == 1 and session.state is State.ACTIVE
     assert session.last_refresh_at == before.obtained_at + 676
+
+
+async def test_a_password_change_keeps_the_new_refresh_token_of_an_unusable_answer(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    """A password change voids the old tokens: if its answer is unusable, the refresh
+    token in its header is the only way on, and is kept."""
+    broker = await exact_broker(nursery, emulator, wall, short_tmp)
+    await broker.login()
+    session = broker.profile().session
+    before = session.tokens
+    assert before is not None
+    emulator.server.faults.add(
+        Fault("body", match="POST /api/demo_prod/password", body="<html>502</html>", times=1)
+    )
+    async with broker.client() as client:
+        with pytest.raises(UpstreamError):
+            await client.change_password(DEMO_PASSWORD, "new-password")
+    held = session.tokens
+    assert held is not None and held.refresh is not None and held.refresh != before.refresh
+    assert emulator.service.inspect_refresh(held.refresh.reveal())["state"] == "current"
+    async with broker.client() as client:
+        await client.refresh()  # the kept token works
+    assert session.state is State.ACTIVE
 
 
 # -- defect 4: answers a client leaves unread ----------------------------------------------
