@@ -304,7 +304,9 @@ class Session:
             return now if due is None else due
         earliest = now
         if reader and self.reader_demand_at is not None:
-            earliest = max(now, self.reader_demand_at + self.policy.reader_refresh_interval)
+            # min(): a wall clock stepped back must not hold readers off for the step.
+            last = min(self.reader_demand_at, now)
+            earliest = max(now, last + self.policy.reader_refresh_interval)
         if due is None or due > earliest:
             due = self.next_refresh_at = earliest
             if reader:

@@ -224,6 +224,15 @@ def test_a_reader_brings_a_refresh_forward_at_most_once_per_interval() -> None:
     assert s.demand_refresh(T0 + 102) == T0 + 102  # an admin is not held back
 
 
+def test_a_clock_stepped_back_holds_readers_off_for_one_interval_only() -> None:
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0 + 3600), T0 + 3600), "ada", False, T0 + 3600)
+    assert s.demand_refresh(T0 + 3700, reader=True) == T0 + 3700
+    s.refreshed(Tokens.from_grant(grant(T0 + 3700), T0 + 3700), T0 + 3700)
+    # NTP steps the clock back an hour: the next reader's refresh is 30 s away, not 3630.
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 130
+
+
 def test_every_ended_attempt_is_counted() -> None:
     s = session()
     s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
