@@ -113,7 +113,7 @@ class Api:
 
     async def token(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         profile = self.readable_profile(peer, args["profile"])
-        await profile.ensure_token(args["min_valid"])
+        await profile.ensure_token(args["min_valid"], reader=not self.is_admin(peer))
         tokens = profile.session.tokens
         assert tokens is not None
         return profile.token_fields(tokens)

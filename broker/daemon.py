@@ -16,9 +16,9 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Final
+from typing import Any, Final
 
 import httpx
 import trio
@@ -42,6 +42,13 @@ log = events("broker.daemon")
 
 #: STATUS= lines to systemd at most this often.
 _STATUS_INTERVAL: Final = 1.0
+#: How long a reload may take to read the config file (a hung network file system).
+CONFIG_READ_TIMEOUT: Final = 10.0
+
+
+async def _abandonable(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking read in a thread that a cancellation may leave behind."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class Daemon:
@@ -66,6 +73,13 @@ class Daemon:
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
+        # Reading the config may be abandoned (nothing half-done is left behind), unlike
+        # writing state; tests inject an offload that runs in place, used for both.
+        self._read_offload: Offload = (
+            _abandonable if offload is trio.to_thread.run_sync else offload
+        )
+        #: The reload under way, which SIGTERM cancels.
+        self._reloading: trio.CancelScope | None = None
         self.scheduler = Scheduler(self.wall)
         #: Profiles a reload removed, kept in case a later reload brings them back.
         self._retired: dict[str, Profile] = {}
@@ -188,14 +202,31 @@ class Daemon:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
     async def _signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+        """SIGHUP reloads in a task of its own, so that a SIGTERM behind it is heard at
+        once and cancels it: a reload never delays a shutdown."""
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    fault_injection.hang()
+                elif signum != signal.SIGHUP:
+                    log.info("signal", name=signal.Signals(signum).name)
+                    if self._reloading is not None:
+                        self._reloading.cancel()
+                    self.stop()
+                elif self._reloading is not None:
+                    log.info("reload_already_running")
+                elif not self._stop.is_set():
+                    self._reloading = trio.CancelScope()
+                    nursery.start_soon(self._reload_in, self._reloading)
+
+    async def _reload_in(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
                 await self.reload()
-            elif signum == signal.SIGUSR1:
-                fault_injection.hang()
-            else:
-                log.info("signal", name=signal.Signals(signum).name)
-                self.stop()
+            if scope.cancelled_caught:
+                log.warning("reload_cancelled")
+        finally:
+            self._reloading = None
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
@@ -268,10 +299,14 @@ class Daemon:
         """Re-read the config file: profiles come and go, sessions stay."""
         self.notifier.reloading()
         source = self.config.source
+        new: BrokerConfig | None = None
         try:
             if source is None:
                 raise ConfigError("no config file to reload")
-            new = await self._offload(load, source)
+            with trio.move_on_after(CONFIG_READ_TIMEOUT):
+                new = await self._read_offload(load, source)
+            if new is None:
+                raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())

@@ -138,13 +138,12 @@ class EmulatorServer:
         fault = self.faults.pick(route, trio.current_time())
         if fault is None:
             return self.service.handle(request)
+        if fault.kind in ("truncate", "body"):
+            return self._altered(fault, request)
         if fault.kind == "status":
             headers = (("Retry-After", fault.retry_after),) if fault.retry_after else ()
             self.service.counts[f"fault {fault.status}"] += 1
             return json_response(fault.status, {"error": "injected fault"}, headers)
-        if fault.kind == "truncate":
-            self._truncating = request
-            return self.service.handle(request)
         if fault.kind == "latency":
             if not fault.after:
                 # The request waits in front of the service (a queue, a slow proxy). A
@@ -164,6 +163,17 @@ class EmulatorServer:
             self.service.handle(request)
         await self._cleared.wait()
         return None
+
+    def _altered(self, fault: Fault, request: HttpRequest) -> HttpResponse:
+        """The service acts; its answer is cut mid-body ("truncate") or has its body
+        replaced, headers kept ("body": a proxy's error page over a real answer)."""
+        if fault.kind == "truncate":
+            self._truncating = request
+            return self.service.handle(request)
+        answer = self.service.handle(request)
+        assert fault.body is not None
+        kept = tuple((k, v) for k, v in answer.headers if k.lower() != "content-type")
+        return HttpResponse(answer.status, fault.body.encode(), kept)
 
     # -- the control API -------------------------------------------------------------------
 
