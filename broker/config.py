@@ -53,6 +53,18 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: what the collector shows and where the textfile goes."""
+
+    #: Series per profile (expiry, state, token and refresh counts). Off for daemons
+    #: with thousands of profiles: the same figures are then summed over profiles.
+    per_profile: bool = True
+    #: node_exporter's textfile collector: written atomically every `textfile_interval`.
+    textfile: Path | None = None
+    textfile_interval: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     source: Path | None
     socket: Path
@@ -74,6 +86,7 @@ class BrokerConfig:
     startup_spread: float = 10.0
     #: How long SIGTERM waits for requests in flight.
     shutdown_grace: float = 5.0
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # -- where things are ------------------------------------------------------------------------
@@ -193,6 +206,7 @@ def parse(
     top = _Reader(source, data, "")
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
     profiles_table = top.get("profiles", dict, {})
+    metrics = _metrics(_Reader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
@@ -221,8 +235,29 @@ def parse(
         max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
         startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
         shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+        metrics=metrics,
     )
     broker.check_unknown()
+    return config
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    textfile = r.get("textfile", str)
+    if textfile is not None:
+        path = Path(textfile)
+        if not path.is_absolute():
+            raise r.error("textfile", f"must be an absolute path, got {textfile!r}")
+        if path.suffix != ".prom":
+            # node_exporter reads only *.prom; any other name would silently go unread.
+            raise r.error("textfile", "must end in .prom (node_exporter reads only those)")
+    config = MetricsConfig(
+        per_profile=bool(r.get("per_profile", bool, True)),
+        textfile=None if textfile is None else Path(textfile),
+        textfile_interval=r.seconds("textfile_interval", 15.0),
+    )
+    if config.textfile_interval < 1:
+        raise r.error("textfile_interval", "must be at least 1 second")
+    r.check_unknown()
     return config
 
 

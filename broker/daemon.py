@@ -16,12 +16,16 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Final
 
 import httpx
 import trio
+
+from geins_broker_client.calls import parse_profile_status
+from geins_broker_client.health import Health, judge
 
 from . import __version__
 from . import log as logging_setup
@@ -30,10 +34,12 @@ from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
 from .errors import StoreError
 from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
+from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
 from .notify import Notifier
 from .profile import Offload, Profile
 from .scheduler import Scheduler
 from .server import Server
+from .stats import DaemonStats
 from .store import CorruptState, Record, Store
 from .wallclock import SystemClock, WallClock
 
@@ -69,6 +75,11 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        self.stats = DaemonStats()
+        self.metrics = Metrics(self)
+        self._started_at = self.wall.now()
+        self._limiter: trio.CapacityLimiter | None = None
+        self._textfile_error: str | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -115,10 +126,12 @@ class Daemon:
                 follow_redirects=False,
             ) as http:
                 self._http = http
+                self._started_at = self.wall.now()
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                self.server = server = Server(Api(self.profiles), config, self.wall)
+                api = Api(self.profiles, metrics=self.metrics_text)
+                self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
@@ -130,6 +143,7 @@ class Daemon:
                     if (interval := self.notifier.watchdog_interval) is not None:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
+                    nursery.start_soon(self._textfile_writer)
                     self.notifier.ready(self.status_line())
                     log.info(
                         "ready",
@@ -194,6 +208,71 @@ class Daemon:
         noun = "profile" if len(self.profiles) == 1 else "profiles"
         return f"{len(self.profiles)} {noun} ({summary or 'none'}); {connections} connections"
 
+    # -- observability -------------------------------------------------------------------
+
+    # What metrics.Metrics reads (its `Observed` protocol).
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    @property
+    def per_profile(self) -> bool:
+        return self.config.metrics.per_profile
+
+    def live_profiles(self) -> Iterable[Profile]:
+        return self.profiles.values()
+
+    def retired_profiles(self) -> Iterable[Profile]:
+        return self._retired.values()
+
+    def connection_count(self) -> int:
+        return self.server.connections if self.server else 0
+
+    def waiting_ops(self) -> Mapping[str, int]:
+        return self.server.waiting_by_op if self.server else {}
+
+    def refreshes_in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens) if self._limiter else 0
+
+    async def render_metrics(self) -> bytes:
+        """The exposition: numbers copied here, formatted off the event loop."""
+        snapshot = self.metrics.snapshot()
+        text: bytes = await self._offload(render, snapshot)
+        return text
+
+    async def metrics_text(self) -> tuple[str, str]:
+        """The `metrics` op's answer: the exposition and its content type."""
+        return (await self.render_metrics()).decode(), CONTENT_TYPE
+
+    def health(self) -> Health:
+        """The verdict `GET /healthz` answers with (`.http_status`, `.line()`); the same
+        one `geins-broker status --check` reaches from the status op."""
+        statuses = [parse_profile_status(p.status()) for p in self.profiles.values()]
+        return judge(statuses, self.wall.now())
+
+    async def _textfile_writer(self) -> None:
+        """Write the node_exporter textfile now and every `textfile_interval` seconds
+        (both read afresh each time, so a reload may start, move or stop it)."""
+        while True:
+            settings = self.config.metrics
+            if settings.textfile is not None:
+                await self._write_textfile(settings.textfile)
+            await trio.sleep(settings.textfile_interval)
+
+    async def _write_textfile(self, path: Path) -> None:
+        try:
+            await self._offload(write_textfile, path, await self.render_metrics())
+        except OSError as exc:
+            self.stats.textfile_failures += 1
+            reason = exc.strerror or str(exc)
+            if reason != self._textfile_error:  # once per kind of failure, not every time
+                log.error("textfile_write_failed", path=path, reason=reason)
+            self._textfile_error = reason
+            return
+        if self._textfile_error is not None:
+            log.info("textfile_write_recovered", path=path)
+            self._textfile_error = None
+
     # -- profiles ----------------------------------------------------------------------
 
     def _load_records(self, names: list[str]) -> dict[str, Record]:
@@ -214,6 +293,7 @@ class Daemon:
         return records
 
     def _add_profile(self, config: ProfileConfig, record: Record | None) -> Profile:
+        assert self._limiter is not None
         profile = Profile(
             config,
             http=self._http,
@@ -225,6 +305,7 @@ class Daemon:
             on_change=self._profile_changed,
             offload=self._offload,
             scheduler=self.scheduler,
+            stats=self.stats,
         )
         if record is not None:
             profile.restore(record, self.config.startup_spread)
@@ -274,6 +355,7 @@ class Daemon:
             else:
                 self._add_profile(profile_config, records.get(name)).plan()
                 log.info("profile_added", profile=name)
+        assert self._limiter is not None
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import trio
 
 from .. import __version__
 from ..errors import (
@@ -29,6 +30,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..secret import Secret
+from ..stats import UpstreamStats, status_class
 from .protocol import (
     API_KEY_HEADER,
     DEFAULT_NEW_USER,
@@ -55,11 +57,17 @@ class GeinsClient:
     """
 
     def __init__(
-        self, endpoint: Endpoint, http: httpx.AsyncClient, timeout: float = REQUEST_TIMEOUT
+        self,
+        endpoint: Endpoint,
+        http: httpx.AsyncClient,
+        timeout: float = REQUEST_TIMEOUT,
+        *,
+        stats: UpstreamStats | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._http = http
         self._timeout = timeout
+        self._stats = stats or UpstreamStats()
 
     # -- the five functions --------------------------------------------------------------
 
@@ -191,20 +199,30 @@ class GeinsClient:
         if json_body is not None:
             all_headers.update(_JSON)
             content = json.dumps(json_body, separators=(",", ":")).encode()
+        # The route label is `what` (a fixed set named in this module), never the URL.
+        route, outcome = what.replace(" ", "_"), "cancelled"
+        started = trio.current_time()
         try:
-            return await self._http.request(
+            response = await self._http.request(
                 method, url, content=content, headers=all_headers, timeout=self._timeout
             )
+            outcome = status_class(response.status_code)
+            return response
         except httpx.TimeoutException:
+            outcome = "timeout"
             raise UpstreamTimeout(
                 f"Geins did not answer the {what} within {self._timeout:g} s"
             ) from None
         except httpx.TransportError as exc:
+            outcome = "error"
             raise Transient(f"cannot reach Geins for the {what} ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that does not decode as declared
+            outcome = "error"
             raise MalformedAnswer(
                 f"Geins answered the {what} unreadably ({type(exc).__name__})"
             ) from None
+        finally:
+            self._stats.record(route, outcome, trio.current_time() - started)
 
 
 def _checked(response: httpx.Response, what: str) -> httpx.Response:
