@@ -143,6 +143,9 @@ class Daemon:
                     if (interval := self.notifier.watchdog_interval) is not None:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
+                    if config.metrics.textfile is not None:
+                        # Before READY=1: once the unit is up, so is its textfile.
+                        await self._write_textfile(config.metrics.textfile)
                     nursery.start_soon(self._textfile_writer)
                     self.notifier.ready(self.status_line())
                     log.info(
@@ -251,13 +254,12 @@ class Daemon:
         return judge(statuses, self.wall.now())
 
     async def _textfile_writer(self) -> None:
-        """Write the node_exporter textfile now and every `textfile_interval` seconds
-        (both read afresh each time, so a reload may start, move or stop it)."""
+        """Write the node_exporter textfile every `textfile_interval` seconds (both
+        read afresh each time, so a reload may start, move or stop it)."""
         while True:
-            settings = self.config.metrics
-            if settings.textfile is not None:
-                await self._write_textfile(settings.textfile)
-            await trio.sleep(settings.textfile_interval)
+            await trio.sleep(self.config.metrics.textfile_interval)
+            if (path := self.config.metrics.textfile) is not None:
+                await self._write_textfile(path)
 
     async def _write_textfile(self, path: Path) -> None:
         try:
