@@ -1,8 +1,9 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore
+python -m benchmarks tokens cli      # some of: tokens cli memory idle restore metrics
 python -m benchmarks --quick         # fewer repetitions and shorter runs
+python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, tokens
+from . import footprint, metrics_cost, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore")
+ALL = ("tokens", "cli", "memory", "idle", "restore", "metrics")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -30,6 +31,16 @@ def markdown(results: dict[str, Any]) -> str:
             "per cell; one load process, one request in flight per connection):",
             "",
             tokens.table(t),
+            "",
+        ]
+    if "metrics" in results:
+        m = results["metrics"]
+        out += [
+            f"**Metrics cost** ({m['connections']} connections, median of {m['repeat']} interleaved "
+            f"runs of {m['duration']:g} s; `on` scraped every {m['scrape_every']:g} s, "
+            f"{m['scrapes']} scrapes in all, and writing the textfile as often):",
+            "",
+            metrics_cost.table(m),
             "",
         ]
     if "cli" in results:
@@ -68,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "only", nargs="*", metavar="NAME", help=f"some of {', '.join(ALL)} (default: all)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="metrics: also measure the daemon of this git revision (one without metrics)",
+    )
     args = parser.parse_args(argv)
     if unknown := set(args.only) - set(ALL):
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
@@ -79,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
             repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "metrics" in chosen:
+        results["metrics"] = metrics_cost.run(
+            repeat=3 if args.quick else 7,
+            duration=1.0 if args.quick else 2.0,
+            baseline=args.baseline,
         )
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)

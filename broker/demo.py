@@ -2,11 +2,14 @@
 
 Starts the emulator with a short bearer lifetime, starts the daemon against it (both as
 the real `geins-broker` processes), logs the demo user in through the client library,
-and prints each token the daemon rotates in, until Ctrl-C stops everything cleanly.
+prints once the commands to try from another terminal (with this demo's socket), then
+each token the daemon rotates in, until Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,6 +46,39 @@ market_id = "se"
 """
     )
     return path
+
+
+def try_these(socket: Path) -> str:
+    """The commands a newcomer can paste into another terminal while the demo runs."""
+    program = _program()
+    one_liner = (
+        "from geins_broker_client import Client; "
+        f"t = Client({json.dumps(str(socket))}).token(); "
+        'print(t.profile, round(t.expires_in()), "s left")'
+    )
+    commands = [
+        (f"export GEINS_BROKER_SOCKET={shlex.quote(str(socket))}", ""),
+        (f"{program} status", "every profile's session"),
+        (f"{program} token", "the bearer token itself"),
+        (f"{program} user", "who the session belongs to"),
+        (f"{program} watch", "each rotation as it happens"),
+        (f"{program} metrics", "Prometheus metrics"),
+        (f"{program} status --check; echo $?", "health as an exit code"),
+        (f"{shlex.quote(sys.executable)} -c {shlex.quote(one_liner)}", ""),
+    ]
+    width = max(len(c) for c, note in commands if note)
+    return "\n".join(
+        f"    {command.ljust(width)}   # {note}" if note else f"    {command}"
+        for command, note in commands
+    )
+
+
+def _program() -> str:
+    """`geins-broker` if the shell finds this very one, else its full path."""
+    here = Path(sys.executable).parent / "geins-broker"
+    if not here.exists():
+        return f"{shlex.quote(sys.executable)} -m broker"
+    return "geins-broker" if shutil.which("geins-broker") == str(here) else shlex.quote(str(here))
 
 
 def _say(text: str) -> None:
@@ -107,6 +143,8 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
         await _wait_for_daemon(client)
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         _say(f"logged in as {session.username}; the daemon rotates the token from here on")
+        _say("try these from another terminal:")
+        print(try_these(workdir / "broker.sock"), flush=True)
         _say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

@@ -157,6 +157,7 @@ class DaemonProcess:
         env: Mapping[str, str] | None = None,
         *,
         wait_ready: bool = True,
+        cwd: Path | None = None,
     ) -> None:
         self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}")
         self.log_path = workdir / "daemon.log"
@@ -167,6 +168,7 @@ class DaemonProcess:
             stdout=self._log,
             stderr=self._log,
             env=full_env,
+            cwd=cwd,
         )
         if wait_ready:
             self.wait_ready()

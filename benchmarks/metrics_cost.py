@@ -1,0 +1,153 @@
+"""What metrics cost the token path: throughput at 64 connections, side by side.
+
+Three daemons, each with one logged-in profile, measured in turn within every
+repetition (so the machine's drift hits all alike), by the same load generator as
+tokens.py:
+
+- **before**: the tree at a revision without metrics (`--baseline REV`, exported with
+  `git archive` into a temporary directory): no counting at all;
+- **off**: this tree, never scraped: the per-request count is all it pays;
+- **on**: this tree, scraped through the `metrics` op every second (a Prometheus with a
+  1 s scrape interval, fifteen times the usual rate) and writing the textfile every
+  second.
+
+The goal (issue 15) is `on` within 3 % of `off`-without-metrics, i.e. of `before`.
+Ratios are medians of the per-repetition ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.support import call
+
+from .fleet import fleet
+from .loadgen import broker_token_request, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def exported(revision: str) -> Iterator[Path]:
+    """The project's tree at `revision`, in a temporary directory."""
+    directory = Path(tempfile.mkdtemp(prefix="gbb-rev-", dir="/tmp"))
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scraping(socket: Path, every: float) -> Iterator[list[int]]:
+    """Scrape over the socket every `every` seconds until the block ends."""
+    stop = threading.Event()
+    sizes: list[int] = []
+
+    def scrape() -> None:
+        while not stop.wait(every):
+            answer = call(socket, op="metrics")
+            assert answer.get("ok"), answer
+            sizes.append(len(answer["text"]))
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield sizes
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run(
+    repeat: int = 7,
+    duration: float = 2.0,
+    *,
+    warmup: float = 0.5,
+    connections: int = 64,
+    baseline: str | None = None,
+    every: float = 1.0,
+) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    scrapes = 0
+    with contextlib.ExitStack() as stack:
+        daemons = {}
+        if baseline is not None:
+            source = stack.enter_context(exported(baseline))
+            daemons[f"before ({baseline})"] = stack.enter_context(fleet(1, source=source))
+        daemons["off"] = stack.enter_context(fleet(1))
+        textfile = stack.enter_context(tempfile.TemporaryDirectory(prefix="gbb-tf-", dir="/tmp"))
+        daemons["on"] = stack.enter_context(
+            fleet(1, metrics={"textfile": f"{textfile}/g.prom", "textfile_interval": every})
+        )
+        for _ in range(repeat):
+            for name, daemon in daemons.items():
+                with contextlib.ExitStack() as during:
+                    if name == "on":
+                        sizes = during.enter_context(scraping(daemon.socket, every))
+                    result = run_load(
+                        str(daemon.socket),
+                        broker_token_request(),
+                        connections,
+                        duration=duration,
+                        warmup=warmup,
+                        workers=1,
+                        server_pid=daemon.pid,
+                    )
+                if name == "on":
+                    scrapes += len(sizes)
+                if result["errors"]:
+                    raise RuntimeError(f"{name}: {result['error_samples']}")
+                results.setdefault(name, []).append(result)
+    names = list(results)
+    summary: dict[str, Any] = {
+        name: {
+            "rps": statistics.median(r["rps"] for r in runs),
+            "p50_us": statistics.median(r["p50_us"] for r in runs),
+            "p99_us": statistics.median(r["p99_us"] for r in runs),
+        }
+        for name, runs in results.items()
+    }
+    ratios = {}
+    for reference in names:
+        if reference == "on":
+            continue
+        paired = [
+            on["rps"] / ref["rps"]
+            for on, ref in zip(results["on"], results[reference], strict=True)
+        ]
+        ratios[f"on / {reference}"] = {
+            "median": statistics.median(paired),
+            "range": [min(paired), max(paired)],
+        }
+    return {
+        "repeat": repeat,
+        "duration": duration,
+        "connections": connections,
+        "scrape_every": every,
+        "scrapes": scrapes,
+        "daemons": summary,
+        "ratios": ratios,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| daemon | req/s | p50 / p99 µs |", "|---|---:|---:|"]
+    for name, row in result["daemons"].items():
+        lines.append(f"| {name} | {row['rps']:,.0f} | {row['p50_us']:.0f} / {row['p99_us']:.0f} |")
+    lines += ["", "| ratio | median | range |", "|---|---:|---:|"]
+    for name, ratio in result["ratios"].items():
+        low, high = ratio["range"]
+        lines.append(f"| {name} | {ratio['median']:.3f} | {low:.3f} - {high:.3f} |")
+    return "\n".join(lines)
