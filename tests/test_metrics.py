@@ -361,3 +361,29 @@ def test_textfile_replaces_a_planted_symlink_instead_of_following_it(tmp_path: P
     assert victim.read_text() == "precious\n"
     assert not path.is_symlink()
     assert path.read_bytes() == b"x 1\n"
+
+
+async def test_health_for_healthz_follows_the_sessions(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    broker = await exact_broker(nursery, emulator, wall, short_tmp)
+    health = broker.daemon.health()
+    assert (health.http_status, health.line()) == (503, "not logged in: default (logged out)")
+    await broker.login()
+    health = broker.daemon.health()
+    assert (health.http_status, health.line()) == (200, "healthy: 1 profile active")
+    emulator.server.faults.add(Fault("status", match="GET /api", status=503))
+    await trio.sleep(675.5)
+    health = broker.daemon.health()
+    assert (health.http_status, health.code) == (200, 1)
+    assert health.line() == "degraded: default (Geins failed the refresh (503))"
+    emulator.server.clear_faults()
+    emulator.service.revoke_user(DEMO_USER)
+    await trio.sleep(60)
+    health = broker.daemon.health()
+    assert (health.http_status, health.code) == (503, 5)
+    assert health.line().startswith("login required: default (Geins rejected the refresh token")
