@@ -151,3 +151,72 @@ def table(result: dict[str, Any]) -> str:
         low, high = ratio["range"]
         lines.append(f"| {name} | {ratio['median']:.3f} | {low:.3f} - {high:.3f} |")
     return "\n".join(lines)
+
+
+def scrape_cost(profiles: int = 10_000, runs: int = 5) -> dict[str, Any]:
+    """What one scrape of a daemon with `profiles` active profiles costs: the copy made
+    on the event loop (the only part the token path can feel) and the formatting done
+    in a worker thread, per_profile on and off. Profiles are stand-ins with real
+    sessions and counts; the collector cannot tell."""
+    import time
+
+    from broker.metrics import Metrics, render
+    from broker.secret import Secret
+    from broker.session import Session, Tokens
+    from broker.stats import Counts, DaemonStats
+
+    class Stand:
+        def __init__(self, name: str, now: float) -> None:
+            self.name = name
+            self.session = Session(name)
+            no_claims: Any = None  # the collector never reads them
+            self.session.tokens = Tokens(
+                Secret("b"), Secret("r"), no_claims, now, now + 900, now + 86400
+            )
+            self.session.next_refresh_at = now + 675
+            self.tokens_from_memory = 1234
+            self.token_results = Counts("result")
+            self.token_results.inc("waited")
+            self.refresh_results = Counts("result")
+            self.refresh_results.inc("ok")
+
+    class Daemon:
+        def __init__(self, per_profile: bool) -> None:
+            now = time.time()
+            self.stats = DaemonStats()
+            self.started_at = now
+            self.per_profile = per_profile
+            self._profiles = [Stand(f"p{i:05d}", now) for i in range(profiles)]
+
+        def live_profiles(self) -> list[Stand]:
+            return self._profiles
+
+        def retired_profiles(self) -> list[Stand]:
+            return []
+
+        def connection_count(self) -> int:
+            return 64
+
+        def waiting_ops(self) -> dict[str, int]:
+            return {}
+
+        def refreshes_in_flight(self) -> int:
+            return 0
+
+    out: dict[str, Any] = {"profiles": profiles}
+    for per_profile in (True, False):
+        metrics = Metrics(Daemon(per_profile))
+        copies, formats, size = [], [], 0
+        for _ in range(runs):
+            start = time.perf_counter()
+            snapshot = metrics.snapshot()
+            copied = time.perf_counter()
+            size = len(render(snapshot))
+            copies.append(copied - start)
+            formats.append(time.perf_counter() - copied)
+        out["per_profile" if per_profile else "summed"] = {
+            "snapshot_ms": statistics.median(copies) * 1000,
+            "render_ms": statistics.median(formats) * 1000,
+            "bytes": size,
+        }
+    return out

@@ -239,7 +239,7 @@ class Daemon:
 
     async def render_metrics(self) -> bytes:
         """The exposition: numbers copied here, formatted off the event loop."""
-        snapshot = self.metrics.snapshot()
+        snapshot = await self.metrics.snapshot_async()
         text: bytes = await self._offload(render, snapshot)
         return text
 
