@@ -43,6 +43,15 @@ def markdown(results: dict[str, Any]) -> str:
             metrics_cost.table(m),
             "",
         ]
+        c = m["scrape"]
+        out += [
+            f"**One scrape of {c['profiles']:,} profiles**: copied on the event loop in "
+            f"{c['per_profile']['snapshot_ms']:.0f} ms (in chunks of 500 between checkpoints), "
+            f"formatted in a worker thread in {c['per_profile']['render_ms']:,.0f} ms "
+            f"({c['per_profile']['bytes'] / 2**20:.1f} MiB); with `per_profile = false` "
+            f"{c['summed']['render_ms']:.0f} ms ({c['summed']['bytes']:,} bytes).",
+            "",
+        ]
     if "cli" in results:
         c = results["cli"]
         out += [
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             duration=1.0 if args.quick else 2.0,
             baseline=args.baseline,
         )
+        results["metrics"]["scrape"] = metrics_cost.scrape_cost(1000 if args.quick else 10_000)
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)
     if "memory" in chosen:
