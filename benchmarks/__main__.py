@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "metrics" in chosen:
         results["metrics"] = metrics_cost.run(
-            repeat=3 if args.quick else 7,
-            duration=1.0 if args.quick else 2.0,
+            repeat=3 if args.quick else 15,
+            duration=1.0,
             baseline=args.baseline,
         )
         results["metrics"]["scrape"] = metrics_cost.scrape_cost(1000 if args.quick else 10_000)
