@@ -52,6 +52,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"{c['summed']['render_ms']:.0f} ms ({c['summed']['bytes']:,} bytes).",
             "",
         ]
+        h = m["hot_path"]
+        out += [
+            f"**The count on the token path alone**: `Profile.token_frame` takes "
+            f"{h['counted_ns']:.0f} ns with its `+= 1`, {h['uncounted_ns']:.0f} ns without "
+            f"(median of {h['rounds']} alternated rounds of {h['calls']:,} calls): "
+            f"{h['delta_ns']:+.0f} ns per answer (difference of the fastest rounds: "
+            f"{h['min_delta_ns']:+.0f} ns).",
+            "",
+        ]
     if "cli" in results:
         c = results["cli"]
         out += [
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline=args.baseline,
         )
         results["metrics"]["scrape"] = metrics_cost.scrape_cost(1000 if args.quick else 10_000)
+        results["metrics"]["hot_path"] = metrics_cost.hot_path_cost(5 if args.quick else 21)
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)
     if "memory" in chosen:

@@ -247,3 +247,62 @@ def scrape_cost(profiles: int = 10_000, runs: int = 5) -> dict[str, Any]:
             "bytes": size,
         }
     return out
+
+
+def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
+    """The count on the token path, in isolation: `Profile.token_frame` as it is
+    against the same method without its `+= 1` (as it was before metrics), alternated
+    round by round in one process. Throughput across processes on a shared machine
+    cannot resolve a difference this small; this can."""
+    import time
+
+    from broker.config import ProfileConfig
+    from broker.geins.protocol import Endpoint
+    from broker.profile import Profile
+    from broker.secret import Secret
+    from broker.session import Tokens
+    from broker.wallclock import SystemClock
+
+    class Uncounted(Profile):
+        def token_frame(self, request_id: int, min_valid: float, now: float) -> bytes | None:
+            if self._prepared_revision != self.session.revision:
+                self._prepare()
+            left = self._serve_until - now
+            if left <= 0 or left < min_valid or self._prepared is None:
+                return None
+            return self._prepared.frame(request_id)
+
+    now = time.time()
+    unused: Any = None  # neither the HTTP client, the store nor the limiter is touched
+    no_claims: Any = None
+    profiles = {}
+    for name, cls in (("counted", Profile), ("uncounted", Uncounted)):
+        profile = cls(
+            ProfileConfig("default", Endpoint("demo", "key")),
+            http=unused,
+            store=unused,
+            wall=SystemClock(),
+            limiter=unused,
+        )
+        bearer = Secret("eyJ" + "x" * 650)  # about the size of a Geins bearer
+        profile.session.tokens = Tokens(bearer, Secret("r"), no_claims, now, now + 900, None)
+        profile.session.revision += 1
+        profiles[name] = profile
+    per_call: dict[str, list[float]] = {name: [] for name in profiles}
+    for _ in range(rounds):
+        for name, profile in profiles.items():
+            frame = profile.token_frame
+            start = time.perf_counter()
+            for request_id in range(calls):
+                frame(request_id, 0, now)
+            per_call[name].append((time.perf_counter() - start) / calls * 1e9)
+    counted = statistics.median(per_call["counted"])
+    uncounted = statistics.median(per_call["uncounted"])
+    return {
+        "rounds": rounds,
+        "calls": calls,
+        "counted_ns": counted,
+        "uncounted_ns": uncounted,
+        "delta_ns": counted - uncounted,
+        "min_delta_ns": min(per_call["counted"]) - min(per_call["uncounted"]),
+    }
