@@ -387,3 +387,26 @@ async def test_health_for_healthz_follows_the_sessions(
     health = broker.daemon.health()
     assert (health.http_status, health.code) == (503, 5)
     assert health.line().startswith("login required: default (Geins rejected the refresh token")
+
+
+async def test_connections_over_the_limit_are_counted_as_refused(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    broker = await exact_broker(nursery, emulator, wall, short_tmp, max_connections=2)
+    first = await RawConnection.open(broker.socket)
+    second = await RawConnection.open(broker.socket)
+    third = await RawConnection.open(broker.socket)
+    answer = await third.receive()
+    assert answer is not None and answer["error"]["code"] == "busy"
+    third.close()
+    first.close()
+    await trio.sleep(0.1)
+    m = await scrape(broker)
+    second.close()
+    assert m("geins_broker_connections_refused_total", reason="max_connections") == 1
+    assert m("geins_broker_errors_total", code="busy") == 1
+    assert m("geins_broker_connections") == 2  # the second, and the scrape
