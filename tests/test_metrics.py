@@ -186,6 +186,11 @@ async def test_no_secret_in_the_exposition(autojump_clock: MockClock, broker: Br
     tokens = broker.profile().session.tokens
     assert tokens is not None and tokens.refresh is not None
     text = (await scrape(broker)).text
+    # The synchronous form, for a caller that renders on its own thread, says the same
+    # (but for the scrape's own connection and op, gone by now).
+    sync = Scrape(broker.daemon.metrics.render_metrics().decode())
+    assert sync.families.keys() == Scrape(text).families.keys()
+    assert sync("geins_broker_session_state", profile="default", state="active") == 1
     assert tokens.bearer.reveal() not in text
     assert tokens.refresh.reveal() not in text
     assert tokens.bearer.reveal().split(".")[1] not in text
