@@ -31,7 +31,7 @@ from . import __version__
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import StoreError
+from .errors import Internal, StoreError
 from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
@@ -80,6 +80,7 @@ class Daemon:
         self._started_at = self.wall.now()
         self._limiter: trio.CapacityLimiter | None = None
         self._textfile_error: str | None = None
+        self._render_flight: _Flight | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -238,10 +239,29 @@ class Daemon:
         return int(self._limiter.borrowed_tokens) if self._limiter else 0
 
     async def render_metrics(self) -> bytes:
-        """The exposition: numbers copied here, formatted off the event loop."""
-        snapshot = await self.metrics.snapshot_async()
-        text: bytes = await self._offload(render, snapshot)
-        return text
+        """The exposition: numbers copied here, formatted off the event loop.
+
+        Single flight: scrapes that arrive while one renders share its result. A flood
+        of scrapes (`GET /metrics` is open to every local user of the TCP listener)
+        then costs one render at a time, and never takes the worker threads that
+        session writes need. The render runs shielded: the scrape that started it may
+        hang up, the others still get their answer.
+        """
+        flight = self._render_flight
+        if flight is not None:
+            await flight.done.wait()
+        else:
+            flight = self._render_flight = _Flight()
+            try:
+                with trio.CancelScope(shield=True):
+                    snapshot = await self.metrics.snapshot_async()
+                    flight.result = await self._offload(render, snapshot)
+            finally:
+                self._render_flight = None
+                flight.done.set()
+        if flight.result is None:
+            raise Internal("rendering the metrics failed; see the daemon's log")
+        return flight.result
 
     async def metrics_text(self) -> tuple[str, str]:
         """The `metrics` op's answer: the exposition and its content type."""
@@ -365,6 +385,16 @@ class Daemon:
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
         self._status_dirty.set()
+
+
+class _Flight:
+    """One render of the metrics, and everyone waiting for it."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
 
 
 def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:

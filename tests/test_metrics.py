@@ -22,7 +22,7 @@ from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
 from broker.emulator.model import DEMO_USER
 from broker.errors import Forbidden
-from broker.metrics import write_textfile
+from broker.metrics import Snapshot, write_textfile
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired
 from geins_broker_client.protocol import encode
@@ -415,3 +415,30 @@ async def test_connections_over_the_limit_are_counted_as_refused(
     assert m("geins_broker_connections_refused_total", reason="max_connections") == 1
     assert m("geins_broker_errors_total", code="busy") == 1
     assert m("geins_broker_connections") == 2  # the second, and the scrape
+
+
+async def test_concurrent_scrapes_share_one_render(
+    autojump_clock: MockClock, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.daemon as daemon_module
+
+    renders: list[int] = []
+    real = daemon_module.render
+
+    def counted(snapshot: Snapshot) -> bytes:
+        renders.append(1)
+        return real(snapshot)
+
+    monkeypatch.setattr(daemon_module, "render", counted)
+    answers: list[bytes] = []
+
+    async def one() -> None:
+        answers.append(await broker.daemon.render_metrics())
+
+    async with trio.open_nursery() as scrapes:
+        for _ in range(5):
+            scrapes.start_soon(one)
+    assert len(renders) == 1
+    assert len(answers) == 5 and len(set(answers)) == 1
+    await broker.daemon.render_metrics()
+    assert len(renders) == 2  # nothing cached: the next scrape renders afresh
