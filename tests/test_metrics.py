@@ -442,3 +442,25 @@ async def test_concurrent_scrapes_share_one_render(
     assert len(answers) == 5 and len(set(answers)) == 1
     await broker.daemon.render_metrics()
     assert len(renders) == 2  # nothing cached: the next scrape renders afresh
+
+
+async def test_other_components_register_their_own_families(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
+    """The seam the proxy and fleet mode will use: plain numbers they keep themselves."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    metrics = broker.daemon.metrics
+    requests = metrics.counter("proxy_requests", "Proxied requests.", "status_class")
+    latency = metrics.histogram("proxy_request_duration_seconds", "Proxy latency.", "route")
+    metrics.add_source(lambda: [GaugeMetricFamily("geins_broker_fleet_generation", "G.", value=7)])
+    requests.inc("2xx")
+    requests.inc("2xx")
+    requests.inc("5xx")
+    latency.observe(0.02, "graphql")
+    m = await scrape(broker)
+    assert m("geins_broker_proxy_requests_total", status_class="2xx") == 2
+    assert m("geins_broker_proxy_requests_total", status_class="5xx") == 1
+    assert m("geins_broker_proxy_request_duration_seconds_bucket", route="graphql", le="0.025") == 1
+    assert m("geins_broker_proxy_request_duration_seconds_bucket", route="graphql", le="0.01") == 0
+    assert m("geins_broker_fleet_generation") == 7
