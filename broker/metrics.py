@@ -108,6 +108,7 @@ class Snapshot:
     refused: dict[tuple[str, ...], int]
     errors: dict[tuple[str, ...], int]
     waiting: dict[str, int]
+    waited: dict[tuple[str, ...], int]
     refreshes_in_flight: int
     textfile_failures: int
     upstream_requests: dict[tuple[str, ...], int]
@@ -226,6 +227,7 @@ class Metrics:
             refused=dict(stats.server.refused.values),
             errors=dict(stats.server.errors.values),
             waiting=dict(o.waiting_ops()),
+            waited=dict(stats.server.waited.values),
             refreshes_in_flight=o.refreshes_in_flight(),
             textfile_failures=stats.textfile_failures,
             upstream_requests=dict(stats.upstream.requests.values),
@@ -295,6 +297,12 @@ def families(s: Snapshot) -> list[Metric]:
             "Ops waiting now (on Geins, a refresh or a watch), by op.",
             "op",
             s.waiting,
+        ),
+        _counter(
+            "ops_waited",
+            "Ops that waited (on Geins, a refresh or a watch) since the start, by op.",
+            ("op",),
+            s.waited,
         ),
         GaugeMetricFamily(
             PREFIX + "refreshes_in_flight",

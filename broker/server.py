@@ -503,6 +503,7 @@ class Server:
             raise Busy(f"more than {self.max_waiting} requests waiting on this connection")
         assert self._nursery is not None
         self.waiting_by_op[op] = self.waiting_by_op.get(op, 0) + 1
+        self.stats.waited.inc(op)
         if op == Op.WATCH:
             work = self._watch(conn, request_id, args)
         else:

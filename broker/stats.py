@@ -123,10 +123,12 @@ def status_class(status: int) -> str:
 class ServerStats:
     """What the socket server counts: connections and errors sent."""
 
-    __slots__ = ("accepted", "errors", "refused")
+    __slots__ = ("accepted", "errors", "refused", "waited")
 
     def __init__(self) -> None:
         self.accepted = 0
+        #: Ops that went the waiting way (a task of their own), by op (a fixed set).
+        self.waited = Counts("op")
         #: reason: "max_connections", "out_of_resources"
         self.refused = Counts("reason")
         #: Error answers sent, by wire code (a fixed set).

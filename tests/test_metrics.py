@@ -143,6 +143,8 @@ async def test_connections_waiting_ops_and_errors(
         assert m("geins_broker_connections") == 3  # the two, and the scrape's own
         assert m("geins_broker_waiting_ops", op="watch") == 1
         assert m("geins_broker_waiting_ops", op="refresh") == 1
+        assert m("geins_broker_ops_waited_total", op="refresh") == 1
+        assert m("geins_broker_ops_waited_total", op="login") == 1
         assert m("geins_broker_refreshes_in_flight") == 1
         await stuck.send(encode({"op": "token"}))  # no id: bad_request
         await stuck.send(b"\x00\x00\x00\x01\xc1")  # not msgpack: bad_frame, then closed
@@ -178,6 +180,7 @@ async def test_client_chosen_names_never_become_labels(
     assert set(m.samples) - before == {
         ("geins_broker_errors_total", frozenset({("code", "unknown_profile")})),
         ("geins_broker_waiting_ops", frozenset({("op", "token")})),  # the long way
+        ("geins_broker_ops_waited_total", frozenset({("op", "token")})),
     }
 
 
