@@ -32,7 +32,6 @@ from typing import Final, NamedTuple, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -46,7 +45,10 @@ from .session import Session, State
 from .stats import LATENCY_BUCKETS, Counts, DaemonStats, Histogram, Labelled
 
 PREFIX: Final = "geins_broker_"
-CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+#: The classic text format, which every Prometheus and node_exporter reads. (Newer
+#: prometheus_client calls its latest "1.0.0", for UTF-8 metric names: ours are all
+#: plain, and `generate_latest` escapes by default, so the text is the same.)
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 STATES: Final = tuple(str(s) for s in State)
 #: The textfile is read by node_exporter, which runs as a user of its own.
 TEXTFILE_MODE: Final = 0o644

@@ -467,3 +467,33 @@ async def test_other_components_register_their_own_families(
     assert m("geins_broker_proxy_request_duration_seconds_bucket", route="graphql", le="0.025") == 1
     assert m("geins_broker_proxy_request_duration_seconds_bucket", route="graphql", le="0.01") == 0
     assert m("geins_broker_fleet_generation") == 7
+
+
+# -- GET /metrics and GET /healthz, as the HTTP listener will ask -------------------------
+
+
+async def test_http_routes_for_metrics_and_health(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
+    from broker.observability import answer
+
+    daemon = broker.daemon
+    assert await answer(daemon, "GET", "/graphql") is None  # the proxy's, not ours
+    status, headers, body = await answer(daemon, "GET", "/healthz") or (0, [], b"")
+    assert (status, body) == (503, b"not logged in: default (logged out)\n")
+    assert ("Content-Length", str(len(body))) in headers
+    await broker.login()
+    status, _, body = await answer(daemon, "GET", "/healthz?verbose=1") or (0, [], b"")
+    assert (status, body) == (200, b"healthy: 1 profile active\n")
+    status, headers, body = await answer(daemon, "GET", "/metrics") or (0, [], b"")
+    assert status == 200
+    assert dict(headers)["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert dict(headers)["Cache-Control"] == "no-store"
+    assert (
+        Scrape(body.decode())("geins_broker_session_state", profile="default", state="active") == 1
+    )
+    status, headers, body = await answer(daemon, "HEAD", "/metrics") or (0, [], b"")
+    assert (status, body) == (200, b"")
+    assert int(dict(headers)["Content-Length"]) > 1000
+    status, headers, _ = await answer(daemon, "POST", "/metrics") or (0, [], b"")
+    assert (status, dict(headers)["Allow"]) == (405, "GET, HEAD")
