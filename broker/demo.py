@@ -50,35 +50,33 @@ market_id = "se"
 
 def try_these(socket: Path) -> str:
     """The commands a newcomer can paste into another terminal while the demo runs."""
-    program = _program()
+    bin_dir = Path(sys.executable).parent
+    exports = [f"GEINS_BROKER_SOCKET={shlex.quote(str(socket))}"]
+    program, python = "geins-broker", "python"
+    if not (bin_dir / "geins-broker").exists():  # run as `python -m broker`, not installed
+        program, python = f"{shlex.quote(sys.executable)} -m broker", shlex.quote(sys.executable)
+    elif shutil.which("geins-broker") != str(bin_dir / "geins-broker"):
+        exports.append(f"PATH={shlex.quote(str(bin_dir))}:$PATH")  # the venv's, first
     one_liner = (
         "from geins_broker_client import Client; "
         f"t = Client({json.dumps(str(socket))}).token(); "
         'print(t.profile, round(t.expires_in()), "s left")'
     )
     commands = [
-        (f"export GEINS_BROKER_SOCKET={shlex.quote(str(socket))}", ""),
+        (f"export {' '.join(exports)}", ""),
         (f"{program} status", "every profile's session"),
         (f"{program} token", "the bearer token itself"),
         (f"{program} user", "who the session belongs to"),
         (f"{program} watch", "each rotation as it happens"),
         (f"{program} metrics", "Prometheus metrics"),
         (f"{program} status --check; echo $?", "health as an exit code"),
-        (f"{shlex.quote(sys.executable)} -c {shlex.quote(one_liner)}", ""),
+        (f"{python} -c {shlex.quote(one_liner)}", ""),
     ]
     width = max(len(c) for c, note in commands if note)
     return "\n".join(
         f"    {command.ljust(width)}   # {note}" if note else f"    {command}"
         for command, note in commands
     )
-
-
-def _program() -> str:
-    """`geins-broker` if the shell finds this very one, else its full path."""
-    here = Path(sys.executable).parent / "geins-broker"
-    if not here.exists():
-        return f"{shlex.quote(sys.executable)} -m broker"
-    return "geins-broker" if shutil.which("geins-broker") == str(here) else shlex.quote(str(here))
 
 
 def _say(text: str) -> None:
