@@ -106,7 +106,7 @@ class UpstreamStats:
     __slots__ = ("duration", "requests")
 
     def __init__(self) -> None:
-        #: route, status_class ("2xx" .. "5xx", "timeout", "error")
+        #: route, status_class ("2xx" .. "5xx", "timeout", "error", "cancelled")
         self.requests = Counts("route", "status_class")
         self.duration = Labelled("route")
 
