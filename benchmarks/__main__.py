@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore metrics
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore metrics
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, metrics_cost, tokens
+from . import footprint, metrics_cost, node_client, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore", "metrics")
+ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "metrics")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -59,6 +59,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"(median of {h['rounds']} alternated rounds of {h['calls']:,} calls): "
             f"{h['delta_ns']:+.0f} ns per answer (difference of the fastest rounds: "
             f"{h['min_delta_ns']:+.0f} ns).",
+            "",
+        ]
+    if "node" in results:
+        out += [
+            "**The Node client beside the Python client** (same daemon, same run; median of "
+            f"{results['node'].get('repeat', 0)} interleaved runs):",
+            "",
+            node_client.table(results["node"]),
             "",
         ]
     if "cli" in results:
@@ -122,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["metrics"]["scrape"] = metrics_cost.scrape_cost(1000 if args.quick else 10_000)
         results["metrics"]["hot_path"] = metrics_cost.hot_path_cost(5 if args.quick else 21)
+    if "node" in chosen:
+        results["node"] = node_client.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)
     if "memory" in chosen:

@@ -43,9 +43,27 @@ EXIT_INVALID_CREDENTIALS = 8
 EXIT_UPSTREAM_ERROR = 9
 EXIT_UNKNOWN_PROFILE = 10
 
+#: What each exit code means, written once: `--help` prints it and a test holds the
+#: README to it.
+EXIT_MEANINGS: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_INTERNAL: "internal error",
+    EXIT_USAGE: "bad input",
+    EXIT_NOT_RUNNING: "broker not running (or its socket not to be trusted)",
+    EXIT_NOT_LOGGED_IN: "not logged in",
+    EXIT_LOGIN_REQUIRED: "login required",
+    EXIT_FORBIDDEN: "forbidden",
+    EXIT_UNAVAILABLE: "Geins unavailable or timeout",
+    EXIT_INVALID_CREDENTIALS: "invalid credentials",
+    EXIT_UPSTREAM_ERROR: "Geins error",
+    EXIT_UNKNOWN_PROFILE: "unknown profile",
+}
+
 #: Exit code per client error family; the most specific class wins.
 EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
+    # No broker we may trust is running: the socket found is another user's.
+    (client_errors.UntrustedSocket, EXIT_NOT_RUNNING),
     (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
     (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
     (client_errors.Forbidden, EXIT_FORBIDDEN),
@@ -56,9 +74,7 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.ProtocolError, EXIT_USAGE),
 )
 
-_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running,
-4 not logged in, 5 login required, 6 forbidden, 7 Geins unavailable or timeout,
-8 invalid credentials, 9 Geins error, 10 unknown profile"""
+_EPILOG = "exit codes: " + ", ".join(f"{code} {text}" for code, text in EXIT_MEANINGS.items())
 
 
 class UsageError(Exception):
@@ -438,8 +454,11 @@ def _login_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_options(parser: argparse.ArgumentParser) -> None:
+    # Only `register` pays for importing the protocol's values (not `token`'s start-up).
+    from .geins.protocol import CUSTOMER_TYPES, DEFAULT_CUSTOMER_TYPE
+
     _login_options(parser)
-    parser.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
+    parser.add_argument("--customer-type", choices=CUSTOMER_TYPES, default=DEFAULT_CUSTOMER_TYPE)
     parser.add_argument("--newsletter", action="store_true")
 
 

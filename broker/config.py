@@ -6,12 +6,13 @@ the daemon prints it and exits 2 (or, on SIGHUP, keeps the configuration it has)
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import re
+import stat
 import tomllib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
-from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME
+from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME, temp_dir
 
 from .geins.protocol import (
     DEFAULT_AUTH_SERVICE_URL,
@@ -28,6 +29,7 @@ from .geins.protocol import (
     REQUEST_TIMEOUT,
     Endpoint,
 )
+from .listener import unsafe_directory
 from .session import Policy
 
 ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
@@ -116,13 +118,48 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def default_socket() -> Path:
+    """$GEINS_BROKER_SOCKET, systemd's $RUNTIME_DIRECTORY, else under `runtime_dir()`.
+
+    The client's list of places (geins_broker_client.paths.candidate_sockets) holds
+    every answer this can give; a test keeps the two in step.
+    """
     if env := os.environ.get(ENV_SOCKET):
         return Path(env)
     if runtime := os.environ.get("RUNTIME_DIRECTORY"):
         return Path(runtime.split(":")[0]) / SOCKET_NAME
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        return Path(_dirs().user_runtime_dir) / SOCKET_NAME
+    return runtime_dir() / APP_DIR / SOCKET_NAME
+
+
+def runtime_dir() -> Path:
+    """The user's runtime directory: $XDG_RUNTIME_DIR if it exists, /run/user/UID if it
+    exists and is ours, else TMPDIR/runtime-UID, made 0700 here if missing.
+
+    Computed here rather than by platformdirs, whose answer changed between versions.
+    Whichever it is must be ours, no symlink, and not writable by group or others: the
+    last resort lies in a directory everyone can write, where another user may have made
+    it first to plant a socket where our clients look (ConfigError; the daemon exits 2).
+    """
+    uid = os.geteuid()
+    chosen = None
+    if (xdg := os.environ.get("XDG_RUNTIME_DIR")) and os.path.isdir(xdg):
+        chosen = Path(xdg)
+    else:
+        user_run = Path(f"/run/user/{uid}")
+        with contextlib.suppress(OSError):
+            info = user_run.lstat()
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+                chosen = user_run
+    if chosen is None:
+        chosen = Path(temp_dir()) / f"runtime-{uid}"
+        try:
+            chosen.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot create ({exc.strerror})") from None
+    if (problem := unsafe_directory(chosen)) is not None:
+        raise ConfigError(f"{chosen}: {problem}")
+    return chosen
 
 
 def default_state_dir() -> Path:

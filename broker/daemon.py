@@ -32,7 +32,7 @@ from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
 from .errors import Internal, StoreError
-from .listener import Listener, ListenerError, bind, from_systemd
+from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from .log import events
 from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
 from .notify import Notifier
@@ -417,6 +417,9 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         return 2
     try:
         trio.run(Daemon(config).run)
+    except UnsafeDirectory as exc:
+        print(f"geins-broker: {exc}", file=sys.stderr)
+        return 2
     except (ListenerError, StoreError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -184,3 +186,29 @@ def test_metrics_settings(tmp_path: Path) -> None:
     assert loaded.metrics == config.MetricsConfig(
         per_profile=False, textfile=Path("/var/lib/m/g.prom"), textfile_interval=60.0
     )
+
+
+def test_runtime_dir_is_ours_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's runtime directory is computed, not platformdirs': every branch checked."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    assert config.runtime_dir() == xdg
+    xdg.chmod(0o770)
+    with pytest.raises(ConfigError, match=rf"^{xdg}: may be written by others \(mode 0770\)$"):
+        config.runtime_dir()
+
+    if os.path.isdir(f"/run/user/{os.geteuid()}"):
+        return  # the fallback below is not reached on this machine
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("GEINS_BROKER_SOCKET", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    fallback = tmp_path / f"runtime-{os.geteuid()}"
+    assert config.runtime_dir() == fallback
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
+    fallback.chmod(0o777)  # as if someone else had made it first
+    with pytest.raises(ConfigError, match=rf"^{fallback}: may be written by others"):
+        config.runtime_dir()
+    fallback.chmod(0o700)
+    assert config.default_socket() == fallback / "geins-broker" / "broker.sock"

@@ -29,6 +29,7 @@ from urllib.parse import unquote_plus
 from ..geins.protocol import (
     API_KEY_HEADER,
     CUSTOMER_TYPES,
+    DEFAULT_CUSTOMER_TYPE,
     GRAPHQL_PATH,
     REFRESH_HEADER,
     auth_path,
@@ -90,7 +91,7 @@ class Refused(Exception):
 class User:
     user_id: str
     digest: str
-    customer_type: str = "PERSON"
+    customer_type: str = DEFAULT_CUSTOMER_TYPE
     committed: bool = True
 
 
@@ -416,7 +417,7 @@ class AuthService:
         if not isinstance(variables, dict) or not isinstance(variables.get("user"), dict):
             raise Refused(400, "variables.user is required")
         user_input = variables["user"]
-        customer_type = user_input.get("customerType", "PERSON")
+        customer_type = user_input.get("customerType", DEFAULT_CUSTOMER_TYPE)
         if customer_type not in CUSTOMER_TYPES:
             raise Refused(400, f"customerType must be one of {', '.join(CUSTOMER_TYPES)}")
         for name in ("channelId", "languageId", "marketId"):

@@ -39,8 +39,9 @@ USER_CREATE_MUTATION: Final = (
     "languageId: $languageId, marketId: $marketId) { email } }"
 )
 
-DEFAULT_NEW_USER: Final = {"newsletter": False, "customerType": "PERSON"}
 CUSTOMER_TYPES: Final = ("PERSON", "ORGANIZATION")
+DEFAULT_CUSTOMER_TYPE: Final = CUSTOMER_TYPES[0]
+DEFAULT_NEW_USER: Final = {"newsletter": False, "customerType": DEFAULT_CUSTOMER_TYPE}
 
 
 def password_digest(password: str) -> str:
