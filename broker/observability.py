@@ -3,7 +3,8 @@
 The daemon's HTTP listener (the Merchant API proxy's h11-on-trio shell) asks `answer`
 first for every request; None means the path is not one of these two, and the request
 goes on to the proxy. The answer is plain values (status, headers, body), so the shell
-turns it into its own response type in three lines, and this module stays free of h11.
+turns it into its own response in a line (`await exchange.respond(*answered)`), and this
+module stays free of h11. The shell adds Content-Length, as it does for every answer.
 """
 
 from __future__ import annotations
@@ -40,21 +41,17 @@ async def answer(daemon: Observable, method: str, target: str) -> tuple[int, Hea
         return None
     if method not in _ALLOWED:
         body = f"{path} answers GET and HEAD only\n".encode()
-        return 405, _headers(_TEXT, body, allow=", ".join(_ALLOWED)), body
+        return 405, _headers(_TEXT, allow=", ".join(_ALLOWED)), body
     if path == METRICS_PATH:
         status, content_type, body = 200, CONTENT_TYPE, await daemon.render_metrics()
     else:
         health = daemon.health()
         status, content_type, body = health.http_status, _TEXT, (health.line() + "\n").encode()
-    return status, _headers(content_type, body), b"" if method == "HEAD" else body
+    return status, _headers(content_type), b"" if method == "HEAD" else body
 
 
-def _headers(content_type: str, body: bytes, allow: str | None = None) -> Headers:
-    headers = [
-        ("Content-Type", content_type),
-        ("Content-Length", str(len(body))),
-        ("Cache-Control", "no-store"),
-    ]
+def _headers(content_type: str, allow: str | None = None) -> Headers:
+    headers = [("Content-Type", content_type), ("Cache-Control", "no-store")]
     if allow is not None:
         headers.append(("Allow", allow))
     return headers

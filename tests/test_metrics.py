@@ -481,7 +481,7 @@ async def test_http_routes_for_metrics_and_health(
     assert await answer(daemon, "GET", "/graphql") is None  # the proxy's, not ours
     status, headers, body = await answer(daemon, "GET", "/healthz") or (0, [], b"")
     assert (status, body) == (503, b"not logged in: default (logged out)\n")
-    assert ("Content-Length", str(len(body))) in headers
+    assert dict(headers)["Content-Type"] == "text/plain; charset=utf-8"
     await broker.login()
     status, _, body = await answer(daemon, "GET", "/healthz?verbose=1") or (0, [], b"")
     assert (status, body) == (200, b"healthy: 1 profile active\n")
@@ -494,6 +494,6 @@ async def test_http_routes_for_metrics_and_health(
     )
     status, headers, body = await answer(daemon, "HEAD", "/metrics") or (0, [], b"")
     assert (status, body) == (200, b"")
-    assert int(dict(headers)["Content-Length"]) > 1000
+    assert dict(headers)["Content-Type"].startswith("text/plain; version=0.0.4")
     status, headers, _ = await answer(daemon, "POST", "/metrics") or (0, [], b"")
     assert (status, dict(headers)["Allow"]) == (405, "GET, HEAD")
