@@ -26,7 +26,11 @@ def test_demo_prints_commands_that_work_then_stops_on_ctrl_c() -> None:
             assert line, f"the demo ended early: {lines}"
             lines.append(line.rstrip("\n"))
         start = next(i for i, line in enumerate(lines) if "try these" in line)
-        commands = [line.strip() for line in lines[start + 1 : -1]]
+        commands = []
+        for line in lines[start + 1 :]:
+            if not line.startswith("    "):
+                break  # the block ends where the demo's own lines resume
+            commands.append(line.strip())
         assert commands[0].startswith("export GEINS_BROKER_SOCKET=/tmp/gb-demo-")
         names = ["status", "token", "user", "watch", "metrics", "status --check"]
         for name, command in zip(names, commands[1:], strict=False):
