@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore metrics
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, metrics_cost, node_client, tokens
+from . import footprint, metrics_cost, node_client, proxy, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "metrics")
+ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "proxy", "metrics")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -67,6 +67,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"{results['node'].get('repeat', 0)} interleaved runs):",
             "",
             node_client.table(results["node"]),
+            "",
+        ]
+    if "proxy" in results:
+        p = results["proxy"]
+        out += [
+            f"**Merchant API proxy against nginx** (median of {p['repeat']} interleaved runs of "
+            f"{p['duration']:g} s per cell; loopback TCP; the same stub behind both):",
+            "",
+            proxy.table(p),
             "",
         ]
     if "cli" in results:
@@ -132,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         results["metrics"]["hot_path"] = metrics_cost.hot_path_cost(5 if args.quick else 21)
     if "node" in chosen:
         results["node"] = node_client.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "proxy" in chosen:
+        results["proxy"] = proxy.run(
             repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
         )
     if "cli" in chosen:

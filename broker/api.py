@@ -129,7 +129,7 @@ class Api:
         try:
             if not self.may_read(peer, profile):
                 raise Forbidden(f"uid {peer.uid} may not read profile {profile.name!r}")
-            await profile.ensure_token(args["min_valid"])
+            await profile.ensure_token(args["min_valid"], reader=not self.is_admin(peer))
         except BrokerFault as exc:
             profile.token_results.inc(exc.code)
             raise

@@ -16,10 +16,10 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import httpx
 import trio
@@ -27,7 +27,7 @@ import trio
 from geins_broker_client.calls import parse_profile_status
 from geins_broker_client.health import Health, judge
 
-from . import __version__
+from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
@@ -37,6 +37,7 @@ from .log import events
 from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
 from .notify import Notifier
 from .profile import Offload, Profile
+from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .server import Server
 from .stats import DaemonStats
@@ -47,6 +48,13 @@ log = events("broker.daemon")
 
 #: STATUS= lines to systemd at most this often.
 _STATUS_INTERVAL: Final = 1.0
+#: How long a reload may take to read the config file (a hung network file system).
+CONFIG_READ_TIMEOUT: Final = 10.0
+
+
+async def _abandonable(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking read in a thread that a cancellation may leave behind."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class Daemon:
@@ -59,8 +67,11 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        faults: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
+        #: Test-only faults (broker/fault_injection.py); empty in production.
+        self.faults = faults
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
@@ -68,6 +79,13 @@ class Daemon:
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
+        # Reading the config may be abandoned (nothing half-done is left behind), unlike
+        # writing state; tests inject an offload that runs in place, used for both.
+        self._read_offload: Offload = (
+            _abandonable if offload is trio.to_thread.run_sync else offload
+        )
+        #: The reload under way, which SIGTERM cancels.
+        self._reloading: trio.CancelScope | None = None
         self.scheduler = Scheduler(self.wall)
         #: Profiles a reload removed, kept in case a later reload brings them back.
         self._retired: dict[str, Profile] = {}
@@ -81,6 +99,8 @@ class Daemon:
         self._limiter: trio.CapacityLimiter | None = None
         self._textfile_error: str | None = None
         self._render_flight: _Flight | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -97,7 +117,10 @@ class Daemon:
             return
         # Installed for the whole run, so a second signal during the shutdown is
         # absorbed rather than killing the process half-way.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        if fault_injection.HANG_ON_SIGUSR1 in self.faults:
+            wanted.append(signal.SIGUSR1)
+        with trio.open_signal_receiver(*wanted) as signals:
             await self._run(listener, signals, task_status)
 
     async def _run(
@@ -134,11 +157,16 @@ class Daemon:
                 api = Api(self.profiles, metrics=self.metrics_text)
                 self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
+                if config.proxy.enabled:
+                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
                     await nursery.start(server.serve, listener.sock)
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
@@ -155,6 +183,7 @@ class Daemon:
                         socket=listener.path,
                         activated=listener.activated,
                         profiles=len(self.profiles),
+                        **(self.proxy.describe() if self.proxy is not None else {}),
                     )
                     # Everything allocated so far lives as long as the daemon: keep the
                     # collector from walking it again and again.
@@ -166,6 +195,8 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.proxy is not None:
+                self.proxy.close()
         log.info("stopped")
 
     def stop(self) -> None:
@@ -176,20 +207,43 @@ class Daemon:
         log.info("stopping", in_flight=server.in_flight, connections=server.connections)
         server.stop_accepting()
         listener.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
+            if self.proxy is not None:
+                await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
         if grace.cancelled_caught:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
     async def _signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+        """SIGHUP reloads in a task of its own, so that a SIGTERM behind it is heard at
+        once and cancels it: a reload never delays a shutdown."""
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    fault_injection.hang()
+                elif signum != signal.SIGHUP:
+                    log.info("signal", name=signal.Signals(signum).name)
+                    if self._reloading is not None:
+                        self._reloading.cancel()
+                    self.stop()
+                elif self._reloading is not None:
+                    log.info("reload_already_running")
+                elif not self._stop.is_set():
+                    self._reloading = trio.CancelScope()
+                    nursery.start_soon(self._reload_in, self._reloading)
+
+    async def _reload_in(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
                 await self.reload()
-            else:
-                log.info("signal", name=signal.Signals(signum).name)
-                self.stop()
+            if scope.cancelled_caught:
+                log.warning("reload_cancelled")
+        finally:
+            self._reloading = None
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
@@ -347,10 +401,14 @@ class Daemon:
         """Re-read the config file: profiles come and go, sessions stay."""
         self.notifier.reloading()
         source = self.config.source
+        new: BrokerConfig | None = None
         try:
             if source is None:
                 raise ConfigError("no config file to reload")
-            new = await self._offload(load, source)
+            with trio.move_on_after(CONFIG_READ_TIMEOUT):
+                new = await self._read_offload(load, source)
+            if new is None:
+                raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
@@ -381,6 +439,8 @@ class Daemon:
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
@@ -411,12 +471,13 @@ def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
     try:
+        faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
-    except ConfigError as exc:
+    except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(Daemon(config).run)
+        trio.run(Daemon(config, faults=faults).run)
     except UnsafeDirectory as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2

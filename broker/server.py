@@ -7,9 +7,15 @@ done, so a slow request never holds up the ones behind it. A connection's failur
 bug while serving it) closes that connection, never the server.
 
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
-`busy` frame and is closed); `max_requests_per_connection` waiting ops per connection;
-idle connections, half-sent frames and unread answers time out, checked by a
-housekeeping task that sleeps until the earliest deadline.
+`busy` frame and is closed), of which the last `admin_reserved_connections` are for root
+and the daemon's user, and at most `max_connections_per_uid` for any other uid; a
+peer that may read no profile is closed after `stranger_idle_timeout` idle;
+`max_requests_per_connection` waiting ops per connection;
+unread answers of at most `max_unread_bytes` per connection (beyond one answer) and
+`max_unread_total` in all (past either, the connection is closed and counted); at most
+`_MAX_JOIN` bytes of answers joined into one write; idle connections, half-sent frames
+and unread answers time out, checked by a housekeeping task that sleeps until the
+earliest deadline.
 
 Some facts about the private epoll
 ==================================
@@ -98,6 +104,9 @@ _BATCHES_PER_WAKEUP: Final = 8
 _ACCEPT_PAUSE: Final = 0.5
 #: Requests answered per write; the rest of a pipelined read waits for the client.
 _BATCH: Final = 64
+#: At most this many bytes of answers are joined into one write (a batch of big answers
+#: is written in parts, and what the client is not reading yet stays unanswered).
+_MAX_JOIN: Final = 256 * 1024
 _CREDENTIALS: Final = struct.Struct("3i")
 #: Linux's SO_PEERGROUPS (4.13+); the stdlib does not name it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
@@ -164,22 +173,31 @@ class Connection:
         "closing",
         "decoder",
         "fd",
+        "held",
         "last_active",
         "out",
         "partial_since",
         "peer",
         "sock",
+        "stranger",
         "tasks",
         "waiting",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Peer, now: float, *, stranger: bool = False
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        #: The peer may read no profile: it gets the short idle timeout.
+        self.stranger = stranger
         self.decoder = FrameDecoder(MAX_REQUEST_SIZE)
         #: Answers the socket would not take yet; while any wait, no requests are read.
         self.out = bytearray()
+        #: Requests decoded but not answered: their batch's answers outgrew one write
+        #: and the client is not reading them. Answered once `out` is flushed.
+        self.held: list[Message] | None = None
         self.blocked_since = _INF
         self.last_active = now
         #: When the half-received frame now buffered began to arrive.
@@ -220,15 +238,30 @@ class Server:
         self._drained = trio.Event()
         self._wake_housekeeper = trio.Event()
         self._next_check = _INF
+        #: Bytes in every connection's `out`, and connections closed for leaving too
+        #: many unread (a client that never reads its watch events, say).
+        self.unread = 0
+        self.overflows = 0
+        #: Open connections per peer uid, and whether a peer identity may read nothing
+        #: (per uid, gid and groups; forgotten at each reload).
+        self._per_uid: dict[int, int] = {}
+        self._strangers: dict[tuple[int, int, frozenset[int]], bool] = {}
         self.configure(config)
 
     def configure(self, config: BrokerConfig) -> None:
         """Limits and timeouts, at start and again at every reload."""
         self.max_connections = config.max_connections
+        self.max_per_uid = config.max_connections_per_uid
+        # Never more than half: a small max_connections still leaves others room.
+        self.admin_reserve = min(config.admin_reserved_connections, config.max_connections // 2)
+        self.stranger_idle_timeout = min(config.stranger_idle_timeout, config.idle_timeout)
+        self._strangers = {}
         self.max_waiting = config.max_requests_per_connection
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
         self.send_timeout = config.send_timeout
+        self.max_unread = config.max_unread_bytes
+        self.max_unread_total = config.max_unread_total
         self._wake_housekeeper.set()
 
     @property
@@ -326,20 +359,54 @@ class Server:
                 log.warning("accept_failed", reason=exc.strerror)  # that client is gone
                 continue
             sock.setblocking(False)
-            if len(self._connections) >= self.max_connections:
-                self.stats.refused.inc("max_connections")
-                self.stats.errors.inc(Code.BUSY)
-                _refuse(sock)
-                continue
             try:
-                conn = Connection(sock, peer_of(sock), now)
+                peer = peer_of(sock)
             except OSError:  # gone before we could look at it
                 sock.close()
                 continue
+            if not self._admits(peer):
+                self.stats.refused.inc(self._refusal_reason(peer))
+                self.stats.errors.inc(Code.BUSY)
+                _refuse(sock)
+                continue
+            stranger = self._is_stranger(peer)
+            conn = Connection(sock, peer, now, stranger=stranger)
             self._connections[conn.fd] = conn
             self.stats.accepted += 1
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             self._epoll.register(conn.fd, _IN)
-            self._check_timeouts_by(now + self.idle_timeout)
+            self._check_timeouts_by(now + self._idle_limit(conn))
+
+    def _admits(self, peer: Peer) -> bool:
+        """Whether a new connection from `peer` fits. The last `admin_reserve` slots
+        are for root and the daemon's user, and no other uid may hold more than
+        `max_per_uid`: a stranger's flood of idle connections locks out no one."""
+        total = len(self._connections)
+        if self.api.is_admin(peer):
+            return total < self.max_connections
+        return (
+            total < self.max_connections - self.admin_reserve
+            and self._per_uid.get(peer.uid, 0) < self.max_per_uid
+        )
+
+    def _refusal_reason(self, peer: Peer) -> str:
+        """Why `_admits` said no, for the metrics (a fixed set of reasons)."""
+        if not self.api.is_admin(peer) and self._per_uid.get(peer.uid, 0) >= self.max_per_uid:
+            return "max_per_uid"
+        return "max_connections"
+
+    def _is_stranger(self, peer: Peer) -> bool:
+        """Whether `peer` may read no profile (so may do nothing but say hello)."""
+        key = (peer.uid, peer.gid, peer.groups)
+        stranger = self._strangers.get(key)
+        if stranger is None:
+            stranger = not self.api.is_admin(peer) and not any(
+                self.api.may_read(peer, profile) for profile in self._profiles.values()
+            )
+            if len(self._strangers) >= _MAX_EVENTS:
+                self._strangers.clear()
+            self._strangers[key] = stranger
+        return stranger
 
     def _pause_accepting(self, listener: socket.socket) -> None:
         if self._accepting:
@@ -377,33 +444,72 @@ class Server:
     def _answer(self, conn: Connection, data: bytes = b"") -> None:
         """Answer the requests received, a batch at a time, while the client takes the
         answers. One read can hold thousands of pipelined requests, whose answers are
-        fifty times their size: those the client is not reading yet stay undecoded."""
+        fifty times their size: those the client is not reading yet stay undecoded, or,
+        once a batch's answers outgrow one write, decoded but unanswered (`held`)."""
         decoder = conn.decoder
         dispatch = self._dispatch
         while True:
-            messages = decoder.feed(data, _BATCH)
+            if conn.held is not None:
+                messages, conn.held = conn.held, None
+                if data:
+                    decoder.feed(data, 0)  # buffer it, undecoded, behind the held ones
+            else:
+                messages = decoder.feed(data, _BATCH)
             data = b""
             if len(messages) == 1:  # one request per read: the usual case
                 answer = dispatch(conn, messages[0])
                 answers = [answer] if answer is not None else []
             else:
-                answers = [a for m in messages if (a := dispatch(conn, m)) is not None]
-            if decoder.error is not None:
+                answers = self._answer_batch(conn, messages)
+                if conn.closed:
+                    return
+            if decoder.error is not None and conn.held is None:
                 answers.append(self._error_frame(None, BadFrame(str(decoder.error))))
                 conn.closing = True
             if answers:
                 self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
-            if conn.closed or conn.out or not decoder.complete:
+            if conn.closed or conn.out or not (conn.held or decoder.complete):
                 break  # done, or waiting for the client to read (flush resumes here)
         if conn.closing and not conn.out:
             self._close(conn)
 
+    def _answer_batch(self, conn: Connection, messages: list[Message]) -> list[bytes]:
+        """The answers to a batch, writing every `_MAX_JOIN` bytes of them; what is
+        left when the client stops taking them is held. Returns the unwritten answers."""
+        dispatch = self._dispatch
+        answers: list[bytes] = []
+        size = 0
+        for i, message in enumerate(messages):
+            answer = dispatch(conn, message)
+            if answer is None:
+                continue
+            answers.append(answer)
+            size += len(answer)
+            if size >= _MAX_JOIN and i + 1 < len(messages):
+                self.write(conn, b"".join(answers))
+                answers, size = [], 0
+                if conn.closed:
+                    break
+                if conn.out:
+                    conn.held = messages[i + 1 :]
+                    break
+        return answers
+
     def write(self, conn: Connection, data: bytes) -> None:
-        """Send at once what the socket takes; keep the rest, stop reading meanwhile."""
+        """Send at once what the socket takes; keep the rest, stop reading meanwhile.
+
+        What a client leaves unread is bounded: past `max_unread` bytes on its
+        connection (beyond one answer, which may be larger), or past
+        `max_unread_total` across all of them, the connection is closed and counted.
+        Nothing else waits for it, so others are never slowed."""
         if conn.closed:
             return
         if conn.out:
+            if len(conn.out) + len(data) > self.max_unread or not self._room(conn, len(data)):
+                self._overflow(conn, len(data))
+                return
             conn.out += data
+            self.unread += len(data)
             return
         try:
             sent = conn.sock.send(data)
@@ -413,10 +519,39 @@ class Server:
             self._close(conn)
             return
         if sent < len(data):
+            left = len(data) - sent
+            if not self._room(conn, left):
+                self._overflow(conn, left)
+                return
             conn.out += data[sent:]
+            self.unread += left
             conn.blocked_since = trio.current_time()
             self._epoll.modify(conn.fd, _OUT)
             self._check_timeouts_by(conn.blocked_since + self.send_timeout)
+
+    def _room(self, conn: Connection, adding: int) -> bool:
+        """Whether `adding` unread bytes fit in the total, after closing the connections
+        that hold the most unread (the hogs, not whoever happens to write next: a slow
+        reader must not pay for a connection that never reads). False when `conn`
+        itself holds the most. Rare, so a scan of the connections is fine."""
+        while self.unread + adding > self.max_unread_total:
+            hog = max(self._connections.values(), key=lambda c: len(c.out))
+            if hog is conn or len(hog.out) <= len(conn.out):
+                return False
+            self._overflow(hog, 0)
+        return True
+
+    def _overflow(self, conn: Connection, adding: int) -> None:
+        self.overflows += 1
+        log.warning(
+            "connection_overflow",
+            peer_uid=conn.peer.uid,
+            unread=len(conn.out),
+            adding=adding,
+            unread_total=self.unread,
+            closed_total=self.overflows,
+        )
+        self._close(conn)
 
     def _flush(self, conn: Connection, now: float) -> None:
         try:
@@ -427,6 +562,7 @@ class Server:
             self._close(conn)
             return
         del conn.out[:sent]
+        self.unread -= sent
         if conn.out:
             return
         conn.blocked_since = _INF
@@ -441,6 +577,15 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
+        conn.held = None
+        uid = conn.peer.uid
+        if (left := self._per_uid.get(uid, 1) - 1) > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
+        if conn.out:
+            self.unread -= len(conn.out)
+            conn.out = bytearray()
         del self._connections[conn.fd]
         self._epoll.unregister(conn.fd)
         conn.sock.close()
@@ -456,7 +601,10 @@ class Server:
             return conn.partial_since + self.frame_timeout
         if conn.waiting:
             return _INF
-        return conn.last_active + self.idle_timeout
+        return conn.last_active + self._idle_limit(conn)
+
+    def _idle_limit(self, conn: Connection) -> float:
+        return self.stranger_idle_timeout if conn.stranger else self.idle_timeout
 
     def _check_timeouts_by(self, when: float) -> None:
         if when < self._next_check:
@@ -557,7 +705,7 @@ class Server:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self._drained.set()
-            self._check_timeouts_by(conn.last_active + self.idle_timeout)
+            self._check_timeouts_by(conn.last_active + self._idle_limit(conn))
 
     async def _answer_later(
         self, conn: Connection, request_id: int, result: Awaitable[dict[str, Any]]

@@ -279,6 +279,7 @@ def broker_config(
     profiles: tuple[str, ...] = ("default",),
     profile_settings: dict[str, object] | None = None,
     metrics: dict[str, object] | None = None,
+    proxy: dict[str, object] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
     endpoint = emulator.endpoint()
@@ -299,6 +300,8 @@ def broker_config(
             for name in profiles
         },
     }
+    if proxy is not None:
+        data["proxy"] = proxy
     return config_module.parse(data, state_dir / "config.toml")
 
 

@@ -101,6 +101,13 @@ allow_groups = [0]
         (GOOD + "[broker]\nsocket_mode = '0066'\n", "broker.socket_mode", "owner"),
         (GOOD + "[broker]\nsocket = '/" + "x" * 120 + "'\n", "broker.socket", "at most 107"),
         ("[profiles]\n", "profiles", "at least one profile"),
+        # Issue 9, defect 11: TOML's nan and inf are numbers, but no duration.
+        (GOOD + "[broker]\ntoken_wait = nan\n", "broker.token_wait", "finite"),
+        (GOOD + "[broker]\ntoken_wait = inf\n", "broker.token_wait", "finite"),
+        (GOOD + "[broker]\nidle_timeout = -inf\n", "broker.idle_timeout", "finite"),
+        (GOOD + "[broker]\nsend_timeout = 1e9\n", "broker.send_timeout", "at most 3600"),
+        (GOOD + "[broker]\nstartup_spread = -0.5\n", "broker.startup_spread", "must be 0"),
+        (GOOD + "request_timeout = nan\n", "profiles.default.request_timeout", "finite"),
         ("[profiles.'../etc']\naccount='a'\napi_key='k'\n", "profiles.../etc", "profile name"),
         ("color = 'blue'\n" + GOOD, "color", "unknown key"),
         ("[metrics]\ntextfile = 'm.prom'\n" + GOOD, "metrics.textfile", "absolute"),
