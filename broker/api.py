@@ -53,6 +53,8 @@ class Api:
         #: The daemon's live table of profiles (a reload changes it in place).
         self.profiles = profiles
         self._render_metrics = metrics
+        #: Who may read the metrics besides admins: uids and gids (`[metrics]`).
+        self.metrics_readers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
         self.admin_uids = frozenset({0, os.geteuid() if admin_uid is None else admin_uid})
         self.started_at = trio.current_time()
         #: Ops answered without waiting for anything.
@@ -84,6 +86,16 @@ class Api:
             or peer.uid in config.allow_uids
             or peer.gid in config.allow_gids
             or not peer.groups.isdisjoint(config.allow_gids)
+        )
+
+    def may_scrape(self, peer: Peer) -> bool:
+        """Whether `peer` may read the metrics and the health verdict."""
+        uids, gids = self.metrics_readers
+        return (
+            self.is_admin(peer)
+            or peer.uid in uids
+            or peer.gid in gids
+            or not peer.groups.isdisjoint(gids)
         )
 
     def readable_profile(self, peer: Peer, name: str) -> Profile:
@@ -164,10 +176,8 @@ class Api:
         return self._session(profile)
 
     async def metrics(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        if not self.is_admin(peer):
-            raise Forbidden(
-                f"only root and the broker's own user may read metrics (uid {peer.uid})"
-            )
+        if not self.may_scrape(peer):
+            raise Forbidden(f"uid {peer.uid} may not read the metrics (see [metrics] allow_users)")
         if self._render_metrics is None:
             raise UnknownOp("this daemon keeps no metrics")
         text, content_type = await self._render_metrics()

@@ -74,6 +74,10 @@ class MetricsConfig:
     #: node_exporter's textfile collector: written atomically every `textfile_interval`.
     textfile: Path | None = None
     textfile_interval: float = 15.0
+    #: Who may read the metrics besides root and the daemon's user (the `metrics` op,
+    #: `GET /metrics` and `GET /healthz`): Prometheus' user, say.
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +372,8 @@ def _metrics(r: _Reader) -> MetricsConfig:
         per_profile=bool(r.get("per_profile", bool, True)),
         textfile=None if textfile is None else Path(textfile),
         textfile_interval=r.seconds("textfile_interval", 15.0, most=_HOUR),
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
     )
     if config.textfile_interval < 1:
         raise r.error("textfile_interval", "must be at least 1 second")

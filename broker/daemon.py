@@ -155,10 +155,13 @@ class Daemon:
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
                 api = Api(self.profiles, metrics=self.metrics_text)
+                api.metrics_readers = _metrics_readers(config)
                 self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
                 if config.proxy.enabled:
-                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy = Proxy(
+                        api, config, self.wall, observable=self, metrics=self.metrics
+                    )
                     self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
@@ -439,12 +442,17 @@ class Daemon:
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+            self.server.api.metrics_readers = _metrics_readers(new)
         if self.proxy is not None:
             self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
         self._status_dirty.set()
+
+
+def _metrics_readers(config: BrokerConfig) -> tuple[frozenset[int], frozenset[int]]:
+    return config.metrics.allow_uids, config.metrics.allow_gids
 
 
 class _Flight:

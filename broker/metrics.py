@@ -171,6 +171,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Live(self))
 
+    @classmethod
+    def detached(cls) -> Metrics:
+        """A collector of nothing, for components built without a daemon (tests)."""
+        return cls(_Nothing())
+
     # -- the seam for other components ------------------------------------------------------
 
     def counter(self, name: str, documentation: str, *labelnames: str) -> Counts:
@@ -511,3 +516,27 @@ __all__ = [
     "render",
     "write_textfile",
 ]
+
+
+class _Nothing:
+    """The `Observed` of a detached collector: no daemon, no profiles."""
+
+    def __init__(self) -> None:
+        self.stats = DaemonStats()
+        self.started_at = 0.0
+        self.per_profile = True
+
+    def live_profiles(self) -> Iterable[ProfileView]:
+        return ()
+
+    def retired_profiles(self) -> Iterable[ProfileView]:
+        return ()
+
+    def connection_count(self) -> int:
+        return 0
+
+    def waiting_ops(self) -> Mapping[str, int]:
+        return {}
+
+    def refreshes_in_flight(self) -> int:
+        return 0

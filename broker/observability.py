@@ -30,6 +30,11 @@ class Observable(Protocol):
     def health(self) -> Health: ...
 
 
+def routed(target: str) -> bool:
+    """Whether `target` is one of ours (the shell then asks `answer`)."""
+    return target.split("?", 1)[0] in (METRICS_PATH, HEALTHZ_PATH)
+
+
 async def answer(daemon: Observable, method: str, target: str) -> tuple[int, Headers, bytes] | None:
     """The response to `method target` if it is ours, else None.
 
@@ -57,4 +62,4 @@ def _headers(content_type: str, allow: str | None = None) -> Headers:
     return headers
 
 
-__all__ = ["HEALTHZ_PATH", "METRICS_PATH", "Observable", "answer"]
+__all__ = ["HEALTHZ_PATH", "METRICS_PATH", "Observable", "answer", "routed"]

@@ -188,10 +188,15 @@ def test_metrics_settings(tmp_path: Path) -> None:
     assert load(write(tmp_path, GOOD)).metrics == config.MetricsConfig()
     text = (
         "[metrics]\nper_profile = false\ntextfile = '/var/lib/m/g.prom'\ntextfile_interval = 60\n"
+        "allow_users = ['root', 4242]\nallow_groups = [0]\n"
     )
     loaded = load(write(tmp_path, text + GOOD))
     assert loaded.metrics == config.MetricsConfig(
-        per_profile=False, textfile=Path("/var/lib/m/g.prom"), textfile_interval=60.0
+        per_profile=False,
+        textfile=Path("/var/lib/m/g.prom"),
+        textfile_interval=60.0,
+        allow_uids=frozenset({0, 4242}),
+        allow_gids=frozenset({0}),
     )
 
 

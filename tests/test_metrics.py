@@ -267,6 +267,11 @@ def test_metrics_op_is_for_admins_only() -> None:
             await api.metrics(Peer(pid=1, uid=4242, gid=4242), {})
         answer = await api.metrics(Peer(pid=1, uid=1000, gid=1000), {})
         assert answer == {"text": "x 1\n", "content_type": "text/plain"}
+        api.metrics_readers = (frozenset({4242}), frozenset({77}))  # [metrics] allow_*
+        await api.metrics(Peer(pid=1, uid=4242, gid=4242), {})
+        await api.metrics(Peer(pid=1, uid=5, gid=5, groups=frozenset({77})), {})
+        with pytest.raises(Forbidden):
+            await api.metrics(Peer(pid=1, uid=5, gid=5), {})
 
     trio.run(main)
 
@@ -497,3 +502,41 @@ async def test_http_routes_for_metrics_and_health(
     assert dict(headers)["Content-Type"].startswith("text/plain; version=0.0.4")
     status, headers, _ = await answer(daemon, "POST", "/metrics") or (0, [], b"")
     assert (status, dict(headers)["Allow"]) == (405, "GET, HEAD")
+
+
+async def test_metrics_and_healthz_on_the_proxy_listener(
+    autojump_clock: MockClock, broker: Broker
+) -> None:
+    """The routes as Prometheus and a load balancer reach them: HTTP on the proxy's
+    socket, beside proxied requests, which the metrics count."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(uds=str(broker.socket.parent / "merchant.sock"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://geins") as http:
+        health = await http.get("/healthz")
+        assert (health.status_code, health.text) == (503, "not logged in: default (logged out)\n")
+        await broker.login()
+        health = await http.get("/healthz")
+        assert (health.status_code, health.text) == (200, "healthy: 1 profile active\n")
+        proxied = await http.post("/graphql", json={"query": "{ getUser { email } }"})
+        assert proxied.status_code == 200
+        scraped = await http.get("/metrics")
+        assert scraped.status_code == 200
+        assert scraped.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        m = Scrape(scraped.text)
+        assert m("geins_broker_session_state", profile="default", state="active") == 1
+        assert m("geins_broker_proxy_requests_total", status_class="2xx") == 1  # not /healthz
+        assert m("geins_broker_proxy_request_duration_seconds_count", status_class="2xx") == 1
+        assert (await http.head("/metrics")).status_code == 200
+        assert (await http.post("/metrics")).status_code == 405
+
+        # Who may read them: root and the daemon's user (here both uid 0), and
+        # [metrics] allow_users. Make this process a stranger, then allow it.
+        api = broker.daemon.server.api  # type: ignore[union-attr]
+        api.admin_uids = frozenset({4242})
+        refused = await http.get("/metrics")
+        assert refused.status_code == 403
+        assert "geins_broker" not in refused.text
+        assert (await http.get("/healthz")).status_code == 403
+        api.metrics_readers = (frozenset({os.geteuid()}), frozenset())
+        assert (await http.get("/metrics")).status_code == 200
