@@ -26,9 +26,11 @@ PURE = (
     "broker.emulator.merchant",
     "broker.emulator.values",
     "broker.proxy.rules",
+    "broker.stats",
     "geins_broker_client.protocol",
+    "geins_broker_client.health",
 )
-IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio")
+IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio", "prometheus_client")
 
 
 @pytest.mark.parametrize("module", PURE)
