@@ -1,6 +1,7 @@
 """`geins-broker serve`: config, store, profiles, server, signals and systemd, wired.
 
-Start-up: read the config, prepare the state directory, restore every saved session
+Start-up: read the config, open and lock the state directory (refusing one that is a
+link, another uid's, or writable by others: exit 2), restore every saved session
 (overdue refreshes spread out, at most `max_concurrent_refreshes` at once), take the
 socket (from systemd, or bind it), start serving, then tell systemd READY=1.
 
@@ -27,7 +28,7 @@ from . import __version__
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import StoreError
+from .errors import StateDirError, StoreError
 from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .notify import Notifier
@@ -97,6 +98,19 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
+        try:
+            await self._serve(config, listener, signals, task_status)
+        finally:
+            self.store.close()  # and with it the state directory's lock
+        log.info("stopped")
+
+    async def _serve(
+        self,
+        config: BrokerConfig,
+        listener: Listener | None,
+        signals: AsyncIterator[int] | None,
+        task_status: trio.TaskStatus[Daemon],
+    ) -> None:
         records = await self._offload(self._load_records, list(config.profiles))
         listener = (
             listener
@@ -148,7 +162,6 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
-        log.info("stopped")
 
     def stop(self) -> None:
         self._stop.set()
@@ -303,6 +316,9 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         return 2
     try:
         trio.run(Daemon(config).run)
+    except StateDirError as exc:
+        print(f"geins-broker: {exc}", file=sys.stderr)
+        return 2
     except (ListenerError, StoreError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 1

@@ -108,6 +108,11 @@ class StoreError(BrokerFault):
     """The state directory refused a write or a read; the reason is the OS's."""
 
 
+class StateDirError(StoreError):
+    """The state directory cannot be trusted (a link, another uid's, writable by others)
+    or another process holds its lock: the daemon refuses to start (exit 2)."""
+
+
 class Relayed(BrokerFault):
     """An earlier failure told again, to a caller who was waiting on that attempt."""
 

@@ -3,7 +3,9 @@
 A write goes to a fresh temporary file in the same directory (0600, O_EXCL), is
 fsynced, renamed over the old file, and the directory is fsynced, so after a crash at
 any instant the file is either the old session or the new one, never a mix. The
-directory is 0700. The calls block (fsync), so the daemon runs them in a worker thread.
+directory is 0700, opened once through statedir.py (no link, no other uid's directory)
+and locked for the life of the process; every file is opened relative to its fd with
+O_NOFOLLOW. The calls block (fsync), so the daemon runs them in a worker thread.
 
 A file that cannot be read back is set aside under a `.corrupt-<time>` name, logged by
 the caller, and its profile starts logged out; the other profiles are unaffected.
@@ -12,6 +14,7 @@ the caller, and its profile starts logged out; the other profiles are unaffected
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -20,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import StoreError
+from .errors import StateDirError, StoreError
 from .secret import Secret
+from .statedir import lock, open_private_dir
 
 FORMAT: Final = 1
 SUFFIX: Final = ".session.json"
 _TMP_PREFIX: Final = ".tmp-"
+#: A session is a few kilobytes; anything this big is not one.
+MAX_FILE_SIZE: Final = 1 << 20
 
 
 class CorruptState(Exception):
@@ -110,32 +116,58 @@ def _number(data: dict[str, Any], key: str) -> float | None:
 
 
 class Store:
+    """The sessions of one state directory, each file opened relative to the
+    directory's fd (see statedir.py): `prepare` first, `close` at the end."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._fd: int | None = None
+        self._lock: int | None = None
 
     def path(self, profile: str) -> Path:
         return self.directory / f"{profile}{SUFFIX}"
 
-    def prepare(self) -> list[Path]:
-        """Create the directory 0700 (tightening an existing one) and sweep stale temps.
+    @property
+    def _dir(self) -> int:
+        if self._fd is None:
+            raise StoreError(f"{self.directory}: not prepared")
+        return self._fd
 
-        Returns the temporary files a crash left behind, now removed.
+    def prepare(self) -> list[Path]:
+        """Open the directory safely (creating it 0700), take its lock for the life of
+        this process, and sweep the temporaries a crash left behind (returned).
+
+        Raises StateDirError, with a one-line reason naming the path, when the
+        directory cannot be trusted or another process holds the lock.
         """
+        if self._fd is None:
+            fd = open_private_dir(self.directory)
+            try:
+                self._lock = lock(fd, self.directory)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if stat.S_IMODE(self.directory.stat().st_mode) & 0o077:
-                self.directory.chmod(0o700)
-            stale = list(self.directory.glob(f"{_TMP_PREFIX}*"))
-            for leftover in stale:
-                leftover.unlink(missing_ok=True)
+            stale = [n for n in os.listdir(self._dir) if n.startswith(_TMP_PREFIX)]
+            for name in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._dir)
         except OSError as exc:
-            raise StoreError(f"state directory {self.directory}: {exc.strerror}") from None
-        return stale
+            raise StateDirError(f"{self.directory}: {exc.strerror}") from None
+        return [self.directory / name for name in stale]
+
+    def close(self) -> None:
+        """Let go of the directory and its lock."""
+        for fd in (self._lock, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock = None
 
     def load(self, profile: str) -> Record | None:
         path = self.path(profile)
         try:
-            raw = path.read_bytes()
+            raw = self._read(path.name)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -146,10 +178,29 @@ class Store:
             reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
             raise CorruptState(f"{path}: {reason}", self._set_aside(path)) from None
 
+    def _read(self, name: str) -> bytes:
+        """A regular file's bytes; a link, a FIFO or a device is an error (ELOOP or
+        "not a regular file"), never followed or waited on."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=self._dir)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            chunks = []
+            size = 0
+            while chunk := os.read(fd, 65536):
+                size += len(chunk)
+                if size > MAX_FILE_SIZE:
+                    raise OSError(errno.EFBIG, f"larger than {MAX_FILE_SIZE} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def _set_aside(self, path: Path) -> Path | None:
         target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         try:
-            os.replace(path, target)
+            os.replace(path.name, target.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
         except OSError:
             return None
         return target
@@ -161,20 +212,22 @@ class Store:
     def delete(self, profile: str) -> None:
         path = self.path(profile)
         try:
-            path.unlink(missing_ok=True)
-            self._sync_directory()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.name, dir_fd=self._dir)
+            os.fsync(self._dir)
         except OSError as exc:
             raise StoreError(f"cannot remove {path}: {exc.strerror}") from None
 
     def _replace(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        directory = self._dir
+        tmp = f"{_TMP_PREFIX}{path.name}.{os.getpid()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(tmp, flags, 0o600)
+                fd = os.open(tmp, flags, 0o600, dir_fd=directory)
             except FileExistsError:  # left by a write this process abandoned
-                tmp.unlink()
-                fd = os.open(tmp, flags, 0o600)
+                os.unlink(tmp, dir_fd=directory)
+                fd = os.open(tmp, flags, 0o600, dir_fd=directory)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         try:
@@ -185,16 +238,9 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            self._sync_directory()
+            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            os.fsync(directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp, dir_fd=directory)
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
