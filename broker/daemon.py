@@ -29,13 +29,16 @@ from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
 from .errors import StateDirError, StoreError
+from .hardening import keep_memory_private
+from .keys import load_keyring
 from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
 from .scheduler import Scheduler
+from .sealing import Keyring
 from .server import Server
-from .store import CorruptState, Record, Store
+from .store import CorruptState, Record, SealedState, Store
 from .wallclock import SystemClock, WallClock
 
 log = events("broker.daemon")
@@ -54,12 +57,17 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        keyring: Keyring | None = None,
     ) -> None:
         self.config = config
+        if keyring is None:
+            keyring, self.key_source = load_keyring(config)
+        else:
+            self.key_source = "given"
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, keyring)
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
@@ -98,6 +106,7 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
+        self._log_sealing()
         try:
             await self._serve(config, listener, signals, task_status)
         finally:
@@ -132,7 +141,8 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                self.server = server = Server(Api(self.profiles), config, self.wall)
+                api = Api(self.profiles, sealing=self.store.keyring.describe)
+                self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
@@ -219,6 +229,9 @@ class Daemon:
             except CorruptState as exc:
                 log.error("state_corrupt", profile=name, reason=str(exc), set_aside=exc.set_aside)
                 continue
+            except SealedState as exc:
+                log.error("state_sealed", profile=name, reason=str(exc), key=exc.key_id)
+                continue
             except StoreError as exc:
                 log.error("state_unreadable", profile=name, reason=str(exc))
                 continue
@@ -247,8 +260,38 @@ class Daemon:
                 state=profile.session.state,
                 username=record.username,
             )
+        if (sealed := self.store.unopened.get(config.name)) is not None:
+            profile.mark_sealed(sealed)
         self.profiles[config.name] = profile
         return profile
+
+    def _log_sealing(self) -> None:
+        keyring = self.store.keyring
+        if keyring.current is None:
+            log.warning("sealing_off", reason="no key configured: sessions are stored in clear")
+            return
+        log.info(
+            "sealing_on",
+            key=keyring.current.name,
+            source=self.key_source,
+            previous=",".join(k.name for k in keyring.previous) or None,
+        )
+
+    async def _unseal(self) -> None:
+        """Profiles whose saved session did not open try again (the key may be back)."""
+        for name, profile in list(self.profiles.items()):
+            if profile.session.sealed is None:
+                continue
+            try:
+                record = await self._offload(self.store.load, name)
+            except SealedState as exc:
+                profile.session.sealed = str(exc)
+                continue
+            except (CorruptState, StoreError) as exc:
+                log.error("state_unreadable", profile=name, reason=str(exc))
+                record = None
+            profile.unseal(record, self.config.startup_spread)
+            log.info("unsealed", profile=name, state=profile.session.state)
 
     def _profile_changed(self, profile: Profile) -> None:
         self._status_dirty.set()
@@ -261,11 +304,16 @@ class Daemon:
             if source is None:
                 raise ConfigError("no config file to reload")
             new = await self._offload(load, source)
+            keyring, key_source = await self._offload(load_keyring, new)
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
             return
         old = self.config
+        if keyring != self.store.keyring:
+            self.store.keyring, self.key_source = keyring, key_source
+            self._log_sealing()
+        await self._unseal()
         for key in ("socket", "state_dir", "socket_mode", "socket_group"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
@@ -309,13 +357,17 @@ def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
 
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
+    keep_memory_private()
     try:
         config = load(find_config(config_path), socket_override=socket_path)
+        keyring, key_source = load_keyring(config)
     except ConfigError as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
+    daemon = Daemon(config, keyring=keyring)
+    daemon.key_source = key_source
     try:
-        trio.run(Daemon(config).run)
+        trio.run(daemon.run)
     except StateDirError as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2

@@ -96,6 +96,14 @@ class LoginRequired(BrokerFault):
     code = Code.LOGIN_REQUIRED
 
 
+class SessionSealed(BrokerFault):
+    """The saved session is sealed with a key the daemon lacks: nothing may replace it
+    (a login would overwrite it) until the key is back. No session to serve, hence the
+    code."""
+
+    code = Code.NOT_LOGGED_IN
+
+
 class Busy(BrokerFault):
     code = Code.BUSY
 

@@ -9,6 +9,12 @@ O_NOFOLLOW. The calls block (fsync), so the daemon runs them in a worker thread.
 
 A file that cannot be read back is set aside under a `.corrupt-<time>` name, logged by
 the caller, and its profile starts logged out; the other profiles are unaffected.
+
+With a key (see sealing.py and keys.py) each file is sealed: its bytes are the sealed
+JSON, under the same name, so a store moves from clear to sealed one write at a time.
+A sealed file that does not open (its key missing, or the file changed) is the one
+exception to setting aside: it is left exactly as it is, byte for byte, and its profile
+reports `sealed` until the key comes back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import StateDirError, StoreError
+from .sealing import Keyring, SealError, sealed_key_id
 from .secret import Secret
 from .statedir import lock, open_private_dir
 
@@ -97,6 +104,10 @@ class Record:
         return record
 
 
+def _is_session_file(name: str) -> bool:
+    return name.endswith(SUFFIX) and not name.startswith(".") and len(name) > len(SUFFIX)
+
+
 def _typed(data: dict[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
     value = data.get(key)
     if (value is None and optional) or (
@@ -115,12 +126,32 @@ def _number(data: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+class SealedState(Exception):
+    """A sealed file that does not open with the keys configured. It is left exactly as
+    it is (never rewritten, moved or deleted) until a reload brings its key."""
+
+    def __init__(self, message: str, key_id: str | None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
 class Store:
     """The sessions of one state directory, each file opened relative to the
-    directory's fd (see statedir.py): `prepare` first, `close` at the end."""
+    directory's fd (see statedir.py): `prepare` first, `close` at the end.
 
-    def __init__(self, directory: Path) -> None:
+    Each file's bytes go through `keyring` (sealing.py): sealed with its current key,
+    or in clear when it has none. A file that does not open stays untouched: `save`
+    and `delete` refuse that profile until a `load` with the right key succeeds.
+    """
+
+    def __init__(self, directory: Path, keyring: Keyring | None = None) -> None:
         self.directory = directory
+        #: Replaced on reload; a write uses the keyring of the moment.
+        self.keyring = keyring or Keyring()
+        #: Profiles whose file would not open, and why: not to be overwritten.
+        self.unopened: dict[str, str] = {}
+        #: Profiles whose file is in clear or under a previous key, while a key is set.
+        self.stale: set[str] = set()
         self._fd: int | None = None
         self._lock: int | None = None
 
@@ -165,15 +196,31 @@ class Store:
         self._fd = self._lock = None
 
     def load(self, profile: str) -> Record | None:
+        """The saved session; None if there is none. Raises SealedState (file kept),
+        CorruptState (file set aside) or StoreError (cannot read)."""
         path = self.path(profile)
         try:
             raw = self._read(path.name)
         except FileNotFoundError:
+            self.unopened.pop(profile, None)
             return None
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from None
         try:
-            return Record.from_json(json.loads(raw), profile)
+            opened = self.keyring.open(profile, raw)
+        except SealError as exc:
+            reason = f"{path}: {exc}"
+            if not self.keyring.sealing:
+                reason += "; no key is configured"
+            self.unopened[profile] = reason
+            raise SealedState(reason, sealed_key_id(raw)) from None
+        self.unopened.pop(profile, None)
+        if opened.stale:
+            self.stale.add(profile)
+        else:
+            self.stale.discard(profile)
+        try:
+            return Record.from_json(json.loads(opened.data), profile)
         except (ValueError, UnicodeDecodeError) as exc:
             reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
             raise CorruptState(f"{path}: {reason}", self._set_aside(path)) from None
@@ -206,10 +253,49 @@ class Store:
         return target
 
     def save(self, profile: str, record: Record) -> None:
+        self._refuse_unopened(profile)
         data = json.dumps(record.to_json(profile), indent=1).encode() + b"\n"
-        self._replace(self.path(profile), data)
+        self._replace(self.path(profile), self.keyring.seal(profile, data))
+        self.stale.discard(profile)
+
+    def reseal(self, profile: str) -> bool:
+        """Seal the profile's file again with the current key if it is in clear or
+        under a previous one (the bytes inside unchanged); whether it was rewritten.
+
+        Atomic like every write: a crash leaves the old file or the new one, each of
+        which opens with the keys of the moment. Raises SealedState like `load`.
+        """
+        path = self.path(profile)
+        try:
+            raw = self._read(path.name)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            opened = self.keyring.open(profile, raw)
+        except SealError as exc:
+            raise SealedState(f"{path}: {exc}", sealed_key_id(raw)) from None
+        if not opened.stale:
+            return False
+        self._replace(path, self.keyring.seal(profile, opened.data))
+        self.stale.discard(profile)
+        return True
+
+    def profiles(self) -> list[str]:
+        """Every profile with a session file here, configured or not."""
+        try:
+            names = os.listdir(self._dir)
+        except OSError as exc:
+            raise StoreError(f"{self.directory}: {exc.strerror}") from None
+        return sorted(n.removesuffix(SUFFIX) for n in names if _is_session_file(n))
+
+    def _refuse_unopened(self, profile: str) -> None:
+        if (reason := self.unopened.get(profile)) is not None:
+            raise StoreError(f"not overwritten, {reason}")
 
     def delete(self, profile: str) -> None:
+        self._refuse_unopened(profile)
         path = self.path(profile)
         try:
             with contextlib.suppress(FileNotFoundError):
