@@ -17,7 +17,7 @@ A sealed blob is a small header followed by AES-256-GCM's output:
 
 A blob without the magic is a session in clear (the format before sealing, or with no
 key configured): `open` returns it as is and says it wants re-sealing if a key is now
-configured. A blob with the magic never passes as clear.
+configured. A blob with the magic, even a damaged one, never passes as clear.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ class Keyring:
             return Opened(blob, stale=self.current is not None, key=None)
         if len(blob) < _HEADER + NONCE_SIZE + _TAG_SIZE:
             raise Tampered("a sealed session cut short")
+        if not blob.startswith(MAGIC):
+            raise Tampered("a sealed session whose header was changed")
         if blob[len(MAGIC)] != VERSION:
             raise Tampered(f"sealed in format {blob[len(MAGIC)]}, which this version cannot read")
         key_id = blob[len(MAGIC) + 1 : _HEADER]
@@ -148,12 +150,18 @@ class Keyring:
 
 
 def is_sealed(blob: bytes) -> bool:
-    return blob.startswith(MAGIC)
+    """Whether `blob` is (or was, before damage) sealed: the magic, give or take two
+    changed bytes, or a stub of it. A session in clear is JSON and starts with `{`, so
+    a sealed file whose header took a hit is still refused, not taken for one in clear."""
+    head = blob[: len(MAGIC)]
+    if len(head) < len(MAGIC):
+        return bool(head) and MAGIC.startswith(head)
+    return sum(a == b for a, b in zip(head, MAGIC, strict=True)) >= len(MAGIC) - 2
 
 
 def sealed_key_id(blob: bytes) -> str | None:
     """The id of the key a blob was sealed with (hex), None for one in clear."""
-    if not is_sealed(blob) or len(blob) < _HEADER:
+    if not blob.startswith(MAGIC) or len(blob) < _HEADER:
         return None
     return blob[len(MAGIC) + 1 : _HEADER].hex()
 
