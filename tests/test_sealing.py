@@ -14,7 +14,14 @@ import pytest
 from broker import cli
 from broker.config import BrokerConfig, ConfigError, parse
 from broker.errors import StoreError
-from broker.keys import CREDENTIAL_NAME, encode_key, load_keyring, parse_key, read_key_file
+from broker.keys import (
+    CREDENTIAL_NAME,
+    CREDENTIAL_UNSET,
+    encode_key,
+    load_keyring,
+    parse_key,
+    read_key_file,
+)
 from broker.sealing import MAGIC, Key, KeyMissing, Keyring, SealError, Tampered, sealed_key_id
 from broker.secret import Secret
 from broker.store import Record, SealedState, Store
@@ -342,3 +349,21 @@ def test_reseal_rewrites_only_stale_files(state: Path) -> None:
     assert store.reseal("absent") is False
     assert Keyring(KEY_B).open("one", store.path("one").read_bytes()).stale is False
     store.close()
+
+
+# -- the units -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["system", "user"])
+def test_the_units_load_the_key_credential_without_failing_when_it_is_absent(unit: str) -> None:
+    """systemd 252 fails a unit whose LoadCredential*= file is missing unless a
+    SetCredential= of the same name stands in; the stand-in must be the value that
+    keys.py reads as "no credential". ImportCredential= would be ignored by 252."""
+    from tests.test_systemd_units import SYSTEM_SERVICE, USER_SERVICE
+
+    service = (SYSTEM_SERVICE if unit == "system" else USER_SERVICE)["Service"]
+    loaded = service["LoadCredentialEncrypted"]
+    assert len(loaded) == 1 and loaded[0].split(":")[0] == CREDENTIAL_NAME
+    assert service["SetCredential"] == [f"{CREDENTIAL_NAME}:{CREDENTIAL_UNSET.decode()}"]
+    assert "ImportCredential" not in service and "LoadCredential" not in service
+    assert service["LimitCORE"] == ["0"]
