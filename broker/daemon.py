@@ -121,6 +121,9 @@ class Daemon:
         task_status: trio.TaskStatus[Daemon],
     ) -> None:
         records = await self._offload(self._load_records, list(config.profiles))
+        if self.store.stale:
+            # In clear or under a previous key: each is sealed again at its next write.
+            log.info("sessions_to_reseal", count=len(self.store.stale))
         listener = (
             listener
             or from_systemd()
