@@ -144,7 +144,7 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                api = Api(self.profiles, sealing=self.store.keyring.describe)
+                api = Api(self.profiles, sealing=self._sealing_status)
                 self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
@@ -267,6 +267,10 @@ class Daemon:
             profile.mark_sealed(sealed)
         self.profiles[config.name] = profile
         return profile
+
+    def _sealing_status(self) -> str:
+        """For `status`: the keyring of the moment (a reload may replace it)."""
+        return self.store.keyring.describe()
 
     def _log_sealing(self) -> None:
         keyring = self.store.keyring

@@ -156,6 +156,10 @@ async def test_a_reload_with_a_refused_key_file_keeps_the_keys_it_has(
     )
     await daemon.reload()
     assert daemon.store.keyring == Keyring(new, (key,))
+    connection = await RawConnection.open(sock)
+    status = await connection.call(id=1, op="status")
+    connection.close()
+    assert status["sealing"] == f"on: key {new.name}, opens key {key.name}"
     await trio.sleep(900)  # a rotation: the session moves to the new key
     blob = (state / "default.session.json").read_bytes()
     assert sealed_key_id(blob) == new.name
