@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore sealing
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy sealing
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 """
 
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, sealing, tokens
+from . import footprint, node_client, proxy, sealing, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore", "sealing")
+ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "proxy", "sealing")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -30,6 +30,23 @@ def markdown(results: dict[str, Any]) -> str:
             "per cell; one load process, one request in flight per connection):",
             "",
             tokens.table(t),
+            "",
+        ]
+    if "node" in results:
+        out += [
+            "**The Node client beside the Python client** (same daemon, same run; median of "
+            f"{results['node'].get('repeat', 0)} interleaved runs):",
+            "",
+            node_client.table(results["node"]),
+            "",
+        ]
+    if "proxy" in results:
+        p = results["proxy"]
+        out += [
+            f"**Merchant API proxy against nginx** (median of {p['repeat']} interleaved runs of "
+            f"{p['duration']:g} s per cell; loopback TCP; the same stub behind both):",
+            "",
+            proxy.table(p),
             "",
         ]
     if "cli" in results:
@@ -80,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "node" in chosen:
+        results["node"] = node_client.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "proxy" in chosen:
+        results["proxy"] = proxy.run(
             repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
         )
     if "cli" in chosen:

@@ -22,7 +22,6 @@ from geins_broker_client.protocol import VERSION, Op
 from . import __version__
 from .errors import Forbidden, UnknownProfile
 from .profile import Profile, WatchEvent
-from .requests import arguments
 
 SERVER: Final = f"geins-broker/{__version__}"
 
@@ -83,7 +82,7 @@ class Api:
             or not peer.groups.isdisjoint(config.allow_gids)
         )
 
-    def readable(self, peer: Peer, name: str) -> Profile:
+    def readable_profile(self, peer: Peer, name: str) -> Profile:
         profile = self._profile(name)
         if not self.may_read(peer, profile):
             raise Forbidden(f"uid {peer.uid} may not read profile {name!r}")
@@ -119,13 +118,13 @@ class Api:
         return answer
 
     def user(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        return self.readable(peer, args["profile"]).user()
+        return self.readable_profile(peer, args["profile"]).user()
 
     # -- ops that wait ---------------------------------------------------------------------
 
     async def token(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        profile = self.readable(peer, args["profile"])
-        await profile.ensure_token(args["min_valid"])
+        profile = self.readable_profile(peer, args["profile"])
+        await profile.ensure_token(args["min_valid"], reader=not self.is_admin(peer))
         tokens = profile.session.tokens
         assert tokens is not None
         return profile.token_fields(tokens)
@@ -166,7 +165,7 @@ class Api:
         }
 
     async def watch(self, peer: Peer, args: dict[str, Any], emit: Emit) -> None:
-        profile = self.readable(peer, args["profile"])
+        profile = self.readable_profile(peer, args["profile"])
 
         async def emit_while_allowed(event: WatchEvent) -> None:
             # A reload may take this peer's access away while it watches.
@@ -177,4 +176,4 @@ class Api:
         await profile.watch(emit_while_allowed)
 
 
-__all__ = ["Api", "Peer", "arguments"]
+__all__ = ["Api", "Peer"]

@@ -43,9 +43,27 @@ EXIT_INVALID_CREDENTIALS = 8
 EXIT_UPSTREAM_ERROR = 9
 EXIT_UNKNOWN_PROFILE = 10
 
+#: What each exit code means, written once: `--help` prints it and a test holds the
+#: README to it.
+EXIT_MEANINGS: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_INTERNAL: "internal error",
+    EXIT_USAGE: "bad input",
+    EXIT_NOT_RUNNING: "broker not running (or its socket not to be trusted)",
+    EXIT_NOT_LOGGED_IN: "not logged in",
+    EXIT_LOGIN_REQUIRED: "login required",
+    EXIT_FORBIDDEN: "forbidden",
+    EXIT_UNAVAILABLE: "Geins unavailable or timeout",
+    EXIT_INVALID_CREDENTIALS: "invalid credentials",
+    EXIT_UPSTREAM_ERROR: "Geins error",
+    EXIT_UNKNOWN_PROFILE: "unknown profile",
+}
+
 #: Exit code per client error family; the most specific class wins.
 EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
+    # No broker we may trust is running: the socket found is another user's.
+    (client_errors.UntrustedSocket, EXIT_NOT_RUNNING),
     (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
     (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
     (client_errors.Forbidden, EXIT_FORBIDDEN),
@@ -56,9 +74,7 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.ProtocolError, EXIT_USAGE),
 )
 
-_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running,
-4 not logged in, 5 login required, 6 forbidden, 7 Geins unavailable or timeout,
-8 invalid credentials, 9 Geins error, 10 unknown profile"""
+_EPILOG = "exit codes: " + ", ".join(f"{code} {text}" for code, text in EXIT_MEANINGS.items())
 
 
 class UsageError(Exception):
@@ -296,22 +312,9 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         users = dict(parse_user(u) for u in args.user) if args.user else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if users is None:
-        from .emulator import DEMO_PASSWORD, DEMO_USER
-
-        users = {DEMO_USER: DEMO_PASSWORD}
-    options = EmulatorOptions(
-        host=host,
-        port=port,
-        account=args.account,
-        environment=args.environment,
-        api_key=args.api_key,
-        users=users,
-        token_ttl=args.token_ttl,
-        refresh_ttl=args.refresh_ttl,
-        refresh_grace=args.refresh_grace,
-    )
-    return emulator_main(options)
+    names = ("account", "environment", "api_key", "token_ttl", "refresh_ttl", "refresh_grace")
+    settings = {name: value for name in names if (value := getattr(args, name)) is not None}
+    return emulator_main(EmulatorOptions(host, port, users, settings))
 
 
 _BASH_COMPLETION = """# bash completion for geins-broker: source <(geins-broker completion bash)
@@ -448,8 +451,11 @@ def _login_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_options(parser: argparse.ArgumentParser) -> None:
+    # Only `register` pays for importing the protocol's values (not `token`'s start-up).
+    from .geins.protocol import CUSTOMER_TYPES, DEFAULT_CUSTOMER_TYPE
+
     _login_options(parser)
-    parser.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
+    parser.add_argument("--customer-type", choices=CUSTOMER_TYPES, default=DEFAULT_CUSTOMER_TYPE)
     parser.add_argument("--newsletter", action="store_true")
 
 
@@ -463,21 +469,21 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
 def _emulator_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="port 0 picks a free one")
-    add("--account", default="demo")
-    add("--environment", default="prod")
-    add("--api-key", default="demo-api-key")
+    # No defaults here: the emulator's own (broker/emulator/model.py ServiceConfig) apply.
+    add("--account", help="default: demo")
+    add("--environment", help="default: prod")
+    add("--api-key", help="default: demo-api-key")
     add(
         "--user",
         action="append",
         metavar="USERNAME:PASSWORD",
         help="a user (repeatable; default: the demo user)",
     )
-    add("--token-ttl", type=_positive, default=900.0, metavar="SECONDS")
-    add("--refresh-ttl", type=_positive, default=7 * 24 * 3600.0, metavar="SECONDS")
+    add("--token-ttl", type=_positive, metavar="SECONDS", help="default: 900")
+    add("--refresh-ttl", type=_positive, metavar="SECONDS", help="default: 7 days")
     add(
         "--refresh-grace",
         type=_positive,
-        default=0.0,
         metavar="SECONDS",
         help="how long a replaced refresh token still works if unused (default 0: strict)",
     )

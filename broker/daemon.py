@@ -17,24 +17,25 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Final
+from typing import Any, Final
 
 import httpx
 import trio
 
-from . import __version__
+from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
 from .errors import StateDirError, StoreError
 from .hardening import keep_memory_private
 from .keys import load_keyring
-from .listener import Listener, ListenerError, bind, from_systemd
+from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
+from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .sealing import Keyring
 from .server import Server
@@ -45,6 +46,13 @@ log = events("broker.daemon")
 
 #: STATUS= lines to systemd at most this often.
 _STATUS_INTERVAL: Final = 1.0
+#: How long a reload may take to read the config file (a hung network file system).
+CONFIG_READ_TIMEOUT: Final = 10.0
+
+
+async def _abandonable(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking read in a thread that a cancellation may leave behind."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class Daemon:
@@ -57,9 +65,12 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        faults: frozenset[str] = frozenset(),
         keyring: Keyring | None = None,
     ) -> None:
         self.config = config
+        #: Test-only faults (broker/fault_injection.py); empty in production.
+        self.faults = faults
         if keyring is None:
             keyring, self.key_source = load_keyring(config)
         else:
@@ -71,6 +82,13 @@ class Daemon:
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
+        # Reading the config may be abandoned (nothing half-done is left behind), unlike
+        # writing state; tests inject an offload that runs in place, used for both.
+        self._read_offload: Offload = (
+            _abandonable if offload is trio.to_thread.run_sync else offload
+        )
+        #: The reload under way, which SIGTERM cancels.
+        self._reloading: trio.CancelScope | None = None
         self.scheduler = Scheduler(self.wall)
         #: Profiles a reload removed, kept in case a later reload brings them back.
         self._retired: dict[str, Profile] = {}
@@ -78,6 +96,8 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
 
     # -- running -----------------------------------------------------------------------
 
@@ -94,7 +114,10 @@ class Daemon:
             return
         # Installed for the whole run, so a second signal during the shutdown is
         # absorbed rather than killing the process half-way.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        if fault_injection.HANG_ON_SIGUSR1 in self.faults:
+            wanted.append(signal.SIGUSR1)
+        with trio.open_signal_receiver(*wanted) as signals:
             await self._run(listener, signals, task_status)
 
     async def _run(
@@ -147,11 +170,16 @@ class Daemon:
                 api = Api(self.profiles, sealing=self._sealing_status)
                 self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
+                if config.proxy.enabled:
+                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
                     await nursery.start(server.serve, listener.sock)
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
@@ -164,6 +192,7 @@ class Daemon:
                         socket=listener.path,
                         activated=listener.activated,
                         profiles=len(self.profiles),
+                        **(self.proxy.describe() if self.proxy is not None else {}),
                     )
                     # Everything allocated so far lives as long as the daemon: keep the
                     # collector from walking it again and again.
@@ -175,6 +204,8 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.proxy is not None:
+                self.proxy.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -184,20 +215,43 @@ class Daemon:
         log.info("stopping", in_flight=server.in_flight, connections=server.connections)
         server.stop_accepting()
         listener.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
+            if self.proxy is not None:
+                await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
         if grace.cancelled_caught:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
     async def _signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+        """SIGHUP reloads in a task of its own, so that a SIGTERM behind it is heard at
+        once and cancels it: a reload never delays a shutdown."""
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    fault_injection.hang()
+                elif signum != signal.SIGHUP:
+                    log.info("signal", name=signal.Signals(signum).name)
+                    if self._reloading is not None:
+                        self._reloading.cancel()
+                    self.stop()
+                elif self._reloading is not None:
+                    log.info("reload_already_running")
+                elif not self._stop.is_set():
+                    self._reloading = trio.CancelScope()
+                    nursery.start_soon(self._reload_in, self._reloading)
+
+    async def _reload_in(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
                 await self.reload()
-            else:
-                log.info("signal", name=signal.Signals(signum).name)
-                self.stop()
+            if scope.cancelled_caught:
+                log.warning("reload_cancelled")
+        finally:
+            self._reloading = None
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
@@ -284,6 +338,13 @@ class Daemon:
             previous=",".join(k.name for k in keyring.previous) or None,
         )
 
+    async def _take_keys(self, keyring: Keyring, source: str) -> None:
+        """Keys from a reload; then profiles that were sealed try again."""
+        if keyring != self.store.keyring:
+            self.store.keyring, self.key_source = keyring, source
+            self._log_sealing()
+        await self._unseal()
+
     async def _unseal(self) -> None:
         """Profiles whose saved session did not open try again (the key may be back)."""
         for name, profile in list(self.profiles.items()):
@@ -307,20 +368,22 @@ class Daemon:
         """Re-read the config file: profiles come and go, sessions stay."""
         self.notifier.reloading()
         source = self.config.source
+        new: BrokerConfig | None = None
         try:
             if source is None:
                 raise ConfigError("no config file to reload")
-            new = await self._offload(load, source)
+            with trio.move_on_after(CONFIG_READ_TIMEOUT):
+                new = await self._read_offload(load, source)
+            if new is None:
+                raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
+            # Key files are opened O_NONBLOCK and must be regular files: no FIFO waits.
             keyring, key_source = await self._offload(load_keyring, new)
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
             return
         old = self.config
-        if keyring != self.store.keyring:
-            self.store.keyring, self.key_source = keyring, key_source
-            self._log_sealing()
-        await self._unseal()
+        await self._take_keys(keyring, key_source)
         for key in ("socket", "state_dir", "socket_mode", "socket_group"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
@@ -345,6 +408,8 @@ class Daemon:
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
@@ -366,16 +431,17 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
     keep_memory_private()
     try:
+        faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
         keyring, key_source = load_keyring(config)
-    except ConfigError as exc:
+    except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(config, keyring=keyring)
+    daemon = Daemon(config, faults=faults, keyring=keyring)
     daemon.key_source = key_source
     try:
         trio.run(daemon.run)
-    except StateDirError as exc:
+    except (StateDirError, UnsafeDirectory) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     except (ListenerError, StoreError) as exc:

@@ -2,11 +2,15 @@
 
 Starts the emulator with a short bearer lifetime, starts the daemon against it (both as
 the real `geins-broker` processes), logs the demo user in through the client library,
-and prints each token the daemon rotates in, until Ctrl-C stops everything cleanly.
+reads the user once through the Merchant API proxy (printing the curl command that
+does it), and prints each token the daemon rotates in, until Ctrl-C stops everything
+cleanly.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,12 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import trio
 
 from geins_broker_client import BrokerError
 from geins_broker_client.trio_client import TrioClient
 
-from .emulator import DEMO_PASSWORD, DEMO_USER
+from .emulator.model import DEMO_PASSWORD, DEMO_USER
 
 _COMMAND = [sys.executable, "-m", "broker"]
 
@@ -96,6 +101,37 @@ async def _watch(client: TrioClient) -> None:
         _say(f"token for {event.token.profile}: expires at {expires} (in {left:.0f} s)")
 
 
+async def _read_user_through_the_proxy(proxy_socket: Path) -> None:
+    """Show the Merchant API proxy: any HTTP client, no token in sight."""
+    query = json.dumps({"query": "{ getUser { email } }"}, separators=(",", ":"))
+    command = [
+        "curl",
+        "-sS",
+        "--unix-socket",
+        str(proxy_socket),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        query,
+        "http://geins/graphql",
+    ]
+    _say("read the user through the Merchant API proxy (no token needed):")
+    print("    " + shlex.join(command), flush=True)
+    if shutil.which("curl") is not None:
+        done = await trio.run_process(command, capture_stdout=True, check=False)
+        answer = done.stdout.decode(errors="replace").strip()
+    else:  # the same request without curl
+        transport = httpx.AsyncHTTPTransport(uds=str(proxy_socket))
+        async with httpx.AsyncClient(transport=transport) as http:
+            reply = await http.post(
+                "http://geins/graphql",
+                content=query,
+                headers={"Content-Type": "application/json"},
+            )
+            answer = reply.text
+    _say(f"-> {answer}")
+
+
 async def _demo(workdir: Path, token_ttl: float) -> None:
     emulator, url = await _start_emulator(token_ttl)
     _say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
@@ -107,6 +143,7 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
         await _wait_for_daemon(client)
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         _say(f"logged in as {session.username}; the daemon rotates the token from here on")
+        await _read_user_through_the_proxy(workdir / "merchant.sock")
         _say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from broker import claims
+from broker.geins import claims
 
 
 def _jwt(payload: object, *, raw_payload: str | None = None) -> str:

@@ -84,7 +84,7 @@ def login(setup: Setup, profile: str = "default") -> None:
     )
 
 
-def test_session_lifecycle(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_before_login(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert setup.main("status") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("geins-broker/0.1.0, up ")
@@ -101,41 +101,59 @@ def test_session_lifecycle(setup: Setup, capsys: pytest.CaptureFixture[str]) -> 
     ]
     assert table[2].split()[:2] == ["default", "logged_out"]
 
-    login(setup)
-    assert setup.main("token") == 0
-    token = capsys.readouterr().out
-    assert token.count("\n") == 1 and token.strip().count(".") == 2  # the bare JWT, nothing else
 
+def _token(setup: Setup, capsys: pytest.CaptureFixture[str]) -> str:
+    assert setup.main("token") == 0
+    return capsys.readouterr().out
+
+
+def test_token_bare_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    token = _token(setup, capsys)
+    assert token.count("\n") == 1 and token.strip().count(".") == 2  # the bare JWT, nothing else
     assert setup.main("token", "--json", "--min-valid", "30") == 0
     as_json = json.loads(capsys.readouterr().out)
     assert as_json["token"] == token.strip() and as_json["profile"] == "default"
     assert as_json["expires_at"] - time.time() > 30
 
+
+def test_user_as_table_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
     assert setup.main("user", "--json") == 0
     assert json.loads(capsys.readouterr().out)["username"] == DEMO_USER
     assert setup.main("user") == 0
     assert "customer_type    PERSON" in capsys.readouterr().out
 
+
+def test_refresh_then_status_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    token = _token(setup, capsys)
     assert setup.main("refresh") == 0
     assert capsys.readouterr().out.startswith("refreshed profile default")
-    assert setup.main("token") == 0
-    assert capsys.readouterr().out != token
-
+    assert _token(setup, capsys) != token
     assert setup.main("status", "--json") == 0
     status = json.loads(capsys.readouterr().out)
     default = next(p for p in status["profiles"] if p["profile"] == "default")
     assert (default["state"], default["refreshes"], default["username"]) == ("active", 1, DEMO_USER)
     assert token.strip() not in json.dumps(status)
 
+
+def test_passwd(setup: Setup) -> None:
+    login(setup)
     changed = setup.run("passwd", "--password-stdin", stdin=f"{DEMO_PASSWORD}\nn3w-password\n")
     assert changed.returncode == 0, changed.stderr
     assert "changed the password" in changed.stdout
 
+
+def test_logout(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
     assert setup.main("logout") == 0
     assert capsys.readouterr().out == "logged out of profile default\n"
     assert setup.main("token") == cli.EXIT_NOT_LOGGED_IN
     assert "not logged in" in capsys.readouterr().err
 
+
+def test_register(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     registered = setup.run(
         "register",
         "-u",
@@ -330,3 +348,10 @@ def test_help_and_version() -> None:
         [*GEINS_BROKER, "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout == "geins-broker 0.1.0\n"
+
+
+def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code, meaning in cli.EXIT_MEANINGS.items():
+        assert f"| {code} | {meaning} |" in readme
+    assert "exit codes: 0 ok, 1 internal error" in cli._EPILOG

@@ -13,13 +13,14 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
+from broker.emulator.model import DEMO_USER
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired, NotLoggedIn, Unavailable
 from geins_broker_client.errors import ProtocolError
-from tests.conftest import Broker, Fraction, RawConnection, fill, start_broker
+from tests.support import Broker, Fraction, RawConnection, fill, start_broker
 
 EXACT = {"jitter": 0}
 
@@ -170,14 +171,14 @@ async def test_retry_after_is_honoured(
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     emulator.server.faults.add(
-        Fault("status", match="GET /api", status=429, retry_after="120", times=1)
+        Fault("status", match="GET /api", status=429, retry_after="45", times=1)
     )
     await trio.sleep(675.5)
     session = broker.profile().session
     assert session.failures == 1
     due = session.next_refresh_at
-    assert due == pytest.approx(session.tokens.obtained_at + 675 + 120)  # type: ignore[union-attr]
-    await trio.sleep(119)
+    assert due == pytest.approx(session.tokens.obtained_at + 675 + 45)  # type: ignore[union-attr]
+    await trio.sleep(44)
     assert session.failures == 1
     await trio.sleep(1)
     assert session.failures == 0 and session.refreshes == 1
@@ -192,7 +193,7 @@ async def test_rejected_refresh_token_needs_a_login_at_once(
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
-    emulator.service.revoke_user("demo@example.com")
+    emulator.service.revoke_user(DEMO_USER)
     await trio.sleep(676)
     session = broker.profile().session
     assert session.state is State.LOGIN_REQUIRED

@@ -20,13 +20,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client.protocol import encode
-from tests.conftest import Broker, Fraction, RawConnection, remount, start_broker
-from tests.support import DaemonProcess, EmulatorProcess, call, write_config
+from tests.support import (
+    Broker,
+    DaemonProcess,
+    EmulatorProcess,
+    Fraction,
+    RawConnection,
+    call,
+    remount,
+    start_broker,
+    write_config,
+)
 
 # -- upstream faults ------------------------------------------------------------------------
 
@@ -81,7 +91,7 @@ async def test_revoked_session_needs_a_login_and_says_so(
     autojump_clock: MockClock, broker: Broker
 ) -> None:
     await broker.login()
-    broker.emulator.service.revoke_user("demo@example.com")
+    broker.emulator.service.revoke_user(DEMO_USER)
     await trio.sleep(900)
     async with broker.client() as client:
         status = (await client.status()).profiles[0]
@@ -284,7 +294,7 @@ def test_memory_stays_bounded_under_hostile_clients(short_tmp: Path) -> None:
     )
     daemon = DaemonProcess(config, short_tmp)
     try:
-        assert call(sock, op="login", username="demo@example.com", password="demo-password")["ok"]
+        assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD)["ok"]
         before = _rss_mib(daemon.process.pid)
         for _ in range(3):
             clients = []

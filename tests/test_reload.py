@@ -14,13 +14,13 @@ from trio.testing import MockClock
 from broker.api import Peer
 from broker.config import load
 from broker.daemon import Daemon
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.server import Connection
 from broker.wallclock import TrioWallClock
 from geins_broker_client.protocol import FrameDecoder
 from geins_broker_client.trio_client import TrioClient
-from tests.conftest import inline
-from tests.support import write_config
+from tests.support import inline, write_config
 
 
 async def test_a_profile_removed_and_restored_keeps_its_session(

@@ -22,21 +22,23 @@ from trio.testing import MockClock
 
 from broker.config import load
 from broker.daemon import Daemon
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.keys import encode_key
 from broker.sealing import Key, Keyring, sealed_key_id
 from broker.secret import Secret
 from broker.store import Record, Store
 from broker.wallclock import TrioWallClock
 from geins_broker_client.trio_client import TrioClient
-from tests.conftest import RawConnection, inline, start_broker
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
     DaemonProcess,
     EmulatorProcess,
+    RawConnection,
     call,
+    inline,
+    start_broker,
     write_config,
 )
 

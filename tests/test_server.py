@@ -10,12 +10,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import DEMO_PASSWORD, DEMO_USER, Emulator
+from broker.emulator.app import Emulator
 from broker.emulator.faults import Fault
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from broker.wallclock import TrioWallClock
 from geins_broker_client import InvalidCredentials, Unavailable, UpstreamError
 from geins_broker_client.protocol import Op, encode
-from tests.conftest import Broker, Fraction, RawConnection, start_broker
+from tests.support import Broker, Fraction, RawConnection, start_broker
 
 
 async def raw(broker: Broker) -> RawConnection:

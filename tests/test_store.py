@@ -13,7 +13,7 @@ from broker.errors import StoreError
 from broker.secret import Secret
 from broker.statedir import LOCK_NAME
 from broker.store import CorruptState, Record, Store
-from tests.conftest import fill, remount
+from tests.support import fill, remount
 
 RECORD = Record(
     username="ada@example.com",

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
-from . import Emulator
+from .app import Emulator
 
 
 @dataclass(frozen=True)
 class EmulatorOptions:
     host: str
     port: int
-    account: str
-    environment: str
-    api_key: str
-    users: dict[str, str]
-    token_ttl: float
-    refresh_ttl: float
-    refresh_grace: float
+    #: None: the demo user.
+    users: dict[str, str] | None = None
+    #: The ServiceConfig fields given on the command line; the rest keep its defaults.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -40,15 +38,7 @@ def parse_user(value: str) -> tuple[str, str]:
 
 async def serve(options: EmulatorOptions) -> None:
     emulator = Emulator(
-        account=options.account,
-        environment=options.environment,
-        api_key=options.api_key,
-        users=options.users,
-        token_ttl=options.token_ttl,
-        refresh_ttl=options.refresh_ttl,
-        refresh_grace=options.refresh_grace,
-        host=options.host,
-        port=options.port,
+        users=options.users, host=options.host, port=options.port, **options.settings
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

@@ -20,11 +20,17 @@ import msgpack
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import Any, Final
+    from typing import Any, Final, TypeGuard
 
     Message = dict[str, Any]
 
 VERSION: Final = 1
+
+#: The profile a request names when it names none (the daemon and every client agree).
+DEFAULT_PROFILE: Final = "default"
+
+#: Bytes asked of the socket per read, by the daemon and every client.
+RECV_SIZE: Final = 65536
 
 #: The largest request body the daemon reads; a longer frame ends the connection.
 MAX_REQUEST_SIZE: Final = 64 * 1024
@@ -95,6 +101,11 @@ class Code:
         BUSY,
         INTERNAL,
     )
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, but not a bool (which Python counts as an int, msgpack does not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class FrameError(Exception):

@@ -1,7 +1,7 @@
 """The Geins auth client: the only module that speaks to Geins.
 
 Every function sends exactly what the official SDK sends (same paths, methods, headers,
-bodies, digest and escaping; see geins_protocol.py) and turns every way it can fail into
+bodies, digest and escaping; see protocol.py) and turns every way it can fail into
 one of the typed errors in errors.py, once, here: connection trouble and 5xx/429 are
 `Transient` (with Retry-After), a dead refresh token is `RefreshTokenRejected`, a wrong
 password is `InvalidCredentials`, a 2xx without what the protocol promises is
@@ -11,95 +11,50 @@ token, nor the URLs (the sign URL carries the API key).
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
-from . import __version__
-from .errors import (
-    GeinsError,
+from .. import __version__
+from ..errors import (
     InvalidCredentials,
     MalformedAnswer,
     RefreshTokenRejected,
     Transient,
+    UnusableGrant,
     UpstreamRejected,
     UpstreamTimeout,
 )
-from .geins_protocol import (
+from ..secret import Secret
+from .protocol import (
     API_KEY_HEADER,
-    DEFAULT_AUTH_SERVICE_URL,
-    DEFAULT_MERCHANT_API_URL,
     DEFAULT_NEW_USER,
-    GRAPHQL_PATH,
     REFRESH_HEADER,
     REQUEST_TIMEOUT,
     SHORT_SESSION_MINUTES,
     USER_CREATE_MUTATION,
-    auth_path,
+    Endpoint,
+    Grant,
     encode_uri_component,
     password_digest,
-    sign_path,
+    retry_after_seconds,
 )
-from .secret import Secret
 
 USER_AGENT = f"geins-broker/{__version__}"
 _JSON = {"Content-Type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where one profile's Geins account lives."""
-
-    account: str
-    api_key: str = field(repr=False)
-    environment: str = "prod"
-    auth_service_url: str = DEFAULT_AUTH_SERVICE_URL
-    merchant_api_url: str = DEFAULT_MERCHANT_API_URL
-    channel_id: str | None = None
-    language_id: str | None = None
-    market_id: str | None = None
-
-    @property
-    def auth_base(self) -> str:
-        return self.auth_service_url.rstrip("/") + auth_path(self.account, self.environment)
-
-    @property
-    def sign_base(self) -> str:
-        return self.merchant_api_url.rstrip("/") + sign_path(self.api_key) + "?identity="
-
-    @property
-    def graphql_url(self) -> str:
-        return self.merchant_api_url.rstrip("/") + GRAPHQL_PATH
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What a successful login, refresh, password change or register hands back."""
-
-    bearer: Secret
-    refresh: Secret
-    #: Seconds the session (the refresh token) lasts, as Geins states it; None if it did not.
-    max_age: int | None
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+#: The largest bearer token accepted (a Geins JWT is about a kilobyte).
+MAX_BEARER: Final = 64 * 1024
+#: The largest refresh token accepted (Geins' are opaque strings of some dozens of bytes).
+MAX_REFRESH_TOKEN: Final = 4 * 1024
+#: The most of an answer read: a bearer of 64 KiB in JSON is well under it.
+MAX_ANSWER: Final = 1024 * 1024
+_FRAMING_HEADERS: Final = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+#: The longest session (maxAge) believed: ten years.
+MAX_SESSION_SECONDS: Final = 10 * 366 * 86400
 
 
 class GeinsClient:
@@ -246,10 +201,15 @@ class GeinsClient:
         if json_body is not None:
             all_headers.update(_JSON)
             content = json.dumps(json_body, separators=(",", ":")).encode()
+        request = self._http.build_request(
+            method, url, content=content, headers=all_headers, timeout=self._timeout
+        )
         try:
-            return await self._http.request(
-                method, url, content=content, headers=all_headers, timeout=self._timeout
-            )
+            response = await self._http.send(request, stream=True)
+            try:
+                body = await _bounded_body(response, what)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             raise UpstreamTimeout(
                 f"Geins did not answer the {what} within {self._timeout:g} s"
@@ -260,6 +220,26 @@ class GeinsClient:
             raise MalformedAnswer(
                 f"Geins answered the {what} unreadably ({type(exc).__name__})"
             ) from None
+        # The body as read (decoded), under the headers that still describe it.
+        kept = [
+            (k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING_HEADERS
+        ]
+        return httpx.Response(response.status_code, headers=kept, content=body)
+
+
+async def _bounded_body(response: httpx.Response, what: str) -> bytes:
+    """At most `MAX_ANSWER` bytes of the body: an upstream (or a proxy in front of it)
+    streaming gigabytes is cut off, not held in memory."""
+    too_big = MalformedAnswer(f"Geins answered the {what} with more than {MAX_ANSWER} bytes")
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > MAX_ANSWER:
+        raise too_big
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER:
+            raise too_big
+    return bytes(body)
 
 
 def _checked(response: httpx.Response, what: str) -> httpx.Response:
@@ -267,7 +247,7 @@ def _checked(response: httpx.Response, what: str) -> httpx.Response:
     status = response.status_code
     if 200 <= status < 300:
         return response
-    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
     if status == 429:
         raise Transient(f"Geins is rate limiting the {what} (429)", retry_after)
     if status >= 500:
@@ -288,22 +268,49 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
 
 
 def _grant(response: httpx.Response, what: str) -> Grant:
+    """The grant in a 2xx answer.
+
+    Once the header holds a new refresh token, the old one is spent: any later fault
+    in the answer is an `UnusableGrant` that carries the new one, so the caller can
+    keep the session (a proxy's HTML error page with Geins' header on it, say).
+    """
     refresh = response.headers.get(REFRESH_HEADER)
     if not refresh:
         raise MalformedAnswer(f"Geins answered the {what} without a {REFRESH_HEADER} header")
+    if len(refresh) > MAX_REFRESH_TOKEN:
+        raise MalformedAnswer(
+            f"Geins answered the {what} with a refresh token of {len(refresh)} characters "
+            f"(at most {MAX_REFRESH_TOKEN} are accepted)"
+        )
+    new_refresh = Secret(refresh)
+    try:
+        token, max_age = _grant_body(response, what)
+    except MalformedAnswer as exc:
+        raise UnusableGrant(str(exc), new_refresh) from None
+    return Grant(Secret(token), new_refresh, max_age)
+
+
+def _grant_body(response: httpx.Response, what: str) -> tuple[str, int | None]:
     body = _json_object(response, what)
     token = body.get("token")
     if not isinstance(token, str) or not token:
         raise MalformedAnswer(f"Geins answered the {what} without a token")
+    if len(token) > MAX_BEARER:
+        # Every token answer carries it, pre-encoded, to every client: a bearer of
+        # megabytes would cost that much per answer, per connection.
+        raise MalformedAnswer(
+            f"Geins answered the {what} with a bearer token of {len(token)} characters "
+            f"(at most {MAX_BEARER} are accepted)"
+        )
     max_age = body.get("maxAge")
     if max_age is not None and (
         isinstance(max_age, bool)
         or not isinstance(max_age, int | float)
         or not math.isfinite(max_age)
-        or max_age < 0
+        or not 0 <= max_age <= MAX_SESSION_SECONDS
     ):
         raise MalformedAnswer(f"Geins answered the {what} with a maxAge that is not a number")
-    return Grant(Secret(token), Secret(refresh), None if max_age is None else int(max_age))
+    return token, None if max_age is None else int(max_age)
 
 
-__all__ = ["Endpoint", "GeinsClient", "GeinsError", "Grant", "retry_after_seconds"]
+__all__ = ["GeinsClient"]

@@ -13,13 +13,11 @@ import trio
 from trio.testing import MockClock
 
 from broker import log as broker_log
-from broker.emulator import DEMO_PASSWORD, DEMO_USER
 from broker.emulator.faults import Fault
-from broker.emulator.model import AuthService, Family, HttpResponse
-from broker.geins_protocol import password_digest
+from broker.emulator.model import DEMO_PASSWORD, DEMO_USER, AuthService, Family, HttpResponse
+from broker.geins.protocol import password_digest
 from geins_broker_client import BrokerError
-from tests.conftest import Broker
-from tests.support import DaemonProcess, EmulatorProcess, call, write_config
+from tests.support import Broker, DaemonProcess, EmulatorProcess, call, write_config
 
 NEW_PASSWORD = "a-new-and-secret-password"
 WRONG_PASSWORD = "a-wrong-password-guess"
