@@ -26,6 +26,7 @@ PURE = (
     "broker.emulator.merchant",
     "broker.emulator.values",
     "broker.proxy.rules",
+    "broker.sealing",
     "geins_broker_client.protocol",
 )
 IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio")
