@@ -129,7 +129,6 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
-        self._log_sealing()
         try:
             await self._serve(config, listener, signals, task_status)
         finally:
@@ -186,6 +185,8 @@ class Daemon:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
                     self.notifier.ready(self.status_line())
+                    # Here, not earlier: a start refused for its socket stays one line.
+                    self._log_sealing()
                     log.info(
                         "ready",
                         version=__version__,
