@@ -330,7 +330,9 @@ class Daemon:
     def _log_sealing(self) -> None:
         keyring = self.store.keyring
         if keyring.current is None:
-            log.warning("sealing_off", reason="no key configured: sessions are stored in clear")
+            # Info, not a warning: no key is a supported choice (docs/security.md), and a
+            # clean start's journal holds no warning.
+            log.info("sealing_off", reason="no key configured: sessions are stored in clear")
             return
         log.info(
             "sealing_on",
