@@ -190,6 +190,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
     profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
+    if args.check:
+        return _check(profiles, args.profile)
     if args.json:
         _print_json(
             {
@@ -202,6 +204,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{status.server}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
     return EXIT_LOGIN_REQUIRED if any(p.state == "login_required" for p in profiles) else EXIT_OK
+
+
+def _check(profiles: Sequence[ProfileStatus], name: str | None) -> int:
+    """One line and the verdict's exit code, for ExecCondition= and monitoring."""
+    from geins_broker_client.health import judge
+
+    if name is not None and not profiles:
+        return _report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
+    health = judge(profiles, time.time())
+    print(health.line())
+    return health.code
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        text = client.metrics()
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -431,6 +451,23 @@ def _socket_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _status_options(parser: argparse.ArgumentParser) -> None:
+    _client_options(parser, json=True)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print one line and exit 0 healthy, 1 degraded, 4 not logged in, "
+        "5 login required (for ExecCondition= and monitoring)",
+    )
+
+
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    _socket_option(parser)
+    parser.add_argument(
+        "--timeout", type=_positive, default=60.0, help="seconds to wait for the daemon"
+    )
+
+
 def _token_options(parser: argparse.ArgumentParser) -> None:
     _client_options(parser, json=True)
     parser.add_argument(
@@ -519,7 +556,12 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
     "status": (
         "show every profile's session (exit 5 if any needs a login)",
         cmd_status,
-        lambda p: _client_options(p, json=True),
+        _status_options,
+    ),
+    "metrics": (
+        "print the daemon's metrics (Prometheus text format)",
+        cmd_metrics,
+        _metrics_options,
     ),
     "token": ("print the current bearer token", cmd_token, _token_options),
     "user": ("show who the session belongs to", cmd_user, lambda p: _client_options(p, json=True)),

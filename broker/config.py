@@ -65,6 +65,22 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: what the collector shows and where the textfile goes."""
+
+    #: Series per profile (expiry, state, token and refresh counts). Off for daemons
+    #: with thousands of profiles: the same figures are then summed over profiles.
+    per_profile: bool = True
+    #: node_exporter's textfile collector: written atomically every `textfile_interval`.
+    textfile: Path | None = None
+    textfile_interval: float = 15.0
+    #: Who may read the metrics besides root and the daemon's user (the `metrics` op,
+    #: `GET /metrics` and `GET /healthz`): Prometheus' user, say.
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The Merchant API proxy's listeners and limits (`[proxy]`; docs/proxy.md)."""
 
@@ -119,6 +135,7 @@ class BrokerConfig:
     #: How long SIGTERM waits for requests in flight.
     shutdown_grace: float = 5.0
     proxy: ProxyConfig = ProxyConfig(socket=None)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: The key that seals sessions at rest (after the systemd credential; see keys.py).
     key_file: Path | None = None
     #: A key that still opens what it sealed, while sessions move to `key_file`'s.
@@ -305,6 +322,7 @@ def parse(
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
     proxy = _Reader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
+    metrics = _metrics(_Reader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
@@ -339,6 +357,7 @@ def parse(
         startup_spread=broker.seconds("startup_spread", 10.0, most=_DAY, zero_ok=True),
         shutdown_grace=broker.seconds("shutdown_grace", 5.0, most=_HOUR),
         proxy=_proxy(proxy, socket),
+        metrics=metrics,
         key_file=_file(broker, "key_file"),
         previous_key_file=_file(broker, "previous_key_file"),
     )
@@ -354,6 +373,28 @@ def _file(r: _Reader, key: str) -> Path | None:
     if not value.strip():
         raise r.error(key, "must not be empty")
     return r.source.parent / Path(value).expanduser()
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    textfile = r.get("textfile", str)
+    if textfile is not None:
+        path = Path(textfile)
+        if not path.is_absolute():
+            raise r.error("textfile", f"must be an absolute path, got {textfile!r}")
+        if path.suffix != ".prom":
+            # node_exporter reads only *.prom; any other name would silently go unread.
+            raise r.error("textfile", "must end in .prom (node_exporter reads only those)")
+    config = MetricsConfig(
+        per_profile=bool(r.get("per_profile", bool, True)),
+        textfile=None if textfile is None else Path(textfile),
+        textfile_interval=r.seconds("textfile_interval", 15.0, most=_HOUR),
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
+    )
+    if config.textfile_interval < 1:
+        raise r.error("textfile_interval", "must be at least 1 second")
+    r.check_unknown()
+    return config
 
 
 def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:

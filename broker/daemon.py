@@ -17,28 +17,34 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
 import trio
 
+from geins_broker_client.calls import parse_profile_status
+from geins_broker_client.health import Health, judge
+
 from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import StateDirError, StoreError
+from .errors import Internal, StateDirError, StoreError
 from .hardening import keep_memory_private
 from .keys import load_keyring
 from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from .log import events
+from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
 from .notify import Notifier
 from .profile import Offload, Profile
 from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .sealing import Keyring
 from .server import Server
+from .stats import DaemonStats
 from .store import CorruptState, Record, SealedState, Store
 from .wallclock import SystemClock, WallClock
 
@@ -96,6 +102,12 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        self.stats = DaemonStats()
+        self.metrics = Metrics(self)
+        self._started_at = self.wall.now()
+        self._limiter: trio.CapacityLimiter | None = None
+        self._textfile_error: str | None = None
+        self._render_flight: _Flight | None = None
         #: The Merchant API proxy, when [proxy] enables a listener.
         self.proxy: Proxy | None = None
 
@@ -163,14 +175,18 @@ class Daemon:
                 follow_redirects=False,
             ) as http:
                 self._http = http
+                self._started_at = self.wall.now()
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                api = Api(self.profiles, sealing=self._sealing_status)
-                self.server = server = Server(api, config, self.wall)
+                api = Api(self.profiles, metrics=self.metrics_text, sealing=self._sealing_status)
+                api.metrics_readers = _metrics_readers(config)
+                self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
                 if config.proxy.enabled:
-                    self.proxy = Proxy(api, config, self.wall)
+                    self.proxy = Proxy(
+                        api, config, self.wall, observable=self, metrics=self.metrics
+                    )
                     self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
@@ -184,6 +200,10 @@ class Daemon:
                     if (interval := self.notifier.watchdog_interval) is not None:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
+                    if config.metrics.textfile is not None:
+                        # Before READY=1: once the unit is up, so is its textfile.
+                        await self._write_textfile(config.metrics.textfile)
+                    nursery.start_soon(self._textfile_writer)
                     self.notifier.ready(self.status_line())
                     # Here, not earlier: a start refused for its socket stays one line.
                     self._log_sealing()
@@ -275,6 +295,89 @@ class Daemon:
         noun = "profile" if len(self.profiles) == 1 else "profiles"
         return f"{len(self.profiles)} {noun} ({summary or 'none'}); {connections} connections"
 
+    # -- observability -------------------------------------------------------------------
+
+    # What metrics.Metrics reads (its `Observed` protocol).
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    @property
+    def per_profile(self) -> bool:
+        return self.config.metrics.per_profile
+
+    def live_profiles(self) -> Iterable[Profile]:
+        return self.profiles.values()
+
+    def retired_profiles(self) -> Iterable[Profile]:
+        return self._retired.values()
+
+    def connection_count(self) -> int:
+        return self.server.connections if self.server else 0
+
+    def waiting_ops(self) -> Mapping[str, int]:
+        return self.server.waiting_by_op if self.server else {}
+
+    def refreshes_in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens) if self._limiter else 0
+
+    async def render_metrics(self) -> bytes:
+        """The exposition: numbers copied here, formatted off the event loop.
+
+        Single flight: scrapes that arrive while one renders share its result. A flood
+        of scrapes (`GET /metrics` is open to every local user of the TCP listener)
+        then costs one render at a time, and never takes the worker threads that
+        session writes need. The render runs shielded: the scrape that started it may
+        hang up, the others still get their answer.
+        """
+        flight = self._render_flight
+        if flight is not None:
+            await flight.done.wait()
+        else:
+            flight = self._render_flight = _Flight()
+            try:
+                with trio.CancelScope(shield=True):
+                    snapshot = await self.metrics.snapshot_async()
+                    flight.result = await self._offload(render, snapshot)
+            finally:
+                self._render_flight = None
+                flight.done.set()
+        if flight.result is None:
+            raise Internal("rendering the metrics failed; see the daemon's log")
+        return flight.result
+
+    async def metrics_text(self) -> tuple[str, str]:
+        """The `metrics` op's answer: the exposition and its content type."""
+        return (await self.render_metrics()).decode(), CONTENT_TYPE
+
+    def health(self) -> Health:
+        """The verdict `GET /healthz` answers with (`.http_status`, `.line()`); the same
+        one `geins-broker status --check` reaches from the status op."""
+        statuses = [parse_profile_status(p.status()) for p in self.profiles.values()]
+        return judge(statuses, self.wall.now())
+
+    async def _textfile_writer(self) -> None:
+        """Write the node_exporter textfile every `textfile_interval` seconds (both
+        read afresh each time, so a reload may start, move or stop it)."""
+        while True:
+            await trio.sleep(self.config.metrics.textfile_interval)
+            if (path := self.config.metrics.textfile) is not None:
+                await self._write_textfile(path)
+
+    async def _write_textfile(self, path: Path) -> None:
+        try:
+            await self._offload(write_textfile, path, await self.render_metrics())
+        except OSError as exc:
+            self.stats.textfile_failures += 1
+            reason = exc.strerror or str(exc)
+            if reason != self._textfile_error:  # once per kind of failure, not every time
+                log.error("textfile_write_failed", path=path, reason=reason)
+            self._textfile_error = reason
+            return
+        if self._textfile_error is not None:
+            log.info("textfile_write_recovered", path=path)
+            self._textfile_error = None
+
     # -- profiles ----------------------------------------------------------------------
 
     def _load_records(self, names: list[str]) -> dict[str, Record]:
@@ -298,6 +401,7 @@ class Daemon:
         return records
 
     def _add_profile(self, config: ProfileConfig, record: Record | None) -> Profile:
+        assert self._limiter is not None
         profile = Profile(
             config,
             http=self._http,
@@ -309,6 +413,7 @@ class Daemon:
             on_change=self._profile_changed,
             offload=self._offload,
             scheduler=self.scheduler,
+            stats=self.stats,
         )
         if record is not None:
             profile.restore(record, self.config.startup_spread)
@@ -408,15 +513,31 @@ class Daemon:
             else:
                 self._add_profile(profile_config, records.get(name)).plan()
                 log.info("profile_added", profile=name)
+        assert self._limiter is not None
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+            self.server.api.metrics_readers = _metrics_readers(new)
         if self.proxy is not None:
             self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
         self._status_dirty.set()
+
+
+def _metrics_readers(config: BrokerConfig) -> tuple[frozenset[int], frozenset[int]]:
+    return config.metrics.allow_uids, config.metrics.allow_gids
+
+
+class _Flight:
+    """One render of the metrics, and everyone waiting for it."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
 
 
 def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:

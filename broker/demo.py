@@ -3,8 +3,8 @@
 Starts the emulator with a short bearer lifetime, starts the daemon against it (both as
 the real `geins-broker` processes), logs the demo user in through the client library,
 reads the user once through the Merchant API proxy (printing the curl command that
-does it), and prints each token the daemon rotates in, until Ctrl-C stops everything
-cleanly.
+does it), prints once the commands to try from another terminal (with this demo's
+socket), then each token the daemon rotates in, until Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
@@ -48,6 +48,37 @@ market_id = "se"
 """
     )
     return path
+
+
+def try_these(socket: Path) -> str:
+    """The commands a newcomer can paste into another terminal while the demo runs."""
+    bin_dir = Path(sys.executable).parent
+    exports = [f"GEINS_BROKER_SOCKET={shlex.quote(str(socket))}"]
+    program, python = "geins-broker", "python"
+    if not (bin_dir / "geins-broker").exists():  # run as `python -m broker`, not installed
+        program, python = f"{shlex.quote(sys.executable)} -m broker", shlex.quote(sys.executable)
+    elif shutil.which("geins-broker") != str(bin_dir / "geins-broker"):
+        exports.append(f"PATH={shlex.quote(str(bin_dir))}:$PATH")  # the venv's, first
+    one_liner = (
+        "from geins_broker_client import Client; "
+        f"t = Client({json.dumps(str(socket))}).token(); "
+        'print(t.profile, round(t.expires_in()), "s left")'
+    )
+    commands = [
+        (f"export {' '.join(exports)}", ""),
+        (f"{program} status", "every profile's session"),
+        (f"{program} token", "the bearer token itself"),
+        (f"{program} user", "who the session belongs to"),
+        (f"{program} watch", "each rotation as it happens"),
+        (f"{program} metrics", "Prometheus metrics"),
+        (f"{program} status --check; echo $?", "health as an exit code"),
+        (f"{python} -c {shlex.quote(one_liner)}", ""),
+    ]
+    width = max(len(c) for c, note in commands if note)
+    return "\n".join(
+        f"    {command.ljust(width)}   # {note}" if note else f"    {command}"
+        for command, note in commands
+    )
 
 
 def _say(text: str) -> None:
@@ -144,6 +175,8 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         _say(f"logged in as {session.username}; the daemon rotates the token from here on")
         await _read_user_through_the_proxy(workdir / "merchant.sock")
+        _say("try these from another terminal:")
+        print(try_these(workdir / "broker.sock"), flush=True)
         _say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

@@ -48,6 +48,7 @@ from .log import events
 from .scheduler import Scheduler
 from .secret import Secret
 from .session import EndSession, Refresh, Session, SleepUntil, Tokens
+from .stats import Counts, DaemonStats
 from .store import Record, Store
 from .wallclock import WallClock
 
@@ -79,11 +80,15 @@ class Profile:
         on_change: Callable[[Profile], None] | None = None,
         offload: Offload = trio.to_thread.run_sync,
         scheduler: Scheduler | None = None,
+        stats: DaemonStats | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
         self.session = Session(config.name, config.policy, rng)
-        self.geins = GeinsClient(config.endpoint, http, config.request_timeout)
+        self.stats = stats or DaemonStats()
+        self.geins = GeinsClient(
+            config.endpoint, http, config.request_timeout, stats=self.stats.upstream
+        )
         self.token_wait = token_wait
         self._http = http
         self._store = store
@@ -107,6 +112,12 @@ class Profile:
         self._write_pending = False
         self._write_retry_at = 0.0
         self._write_failures = 0
+        # What the metrics collector reads (broker/stats.py): `token` answers straight
+        # from memory (the hot path: one addition), every other `token` outcome by
+        # result, and refresh attempts by result.
+        self.tokens_from_memory = 0
+        self.token_results = Counts("result")
+        self.refresh_results = Counts("result")
         #: Set when the renewal of a bearer Geins refused is over (`renew_rejected`).
         self._renewal: trio.Event | None = None
 
@@ -119,7 +130,9 @@ class Profile:
         """New settings from a reloaded config; the session itself is kept."""
         self.config = config
         self.session.policy = config.policy
-        self.geins = GeinsClient(config.endpoint, self._http, config.request_timeout)
+        self.geins = GeinsClient(
+            config.endpoint, self._http, config.request_timeout, stats=self.stats.upstream
+        )
         if token_wait is not None:
             self.token_wait = token_wait
 
@@ -239,15 +252,23 @@ class Profile:
                 return  # someone refreshed (or logged out) while we waited for the lock
             refresh_token = session.tokens.refresh if session.tokens else None
             assert refresh_token is not None
+            started = None
             try:
                 async with self._limiter, self._shielded(1):
-                    await self._refresh_with(refresh_token)
+                    started = trio.current_time()  # not counting the wait for the limiter
+                    result = await self._refresh_with(refresh_token)
             except UpstreamTimeout as exc:  # slower than even httpx's per-phase limits
                 self._fail(exc)
+                result = exc.code
             finally:
                 self._wake_waiters()
+            self.refresh_results.inc(result)
+            if started is not None:
+                self.stats.refresh_duration.observe(trio.current_time() - started)
 
-    async def _refresh_with(self, refresh_token: Secret) -> None:
+    async def _refresh_with(self, refresh_token: Secret) -> str:
+        """One refresh exchange; its result for the metrics: "ok", "rejected" or the
+        failure's error code."""
         session = self.session
         try:
             grant = await self.geins.refresh(refresh_token)
@@ -257,21 +278,21 @@ class Profile:
             log.warning("refresh_rejected", profile=self.name, state=session.state)
             await self._save(self._record())
             self._publish()
-            return
+            return "rejected"
         except UnusableGrant as exc:
             await self._keep_rotated(exc.refresh)
             self._fail(exc)
-            return
+            return exc.code
         except GeinsError as exc:
             self._fail(exc)
-            return
+            return exc.code
         now = self._wall.now()
         try:
             tokens = Tokens.from_grant(grant, now, session.policy.max_clock_skew)
         except GeinsError as exc:
             await self._keep_rotated(grant.refresh)
             self._fail(exc)
-            return
+            return exc.code
         await self._save(self._record(tokens, refreshed_at=now))
         session.refreshed(tokens, now)
         log.info(
@@ -281,6 +302,7 @@ class Profile:
             next_in=round((session.next_refresh_at or now) - now),
         )
         self._publish()
+        return "ok"
 
     async def _keep_rotated(self, refresh_token: Secret) -> None:
         """Geins rotated the refresh token but sent an unusable bearer (or none): the
@@ -339,6 +361,7 @@ class Profile:
         left = self._serve_until - now
         if left <= 0 or left < min_valid or self._prepared is None:
             return None
+        self.tokens_from_memory += 1
         return self._prepared.frame(request_id)
 
     def _prepare(self) -> None:

@@ -105,6 +105,7 @@ SCHEMAS: Final[Mapping[str, tuple[Field, ...]]] = {
         Field("user", _user_map),
     ),
     Op.WATCH: (_PROFILE,),
+    Op.METRICS: (),
 }
 
 

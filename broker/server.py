@@ -74,6 +74,7 @@ from geins_broker_client.protocol import (
     DEFAULT_PROFILE,
     MAX_REQUEST_SIZE,
     RECV_SIZE,
+    Code,
     FrameDecoder,
     Op,
     encode,
@@ -85,6 +86,7 @@ from .config import BrokerConfig
 from .errors import BadFrame, BadRequest, BrokerFault, Busy, Forbidden, Internal, UnknownOp
 from .log import events
 from .schemas import SCHEMAS, arguments
+from .stats import ServerStats
 from .wallclock import WallClock
 
 if TYPE_CHECKING:
@@ -212,8 +214,17 @@ class Connection:
 
 
 class Server:
-    def __init__(self, api: Api, config: BrokerConfig, wall: WallClock) -> None:
+    def __init__(
+        self,
+        api: Api,
+        config: BrokerConfig,
+        wall: WallClock,
+        stats: ServerStats | None = None,
+    ) -> None:
         self.api = api
+        self.stats = stats or ServerStats()
+        #: Waiting ops in flight by op (watches included), for the metrics.
+        self.waiting_by_op: dict[str, int] = {}
         self._profiles = api.profiles  # the daemon's live table, changed in place on reload
         self._now = wall.now
         #: Waiting ops in flight, watches excluded: what a shutdown waits for.
@@ -341,6 +352,7 @@ class Server:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     # The listener stays readable: stop watching it for a moment rather
                     # than spin, and let connections close meanwhile.
+                    self.stats.refused.inc("out_of_resources")
                     log.error("accept_paused", reason=exc.strerror, seconds=_ACCEPT_PAUSE)
                     self._pause_accepting(listener)
                     return
@@ -353,11 +365,14 @@ class Server:
                 sock.close()
                 continue
             if not self._admits(peer):
+                self.stats.refused.inc(self._refusal_reason(peer))
+                self.stats.errors.inc(Code.BUSY)
                 _refuse(sock)
                 continue
             stranger = self._is_stranger(peer)
             conn = Connection(sock, peer, now, stranger=stranger)
             self._connections[conn.fd] = conn
+            self.stats.accepted += 1
             self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             self._epoll.register(conn.fd, _IN)
             self._check_timeouts_by(now + self._idle_limit(conn))
@@ -373,6 +388,12 @@ class Server:
             total < self.max_connections - self.admin_reserve
             and self._per_uid.get(peer.uid, 0) < self.max_per_uid
         )
+
+    def _refusal_reason(self, peer: Peer) -> str:
+        """Why `_admits` said no, for the metrics (a fixed set of reasons)."""
+        if not self.api.is_admin(peer) and self._per_uid.get(peer.uid, 0) >= self.max_per_uid:
+            return "max_per_uid"
+        return "max_connections"
 
     def _is_stranger(self, peer: Peer) -> bool:
         """Whether `peer` may read no profile (so may do nothing but say hello)."""
@@ -443,7 +464,7 @@ class Server:
                 if conn.closed:
                     return
             if decoder.error is not None and conn.held is None:
-                answers.append(error_frame(None, BadFrame(str(decoder.error))))
+                answers.append(self._error_frame(None, BadFrame(str(decoder.error))))
                 conn.closing = True
             if answers:
                 self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
@@ -611,7 +632,7 @@ class Server:
         """The answer to one request, or None when a task will answer it later."""
         request_id = message.get("id")
         if type(request_id) is not int:
-            return error_frame(None, BadRequest("field 'id' must be an integer"))
+            return self._error_frame(None, BadRequest("field 'id' must be an integer"))
         op = message.get("op")
         try:
             if op == _TOKEN and (frame := self._token_from_memory(conn, request_id, message)):
@@ -627,10 +648,10 @@ class Server:
             self._start_waiting(conn, request_id, op, args)
             return None
         except BrokerFault as exc:
-            return error_frame(request_id, exc)
+            return self._error_frame(request_id, exc)
         except Exception:
             log.exception("internal_error", op=op, peer_uid=conn.peer.uid)
-            return error_frame(request_id, Internal("internal error; see the daemon's log"))
+            return self._error_frame(request_id, Internal("internal error; see the daemon's log"))
 
     def _token_from_memory(
         self, conn: Connection, request_id: int, message: Message
@@ -649,6 +670,7 @@ class Server:
             allowed = self.api.may_read(conn.peer, profile)
             conn.acl_cache[name] = (profile.config, allowed)
         if not allowed:
+            profile.token_results.inc(Code.FORBIDDEN)
             raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
         return profile.token_frame(request_id, min_valid, self._now())
 
@@ -658,15 +680,17 @@ class Server:
         if conn.waiting >= self.max_waiting:
             raise Busy(f"more than {self.max_waiting} requests waiting on this connection")
         assert self._nursery is not None
+        self.waiting_by_op[op] = self.waiting_by_op.get(op, 0) + 1
+        self.stats.waited.inc(op)
         if op == Op.WATCH:
             work = self._watch(conn, request_id, args)
         else:
             work = self._answer_later(conn, request_id, self.api.waiting[op](conn.peer, args))
             self.in_flight += 1
         conn.waiting += 1
-        self._nursery.start_soon(self._run_waiting, conn, work, op != Op.WATCH, name=f"op:{op}")
+        self._nursery.start_soon(self._run_waiting, conn, work, op, name=f"op:{op}")
 
-    async def _run_waiting(self, conn: Connection, work: Awaitable[None], counted: bool) -> None:
+    async def _run_waiting(self, conn: Connection, work: Awaitable[None], op: str) -> None:
         scope = trio.CancelScope()
         conn.tasks.add(scope)
         try:
@@ -675,8 +699,9 @@ class Server:
         finally:
             conn.tasks.discard(scope)
             conn.waiting -= 1
+            self.waiting_by_op[op] -= 1
             conn.last_active = trio.current_time()
-            if counted:
+            if op != Op.WATCH:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self._drained.set()
@@ -688,10 +713,10 @@ class Server:
         try:
             frame = encode({"id": request_id, "ok": True, **(await result)})
         except BrokerFault as exc:
-            frame = error_frame(request_id, exc)
+            frame = self._error_frame(request_id, exc)
         except Exception:
             log.exception("internal_error", peer_uid=conn.peer.uid)
-            frame = error_frame(request_id, Internal("internal error; see the daemon's log"))
+            frame = self._error_frame(request_id, Internal("internal error; see the daemon's log"))
         self.write(conn, frame)
 
     async def _watch(self, conn: Connection, request_id: int, args: dict[str, Any]) -> None:
@@ -701,7 +726,12 @@ class Server:
         try:
             await self.api.watch(conn.peer, args, emit)
         except BrokerFault as exc:
-            self.write(conn, error_frame(request_id, exc))
+            self.write(conn, self._error_frame(request_id, exc))
+
+    def _error_frame(self, request_id: int | None, exc: BrokerFault) -> bytes:
+        """An error answer, counted by its code (a fixed set: a bounded label)."""
+        self.stats.errors.inc(exc.code)
+        return error_frame(request_id, exc)
 
 
 def _refuse(sock: socket.socket) -> None:

@@ -126,6 +126,17 @@ ANSWERS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("logout", {"id": 7, "ok": True, "profile": "default"}),
     (
+        "metrics",
+        {
+            "id": 8,
+            "ok": True,
+            "text": "# HELP geins_broker_connections Client connections open now.\n"
+            "# TYPE geins_broker_connections gauge\ngeins_broker_connections 1.0\n"
+            'geins_broker_session_state{profile="default",state="active"} 1.0\n',
+            "content_type": "text/plain; version=0.0.4; charset=utf-8",
+        },
+    ),
+    (
         "busy before any request",
         {"id": None, "ok": False, "error": {"code": "busy", "message": "too many connections"}},
     ),

@@ -110,6 +110,11 @@ allow_groups = [0]
         (GOOD + "request_timeout = nan\n", "profiles.default.request_timeout", "finite"),
         ("[profiles.'../etc']\naccount='a'\napi_key='k'\n", "profiles.../etc", "profile name"),
         ("color = 'blue'\n" + GOOD, "color", "unknown key"),
+        ("[metrics]\ntextfile = 'm.prom'\n" + GOOD, "metrics.textfile", "absolute"),
+        ("[metrics]\ntextfile = '/var/m.txt'\n" + GOOD, "metrics.textfile", ".prom"),
+        ("[metrics]\ntextfile_interval = 0.5\n" + GOOD, "metrics.textfile_interval", "at least 1"),
+        ("[metrics]\nper_profile = 'no'\n" + GOOD, "metrics.per_profile", "expected bool"),
+        ("[metrics]\nport = 9100\n" + GOOD, "metrics.port", "unknown key"),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -177,6 +182,22 @@ def test_client_finds_the_daemons_default_socket(
 def test_state_dir_from_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/geins-broker")
     assert config.default_state_dir() == Path("/var/lib/geins-broker")
+
+
+def test_metrics_settings(tmp_path: Path) -> None:
+    assert load(write(tmp_path, GOOD)).metrics == config.MetricsConfig()
+    text = (
+        "[metrics]\nper_profile = false\ntextfile = '/var/lib/m/g.prom'\ntextfile_interval = 60\n"
+        "allow_users = ['root', 4242]\nallow_groups = [0]\n"
+    )
+    loaded = load(write(tmp_path, text + GOOD))
+    assert loaded.metrics == config.MetricsConfig(
+        per_profile=False,
+        textfile=Path("/var/lib/m/g.prom"),
+        textfile_interval=60.0,
+        allow_uids=frozenset({0, 4242}),
+        allow_gids=frozenset({0}),
+    )
 
 
 def test_runtime_dir_is_ours_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,9 +27,11 @@ PURE = (
     "broker.emulator.values",
     "broker.proxy.rules",
     "broker.sealing",
+    "broker.stats",
     "geins_broker_client.protocol",
+    "geins_broker_client.health",
 )
-IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio")
+IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio", "prometheus_client")
 
 
 @pytest.mark.parametrize("module", PURE)

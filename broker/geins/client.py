@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import httpx
+import trio
 
 from .. import __version__
 from ..errors import (
@@ -30,6 +31,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..secret import Secret
+from ..stats import UpstreamStats, status_class
 from .protocol import (
     API_KEY_HEADER,
     DEFAULT_NEW_USER,
@@ -65,11 +67,17 @@ class GeinsClient:
     """
 
     def __init__(
-        self, endpoint: Endpoint, http: httpx.AsyncClient, timeout: float = REQUEST_TIMEOUT
+        self,
+        endpoint: Endpoint,
+        http: httpx.AsyncClient,
+        timeout: float = REQUEST_TIMEOUT,
+        *,
+        stats: UpstreamStats | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._http = http
         self._timeout = timeout
+        self._stats = stats or UpstreamStats()
 
     # -- the five functions --------------------------------------------------------------
 
@@ -201,25 +209,34 @@ class GeinsClient:
         if json_body is not None:
             all_headers.update(_JSON)
             content = json.dumps(json_body, separators=(",", ":")).encode()
+        # The route label is `what` (a fixed set named in this module), never the URL.
+        route, outcome = what.replace(" ", "_"), "cancelled"
+        started = trio.current_time()
         request = self._http.build_request(
             method, url, content=content, headers=all_headers, timeout=self._timeout
         )
         try:
             response = await self._http.send(request, stream=True)
+            outcome = status_class(response.status_code)
             try:
                 body = await _bounded_body(response, what)
             finally:
                 await response.aclose()
         except httpx.TimeoutException:
+            outcome = "timeout"
             raise UpstreamTimeout(
                 f"Geins did not answer the {what} within {self._timeout:g} s"
             ) from None
         except httpx.TransportError as exc:
+            outcome = "error"
             raise Transient(f"cannot reach Geins for the {what} ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that does not decode as declared
+            outcome = "error"
             raise MalformedAnswer(
                 f"Geins answered the {what} unreadably ({type(exc).__name__})"
             ) from None
+        finally:
+            self._stats.record(route, outcome, trio.current_time() - started)
         # The body as read (decoded), under the headers that still describe it.
         kept = [
             (k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING_HEADERS

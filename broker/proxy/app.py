@@ -20,12 +20,16 @@ from collections.abc import AsyncIterator, Mapping
 
 import trio
 
+from .. import observability
 from ..api import Api, Peer
 from ..config import ProxyConfig
 from ..errors import BrokerFault
 from ..http.server import BadHttp, Exchange, HungUp
 from ..log import events
+from ..metrics import Metrics
+from ..observability import Observable
 from ..profile import Profile
+from ..stats import status_class
 from ..wallclock import WallClock
 from .rules import (
     PROFILE_HEADER,
@@ -43,12 +47,33 @@ log = events("broker.proxy")
 
 
 class ProxyApp:
-    def __init__(self, api: Api, config: ProxyConfig, wall: WallClock) -> None:
+    def __init__(
+        self,
+        api: Api,
+        config: ProxyConfig,
+        wall: WallClock,
+        *,
+        observable: Observable | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.api = api
         self.config = config
         self.wall = wall
         #: One keep-alive pool per profile (and upstream URL), made on first use.
         self._pools: dict[tuple[str, str], Pool] = {}
+        #: What answers GET /metrics and GET /healthz (the daemon); None: no such routes.
+        self._observable = observable
+        metrics = metrics or Metrics.detached()
+        self._requests = metrics.counter(
+            "proxy_requests",
+            "Proxied requests by status class (499: the caller left).",
+            "status_class",
+        )
+        self._duration = metrics.histogram(
+            "proxy_request_duration_seconds",
+            "Time from a proxied request to the end of its answer.",
+            "status_class",
+        )
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
@@ -78,8 +103,13 @@ class ProxyApp:
         peer: Peer | None = exchange.peer
         name = exchange.header(PROFILE_HEADER) or self.config.profile
         status = 0
+        proxied = True
         try:
-            status = await self._proxy(exchange, peer, name)
+            if self._observable is not None and observability.routed(exchange.target):
+                proxied = False
+                status = await self._observe(exchange, peer)
+            else:
+                status = await self._proxy(exchange, peer, name)
         except ProxyRefusal as refusal:
             status = refusal.status
             await self._refuse(exchange, refusal)
@@ -90,15 +120,31 @@ class ProxyApp:
             status = 499  # the client went away
             raise
         finally:
+            elapsed = trio.current_time() - started
+            if proxied:
+                kind = status_class(status)
+                self._requests.inc(kind)
+                self._duration.observe(elapsed, kind)
             log.info(
                 "request",
                 method=exchange.method,
                 path=exchange.path,
                 status=status,
-                ms=round((trio.current_time() - started) * 1000, 1),
+                ms=round(elapsed * 1000, 1),
                 profile=name,
                 uid=None if peer is None else peer.uid,
             )
+
+    async def _observe(self, exchange: Exchange, peer: Peer | None) -> int:
+        """GET /metrics or GET /healthz, for root, the daemon's user and `[metrics]`
+        allow_users/allow_groups (the profiles' names and states are in both)."""
+        if peer is None or not self.api.may_scrape(peer):
+            raise ProxyRefusal(403, "forbidden", "this user may not read the metrics")
+        assert self._observable is not None
+        answered = await observability.answer(self._observable, exchange.method, exchange.target)
+        assert answered is not None
+        await exchange.respond(*answered)
+        return answered[0]
 
     async def _refuse(self, exchange: Exchange, refusal: ProxyRefusal) -> None:
         if exchange.started:

@@ -18,6 +18,8 @@ from ..config import BrokerConfig
 from ..http.server import HttpLimits, HttpServer
 from ..listener import Listener, ListenerError, bind
 from ..log import events
+from ..metrics import Metrics
+from ..observability import Observable
 from ..wallclock import WallClock
 from .app import ProxyApp
 from .peers import tcp_peer, unix_peer
@@ -38,9 +40,17 @@ def limits_of(config: BrokerConfig) -> HttpLimits:
 
 
 class Proxy:
-    def __init__(self, api: Api, config: BrokerConfig, wall: WallClock) -> None:
+    def __init__(
+        self,
+        api: Api,
+        config: BrokerConfig,
+        wall: WallClock,
+        *,
+        observable: Observable | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
-        self.app = ProxyApp(api, config.proxy, wall)
+        self.app = ProxyApp(api, config.proxy, wall, observable=observable, metrics=metrics)
         self.servers: list[HttpServer] = []
         self.unix: Listener | None = None
         #: The TCP address actually bound (port 0 in the config: the kernel's choice).

@@ -135,6 +135,8 @@ class SystemService:
     talks to, inside `machine`."""
 
     machine: Machine
+    _emulator_unit: str | None = None
+    _emulator_starts: int = 0
 
     def deploy(self) -> None:
         run_steps(self.machine, "System service", ["1", "2", "3", "4"])
@@ -145,12 +147,18 @@ class SystemService:
     def start_emulator(self, *args: str) -> None:
         """The emulator as a transient unit on the container's loopback (restarted, and
         so forgetting every session, if it runs already)."""
-        self.machine.run(["systemctl", "stop", "geins-emulator.service"], check=False)
+        # A stopped transient unit stays loaded (its name taken) until systemd gets round
+        # to collecting it, which under load is after our next start: a new name each time.
+        if self._emulator_unit is not None:
+            self.machine.run(["systemctl", "stop", self._emulator_unit], check=False)
+        self._emulator_starts += 1
+        self._emulator_unit = f"geins-emulator-{self._emulator_starts}.service"
         self.machine.run(
             [
                 "systemd-run",
                 "--quiet",
-                "--unit=geins-emulator",
+                "--collect",
+                f"--unit={self._emulator_unit}",
                 "--property=DynamicUser=yes",
                 f"{VENV}/bin/geins-broker",
                 "emulator",

@@ -201,6 +201,10 @@ class AsyncClient:
     async def status(self) -> Status:
         return await self.call(calls.status(), calls.parse_status)
 
+    async def metrics(self) -> str:
+        """The daemon's metrics in Prometheus' text format (root and its own user only)."""
+        return await self.call(calls.metrics(), calls.parse_metrics)
+
     async def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:

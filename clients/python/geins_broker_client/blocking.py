@@ -202,6 +202,10 @@ class Client:
     def status(self) -> Status:
         return self.call(calls.status(), calls.parse_status)
 
+    def metrics(self) -> str:
+        """The daemon's metrics in Prometheus' text format (root and its own user only)."""
+        return self.call(calls.metrics(), calls.parse_metrics)
+
     def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:

@@ -178,6 +178,16 @@ def register(
     return Call(Op.REGISTER, args)
 
 
+def metrics() -> Call:
+    return Call(Op.METRICS, {}, idempotent=True)
+
+
+def parse_metrics(message: Message) -> str:
+    """The exposition text (Prometheus' text format)."""
+    text: str = field_of(message, "text", str)
+    return text
+
+
 def watch(profile: str | None = None) -> Call:
     return Call(Op.WATCH, _with_profile(profile))
 

@@ -54,6 +54,7 @@ class Op:
     CHANGE_PASSWORD: Final = "change_password"  # noqa: S105 - an op name
     REGISTER: Final = "register"
     WATCH: Final = "watch"
+    METRICS: Final = "metrics"
 
     ALL: Final = (
         HELLO,
@@ -66,6 +67,7 @@ class Op:
         CHANGE_PASSWORD,
         REGISTER,
         WATCH,
+        METRICS,
     )
 
 
