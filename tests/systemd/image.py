@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -77,7 +78,11 @@ def runtime_pins() -> list[str]:
     """`name==version` for every runtime dependency of geins-broker, as installed in the
     test venv: the container runs what the rest of the suite ran."""
     pins: dict[str, str] = {}
-    todo = [Requirement(r) for r in metadata.requires("geins-broker") or []]
+    # From pyproject.toml, not the installed metadata: scripts/_venv.sh puts the project
+    # on the path without installing it, so there is none (or a stale one).
+    with (Path(__file__).resolve().parents[2] / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
     while todo:
         requirement = todo.pop()
         if requirement.marker is not None and not requirement.marker.evaluate(PYTHON):
