@@ -1,12 +1,20 @@
 """The proxy's upstream client: HTTP/1.1 keep-alive connections to one origin, h11 on trio.
 
-Why not httpx here (the rest of the daemon uses it for Geins' auth calls): measured on
-this project's VM (benchmarks/README.md), httpx's pool under trio costs ~0.7 ms per
-request at one connection and collapses under concurrency (its pool rescans every
-connection for every queued request and retries on contention: 70 req/s at 64
-concurrent callers). The proxy's whole job is this one exchange, so it gets the same
-shape as the server side: h11 for the protocol, trio for the sockets, a pool of idle
-connections per origin.
+Why not httpx here (the rest of the daemon uses it for Geins' auth calls, and the issue
+asked for it): measured with `python -m benchmarks.upstream_pool` (the client alone, N
+trio tasks against the nginx stub, every client in the same run; benchmarks/README.md),
+httpx 0.28.1 / httpcore 1.0.9 with limits sized like the proxy's (256 connections, 256
+kept alive) did 0.25x / 0.17x / 0.03x this pool's req/s at 1 / 16 / 64 callers; with
+httpx's default limits 0.25x / 0.14x / 0.12x. Not the limits, then, but two things:
+httpcore's pool rescans every connection for each connection on every pass
+(`_assign_requests_to_connections`: `len([c.is_idle() for c in self._connections])`
+inside a loop over the connections, ~1,600 `is_idle` calls per request at 64 callers;
+encode/httpcore#1035 and #1000, open and unreleased), and httpx's per-request machinery
+(models, context managers, cancel scopes: ~1,200 Python calls a request), which is why
+even one caller is 4x slower. The pydantic/httpx2 fork carries the pool fix (its
+#974, #1075) and still reached only 0.34x / 0.35x / 0.26x. The proxy's whole job is
+this one exchange, so it gets the same shape as the server side: h11 for the
+protocol, trio for the sockets, a pool of idle connections per origin.
 
 What a caller may rely on: one request per connection at a time; a connection goes back
 to the pool only after a complete exchange that both sides may continue; an idle
