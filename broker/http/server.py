@@ -39,6 +39,7 @@ import h11
 import trio
 
 from ..log import events
+from .io import receive_some, send_all, waits
 
 log = events("broker.http")
 
@@ -102,6 +103,7 @@ class Exchange:
         "headers",
         "method",
         "peer",
+        "sock",
         "started",
         "stream",
         "target",
@@ -118,6 +120,8 @@ class Exchange:
         self._server = server
         self._conn = conn
         self.stream = stream
+        #: The stream's socket, read and written directly (broker/http/io.py).
+        self.sock = stream.socket
         self.peer = peer
         self.method = head.method.decode("ascii")
         self.target = head.target.decode("latin-1")
@@ -158,10 +162,12 @@ class Exchange:
             except h11.RemoteProtocolError as exc:
                 raise BadHttp(400, "bad_request", f"malformed request body: {exc}") from None
             if event is h11.NEED_DATA:
-                with trio.move_on_after(limits.idle_timeout):
-                    conn.receive_data(await _receive(self.stream))
-                    continue
-                raise BadHttp(408, "request_timeout", "the request body stopped arriving")
+                try:
+                    data = await receive_some(self.sock, trio.current_time() + limits.idle_timeout)
+                except trio.TooSlowError:
+                    raise BadHttp(408, "request_timeout", "the body stopped arriving") from None
+                conn.receive_data(data)
+                continue
             if isinstance(event, h11.Data):
                 self._received += len(event.data)
                 if self._received > limits.max_body_size:
@@ -227,13 +233,11 @@ class Exchange:
         return data
 
     async def _send(self, data: bytes) -> None:
-        with trio.move_on_after(self._server.limits.idle_timeout):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise HungUp from None
-            return
-        raise HungUp  # the peer stopped reading
+        deadline = trio.current_time() + self._server.limits.idle_timeout
+        try:
+            await send_all(self.sock, data, deadline)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            raise HungUp from None  # gone, or it stopped reading
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -323,8 +327,12 @@ class HttpServer:
         limits = self.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
         while True:
+            # The reads and writes below skip trio's scheduler when they need not wait;
+            # a request served without any wait (pipelined, or refused at once) ends
+            # with a checkpoint, so no connection can keep the others from running.
+            mark = waits()
             try:
-                head = await self._next_head(conn, stream)
+                head = await self._next_head(conn, stream.socket)
                 if head is None:
                     return
                 exchange = Exchange(self, conn, stream, head, peer)
@@ -352,9 +360,11 @@ class HttpServer:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+            if waits() == mark:
+                await trio.lowlevel.checkpoint()
 
     async def _next_head(
-        self, conn: h11.Connection, stream: trio.SocketStream
+        self, conn: h11.Connection, sock: trio.socket.SocketType
     ) -> h11.Request | None:
         """The next request head; None when the peer closes or idles out between requests."""
         limits = self.limits
@@ -378,15 +388,15 @@ class HttpServer:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            with trio.move_on_at(head_until if head_until is not None else idle_until):
-                data = await _receive(stream)
-                conn.receive_data(data)
-                if data and head_until is None:
-                    head_until = trio.current_time() + limits.header_timeout
-                continue
-            if head_until is None:
-                return None  # idle between requests: just close
-            raise BadHttp(408, "request_timeout", "the request head took too long")
+            try:
+                data = await receive_some(sock, idle_until if head_until is None else head_until)
+            except trio.TooSlowError:
+                if head_until is None:
+                    return None  # idle between requests: just close
+                raise BadHttp(408, "request_timeout", "the request head took too long") from None
+            conn.receive_data(data)
+            if data and head_until is None:
+                head_until = trio.current_time() + limits.header_timeout
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, bad: BadHttp) -> None:
         """Answer a refusal (if an answer can still be sent), then close cleanly."""

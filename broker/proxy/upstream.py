@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from ..http.io import receive_some, send_all
+
 _READ_SIZE: Final = 65536
 #: An idle connection older than this is closed rather than reused.
 KEEPALIVE_EXPIRY: Final = 30.0
@@ -69,12 +71,29 @@ class Origin:
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "stream")
+    __slots__ = ("h11", "idle_since", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        #: Plain TCP: the socket, read and written directly (broker/http/io.py);
+        #: None under TLS, where the SSLStream does the I/O.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+
+    async def send_all(self, data: bytes) -> None:
+        if self.sock is not None:
+            await send_all(self.sock, data)
+        else:
+            await self.stream.send_all(data)
+
+    async def receive_some(self, deadline: float) -> bytes:
+        """Raises trio.TooSlowError if nothing came by `deadline`."""
+        if self.sock is not None:
+            return await receive_some(self.sock, deadline)
+        with trio.move_on_at(deadline):
+            return bytes(await self.stream.receive_some(_READ_SIZE))
+        raise trio.TooSlowError
 
     def socket_readable(self) -> bool:
         """Readable while idle means the server closed it (or sent junk): not reusable."""
@@ -147,7 +166,10 @@ class Pool:
         body: bytes | AsyncIterator[bytes],
     ) -> Response:
         """Send; return once the answer's head is in (within `timeout`)."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no trip through the scheduler while there is room
+        except trio.WouldBlock:
+            await self._slots.acquire()
         try:
             with trio.fail_after(self.timeout):
                 return await self._exchange(method, target, headers, body)
@@ -225,13 +247,13 @@ class Pool:
             if isinstance(body, bytes):
                 if body:
                     data += protocol.send(h11.Data(data=body)) or b""
-                await conn.stream.send_all(data + (protocol.send(h11.EndOfMessage()) or b""))
+                await conn.send_all(data + (protocol.send(h11.EndOfMessage()) or b""))
                 return
-            await conn.stream.send_all(data)
+            await conn.send_all(data)
             async for chunk in body:
                 if chunk:
-                    await conn.stream.send_all(protocol.send(h11.Data(data=chunk)) or b"")
-            await conn.stream.send_all(protocol.send(h11.EndOfMessage()) or b"")
+                    await conn.send_all(protocol.send(h11.Data(data=chunk)) or b"")
+            await conn.send_all(protocol.send(h11.EndOfMessage()) or b"")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamFailed(f"sending failed ({type(exc).__name__})") from None
 
@@ -247,14 +269,13 @@ class Pool:
                 if isinstance(event, h11.ConnectionClosed):
                     raise UpstreamFailed("the upstream closed the connection")
                 return event
-            with trio.move_on_after(self.timeout) as scope:
-                try:
-                    data = await conn.stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise UpstreamFailed(f"reading failed ({type(exc).__name__})") from None
-            if scope.cancelled_caught:
-                raise UpstreamTimedOut("the upstream stopped sending")
-            protocol.receive_data(bytes(data))
+            try:
+                data = await conn.receive_some(trio.current_time() + self.timeout)
+            except trio.TooSlowError:
+                raise UpstreamTimedOut("the upstream stopped sending") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamFailed(f"reading failed ({type(exc).__name__})") from None
+            protocol.receive_data(data)
 
     async def release(self, conn: _Connection) -> None:
         """Back to the pool if the exchange completed and both sides keep the connection."""
