@@ -95,14 +95,15 @@ class Exchange:
 
     __slots__ = (
         "_conn",
+        "_headers",
         "_pending",
         "_received",
         "_server",
         "body_done",
         "ended",
-        "headers",
         "method",
         "peer",
+        "raw_headers",
         "sock",
         "started",
         "stream",
@@ -125,10 +126,11 @@ class Exchange:
         self.peer = peer
         self.method = head.method.decode("ascii")
         self.target = head.target.decode("latin-1")
-        #: Names lowercased (h11 does), values as sent, in order.
-        self.headers: Headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers
+        #: As h11 parsed (and validated) them: bytes, names lowercased, in order.
+        self.raw_headers: list[tuple[bytes, bytes]] = [
+            (name.lower(), value) for name, value in head.headers.raw_items()
         ]
+        self._headers: Headers | None = None
         self._received = 0
         self.body_done = False
         self.started = False
@@ -139,13 +141,23 @@ class Exchange:
     def path(self) -> str:
         return self.target.split("?", 1)[0]
 
+    @property
+    def headers(self) -> Headers:
+        """Names lowercased (h11 does), values as sent, in order."""
+        if self._headers is None:
+            self._headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers
+            ]
+        return self._headers
+
     def header(self, name: str) -> str | None:
         """The last value of header `name` (lowercase), or None."""
+        key = name.encode("latin-1")
         found = None
-        for key, value in self.headers:
-            if key == name:
+        for k, value in self.raw_headers:
+            if k == key:
                 found = value
-        return found
+        return None if found is None else found.decode("latin-1")
 
     # -- the body ---------------------------------------------------------------------------
 
@@ -204,10 +216,16 @@ class Exchange:
         self.ended = True
         await self._send(data)
 
-    async def start(self, status: int, headers: Headers) -> None:
+    async def start(
+        self, status: int, headers: Headers | list[tuple[bytes, bytes]], *, parsed: bool = False
+    ) -> None:
         """The head; it goes out with the first `send` (or `end`): one write, not two,
-        for an answer whose body is at hand."""
-        self._pending = self._head(status, headers, False)
+        for an answer whose body is at hand.
+
+        `parsed`: every name and value is bytes that came out of h11's parser (or was
+        checked like it, e.g. rules.is_field_value), names lowercased; h11 then does
+        not validate them again (its `_parsed` path, which its own reader uses)."""
+        self._pending = self._head(status, headers, False, parsed)
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -223,11 +241,22 @@ class Exchange:
         pending, self._pending = self._pending, b""
         return pending
 
-    def _head(self, status: int, headers: Headers, close: bool) -> bytes:
+    def _head(
+        self,
+        status: int,
+        headers: Headers | list[tuple[bytes, bytes]],
+        close: bool,
+        parsed: bool = False,
+    ) -> bytes:
         if close:
-            headers = [*headers, ("connection", "close")]
+            headers = [*headers, ("connection", "close")]  # never with parsed: respond()
         self.started = True
-        response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        response = h11.Response(
+            status_code=status,
+            headers=headers,
+            reason=_reason(status),
+            _parsed=parsed,
+        )
         data = self._conn.send(response)
         assert data is not None
         return data

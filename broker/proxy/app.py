@@ -33,6 +33,7 @@ from .rules import (
     ProxyRefusal,
     downstream_headers,
     error_body,
+    is_field_value,
     min_valid_for,
     refusal_for,
     upstream_headers,
@@ -150,19 +151,26 @@ class ProxyApp:
         body: bytes,
         rest: _StreamedBody | None,
     ) -> Response:
+        bearer_value = bearer.encode()
+        api_key = profile.config.endpoint.api_key.encode()
         headers = upstream_headers(
-            exchange.headers,
-            bearer=bearer,
-            api_key=profile.config.endpoint.api_key,
+            exchange.raw_headers,
+            bearer=bearer_value,
+            api_key=api_key,
             keep_length=rest is not None,
         )
+        # The client's headers were validated by h11 as they were parsed; what the
+        # proxy adds is checked here, so h11 need not check them all again.
+        parsed = is_field_value(bearer_value) and is_field_value(api_key)
         content: bytes | AsyncIterator[bytes] = body if rest is None else rest
         # The target is origin-form (checked in _proxy) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         pool = self._pool(profile)
         pool.timeout = self.config.upstream_timeout
         try:
-            return await pool.request(exchange.method, exchange.target, headers, content)
+            return await pool.request(
+                exchange.method, exchange.target, headers, content, parsed=parsed
+            )
         except UpstreamTimedOut:
             raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
         except UpstreamFailed as exc:
@@ -209,7 +217,8 @@ class _StreamedBody:
 async def _relay(exchange: Exchange, response: Response) -> int:
     """Stream Geins' answer to the client, chunk by chunk, never whole in memory."""
     try:
-        await exchange.start(response.status, downstream_headers(response.headers))
+        # Geins' headers as h11 parsed them, less hop-by-hop ones: not validated again.
+        await exchange.start(response.status, downstream_headers(response.headers), parsed=True)
         while (chunk := await response.next_chunk()) is not None:
             await exchange.send(chunk)
         await exchange.end()

@@ -38,6 +38,7 @@ import h11
 import trio
 
 from ..http.io import receive_some, send_all
+from .rules import is_field_value
 
 _READ_SIZE: Final = 65536
 #: An idle connection older than this is closed rather than reused.
@@ -115,7 +116,8 @@ class Response:
         self._pool = pool
         self._conn: _Connection | None = conn
         self.status = head.status_code
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+        #: As h11 parsed (and validated) them: bytes, names lowercased, in order.
+        self.headers = [(name.lower(), value) for name, value in head.headers.raw_items()]
 
     async def next_chunk(self) -> bytes | None:
         """The next piece of the body; None at its end."""
@@ -149,6 +151,8 @@ class Pool:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.origin = Origin.of(url)
+        self._host = self.origin.authority.encode("idna")
+        self._host_checked = is_field_value(self._host)
         self.timeout = timeout
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
@@ -162,17 +166,23 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
+        *,
+        parsed: bool = False,
     ) -> Response:
-        """Send; return once the answer's head is in (within `timeout`)."""
+        """Send; return once the answer's head is in (within `timeout`).
+
+        `parsed`: every header name and value came out of h11's parser or was
+        checked with rules.is_field_value (names lowercased), so h11 need not validate
+        them again."""
         try:
             self._slots.acquire_nowait()  # no trip through the scheduler while there is room
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
             with trio.fail_after(self.timeout):
-                return await self._exchange(method, target, headers, body)
+                return await self._exchange(method, target, headers, body, parsed)
         except trio.TooSlowError:
             self._slots.release()
             raise UpstreamTimedOut("the upstream did not answer in time") from None
@@ -184,15 +194,21 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
+        parsed: bool,
     ) -> Response:
-        head = [("host", self.origin.authority), *headers]
+        head = [(b"host", self._host), *headers]
         if isinstance(body, bytes):
-            head.append(("content-length", str(len(body))))
-        elif not any(k == "content-length" for k, _ in headers):
-            head.append(("transfer-encoding", "chunked"))
-        request = h11.Request(method=method, target=self.origin.base_path + target, headers=head)
+            head.append((b"content-length", b"%d" % len(body)))
+        elif not any(k == b"content-length" for k, _ in headers):
+            head.append((b"transfer-encoding", b"chunked"))
+        request = h11.Request(
+            method=method.encode("ascii"),
+            target=(self.origin.base_path + target).encode("latin-1"),
+            headers=head,
+            _parsed=parsed and self._host_checked,
+        )
         while True:
             conn, reused = await self._connection()
             try:
