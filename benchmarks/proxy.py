@@ -182,6 +182,7 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str
                             connections,
                             duration=duration,
                             warmup=warmup,
+                            cpu_of=daemon.process.pid if name == "geins" else None,
                         )
                         for name, port in targets.items()
                     }
@@ -201,6 +202,7 @@ def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, 
             for key in ("rps", "p50_us", "p99_us"):
                 cell[f"{name}_{key}"] = statistics.median(s[name][key] for s in slots)
         cell["ratio"] = statistics.median(s["geins"]["rps"] / s["nginx"]["rps"] for s in slots)
+        cell["geins_cpu_us"] = statistics.median(s["geins"]["cpu_us"] for s in slots)
         for name in ("nginx", "geins"):
             for key in ("p50_us", "p99_us"):
                 cell[f"{name}_added_{key}"] = statistics.median(
@@ -212,13 +214,14 @@ def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, 
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| connections | direct req/s | nginx req/s | geins-broker req/s | geins/nginx | nginx adds p50 / p99 µs | geins-broker adds p50 / p99 µs |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| connections | direct req/s | nginx req/s | geins-broker req/s | geins/nginx | nginx adds p50 / p99 µs | geins-broker adds p50 / p99 µs | daemon CPU µs/req |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for connections, c in result["cells"].items():
         rows.append(
             f"| {connections} | {c['direct_rps']:,.0f} | {c['nginx_rps']:,.0f} | {c['geins_rps']:,.0f} "
             f"| {c['ratio']:.2f} | {c['nginx_added_p50_us']:.0f} / {c['nginx_added_p99_us']:.0f} "
-            f"| {c['geins_added_p50_us']:.0f} / {c['geins_added_p99_us']:.0f} |"
+            f"| {c['geins_added_p50_us']:.0f} / {c['geins_added_p99_us']:.0f} "
+            f"| {c['geins_cpu_us']:.0f} |"
         )
     return "\n".join(rows)
