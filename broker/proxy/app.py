@@ -50,6 +50,9 @@ class ProxyApp:
         self.wall = wall
         #: One keep-alive pool per profile (and upstream URL), made on first use.
         self._pools: dict[tuple[str, str], Pool] = {}
+        #: Per profile: the bearer and API key last sent, as bytes, and whether both
+        #: passed `is_field_value` (a bearer changes once per rotation, not per request).
+        self._credentials: dict[str, _Credentials] = {}
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
@@ -143,6 +146,13 @@ class ProxyApp:
         assert tokens is not None
         return tokens.bearer.reveal()
 
+    def _credentials_of(self, profile: Profile, bearer: str) -> _Credentials:
+        api_key = profile.config.endpoint.api_key
+        known = self._credentials.get(profile.name)
+        if known is None or known.bearer != bearer or known.api_key != api_key:
+            known = self._credentials[profile.name] = _Credentials(bearer, api_key)
+        return known
+
     async def _send(
         self,
         exchange: Exchange,
@@ -151,17 +161,16 @@ class ProxyApp:
         body: bytes,
         rest: _StreamedBody | None,
     ) -> Response:
-        bearer_value = bearer.encode()
-        api_key = profile.config.endpoint.api_key.encode()
+        credentials = self._credentials_of(profile, bearer)
         headers = upstream_headers(
             exchange.raw_headers,
-            bearer=bearer_value,
-            api_key=api_key,
+            bearer=credentials.bearer_value,
+            api_key=credentials.api_key_value,
             keep_length=rest is not None,
         )
         # The client's headers were validated by h11 as they were parsed; what the
-        # proxy adds is checked here, so h11 need not check them all again.
-        parsed = is_field_value(bearer_value) and is_field_value(api_key)
+        # proxy adds was checked by is_field_value, so h11 need not check them again.
+        parsed = credentials.checked
         content: bytes | AsyncIterator[bytes] = body if rest is None else rest
         # The target is origin-form (checked in _proxy) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
@@ -175,6 +184,20 @@ class ProxyApp:
             raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
         except UpstreamFailed as exc:
             raise ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}") from None
+
+
+class _Credentials:
+    __slots__ = ("api_key", "api_key_value", "bearer", "bearer_value", "checked")
+
+    def __init__(self, bearer: str, api_key: str) -> None:
+        self.bearer = bearer
+        self.api_key = api_key
+        self.bearer_value = bearer.encode()
+        self.api_key_value = api_key.encode()
+        self.checked = is_field_value(self.bearer_value) and is_field_value(self.api_key_value)
+
+    def __repr__(self) -> str:
+        return "_Credentials(<redacted>)"
 
 
 async def _buffer(exchange: Exchange) -> tuple[bytes, _StreamedBody | None]:

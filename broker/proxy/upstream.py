@@ -72,7 +72,7 @@ class Origin:
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "sock", "stream")
+    __slots__ = ("_poller", "h11", "idle_since", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -81,6 +81,7 @@ class _Connection:
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self._poller: select.poll | None = None
 
     async def send_all(self, data: bytes) -> None:
         if self.sock is not None:
@@ -98,14 +99,18 @@ class _Connection:
 
     def socket_readable(self) -> bool:
         """Readable while idle means the server closed it (or sent junk): not reusable."""
-        sock = getattr(self.stream, "socket", None)
-        if sock is None:
-            inner = getattr(self.stream, "transport_stream", None)
-            sock = getattr(inner, "socket", None)
-        if sock is None:
-            return True
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            sock = self.sock
+            if sock is None:
+                inner = getattr(self.stream, "transport_stream", None)
+                sock = getattr(inner, "socket", None)
+            if sock is None:
+                return True
+            # A poll object is a list of descriptors in user space (the kernel sees
+            # it only during poll()): kept for the connection's life, it costs nothing.
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
 
