@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="metrics: also measure the daemon of this git revision (one without metrics)",
     )
+    parser.add_argument(
+        "--proxy-baseline",
+        metavar="REV",
+        help="proxy: also measure the daemon as of git revision REV, in the same slots",
+    )
     args = parser.parse_args(argv)
     if unknown := set(args.only) - set(ALL):
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
@@ -147,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "proxy" in chosen:
         results["proxy"] = proxy.run(
-            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+            repeat=1 if args.quick else 3,
+            duration=1.0 if args.quick else 2.0,
+            baseline=args.proxy_baseline,
         )
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)
