@@ -10,8 +10,16 @@ hides the /proc/net/tcp fallback). Callers are curl, as in docs/proxy.md.
 
 from __future__ import annotations
 
-from .deploy import CONFIG, DEMO_USER, PROXY_SOCKET, PROXY_TCP, TROUBLE, UNIT, SystemService
-from .deploy import run_steps as run_doc_steps
+from .deploy import (
+    CONFIG,
+    DEMO_USER,
+    PROXY_SOCKET,
+    PROXY_TCP,
+    TROUBLE,
+    UNIT,
+    SystemService,
+    run_steps,
+)
 
 GET_USER = '{"query":"{ getUser { email } }"}'
 #: A unit that runs only when the broker can hand out a token (docs/observability.md).
@@ -51,7 +59,7 @@ def curl(
 def test_the_proxy_serves_group_members_on_both_listeners(system: SystemService) -> None:
     machine = system.machine
     system.add_user("alice")
-    run_doc_steps(machine, "System service", ["5"])  # usermod -aG geins-broker alice
+    run_steps(machine, "System service", ["5"])  # usermod -aG geins-broker alice
     system.add_user("bob")
     system.login()  # as root; the first connection starts the service
 
