@@ -9,7 +9,7 @@ any of them builds a new root; the project itself is not part of it, since it is
 installed afresh into every booted container (see deploy.py).
 
 What is in the root: systemd as PID 1 with dbus, libnss-systemd and libpam-systemd
-(user managers), Python 3.11 with venv, and /opt/geins-broker, a venv holding the
+(user managers), Python 3.11 with venv, curl (the proxy's own examples use it), and /opt/geins-broker, a venv holding the
 project's runtime dependencies (from wheels downloaded on the host, as the container has
 no network), so that deploying the project's own wheel into it needs no network either.
 """
@@ -49,6 +49,8 @@ PACKAGES = (
     "passwd",
     "procps",
     "netbase",
+    # The proxy scenarios call it as docs/proxy.md does (curl --unix-socket).
+    "curl",
 )
 #: What an installed Debian has and mmdebstrap does not write: without it "localhost"
 #: does not resolve.
