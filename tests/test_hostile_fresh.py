@@ -7,15 +7,32 @@ import os
 import socket
 import subprocess
 import contextlib
+import json
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from broker.proxy import peers
 
+from .support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    DaemonProcess,
+    EmulatorProcess,
+    call,
+    running,
+    write_config,
+)
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
 NOBODY = 65534
+READER = 65533
 AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+AS_READER = ["setpriv", "--reuid", str(READER), "--regid", str(READER), "--clear-groups"]
+GET_USER = json.dumps({"query": "{ getUser { email } }"})
 PYTHON = "/usr/bin/python3"
 
 
@@ -75,3 +92,139 @@ def test_a_source_port_equal_to_the_listeners_is_not_the_daemon(
                 peer = peers.tcp_peer(sock)
                 uids.append(None if peer is None else peer.uid)
     assert uids == [NOBODY] * len(uids)
+
+
+# -- the proxy, as real processes -------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    daemon: DaemonProcess
+    broker_socket: Path
+    proxy_socket: Path
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def stack(short_tmp: Path) -> Iterator[Stack]:
+    """A daemon whose proxy listens on loopback TCP (32 connections at most) and on a
+    Unix socket anyone may connect to; profile `shared` is readable by READER, and
+    NOBODY may read nothing. Both profiles are logged in."""
+    short_tmp.chmod(0o755)
+    emulator = EmulatorProcess("--token-ttl", "120")
+    port = _free_port()
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        short_tmp / "broker.sock",
+        short_tmp / "state",
+        profiles=("default",),
+        broker={"socket_mode": "0666"},
+    )
+    with config.open("a") as toml:
+        toml.write(
+            f"""[profiles.shared]
+account = "demo"
+api_key = "demo-api-key"
+auth_service_url = "{emulator.url}"
+merchant_api_url = "{emulator.url}"
+allow_users = [{READER}]
+
+[proxy]
+tcp = "127.0.0.1:{port}"
+max_connections = 32
+"""
+        )
+    daemon = DaemonProcess(config, short_tmp, wait_ready=False)
+    with running(daemon, emulator):
+        daemon.wait_ready()
+        for profile in ("default", "shared"):
+            answer = call(
+                short_tmp / "broker.sock",
+                op="login",
+                profile=profile,
+                username=DEMO_USER,
+                password=DEMO_PASSWORD,
+            )
+            assert answer["ok"], answer
+        yield Stack(daemon, short_tmp / "broker.sock", short_tmp / "merchant.sock", port)
+
+
+def curl_status(
+    stack: Stack, *extra: str, as_user: list[str] | None = None, via: str = "tcp"
+) -> int:
+    """The status of a GraphQL request through the proxy (0: no answer)."""
+    if via == "unix":
+        extra = ("--unix-socket", str(stack.proxy_socket), *extra)
+    out = subprocess.run(
+        [
+            *(as_user or []),
+            "curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-w", "%{http_code}",
+            "-H", "Content-Type: application/json", "-d", GET_USER, *extra,
+            f"http://127.0.0.1:{stack.port}/graphql",
+        ],
+        capture_output=True, text=True, timeout=20, check=False,
+    )
+    return int(out.stdout or 0)
+
+
+@contextlib.contextmanager
+def held_connections(
+    as_user: list[str], count: int, target: str
+) -> Iterator[None]:
+    """`count` connections to the proxy (`target`: "tcp:PORT" or a socket path) made
+    and held open, silent, by a process of another uid."""
+    if target.startswith("tcp:"):
+        make = f"s=socket.socket(); s.connect(('127.0.0.1', {int(target[4:])}))"
+    else:
+        make = f"s=socket.socket(socket.AF_UNIX); s.connect({target!r})"
+    script = (
+        "import socket,sys\n"
+        "held=[]\n"
+        f"for _ in range({count}):\n"
+        f"    {make}\n"
+        "    held.append(s)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    attacker = subprocess.Popen(
+        [*as_user, PYTHON, "-c", script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert attacker.stdout is not None
+        assert attacker.stdout.readline().strip() == "held"
+        time.sleep(0.5)  # the daemon accepts them all
+        yield
+    finally:
+        assert attacker.stdin is not None and attacker.stdout is not None
+        attacker.stdin.close()
+        attacker.wait(timeout=10)
+        attacker.stdout.close()
+
+
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(
+    stack: Stack, via: str
+) -> None:
+    """The proxy counted connections only in total: a uid that may read no profile
+    held all 32 (on TCP any local uid can connect), and root and every reader got 503
+    until it let go. The broker's socket had per-uid limits since issue 9; the proxy
+    did not."""
+    target = f"tcp:{stack.port}" if via == "tcp" else str(stack.proxy_socket)
+    with held_connections(AS_NOBODY, 32, target):
+        assert curl_status(stack, via=via) == 200
+        shared = ("-H", "Geins-Broker-Profile: shared")
+        assert curl_status(stack, *shared, as_user=AS_READER, via=via) == 200
+
+
+def test_a_readers_flood_of_proxy_connections_locks_out_no_admin(stack: Stack) -> None:
+    """A reader may hold connections, but not the admins' reserve."""
+    with held_connections(AS_READER, 32, f"tcp:{stack.port}"):
+        assert curl_status(stack) == 200

@@ -9,7 +9,9 @@ how the emulator plays a server that dies mid-answer.
 What a hostile peer can do, and what stops it:
 
 - open connections and never send: `idle_timeout` closes them, `max_connections`
-  bounds how many there are (beyond it a connection gets a 503 and is closed);
+  bounds how many there are (beyond it a connection gets a 503 and is closed); an
+  `Admission` (the proxy's) also turns a peer away at once by who it is (a uid that
+  may do nothing here; one past its own share), so no one uid can hold every slot;
 - trickle a request head byte by byte (slowloris): the whole head must arrive within
   `header_timeout` of its first byte, or it gets a 408;
 - send a huge head: h11 buffers at most `max_header_size` bytes of an incomplete
@@ -33,7 +35,7 @@ import http
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import h11
 import trio
@@ -239,6 +241,19 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[None]]
 #: Says who the peer of a new connection is (None: nobody we know); the exchange has it.
 Identify = Callable[[trio.socket.SocketType], Any]
+#: A refusal at the door: (status, code, message).
+Refusal = tuple[int, str, str]
+
+
+class Admission(Protocol):
+    """Who may take a connection slot, decided when the connection is accepted (before
+    it holds anything), and told when each admitted one ends."""
+
+    def refusal(self, peer: Any, connections: int, limits: HttpLimits) -> Refusal | None: ...
+
+    def opened(self, peer: Any) -> None: ...
+
+    def closed(self, peer: Any) -> None: ...
 
 
 class HttpServer:
@@ -250,8 +265,10 @@ class HttpServer:
         identify: Identify | None = None,
         error_body: ErrorBody = plain_error,
         name: str = "http",
+        admission: Admission | None = None,
     ) -> None:
         self.handler = handler
+        self.admission = admission
         #: Read per connection, so a reload's new limits apply to new connections.
         self.limits = limits or HttpLimits()
         self._identify = identify
@@ -283,11 +300,15 @@ class HttpServer:
                     log.warning("accept_paused", listener=self.name, reason=exc.strerror)
                     await trio.sleep(_ACCEPT_PAUSE)
                     continue
-                if self.connections >= self.limits.max_connections:
-                    await self._busy(sock)
+                peer = self._identify(sock) if self._identify is not None else None
+                refusal = self._refusal(peer)
+                if refusal is not None:
+                    await self._turn_away(sock, refusal)
                     continue
                 self.connections += 1
-                nursery.start_soon(self._connection, sock)
+                if self.admission is not None:
+                    self.admission.opened(peer)
+                nursery.start_soon(self._connection, sock, peer)
 
     async def drained(self) -> None:
         """Return once no request is being handled (for a graceful stop)."""
@@ -296,20 +317,31 @@ class HttpServer:
             await self._quiet.wait()
             self._quiet = None
 
-    async def _busy(self, sock: trio.socket.SocketType) -> None:
-        """Over `max_connections`: a 503 into the fresh (empty) send buffer, and close."""
-        headers, body = self._error_body(503, "busy", "too many connections; try again")
+    def _refusal(self, peer: Any) -> Refusal | None:
+        if self.admission is not None:
+            return self.admission.refusal(peer, self.connections, self.limits)
+        if self.connections >= self.limits.max_connections:
+            return (503, "max_connections", "too many connections; try again")
+        return None
+
+    async def _turn_away(self, sock: trio.socket.SocketType, refusal: Refusal) -> None:
+        """A refusal at the door: the answer into the fresh (empty) send buffer, and
+        close at once (no linger: a peer turned away holds no slot, not even briefly).
+        The code in the body is `busy` for a 503, else the refusal's own."""
+        status, reason, message = refusal
+        code = "busy" if status == 503 else reason
+        headers, body = self._error_body(status, code, message)
         lines = [f"{k}: {v}" for k, v in [*headers, ("content-length", str(len(body)))]]
-        head = "\r\n".join(["HTTP/1.1 503 Service Unavailable", *lines, "connection: close"])
+        first = f"HTTP/1.1 {status} {_reason(status).decode('ascii')}"
+        head = "\r\n".join([first, *lines, "connection: close"])
         with sock, trio.move_on_after(0.1), contextlib.suppress(OSError):
             await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
-        log.warning("connection_refused", listener=self.name, reason="max_connections")
+        log.warning("connection_refused", listener=self.name, reason=reason)
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, peer: Any) -> None:
         stream = trio.SocketStream(sock)
         try:
             async with stream:
-                peer = self._identify(sock) if self._identify is not None else None
                 await self._exchanges(stream, peer)
         except (HungUp, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -318,6 +350,8 @@ class HttpServer:
             log.exception("connection_failed", listener=self.name)
         finally:
             self.connections -= 1
+            if self.admission is not None:
+                self.admission.closed(peer)
 
     async def _exchanges(self, stream: trio.SocketStream, peer: Any) -> None:
         limits = self.limits
