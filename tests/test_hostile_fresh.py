@@ -3,11 +3,11 @@ failed before its fix (docs/security.md lists them)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
-import contextlib
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,9 +58,7 @@ def accepted_from_sources(sources: list[str]) -> Iterator[list[socket.socket]]:
             "    held.append(s)\n"
             "sys.stdin.read()\n"
         )
-        client = subprocess.Popen(
-            [*AS_NOBODY, PYTHON, "-c", script], stdin=subprocess.PIPE
-        )
+        client = subprocess.Popen([*AS_NOBODY, PYTHON, "-c", script], stdin=subprocess.PIPE)
         accepted: list[socket.socket] = []
         try:
             server.settimeout(10)
@@ -165,19 +163,31 @@ def curl_status(
     out = subprocess.run(
         [
             *(as_user or []),
-            "curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-w", "%{http_code}",
-            "-H", "Content-Type: application/json", "-d", GET_USER, *extra,
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            GET_USER,
+            *extra,
             f"http://127.0.0.1:{stack.port}/graphql",
         ],
-        capture_output=True, text=True, timeout=20, check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
     )
     return int(out.stdout or 0)
 
 
 @contextlib.contextmanager
-def held_connections(
-    as_user: list[str], count: int, target: str
-) -> Iterator[None]:
+def held_connections(as_user: list[str], count: int, target: str) -> Iterator[None]:
     """`count` connections to the proxy (`target`: "tcp:PORT" or a socket path) made
     and held open, silent, by a process of another uid."""
     if target.startswith("tcp:"):
@@ -195,7 +205,9 @@ def held_connections(
     )
     attacker = subprocess.Popen(
         [*as_user, PYTHON, "-c", script],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert attacker.stdout is not None
@@ -210,9 +222,7 @@ def held_connections(
 
 
 @pytest.mark.parametrize("via", ["tcp", "unix"])
-def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(
-    stack: Stack, via: str
-) -> None:
+def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(stack: Stack, via: str) -> None:
     """The proxy counted connections only in total: a uid that may read no profile
     held all 32 (on TCP any local uid can connect), and root and every reader got 503
     until it let go. The broker's socket had per-uid limits since issue 9; the proxy

@@ -22,9 +22,8 @@ from typing import Any
 
 import trio
 
-from ..api import Api
+from ..api import Api, Peer
 from ..config import BrokerConfig
-from ..api import Peer
 from ..http.server import HttpLimits, HttpServer, Refusal
 from ..listener import Listener, ListenerError, bind
 from ..log import events
