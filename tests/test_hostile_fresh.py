@@ -238,3 +238,46 @@ def test_a_readers_flood_of_proxy_connections_locks_out_no_admin(stack: Stack) -
     """A reader may hold connections, but not the admins' reserve."""
     with held_connections(AS_READER, 32, f"tcp:{stack.port}"):
         assert curl_status(stack) == 200
+
+
+def _refreshes(stack: Stack, profile: str) -> int:
+    answer = call(stack.broker_socket, op="status")
+    assert answer["ok"], answer
+    (found,) = [p for p in answer["profiles"] if p["profile"] == profile]
+    return int(found["refreshes"])
+
+
+def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: Stack) -> None:
+    """A reader may bring a refresh forward once per `reader_refresh_interval` (30 s)
+    by asking for a token. Through the proxy, any 401 from Geins (here: an auth path
+    without its header, which Geins refuses whatever the bearer) made the profile
+    rotate, as soon as its bearer was 10 s old: three times as often, and for any
+    request path the reader chooses."""
+    logout = f"http://127.0.0.1:{stack.port}/api/demo_prod/logout"
+    shared = ["-H", "Geins-Broker-Profile: shared"]
+    before = _refreshes(stack, "shared")
+    statuses = []
+    for _ in range(2):
+        time.sleep(10.5)  # the bearer is old enough to be rotated on a 401
+        out = subprocess.run(
+            [
+                *AS_READER,
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "-w",
+                "%{http_code}",
+                *shared,
+                logout,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        statuses.append(out.stdout)
+    assert statuses == ["401", "401"]
+    assert _refreshes(stack, "shared") - before <= 1
