@@ -281,3 +281,20 @@ def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: S
         statuses.append(out.stdout)
     assert statuses == ["401", "401"]
     assert _refreshes(stack, "shared") - before <= 1
+
+
+def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: Stack) -> None:
+    """Each connection turned away at the door was one warning line: a loop of connects
+    wrote the log as fast as it could (and under journald, its rate limit then drops
+    the lines that matter). A refusal is now logged at most once per 10 s per reason."""
+    script = (
+        "import socket\n"
+        "for _ in range(300):\n"
+        "    s=socket.socket()\n"
+        f"    s.connect(('127.0.0.1', {stack.port}))\n"
+        "    s.recv(4096)\n"
+        "    s.close()\n"
+    )
+    subprocess.run([*AS_NOBODY, PYTHON, "-c", script], timeout=30, check=True)
+    assert curl_status(stack) == 200
+    assert stack.daemon.log().count("connection_refused") <= 2

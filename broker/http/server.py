@@ -53,6 +53,9 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _ACCEPT_PAUSE: Final = 0.1
+#: Connections turned away are logged at most once per this many seconds per reason
+#: (with how many since): a peer that connects in a loop must not flood the log.
+_REFUSAL_LOG_INTERVAL: Final = 10.0
 
 Headers = list[tuple[str, str]]
 
@@ -278,6 +281,8 @@ class HttpServer:
         #: Requests being handled right now.
         self.in_flight = 0
         self._quiet: trio.Event | None = None
+        #: Per refusal reason: when it was last logged, and how many went unlogged since.
+        self._refusals: dict[str, tuple[float, int]] = {}
 
     async def serve(
         self,
@@ -336,7 +341,13 @@ class HttpServer:
         head = "\r\n".join([first, *lines, "connection: close"])
         with sock, trio.move_on_after(0.1), contextlib.suppress(OSError):
             await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
-        log.warning("connection_refused", listener=self.name, reason=reason)
+        now = trio.current_time()
+        logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
+        if now - logged_at < _REFUSAL_LOG_INTERVAL:
+            self._refusals[reason] = (logged_at, unlogged + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        log.warning("connection_refused", listener=self.name, reason=reason, since=unlogged + 1)
 
     async def _connection(self, sock: trio.socket.SocketType, peer: Any) -> None:
         stream = trio.SocketStream(sock)
