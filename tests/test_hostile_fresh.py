@@ -4,8 +4,10 @@ failed before its fix (docs/security.md lists them)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import resource
 import socket
 import subprocess
 import time
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
+from broker.http.server import Exchange, HttpServer
 from broker.proxy import peers
 
 from .support import (
@@ -298,3 +302,68 @@ def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: Stack) ->
     subprocess.run([*AS_NOBODY, PYTHON, "-c", script], timeout=30, check=True)
     assert curl_status(stack) == 200
     assert stack.daemon.log().count("connection_refused") <= 2
+
+
+@contextlib.contextmanager
+def many_tcp_sockets(pairs: int) -> Iterator[None]:
+    """`pairs` connected loopback pairs held open: a long /proc/net/tcp, as any local
+    user can make one (sockets, or TIME_WAIT entries that need no descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held: list[socket.socket] = []
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1024)
+            for _ in range(min(pairs, (hard - 200) // 2)):
+                client = socket.socket()
+                held.append(client)
+                client.connect(server.getsockname())
+                held.append(server.accept()[0])
+            yield
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_long_proc_net_tcp_does_not_stall_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without netlink, each TCP connection's uid came from reading /proc/net/tcp on the
+    event loop: with ~12,000 sockets on the machine that is tens of milliseconds per
+    connection, during which the daemon (broker socket included) answered nothing. A
+    stranger connecting in a loop stalled every client. The lookup now runs in a worker
+    thread; the event loop keeps its pace."""
+    monkeypatch.setattr(peers, "_uid_by_sock_diag", _no_netlink)
+
+    async def handler(exchange: Exchange) -> None:
+        await exchange.respond(200, [], b"ok")
+
+    server = HttpServer(handler, identify=peers.tcp_peer, identify_blocks=True, name="t")
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    script = (
+        "import socket,time\n"
+        "end=time.monotonic()+3\n"
+        "for _ in range(300):\n"
+        "    if time.monotonic()>end: break\n"
+        f"    s=socket.create_connection(('127.0.0.1', {port}))\n"
+        "    s.close()\n"
+    )
+    lags: list[float] = []
+    with many_tcp_sockets(6000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            attacker = await nursery.start(
+                functools.partial(trio.run_process, [*AS_NOBODY, PYTHON, "-c", script])
+            )
+            while attacker.returncode is None and len(lags) < 2000:
+                before = trio.current_time()
+                await trio.sleep(0.005)
+                lags.append(trio.current_time() - before - 0.005)
+            nursery.cancel_scope.cancel()
+    listener.close()
+    assert max(lags) < 0.06, f"the event loop stalled for {max(lags) * 1000:.0f} ms"

@@ -269,9 +269,13 @@ class HttpServer:
         error_body: ErrorBody = plain_error,
         name: str = "http",
         admission: Admission | None = None,
+        identify_blocks: bool = False,
     ) -> None:
         self.handler = handler
         self.admission = admission
+        #: `identify` may take long (reading /proc/net/tcp, whose size any local user
+        #: grows): it runs in a worker thread, one at a time, never on the event loop.
+        self._identify_blocks = identify_blocks
         #: Read per connection, so a reload's new limits apply to new connections.
         self.limits = limits or HttpLimits()
         self._identify = identify
@@ -305,7 +309,13 @@ class HttpServer:
                     log.warning("accept_paused", listener=self.name, reason=exc.strerror)
                     await trio.sleep(_ACCEPT_PAUSE)
                     continue
-                peer = self._identify(sock) if self._identify is not None else None
+                try:
+                    peer = await self._peer(sock)
+                except Exception:
+                    # The peer is gone already (SO_PEERCRED on a reset connection), or a
+                    # lookup failed: that connection, never the listener.
+                    sock.close()
+                    continue
                 refusal = self._refusal(peer)
                 if refusal is not None:
                     await self._turn_away(sock, refusal)
@@ -321,6 +331,14 @@ class HttpServer:
             self._quiet = self._quiet or trio.Event()
             await self._quiet.wait()
             self._quiet = None
+
+    async def _peer(self, sock: trio.socket.SocketType) -> Any:
+        identify = self._identify
+        if identify is None:
+            return None
+        if self._identify_blocks:
+            return await trio.to_thread.run_sync(identify, sock)
+        return identify(sock)
 
     def _refusal(self, peer: Any) -> Refusal | None:
         if self.admission is not None:

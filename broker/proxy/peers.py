@@ -123,19 +123,16 @@ def _uid_by_proc(family: int, local: tuple[Any, ...], remote: tuple[Any, ...]) -
     another loopback address. A line with no socket behind it (inode 0: TIME_WAIT,
     listed as uid 0) is nobody's."""
     table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
-    want_local, want_remote = _proc_address(family, remote), _proc_address(family, local)
+    # "  12: LOCAL REMOTE ST ...": the pair is matched as bytes, so the table (as long
+    # as any local user makes it) costs the interpreter little per line.
+    pair = f": {_proc_address(family, remote)} {_proc_address(family, local)} ".encode()
     try:
-        with open(table, encoding="ascii") as lines:
-            next(lines, None)
+        with open(table, "rb") as lines:
             for line in lines:
-                fields = line.split()
-                if (
-                    len(fields) > 9
-                    and fields[1].upper() == want_local
-                    and fields[2].upper() == want_remote
-                    and fields[9] != "0"
-                ):
-                    return int(fields[7])
+                if pair in line:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[9] != b"0":
+                        return int(fields[7])
     except OSError as exc:
         log.warning("peer_lookup_failed", how="proc", reason=exc.strerror)
     return None

@@ -179,6 +179,7 @@ class Proxy:
                         error_body=error_body,
                         name=name,
                         admission=admission,
+                        identify_blocks=identify is tcp_peer,
                     )
                     self.servers.append(server)
                     await nursery.start(server.serve, sock)
