@@ -367,3 +367,22 @@ async def test_a_long_proc_net_tcp_does_not_stall_the_daemon(
             nursery.cancel_scope.cancel()
     listener.close()
     assert max(lags) < 0.06, f"the event loop stalled for {max(lags) * 1000:.0f} ms"
+
+
+def test_a_head_request_is_answered_not_logged_as_a_failure(stack: Stack) -> None:
+    """HEAD through the proxy: the emulator (any answer with a body, here a 405) and
+    then the proxy (its 502) wrote a body for a HEAD, which h11 refuses; each request
+    left an error with a traceback in the log and no answer. Any reader could fill the
+    log with them. An answer to HEAD now has its headers only."""
+    script = (
+        "import socket\n"
+        f"s=socket.create_connection(('127.0.0.1', {stack.port}), timeout=5)\n"
+        "s.sendall(b'HEAD /graphql HTTP/1.1\\r\\nHost: x\\r\\n"
+        "Geins-Broker-Profile: shared\\r\\n\\r\\n')\n"
+        "print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+    )
+    out = subprocess.run(
+        [*AS_READER, PYTHON, "-c", script], capture_output=True, text=True, timeout=20
+    )
+    assert out.stdout.strip() == "HTTP/1.1 405 Method Not Allowed"
+    assert "connection_failed" not in stack.daemon.log()

@@ -193,11 +193,12 @@ class Exchange:
     async def respond(
         self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False
     ) -> None:
-        """The whole answer in one write."""
+        """The whole answer in one write. To a HEAD, the same head without the body
+        (h11 refuses body bytes there, which used to end the connection unanswered)."""
         conn = self._conn
         headers = [*headers, ("content-length", str(len(body)))]
         data = self._head(status, headers, close)
-        if body:
+        if body and self.method != "HEAD":
             data += conn.send(h11.Data(data=body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         self.ended = True
