@@ -382,7 +382,7 @@ def test_a_head_request_is_answered_not_logged_as_a_failure(stack: Stack) -> Non
         "print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
     )
     out = subprocess.run(
-        [*AS_READER, PYTHON, "-c", script], capture_output=True, text=True, timeout=20
+        [*AS_READER, PYTHON, "-c", script], capture_output=True, text=True, timeout=20, check=True
     )
     assert out.stdout.strip() == "HTTP/1.1 405 Method Not Allowed"
     assert "connection_failed" not in stack.daemon.log()
