@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import time
@@ -386,3 +387,104 @@ def test_a_head_request_is_answered_not_logged_as_a_failure(stack: Stack) -> Non
     )
     assert out.stdout.strip() == "HTTP/1.1 405 Method Not Allowed"
     assert "connection_failed" not in stack.daemon.log()
+
+
+# -- the Node client's trust rule --------------------------------------------------------
+
+NODE_DIST = Path(__file__).resolve().parent.parent / "clients" / "node" / "dist" / "index.js"
+
+FLIPPER = """
+import ctypes, os, socket, sys, threading, time
+base = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+evil = os.path.join(base, "evil", "geins-broker")
+os.makedirs(evil, mode=0o755)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(evil, "broker.sock"))
+os.chmod(os.path.join(evil, "broker.sock"), 0o666)
+listener.listen(64)
+received = [0]
+def serve():
+    while True:
+        conn, _ = listener.accept()
+        conn.settimeout(1)
+        try:
+            received[0] += len(conn.recv(65536))
+        except OSError:
+            pass
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+os.symlink(os.path.join(base, "legit"), os.path.join(base, "runtime-65533"))
+a = os.path.join(base, "runtime-65533").encode()
+b = os.path.join(base, "evil").encode()
+print("flipping", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+stop = os.path.join(base, "stop")
+for i in range(10_000_000):
+    if i % 1000 == 0 and (time.monotonic() > end or os.path.exists(stop)):
+        break
+    libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)
+print("received", received[0], flush=True)
+"""
+
+VICTIM = """
+const { BrokerClient } = await import(process.argv[1]);
+const end = Date.now() + 4000;
+for (let i = 0; i < 20000 && Date.now() < end; i++) {
+  const client = new BrokerClient({ timeout: 300 });
+  try { await client.hello(); } catch (e) {}
+  try { client.close(); } catch (e) {}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not NODE_DIST.exists(), reason="no Node")
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "The Node client checks only the socket's own directory (rules 1 and 2) and "
+        "cannot read SO_PEERCRED (rule 3). Under TMPDIR/runtime-UID made by another uid "
+        "(a client of the system service without XDG_RUNTIME_DIR), that uid swaps the "
+        "directory (renameat2 RENAME_EXCHANGE, a symlink to a trusted directory <-> its "
+        "own) between the lstat checks and connect, and the client sends to its socket. "
+        "Fix: the rule must also hold for every directory above (trusted owner, not "
+        "writable by others unless sticky), in both clients and docs/protocol.md."
+    ),
+)
+def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
+    short_tmp: Path,
+) -> None:
+    short_tmp.chmod(0o755)
+    base = short_tmp / "tmp"
+    base.mkdir()
+    base.chmod(0o1777)  # like /tmp: anyone may create, only owners rename
+    legit = base / "legit" / "geins-broker"
+    legit.mkdir(parents=True)
+    (base / "legit").chmod(0o755)
+    legit.chmod(0o755)
+    with socket.socket(socket.AF_UNIX) as trusted:  # root's, trusted, answers nothing
+        trusted.bind(str(legit / "broker.sock"))
+        (legit / "broker.sock").chmod(0o666)  # the system service's socket, open to all
+        trusted.listen(64)
+        flipper = subprocess.Popen(
+            [*AS_NOBODY, PYTHON, "-c", FLIPPER, str(base), "15"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert flipper.stdout is not None
+        assert flipper.stdout.readline().strip() == "flipping"
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(base), "HOME": "/nonexistent"}
+        victim = subprocess.run(
+            [*AS_READER, "node", "--input-type=module", "-e", VICTIM, str(NODE_DIST)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        (base / "stop").touch()
+        out, _ = flipper.communicate(timeout=30)
+        flipper.stdout.close()
+    assert victim.returncode == 0, victim.stderr
+    assert out.strip() == "received 0", "the Node client sent to the other uid's socket"
