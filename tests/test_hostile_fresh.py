@@ -440,21 +440,16 @@ for (let i = 0; i < 20000 && Date.now() < end; i++) {
 
 
 @pytest.mark.skipif(shutil.which("node") is None or not NODE_DIST.exists(), reason="no Node")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "The Node client checks only the socket's own directory (rules 1 and 2) and "
-        "cannot read SO_PEERCRED (rule 3). Under TMPDIR/runtime-UID made by another uid "
-        "(a client of the system service without XDG_RUNTIME_DIR), that uid swaps the "
-        "directory (renameat2 RENAME_EXCHANGE, a symlink to a trusted directory <-> its "
-        "own) between the lstat checks and connect, and the client sends to its socket. "
-        "Fix: the rule must also hold for every directory above (trusted owner, not "
-        "writable by others unless sticky), in both clients and docs/protocol.md."
-    ),
-)
 def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
     short_tmp: Path,
 ) -> None:
+    """The Node client checked only the socket's own directory (rules 1 and 2) and
+    cannot read SO_PEERCRED (rule 3). Under TMPDIR/runtime-UID made by another uid (a
+    client of the system service without XDG_RUNTIME_DIR), that uid swapped the
+    directory (renameat2 RENAME_EXCHANGE: a symlink to a trusted directory <-> its own)
+    between the lstat checks and connect, and the client sent to its socket. The client
+    now resolves the socket's directory, requires every directory above to be a trusted
+    uid's and not writable by others (unless sticky), and connects to the resolved path."""
     short_tmp.chmod(0o755)
     base = short_tmp / "tmp"
     base.mkdir()

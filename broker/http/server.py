@@ -33,6 +33,7 @@ import contextlib
 import errno
 import http
 import json
+import socket as stdlib_socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -56,6 +57,10 @@ _ACCEPT_PAUSE: Final = 0.1
 #: Connections turned away are logged at most once per this many seconds per reason
 #: (with how many since): a peer that connects in a loop must not flood the log.
 _REFUSAL_LOG_INTERVAL: Final = 10.0
+#: A peer turned away at the door may linger this long (its request read and dropped),
+#: at most this many at once.
+_DOOR_LINGER: Final = 0.5
+_MAX_LINGERING: Final = 64
 
 Headers = list[tuple[str, str]]
 
@@ -288,6 +293,7 @@ class HttpServer:
         self._quiet: trio.Event | None = None
         #: Per refusal reason: when it was last logged, and how many went unlogged since.
         self._refusals: dict[str, tuple[float, int]] = {}
+        self._lingering = 0
 
     async def serve(
         self,
@@ -319,7 +325,12 @@ class HttpServer:
                     continue
                 refusal = self._refusal(peer)
                 if refusal is not None:
-                    await self._turn_away(sock, refusal)
+                    self._log_refusal(refusal[1])
+                    if self._lingering < _MAX_LINGERING:
+                        self._lingering += 1
+                        nursery.start_soon(self._turn_away, sock, refusal, _DOOR_LINGER)
+                    else:  # a flood: answer and close at once (a reset may eat the answer)
+                        await self._turn_away(sock, refusal, 0.0)
                     continue
                 self.connections += 1
                 if self.admission is not None:
@@ -348,18 +359,35 @@ class HttpServer:
             return (503, "max_connections", "too many connections; try again")
         return None
 
-    async def _turn_away(self, sock: trio.socket.SocketType, refusal: Refusal) -> None:
-        """A refusal at the door: the answer into the fresh (empty) send buffer, and
-        close at once (no linger: a peer turned away holds no slot, not even briefly).
-        The code in the body is `busy` for a 503, else the refusal's own."""
+    async def _turn_away(
+        self, sock: trio.socket.SocketType, refusal: Refusal, linger: float
+    ) -> None:
+        """A refusal at the door: the answer into the fresh (empty) send buffer, our side
+        shut, what the peer already sent read and dropped for up to `linger` seconds (so
+        its request does not turn our answer into a reset), and close. Such a peer holds
+        no connection slot; at most `_MAX_LINGERING` linger at once, the rest are closed
+        at once. The code in the body is `busy` for a 503, else the refusal's own."""
         status, reason, message = refusal
         code = "busy" if status == 503 else reason
         headers, body = self._error_body(status, code, message)
         lines = [f"{k}: {v}" for k, v in [*headers, ("content-length", str(len(body)))]]
         first = f"HTTP/1.1 {status} {_reason(status).decode('ascii')}"
         head = "\r\n".join([first, *lines, "connection: close"])
-        with sock, trio.move_on_after(0.1), contextlib.suppress(OSError):
-            await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
+        try:
+            with sock, contextlib.suppress(OSError):
+                with trio.move_on_after(0.1):
+                    await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
+                if linger > 0:
+                    sock.shutdown(stdlib_socket.SHUT_WR)
+                    with trio.move_on_after(linger):
+                        for _ in range(16):
+                            if not await sock.recv(_READ_SIZE):
+                                break
+        finally:
+            if linger > 0:
+                self._lingering -= 1
+
+    def _log_refusal(self, reason: str) -> None:
         now = trio.current_time()
         logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
         if now - logged_at < _REFUSAL_LOG_INTERVAL:
