@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, metrics_cost, node_client, proxy, tokens
+from . import footprint, metrics_cost, node_client, proxy, sealing, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "proxy", "metrics")
+ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "proxy", "metrics", "sealing")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -105,6 +105,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"at once (bound {r['bound']}); RSS then {r['rss_mib']:.1f} MiB.",
             "",
         ]
+    if "sealing" in results:
+        out += [sealing.table(results["sealing"]["rotation"], results["sealing"]["restart"]), ""]
     return "\n".join(out)
 
 
@@ -118,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="REV",
         help="metrics: also measure the daemon of this git revision (one without metrics)",
+    )
+    parser.add_argument(
+        "--proxy-baseline",
+        metavar="REV",
+        help="proxy: also measure the daemon as of git revision REV, in the same slots",
     )
     args = parser.parse_args(argv)
     if unknown := set(args.only) - set(ALL):
@@ -145,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "proxy" in chosen:
         results["proxy"] = proxy.run(
-            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+            repeat=1 if args.quick else 3,
+            duration=1.0 if args.quick else 2.0,
+            baseline=args.proxy_baseline,
         )
     if "cli" in chosen:
         results["cli"] = footprint.cli(runs=10 if args.quick else 40)
@@ -155,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         results["idle"] = footprint.idle(seconds=10 if args.quick else 60)
     if "restore" in chosen:
         results["restore"] = footprint.restore(profiles=1000 if args.quick else 10_000)
+    if "sealing" in chosen:
+        results["sealing"] = {
+            "rotation": sealing.rotation(saves=100 if args.quick else 300),
+            "restart": sealing.restart(profiles=1000 if args.quick else 10_000),
+        }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)

@@ -13,6 +13,7 @@ connects to 127.0.0.1 or ::1.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import select
 import socket
 import time
@@ -141,8 +142,11 @@ def measure(
     duration: float = 2.0,
     warmup: float = 0.5,
     max_requests: int = 2_000_000,
+    cpu_of: int | None = None,
 ) -> dict[str, float]:
-    """req/s and latency percentiles (µs) of `connections` closed-loop connections."""
+    """req/s and latency percentiles (µs) of `connections` closed-loop connections;
+    with `cpu_of` (a pid), also that process's CPU time per request (µs) over the
+    measured window, a figure the machine's other load disturbs far less than req/s."""
     if address[0] not in _LOOPBACK:
         raise ValueError("the load generator targets loopback only")
     ctx = multiprocessing.get_context("spawn")
@@ -160,6 +164,12 @@ def measure(
     process = ctx.Process(target=_worker, args=(job, sender))
     process.start()
     sender.close()
+    cpu = None
+    if cpu_of is not None:
+        time.sleep(max(0.0, job.begin - time.monotonic()))
+        cpu_before = _cpu_seconds(cpu_of)
+        time.sleep(max(0.0, job.end - time.monotonic()))
+        cpu = _cpu_seconds(cpu_of) - cpu_before
     if not receiver.poll(duration + warmup + 30):
         process.kill()
         raise RuntimeError("load generator did not finish")
@@ -174,9 +184,19 @@ def measure(
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))] / 1000
 
-    return {
+    result = {
         "rps": len(ordered) / duration,
         "p50_us": pct(0.50),
         "p99_us": pct(0.99),
         "requests": len(ordered),
     }
+    if cpu is not None:
+        result["cpu_us"] = cpu * 1e6 / len(ordered)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -114,7 +114,58 @@ def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str, Any]:
+def _export(revision: str, into: Path) -> Path:
+    """This repository's daemon (broker/) as it was at `revision`, in a directory of
+    its own, to run beside the current one."""
+    into.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "archive", revision, "broker"], cwd=repo, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def _daemon(
+    workdir: Path, emulator_url: str, stub_port: int, port: int, source: Path | None = None
+) -> DaemonProcess:
+    """A daemon logged in against the emulator, its proxy on `port` in front of the
+    stub; `source`: run the broker package found there instead of the installed one."""
+    workdir.mkdir(mode=0o755)
+    config = write_config(
+        workdir / "config.toml", emulator_url, workdir / "broker.sock", workdir / "state"
+    )
+    config.write_text(config.read_text() + f'[proxy]\ntcp = "127.0.0.1:{port}"\n')
+    # The access log stays on (a line per request, to a file): it is part of the cost.
+    # PYTHONSAFEPATH: not the current directory (this checkout) ahead of `source`.
+    env = None if source is None else {"PYTHONPATH": str(source), "PYTHONSAFEPATH": "1"}
+    daemon = DaemonProcess(config, workdir, env)
+    answer = call(
+        workdir / "broker.sock",
+        op="login",
+        profile="default",
+        username=DEMO_USER,
+        password=DEMO_PASSWORD,
+    )
+    assert answer["ok"], answer
+    # Logged in (the signature service is on the emulator); now the Merchant API
+    # is the stub: a reload moves the profile there and keeps its session.
+    text = config.read_text().replace(
+        f'merchant_api_url = "{emulator_url}"',
+        f'merchant_api_url = "http://127.0.0.1:{stub_port}"',
+    )
+    config.write_text(text)
+    daemon.notify.drain()
+    daemon.notify.messages.clear()
+    daemon.send_signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY=1", 10)
+    return daemon
+
+
+def run(
+    repeat: int = 3, duration: float = 2.0, warmup: float = 0.5, baseline: str | None = None
+) -> dict[str, Any]:
+    """`baseline`: a git revision whose daemon is measured too, in the same slots."""
     binary = ensure_nginx()
     workdir = Path(tempfile.mkdtemp(prefix="gb-bench-", dir="/tmp"))
     workdir.chmod(0o755)
@@ -143,35 +194,18 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str
     }}""",
     )
     emulator = EmulatorProcess("--token-ttl", "3600")
-    config = write_config(
-        workdir / "config.toml", emulator.url, workdir / "broker.sock", workdir / "state"
-    )
-    config.write_text(config.read_text() + f'[proxy]\ntcp = "127.0.0.1:{geins_port}"\n')
-    # The access log stays on (a line per request, to a file): it is part of the cost.
-    daemon = DaemonProcess(config, workdir)
     request = httpload.request_bytes("/graphql", QUERY)
     targets = {"direct": stub_port, "nginx": nginx_port, "geins": geins_port}
+    daemons: dict[str, DaemonProcess] = {}
     runs: dict[int, list[dict[str, dict[str, float]]]] = {c: [] for c in CONNECTIONS}
     try:
-        answer = call(
-            workdir / "broker.sock",
-            op="login",
-            profile="default",
-            username=DEMO_USER,
-            password=DEMO_PASSWORD,
-        )
-        assert answer["ok"], answer
-        # Logged in (the signature service is on the emulator); now the Merchant API
-        # is the stub: a reload moves the profile there and keeps its session.
-        text = config.read_text().replace(
-            f'merchant_api_url = "{emulator.url}"',
-            f'merchant_api_url = "http://127.0.0.1:{stub_port}"',
-        )
-        config.write_text(text)
-        daemon.notify.drain()
-        daemon.notify.messages.clear()
-        daemon.send_signal(signal.SIGHUP)
-        daemon.notify.wait_for("READY=1", 10)
+        daemons["geins"] = _daemon(workdir / "geins", emulator.url, stub_port, geins_port)
+        if baseline is not None:
+            source = _export(baseline, workdir / "baseline-src")
+            targets["baseline"] = _free_port()
+            daemons["baseline"] = _daemon(
+                workdir / "baseline", emulator.url, stub_port, targets["baseline"], source
+            )
         with _nginx(binary, stub_conf, stub_port), _nginx(binary, proxy_conf, nginx_port):
             for _ in range(repeat):
                 for connections in CONNECTIONS:
@@ -182,15 +216,22 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str
                             connections,
                             duration=duration,
                             warmup=warmup,
+                            cpu_of=daemons[name].process.pid if name in daemons else None,
                         )
                         for name, port in targets.items()
                     }
                     runs[connections].append(slot)
     finally:
-        daemon.close()
+        for daemon in daemons.values():
+            daemon.close()
         emulator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"repeat": repeat, "duration": duration, "cells": _summarise(runs)}
+    return {
+        "repeat": repeat,
+        "duration": duration,
+        "baseline": baseline,
+        "cells": _summarise(runs),
+    }
 
 
 def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, Any]:
@@ -201,6 +242,20 @@ def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, 
             for key in ("rps", "p50_us", "p99_us"):
                 cell[f"{name}_{key}"] = statistics.median(s[name][key] for s in slots)
         cell["ratio"] = statistics.median(s["geins"]["rps"] / s["nginx"]["rps"] for s in slots)
+        cell["geins_cpu_us"] = statistics.median(s["geins"]["cpu_us"] for s in slots)
+        if "baseline" in slots[0]:
+            for key in ("rps", "cpu_us"):
+                cell[f"baseline_{key}"] = statistics.median(s["baseline"][key] for s in slots)
+            for key in ("p50_us", "p99_us"):
+                cell[f"baseline_added_{key}"] = statistics.median(
+                    s["baseline"][key] - s["direct"][key] for s in slots
+                )
+            cell["baseline_ratio"] = statistics.median(
+                s["baseline"]["rps"] / s["nginx"]["rps"] for s in slots
+            )
+            cell["speedup"] = statistics.median(
+                s["geins"]["rps"] / s["baseline"]["rps"] for s in slots
+            )
         for name in ("nginx", "geins"):
             for key in ("p50_us", "p99_us"):
                 cell[f"{name}_added_{key}"] = statistics.median(
@@ -212,13 +267,28 @@ def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, 
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| connections | direct req/s | nginx req/s | geins-broker req/s | geins/nginx | nginx adds p50 / p99 µs | geins-broker adds p50 / p99 µs |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| connections | direct req/s | nginx req/s | geins-broker req/s | geins/nginx | nginx adds p50 / p99 µs | geins-broker adds p50 / p99 µs | daemon CPU µs/req |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for connections, c in result["cells"].items():
         rows.append(
             f"| {connections} | {c['direct_rps']:,.0f} | {c['nginx_rps']:,.0f} | {c['geins_rps']:,.0f} "
             f"| {c['ratio']:.2f} | {c['nginx_added_p50_us']:.0f} / {c['nginx_added_p99_us']:.0f} "
-            f"| {c['geins_added_p50_us']:.0f} / {c['geins_added_p99_us']:.0f} |"
+            f"| {c['geins_added_p50_us']:.0f} / {c['geins_added_p99_us']:.0f} "
+            f"| {c['geins_cpu_us']:.0f} |"
         )
+    if result.get("baseline"):
+        rows += [
+            "",
+            f"Beside it in the same slots, the daemon as of `{result['baseline']}`:",
+            "",
+            "| connections | baseline req/s | /nginx | adds p50 / p99 µs | CPU µs/req | now/baseline req/s |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for connections, c in result["cells"].items():
+            rows.append(
+                f"| {connections} | {c['baseline_rps']:,.0f} | {c['baseline_ratio']:.2f} "
+                f"| {c['baseline_added_p50_us']:.0f} / {c['baseline_added_p99_us']:.0f} "
+                f"| {c['baseline_cpu_us']:.0f} | {c['speedup']:.2f} |"
+            )
     return "\n".join(rows)

@@ -49,12 +49,15 @@ class Api:
         *,
         admin_uid: int | None = None,
         metrics: Render | None = None,
+        sealing: Callable[[], str] | None = None,
     ) -> None:
         #: The daemon's live table of profiles (a reload changes it in place).
         self.profiles = profiles
         self._render_metrics = metrics
         #: Who may read the metrics besides admins: uids and gids (`[metrics]`).
         self.metrics_readers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
+        #: Whether sessions are sealed at rest, and with which key id (never the key).
+        self.sealing = sealing
         self.admin_uids = frozenset({0, os.geteuid() if admin_uid is None else admin_uid})
         self.started_at = trio.current_time()
         #: Ops answered without waiting for anything.
@@ -124,11 +127,14 @@ class Api:
         return {"v": VERSION, "server": SERVER, "ops": list(Op.ALL)}
 
     def status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        return {
+        answer = {
             "server": SERVER,
             "uptime": trio.current_time() - self.started_at,
             "profiles": [p.status() for p in self.profiles.values() if self.may_read(peer, p)],
         }
+        if self.sealing is not None:
+            answer["sealing"] = self.sealing()
+        return answer
 
     def user(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         return self.readable_profile(peer, args["profile"]).user()

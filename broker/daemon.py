@@ -1,6 +1,7 @@
 """`geins-broker serve`: config, store, profiles, server, signals and systemd, wired.
 
-Start-up: read the config, prepare the state directory, restore every saved session
+Start-up: read the config, open and lock the state directory (refusing one that is a
+link, another uid's, or writable by others: exit 2), restore every saved session
 (overdue refreshes spread out, at most `max_concurrent_refreshes` at once), take the
 socket (from systemd, or bind it), start serving, then tell systemd READY=1.
 
@@ -31,7 +32,9 @@ from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import Internal, StoreError
+from .errors import Internal, StateDirError, StoreError
+from .hardening import keep_memory_private
+from .keys import load_keyring
 from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from .log import events
 from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
@@ -39,9 +42,10 @@ from .notify import Notifier
 from .profile import Offload, Profile
 from .proxy.service import Proxy
 from .scheduler import Scheduler
+from .sealing import Keyring
 from .server import Server
 from .stats import DaemonStats
-from .store import CorruptState, Record, Store
+from .store import CorruptState, Record, SealedState, Store
 from .wallclock import SystemClock, WallClock
 
 log = events("broker.daemon")
@@ -68,14 +72,19 @@ class Daemon:
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
         faults: frozenset[str] = frozenset(),
+        keyring: Keyring | None = None,
     ) -> None:
         self.config = config
         #: Test-only faults (broker/fault_injection.py); empty in production.
         self.faults = faults
+        if keyring is None:
+            keyring, self.key_source = load_keyring(config)
+        else:
+            self.key_source = "given"
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, keyring)
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
@@ -132,7 +141,23 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
+        try:
+            await self._serve(config, listener, signals, task_status)
+        finally:
+            self.store.close()  # and with it the state directory's lock
+        log.info("stopped")
+
+    async def _serve(
+        self,
+        config: BrokerConfig,
+        listener: Listener | None,
+        signals: AsyncIterator[int] | None,
+        task_status: trio.TaskStatus[Daemon],
+    ) -> None:
         records = await self._offload(self._load_records, list(config.profiles))
+        if self.store.stale:
+            # In clear or under a previous key: each is sealed again at its next write.
+            log.info("sessions_to_reseal", count=len(self.store.stale))
         listener = (
             listener
             or from_systemd()
@@ -154,7 +179,7 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                api = Api(self.profiles, metrics=self.metrics_text)
+                api = Api(self.profiles, metrics=self.metrics_text, sealing=self._sealing_status)
                 api.metrics_readers = _metrics_readers(config)
                 self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
@@ -180,6 +205,8 @@ class Daemon:
                         await self._write_textfile(config.metrics.textfile)
                     nursery.start_soon(self._textfile_writer)
                     self.notifier.ready(self.status_line())
+                    # Here, not earlier: a start refused for its socket stays one line.
+                    self._log_sealing()
                     log.info(
                         "ready",
                         version=__version__,
@@ -200,7 +227,6 @@ class Daemon:
             listener.close()
             if self.proxy is not None:
                 self.proxy.close()
-        log.info("stopped")
 
     def stop(self) -> None:
         self._stop.set()
@@ -364,6 +390,9 @@ class Daemon:
             except CorruptState as exc:
                 log.error("state_corrupt", profile=name, reason=str(exc), set_aside=exc.set_aside)
                 continue
+            except SealedState as exc:
+                log.error("state_sealed", profile=name, reason=str(exc), key=exc.key_id)
+                continue
             except StoreError as exc:
                 log.error("state_unreadable", profile=name, reason=str(exc))
                 continue
@@ -394,8 +423,51 @@ class Daemon:
                 state=profile.session.state,
                 username=record.username,
             )
+        if (sealed := self.store.unopened.get(config.name)) is not None:
+            profile.mark_sealed(sealed)
         self.profiles[config.name] = profile
         return profile
+
+    def _sealing_status(self) -> str:
+        """For `status`: the keyring of the moment (a reload may replace it)."""
+        return self.store.keyring.describe()
+
+    def _log_sealing(self) -> None:
+        keyring = self.store.keyring
+        if keyring.current is None:
+            # Info, not a warning: no key is a supported choice (docs/security.md), and a
+            # clean start's journal holds no warning.
+            log.info("sealing_off", reason="no key configured: sessions are stored in clear")
+            return
+        log.info(
+            "sealing_on",
+            key=keyring.current.name,
+            source=self.key_source,
+            previous=",".join(k.name for k in keyring.previous) or None,
+        )
+
+    async def _take_keys(self, keyring: Keyring, source: str) -> None:
+        """Keys from a reload; then profiles that were sealed try again."""
+        if keyring != self.store.keyring:
+            self.store.keyring, self.key_source = keyring, source
+            self._log_sealing()
+        await self._unseal()
+
+    async def _unseal(self) -> None:
+        """Profiles whose saved session did not open try again (the key may be back)."""
+        for name, profile in list(self.profiles.items()):
+            if profile.session.sealed is None:
+                continue
+            try:
+                record = await self._offload(self.store.load, name)
+            except SealedState as exc:
+                profile.session.sealed = str(exc)
+                continue
+            except (CorruptState, StoreError) as exc:
+                log.error("state_unreadable", profile=name, reason=str(exc))
+                record = None
+            profile.unseal(record, self.config.startup_spread)
+            log.info("unsealed", profile=name, state=profile.session.state)
 
     def _profile_changed(self, profile: Profile) -> None:
         self._status_dirty.set()
@@ -412,11 +484,14 @@ class Daemon:
                 new = await self._read_offload(load, source)
             if new is None:
                 raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
+            # Key files are opened O_NONBLOCK and must be regular files: no FIFO waits.
+            keyring, key_source = await self._offload(load_keyring, new)
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
             return
         old = self.config
+        await self._take_keys(keyring, key_source)
         for key in ("socket", "state_dir", "socket_mode", "socket_group"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
@@ -478,15 +553,19 @@ def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
 
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
+    keep_memory_private()
     try:
         faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
+        keyring, key_source = load_keyring(config)
     except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
+    daemon = Daemon(config, faults=faults, keyring=keyring)
+    daemon.key_source = key_source
     try:
-        trio.run(Daemon(config, faults=faults).run)
-    except UnsafeDirectory as exc:
+        trio.run(daemon.run)
+    except (StateDirError, UnsafeDirectory) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     except (ListenerError, StoreError) as exc:

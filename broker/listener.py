@@ -108,7 +108,10 @@ def bind(path: Path, mode: int = 0o600, group: int | None = None) -> Listener:
     finally:
         os.umask(previous)
     try:
-        if group is not None:
+        # Only when the group is not already the one the file was made with (our own
+        # primary group, as a system unit's Group= gives it): a sandbox such as the
+        # shipped unit's SystemCallFilter=~@privileged refuses chown even as a no-op.
+        if group is not None and os.stat(path).st_gid != group:
             os.chown(path, -1, group)
         os.chmod(path, mode)
         sock.listen(socket.SOMAXCONN)

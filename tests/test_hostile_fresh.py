@@ -81,7 +81,7 @@ def accepted_from_sources(sources: list[str]) -> Iterator[list[socket.socket]]:
 def test_a_source_port_equal_to_the_listeners_is_not_the_daemon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without netlink (the shipped units), /proc/net/tcp was searched by ports alone.
+    """Without netlink (a unit without AF_NETLINK), /proc/net/tcp was searched by ports alone.
     A stranger who connects from 127.0.0.N:P to the proxy's 127.0.0.1:P matches two
     lines: its own, and the daemon's accepted end (local port P, remote port P), owned
     by the daemon's user, an admin. Whichever the kernel lists first won, so a few

@@ -26,6 +26,7 @@ PURE = (
     "broker.emulator.merchant",
     "broker.emulator.values",
     "broker.proxy.rules",
+    "broker.sealing",
     "broker.stats",
     "geins_broker_client.protocol",
     "geins_broker_client.health",

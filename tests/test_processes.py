@@ -179,10 +179,12 @@ def test_a_second_daemon_on_the_same_socket_refuses(
 ) -> None:
     sock = short_tmp / "b.sock"
     config = write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state")
+    # Its own state directory: on the same one the second would stop at the state lock.
+    other = write_config(short_tmp / "d.toml", emulator.url, sock, short_tmp / "state2")
     daemon = DaemonProcess(config, short_tmp)
     try:
         result = subprocess.run(
-            [*GEINS_BROKER, "serve", "--config", str(config)],
+            [*GEINS_BROKER, "serve", "--config", str(other)],
             capture_output=True,
             text=True,
             check=False,

@@ -4,54 +4,60 @@ from __future__ import annotations
 
 import json
 
-from broker.proxy.rules import downstream_headers, error_body, min_valid_for, upstream_headers
+from broker.proxy.rules import (
+    downstream_headers,
+    error_body,
+    is_field_value,
+    min_valid_for,
+    upstream_headers,
+)
 
 
 def test_upstream_headers_replace_credentials_and_drop_hop_by_hop() -> None:
     client = [
-        ("host", "geins"),
-        ("authorization", "Bearer mine"),
-        ("x-apikey", "mine"),
-        ("connection", "keep-alive, X-Secret-Hop"),
-        ("x-secret-hop", "1"),
-        ("keep-alive", "timeout=5"),
-        ("transfer-encoding", "chunked"),
-        ("te", "trailers"),
-        ("upgrade", "h2c"),
-        ("proxy-authorization", "Basic x"),
-        ("expect", "100-continue"),
-        ("content-length", "12"),
-        ("geins-broker-profile", "default"),
-        ("accept", "application/json"),
-        ("x-request-id", "r1"),
-        ("x-idempotency-key", "k1"),
+        (b"host", b"geins"),
+        (b"authorization", b"Bearer mine"),
+        (b"x-apikey", b"mine"),
+        (b"connection", b"keep-alive, X-Secret-Hop"),
+        (b"x-secret-hop", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"transfer-encoding", b"chunked"),
+        (b"te", b"trailers"),
+        (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"expect", b"100-continue"),
+        (b"content-length", b"12"),
+        (b"geins-broker-profile", b"default"),
+        (b"accept", b"application/json"),
+        (b"x-request-id", b"r1"),
+        (b"x-idempotency-key", b"k1"),
     ]
-    out = upstream_headers(client, bearer="B", api_key="K", keep_length=False)
+    out = upstream_headers(client, bearer=b"B", api_key=b"K", keep_length=False)
     assert out == [
-        ("accept", "application/json"),
-        ("x-request-id", "r1"),
-        ("x-idempotency-key", "k1"),
-        ("authorization", "Bearer B"),
-        ("x-apikey", "K"),
+        (b"accept", b"application/json"),
+        (b"x-request-id", b"r1"),
+        (b"x-idempotency-key", b"k1"),
+        (b"authorization", b"Bearer B"),
+        (b"x-apikey", b"K"),
     ]
-    streamed = upstream_headers(client, bearer="B", api_key="K", keep_length=True)
-    assert ("content-length", "12") in streamed
+    streamed = upstream_headers(client, bearer=b"B", api_key=b"K", keep_length=True)
+    assert (b"content-length", b"12") in streamed
 
 
 def test_downstream_headers_keep_the_length_and_drop_hop_by_hop() -> None:
     upstream = [
-        ("content-type", "application/json"),
-        ("content-length", "42"),
-        ("connection", "close, x-internal"),
-        ("x-internal", "1"),
-        ("transfer-encoding", "chunked"),
-        ("proxy-authenticate", "Basic"),
-        ("x-request-id", "r1"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"connection", b"close, x-internal"),
+        (b"x-internal", b"1"),
+        (b"transfer-encoding", b"chunked"),
+        (b"proxy-authenticate", b"Basic"),
+        (b"x-request-id", b"r1"),
     ]
     assert downstream_headers(upstream) == [
-        ("content-type", "application/json"),
-        ("content-length", "42"),
-        ("x-request-id", "r1"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"x-request-id", b"r1"),
     ]
 
 
@@ -71,3 +77,11 @@ def test_errors_are_graphql_shaped() -> None:
 def test_min_valid_is_30_s_or_half_a_short_lifetime() -> None:
     assert min_valid_for(900) == 30
     assert min_valid_for(20) == 10
+
+
+def test_field_values_the_proxy_makes_are_checked() -> None:
+    assert is_field_value(b"Bearer eyJhbGciOi.J9x_-.abc")
+    assert is_field_value(b"demo-api-key")
+    assert is_field_value(b"")
+    for bad in (b"a\r\nx-evil: 1", b"a\nb", b"a\x00b", b" lead", b"trail ", b"caf\xc3\xa9"):
+        assert not is_field_value(bad), bad

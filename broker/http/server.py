@@ -42,6 +42,7 @@ import h11
 import trio
 
 from ..log import events
+from .io import receive_some, send_all, waits
 
 log = events("broker.http")
 
@@ -104,14 +105,16 @@ class Exchange:
 
     __slots__ = (
         "_conn",
+        "_headers",
         "_pending",
         "_received",
         "_server",
         "body_done",
         "ended",
-        "headers",
         "method",
         "peer",
+        "raw_headers",
+        "sock",
         "started",
         "stream",
         "target",
@@ -128,13 +131,16 @@ class Exchange:
         self._server = server
         self._conn = conn
         self.stream = stream
+        #: The stream's socket, read and written directly (broker/http/io.py).
+        self.sock = stream.socket
         self.peer = peer
         self.method = head.method.decode("ascii")
         self.target = head.target.decode("latin-1")
-        #: Names lowercased (h11 does), values as sent, in order.
-        self.headers: Headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers
+        #: As h11 parsed (and validated) them: bytes, names lowercased, in order.
+        self.raw_headers: list[tuple[bytes, bytes]] = [
+            (name.lower(), value) for name, value in head.headers.raw_items()
         ]
+        self._headers: Headers | None = None
         self._received = 0
         self.body_done = False
         self.started = False
@@ -145,13 +151,23 @@ class Exchange:
     def path(self) -> str:
         return self.target.split("?", 1)[0]
 
+    @property
+    def headers(self) -> Headers:
+        """Names lowercased (h11 does), values as sent, in order."""
+        if self._headers is None:
+            self._headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers
+            ]
+        return self._headers
+
     def header(self, name: str) -> str | None:
         """The last value of header `name` (lowercase), or None."""
+        key = name.encode("latin-1")
         found = None
-        for key, value in self.headers:
-            if key == name:
+        for k, value in self.raw_headers:
+            if k == key:
                 found = value
-        return found
+        return None if found is None else found.decode("latin-1")
 
     # -- the body ---------------------------------------------------------------------------
 
@@ -168,10 +184,12 @@ class Exchange:
             except h11.RemoteProtocolError as exc:
                 raise BadHttp(400, "bad_request", f"malformed request body: {exc}") from None
             if event is h11.NEED_DATA:
-                with trio.move_on_after(limits.idle_timeout):
-                    conn.receive_data(await _receive(self.stream))
-                    continue
-                raise BadHttp(408, "request_timeout", "the request body stopped arriving")
+                try:
+                    data = await receive_some(self.sock, trio.current_time() + limits.idle_timeout)
+                except trio.TooSlowError:
+                    raise BadHttp(408, "request_timeout", "the body stopped arriving") from None
+                conn.receive_data(data)
+                continue
             if isinstance(event, h11.Data):
                 self._received += len(event.data)
                 if self._received > limits.max_body_size:
@@ -209,10 +227,16 @@ class Exchange:
         self.ended = True
         await self._send(data)
 
-    async def start(self, status: int, headers: Headers) -> None:
+    async def start(
+        self, status: int, headers: Headers | list[tuple[bytes, bytes]], *, parsed: bool = False
+    ) -> None:
         """The head; it goes out with the first `send` (or `end`): one write, not two,
-        for an answer whose body is at hand."""
-        self._pending = self._head(status, headers, False)
+        for an answer whose body is at hand.
+
+        `parsed`: every name and value is bytes that came out of h11's parser (or was
+        checked like it, e.g. rules.is_field_value), names lowercased; h11 then does
+        not validate them again (its `_parsed` path, which its own reader uses)."""
+        self._pending = self._head(status, headers, False, parsed)
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -228,23 +252,32 @@ class Exchange:
         pending, self._pending = self._pending, b""
         return pending
 
-    def _head(self, status: int, headers: Headers, close: bool) -> bytes:
+    def _head(
+        self,
+        status: int,
+        headers: Headers | list[tuple[bytes, bytes]],
+        close: bool,
+        parsed: bool = False,
+    ) -> bytes:
         if close:
-            headers = [*headers, ("connection", "close")]
+            headers = [*headers, ("connection", "close")]  # never with parsed: respond()
         self.started = True
-        response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        response = h11.Response(
+            status_code=status,
+            headers=headers,
+            reason=_reason(status),
+            _parsed=parsed,
+        )
         data = self._conn.send(response)
         assert data is not None
         return data
 
     async def _send(self, data: bytes) -> None:
-        with trio.move_on_after(self._server.limits.idle_timeout):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise HungUp from None
-            return
-        raise HungUp  # the peer stopped reading
+        deadline = trio.current_time() + self._server.limits.idle_timeout
+        try:
+            await send_all(self.sock, data, deadline)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            raise HungUp from None  # gone, or it stopped reading
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -415,8 +448,12 @@ class HttpServer:
         limits = self.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
         while True:
+            # The reads and writes below skip trio's scheduler when they need not wait;
+            # a request served without any wait (pipelined, or refused at once) ends
+            # with a checkpoint, so no connection can keep the others from running.
+            mark = waits()
             try:
-                head = await self._next_head(conn, stream)
+                head = await self._next_head(conn, stream.socket)
                 if head is None:
                     return
                 exchange = Exchange(self, conn, stream, head, peer)
@@ -444,9 +481,11 @@ class HttpServer:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+            if waits() == mark:
+                await trio.lowlevel.checkpoint()
 
     async def _next_head(
-        self, conn: h11.Connection, stream: trio.SocketStream
+        self, conn: h11.Connection, sock: trio.socket.SocketType
     ) -> h11.Request | None:
         """The next request head; None when the peer closes or idles out between requests."""
         limits = self.limits
@@ -470,15 +509,15 @@ class HttpServer:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            with trio.move_on_at(head_until if head_until is not None else idle_until):
-                data = await _receive(stream)
-                conn.receive_data(data)
-                if data and head_until is None:
-                    head_until = trio.current_time() + limits.header_timeout
-                continue
-            if head_until is None:
-                return None  # idle between requests: just close
-            raise BadHttp(408, "request_timeout", "the request head took too long")
+            try:
+                data = await receive_some(sock, idle_until if head_until is None else head_until)
+            except trio.TooSlowError:
+                if head_until is None:
+                    return None  # idle between requests: just close
+                raise BadHttp(408, "request_timeout", "the request head took too long") from None
+            conn.receive_data(data)
+            if data and head_until is None:
+                head_until = trio.current_time() + limits.header_timeout
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, bad: BadHttp) -> None:
         """Answer a refusal (if an answer can still be sent), then close cleanly."""

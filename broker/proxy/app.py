@@ -37,6 +37,7 @@ from .rules import (
     ProxyRefusal,
     downstream_headers,
     error_body,
+    is_field_value,
     min_valid_for,
     refusal_for,
     upstream_headers,
@@ -74,6 +75,9 @@ class ProxyApp:
             "Time from a proxied request to the end of its answer.",
             "status_class",
         )
+        #: Per profile: the bearer and API key last sent, as bytes, and whether both
+        #: passed `is_field_value` (a bearer changes once per rotation, not per request).
+        self._credentials: dict[str, _Credentials] = {}
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
@@ -189,6 +193,13 @@ class ProxyApp:
         assert tokens is not None
         return tokens.bearer.reveal()
 
+    def _credentials_of(self, profile: Profile, bearer: str) -> _Credentials:
+        api_key = profile.config.endpoint.api_key
+        known = self._credentials.get(profile.name)
+        if known is None or known.bearer != bearer or known.api_key != api_key:
+            known = self._credentials[profile.name] = _Credentials(bearer, api_key)
+        return known
+
     async def _send(
         self,
         exchange: Exchange,
@@ -197,23 +208,43 @@ class ProxyApp:
         body: bytes,
         rest: _StreamedBody | None,
     ) -> Response:
+        credentials = self._credentials_of(profile, bearer)
         headers = upstream_headers(
-            exchange.headers,
-            bearer=bearer,
-            api_key=profile.config.endpoint.api_key,
+            exchange.raw_headers,
+            bearer=credentials.bearer_value,
+            api_key=credentials.api_key_value,
             keep_length=rest is not None,
         )
+        # The client's headers were validated by h11 as they were parsed; what the
+        # proxy adds was checked by is_field_value, so h11 need not check them again.
+        parsed = credentials.checked
         content: bytes | AsyncIterator[bytes] = body if rest is None else rest
         # The target is origin-form (checked in _proxy) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         pool = self._pool(profile)
         pool.timeout = self.config.upstream_timeout
         try:
-            return await pool.request(exchange.method, exchange.target, headers, content)
+            return await pool.request(
+                exchange.method, exchange.target, headers, content, parsed=parsed
+            )
         except UpstreamTimedOut:
             raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
         except UpstreamFailed as exc:
             raise ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}") from None
+
+
+class _Credentials:
+    __slots__ = ("api_key", "api_key_value", "bearer", "bearer_value", "checked")
+
+    def __init__(self, bearer: str, api_key: str) -> None:
+        self.bearer = bearer
+        self.api_key = api_key
+        self.bearer_value = bearer.encode()
+        self.api_key_value = api_key.encode()
+        self.checked = is_field_value(self.bearer_value) and is_field_value(self.api_key_value)
+
+    def __repr__(self) -> str:
+        return "_Credentials(<redacted>)"
 
 
 async def _buffer(exchange: Exchange) -> tuple[bytes, _StreamedBody | None]:
@@ -256,7 +287,8 @@ class _StreamedBody:
 async def _relay(exchange: Exchange, response: Response) -> int:
     """Stream Geins' answer to the client, chunk by chunk, never whole in memory."""
     try:
-        await exchange.start(response.status, downstream_headers(response.headers))
+        # Geins' headers as h11 parsed them, less hop-by-hop ones: not validated again.
+        await exchange.start(response.status, downstream_headers(response.headers), parsed=True)
         while (chunk := await response.next_chunk()) is not None:
             await exchange.send(chunk)
         await exchange.end()

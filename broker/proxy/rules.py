@@ -1,6 +1,7 @@
 """The proxy's rules as pure functions: which headers go where, and errors as answers.
 
-Headers (RFC 9110 section 7.6.1): hop-by-hop headers (Connection, the ones it names,
+Headers are the wire's bytes, names lowercased (as h11 gives them). Headers (RFC 9110
+section 7.6.1): hop-by-hop headers (Connection, the ones it names,
 Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) belong to one
 connection and are never forwarded, either way. Authorization and x-apikey from the
 client are dropped and the profile's own put in their place; Host is the upstream's;
@@ -16,6 +17,7 @@ clients show as they show the API's own errors:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -24,6 +26,7 @@ from geins_broker_client.protocol import Code
 from ..geins.protocol import API_KEY_HEADER
 
 PROFILE_HEADER: Final = "geins-broker-profile"
+_API_KEY: Final = API_KEY_HEADER.encode("ascii")
 #: Request bodies up to this size are buffered, so a 401 can be retried with them.
 RETRY_BODY_LIMIT: Final = 1024 * 1024
 #: The proxy asks for a bearer with at least this long left (or half its lifetime, for
@@ -32,29 +35,40 @@ MIN_VALID: Final = 30.0
 
 HOP_BY_HOP: Final = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 #: Never forwarded to Geins: replaced (authorization, x-apikey), recomputed (host,
 #: content-length for a buffered body) or meant for this hop only.
 _NOT_UPSTREAM: Final = frozenset(
     {
-        "authorization",
-        API_KEY_HEADER,
-        "host",
-        "content-length",
-        "expect",
-        "proxy-authorization",
-        PROFILE_HEADER,
+        b"authorization",
+        _API_KEY,
+        b"host",
+        b"content-length",
+        b"expect",
+        b"proxy-authorization",
+        PROFILE_HEADER.encode("ascii"),
     }
 )
-_NOT_DOWNSTREAM: Final = frozenset({"proxy-authenticate"})
+_NOT_DOWNSTREAM: Final = frozenset({b"proxy-authenticate"})
+_NOT_UPSTREAM_HOP: Final = HOP_BY_HOP | _NOT_UPSTREAM
+_NOT_DOWNSTREAM_HOP: Final = HOP_BY_HOP | _NOT_DOWNSTREAM
+#: A header value as RFC 9110 (5.5) allows it, without obs-text: visible ASCII, inner
+#: spaces and tabs. h11 checks every value it sends against (a superset of) this; a
+#: value the proxy makes itself is checked here once, so h11 need not check again.
+_FIELD_VALUE: Final = re.compile(rb"[\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?|")
+
+
+def is_field_value(value: bytes) -> bool:
+    return _FIELD_VALUE.fullmatch(value) is not None
+
 
 #: Broker error codes -> HTTP status.
 STATUS_OF_CODE: Final = {
@@ -90,34 +104,41 @@ def error_body(status: int, code: str, message: str) -> tuple[list[tuple[str, st
     return [("content-type", "application/json"), ("cache-control", "no-store")], data
 
 
-def _connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
-    named: set[str] = set()
+def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    named: set[bytes] = set()
     for name, value in headers:
-        if name == "connection":
-            named.update(part.strip().lower() for part in value.split(","))
+        if name == b"connection":
+            named.update(part.strip().lower() for part in value.split(b","))
     return named
 
 
+Headers = list[tuple[bytes, bytes]]
+
+
 def upstream_headers(
-    client: list[tuple[str, str]], *, bearer: str, api_key: str, keep_length: bool
-) -> list[tuple[str, str]]:
+    client: Headers, *, bearer: bytes, api_key: bytes, keep_length: bool
+) -> Headers:
     """What Geins gets: the client's end-to-end headers, then the profile's credentials.
 
     `keep_length`: the body is streamed as the client framed it, so its Content-Length
     (if any) still holds; a buffered body's length is the HTTP client's to set."""
-    dropped = HOP_BY_HOP | _NOT_UPSTREAM | _connection_named(client)
+    dropped = _NOT_UPSTREAM_HOP
+    if any(k == b"connection" for k, _ in client):
+        dropped = dropped | _connection_named(client)
     out = [(k, v) for k, v in client if k not in dropped]
     if keep_length:
-        out += [(k, v) for k, v in client if k == "content-length"]
-    out.append(("authorization", f"Bearer {bearer}"))
-    out.append((API_KEY_HEADER, api_key))
+        out += [(k, v) for k, v in client if k == b"content-length"]
+    out.append((b"authorization", b"Bearer " + bearer))
+    out.append((_API_KEY, api_key))
     return out
 
 
-def downstream_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def downstream_headers(upstream: Headers) -> Headers:
     """What the client gets back: Geins' end-to-end headers (Content-Length included:
     the body is relayed byte for byte, undecoded)."""
-    dropped = HOP_BY_HOP | _NOT_DOWNSTREAM | _connection_named(upstream)
+    dropped = _NOT_DOWNSTREAM_HOP
+    if any(k == b"connection" for k, _ in upstream):
+        dropped = dropped | _connection_named(upstream)
     return [(k, v) for k, v in upstream if k not in dropped]
 
 

@@ -1,12 +1,20 @@
 """The proxy's upstream client: HTTP/1.1 keep-alive connections to one origin, h11 on trio.
 
-Why not httpx here (the rest of the daemon uses it for Geins' auth calls): measured on
-this project's VM (benchmarks/README.md), httpx's pool under trio costs ~0.7 ms per
-request at one connection and collapses under concurrency (its pool rescans every
-connection for every queued request and retries on contention: 70 req/s at 64
-concurrent callers). The proxy's whole job is this one exchange, so it gets the same
-shape as the server side: h11 for the protocol, trio for the sockets, a pool of idle
-connections per origin.
+Why not httpx here (the rest of the daemon uses it for Geins' auth calls, and the issue
+asked for it): measured with `python -m benchmarks.upstream_pool` (the client alone, N
+trio tasks against the nginx stub, every client in the same run; benchmarks/README.md),
+httpx 0.28.1 / httpcore 1.0.9 with limits sized like the proxy's (256 connections, 256
+kept alive) did 0.25x / 0.17x / 0.03x this pool's req/s at 1 / 16 / 64 callers; with
+httpx's default limits 0.25x / 0.14x / 0.12x. Not the limits, then, but two things:
+httpcore's pool rescans every connection for each connection on every pass
+(`_assign_requests_to_connections`: `len([c.is_idle() for c in self._connections])`
+inside a loop over the connections, ~1,600 `is_idle` calls per request at 64 callers;
+encode/httpcore#1035 and #1000, open and unreleased), and httpx's per-request machinery
+(models, context managers, cancel scopes: ~1,200 Python calls a request), which is why
+even one caller is 4x slower. The pydantic/httpx2 fork carries the pool fix (its
+#974, #1075) and still reached only 0.34x / 0.35x / 0.26x. The proxy's whole job is
+this one exchange, so it gets the same shape as the server side: h11 for the
+protocol, trio for the sockets, a pool of idle connections per origin.
 
 What a caller may rely on: one request per connection at a time; a connection goes back
 to the pool only after a complete exchange that both sides may continue; an idle
@@ -28,6 +36,9 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from ..http.io import receive_some, send_all
+from .rules import is_field_value
 
 _READ_SIZE: Final = 65536
 #: An idle connection older than this is closed rather than reused.
@@ -61,23 +72,45 @@ class Origin:
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "stream")
+    __slots__ = ("_poller", "h11", "idle_since", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        #: Plain TCP: the socket, read and written directly (broker/http/io.py);
+        #: None under TLS, where the SSLStream does the I/O.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self._poller: select.poll | None = None
+
+    async def send_all(self, data: bytes) -> None:
+        if self.sock is not None:
+            await send_all(self.sock, data)
+        else:
+            await self.stream.send_all(data)
+
+    async def receive_some(self, deadline: float) -> bytes:
+        """Raises trio.TooSlowError if nothing came by `deadline`."""
+        if self.sock is not None:
+            return await receive_some(self.sock, deadline)
+        with trio.move_on_at(deadline):
+            return bytes(await self.stream.receive_some(_READ_SIZE))
+        raise trio.TooSlowError
 
     def socket_readable(self) -> bool:
         """Readable while idle means the server closed it (or sent junk): not reusable."""
-        sock = getattr(self.stream, "socket", None)
-        if sock is None:
-            inner = getattr(self.stream, "transport_stream", None)
-            sock = getattr(inner, "socket", None)
-        if sock is None:
-            return True
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            sock = self.sock
+            if sock is None:
+                inner = getattr(self.stream, "transport_stream", None)
+                sock = getattr(inner, "socket", None)
+            if sock is None:
+                return True
+            # A poll object is a list of descriptors in user space (the kernel sees
+            # it only during poll()): kept for the connection's life, it costs nothing.
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
 
@@ -88,7 +121,8 @@ class Response:
         self._pool = pool
         self._conn: _Connection | None = conn
         self.status = head.status_code
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+        #: As h11 parsed (and validated) them: bytes, names lowercased, in order.
+        self.headers = [(name.lower(), value) for name, value in head.headers.raw_items()]
 
     async def next_chunk(self) -> bytes | None:
         """The next piece of the body; None at its end."""
@@ -122,6 +156,8 @@ class Pool:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.origin = Origin.of(url)
+        self._host = self.origin.authority.encode("idna")
+        self._host_checked = is_field_value(self._host)
         self.timeout = timeout
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
@@ -135,34 +171,52 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
+        *,
+        parsed: bool = False,
     ) -> Response:
-        """Send; return once the answer's head is in (within `timeout`)."""
-        await self._slots.acquire()
+        """Send; return once the answer's head is in (within `timeout`).
+
+        `parsed`: every header name and value came out of h11's parser or was
+        checked with rules.is_field_value (names lowercased), so h11 need not validate
+        them again."""
         try:
-            with trio.fail_after(self.timeout):
-                return await self._exchange(method, target, headers, body)
-        except trio.TooSlowError:
-            self._slots.release()
-            raise UpstreamTimedOut("the upstream did not answer in time") from None
+            self._slots.acquire_nowait()  # no trip through the scheduler while there is room
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        # A bare cancel scope: trio.fail_after is a generator-based context manager,
+        # a measurable cost on a path taken once per proxied request.
+        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        try:
+            with scope:
+                return await self._exchange(method, target, headers, body, parsed)
         except BaseException:
             self._slots.release()
             raise
+        # Only reached when the scope's deadline cancelled the exchange.
+        self._slots.release()
+        raise UpstreamTimedOut("the upstream did not answer in time")
 
     async def _exchange(
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
+        parsed: bool,
     ) -> Response:
-        head = [("host", self.origin.authority), *headers]
+        head = [(b"host", self._host), *headers]
         if isinstance(body, bytes):
-            head.append(("content-length", str(len(body))))
-        elif not any(k == "content-length" for k, _ in headers):
-            head.append(("transfer-encoding", "chunked"))
-        request = h11.Request(method=method, target=self.origin.base_path + target, headers=head)
+            head.append((b"content-length", b"%d" % len(body)))
+        elif not any(k == b"content-length" for k, _ in headers):
+            head.append((b"transfer-encoding", b"chunked"))
+        request = h11.Request(
+            method=method.encode("ascii"),
+            target=(self.origin.base_path + target).encode("latin-1"),
+            headers=head,
+            _parsed=parsed and self._host_checked,
+        )
         while True:
             conn, reused = await self._connection()
             try:
@@ -217,13 +271,13 @@ class Pool:
             if isinstance(body, bytes):
                 if body:
                     data += protocol.send(h11.Data(data=body)) or b""
-                await conn.stream.send_all(data + (protocol.send(h11.EndOfMessage()) or b""))
+                await conn.send_all(data + (protocol.send(h11.EndOfMessage()) or b""))
                 return
-            await conn.stream.send_all(data)
+            await conn.send_all(data)
             async for chunk in body:
                 if chunk:
-                    await conn.stream.send_all(protocol.send(h11.Data(data=chunk)) or b"")
-            await conn.stream.send_all(protocol.send(h11.EndOfMessage()) or b"")
+                    await conn.send_all(protocol.send(h11.Data(data=chunk)) or b"")
+            await conn.send_all(protocol.send(h11.EndOfMessage()) or b"")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamFailed(f"sending failed ({type(exc).__name__})") from None
 
@@ -239,14 +293,13 @@ class Pool:
                 if isinstance(event, h11.ConnectionClosed):
                     raise UpstreamFailed("the upstream closed the connection")
                 return event
-            with trio.move_on_after(self.timeout) as scope:
-                try:
-                    data = await conn.stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise UpstreamFailed(f"reading failed ({type(exc).__name__})") from None
-            if scope.cancelled_caught:
-                raise UpstreamTimedOut("the upstream stopped sending")
-            protocol.receive_data(bytes(data))
+            try:
+                data = await conn.receive_some(trio.current_time() + self.timeout)
+            except trio.TooSlowError:
+                raise UpstreamTimedOut("the upstream stopped sending") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamFailed(f"reading failed ({type(exc).__name__})") from None
+            protocol.receive_data(data)
 
     async def release(self, conn: _Connection) -> None:
         """Back to the pool if the exchange completed and both sides keep the connection."""

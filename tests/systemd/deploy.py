@@ -27,6 +27,9 @@ DOC = REPO / "docs" / "deployment.md"
 BUNDLE = "/mnt/bundle"
 EMULATOR = "http://127.0.0.1:8080"
 SOCKET = "/run/geins-broker/broker.sock"
+#: The proxy's listeners: the daemon binds the socket itself, next to SOCKET.
+PROXY_SOCKET = "/run/geins-broker/merchant.sock"
+PROXY_TCP = "127.0.0.1:8480"
 UNIT = "geins-broker.service"
 SOCKET_UNIT = "geins-broker.socket"
 DEMO_USER, DEMO_PASSWORD = "demo@example.com", "demo-password"
@@ -44,6 +47,14 @@ account = "demo"
 api_key = "demo-api-key"
 auth_service_url = "{EMULATOR}"
 merchant_api_url = "{EMULATOR}"
+
+[broker]
+# The proxy's merchant.sock, which the daemon binds itself: 0660 and this group, like
+# broker.sock (docs/deployment.md, step 5).
+socket_group = "geins-broker"
+
+[proxy]
+tcp = "{PROXY_TCP}"
 """
 
 #: What a refused system call or a crash would leave in the unit's journal.

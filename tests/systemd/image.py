@@ -9,7 +9,7 @@ any of them builds a new root; the project itself is not part of it, since it is
 installed afresh into every booted container (see deploy.py).
 
 What is in the root: systemd as PID 1 with dbus, libnss-systemd and libpam-systemd
-(user managers), Python 3.11 with venv, and /opt/geins-broker, a venv holding the
+(user managers), Python 3.11 with venv, curl (the proxy's own examples use it), and /opt/geins-broker, a venv holding the
 project's runtime dependencies (from wheels downloaded on the host, as the container has
 no network), so that deploying the project's own wheel into it needs no network either.
 """
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +49,8 @@ PACKAGES = (
     "passwd",
     "procps",
     "netbase",
+    # The proxy scenarios call it as docs/proxy.md does (curl --unix-socket).
+    "curl",
 )
 #: What an installed Debian has and mmdebstrap does not write: without it "localhost"
 #: does not resolve.
@@ -77,7 +80,11 @@ def runtime_pins() -> list[str]:
     """`name==version` for every runtime dependency of geins-broker, as installed in the
     test venv: the container runs what the rest of the suite ran."""
     pins: dict[str, str] = {}
-    todo = [Requirement(r) for r in metadata.requires("geins-broker") or []]
+    # From pyproject.toml, not the installed metadata: scripts/_venv.sh puts the project
+    # on the path without installing it, so there is none (or a stale one).
+    with (Path(__file__).resolve().parents[2] / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
     while todo:
         requirement = todo.pop()
         if requirement.marker is not None and not requirement.marker.evaluate(PYTHON):

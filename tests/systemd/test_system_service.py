@@ -8,6 +8,7 @@ from .deploy import (
     CONFIG,
     DEMO_PASSWORD,
     DEMO_USER,
+    PROXY_TCP,
     SOCKET,
     SOCKET_UNIT,
     TROUBLE,
@@ -210,8 +211,9 @@ def test_rotation_under_the_hardened_unit_keeps_the_journal_clean(
 def test_no_system_call_is_refused(system: SystemService) -> None:
     """With SystemCallErrorNumber= reset (systemd shows that as 2**31 - 2, its "kill"),
     a call the filter refuses kills the daemon (SIGSYS) instead of failing with EPERM,
-    so one that a library would have swallowed shows too. Everything the daemon does in a day: start, login, refresh, token, status,
-    reload, watch, logout, stop."""
+    so one that a library would have swallowed shows too. Everything the daemon does in a
+    day: start, login, refresh, token, status, a proxied request over loopback TCP (the
+    caller found by sock_diag), reload, watch, logout, stop."""
     machine = system.machine
     machine.run(
         "mkdir -p /etc/systemd/system/geins-broker.service.d && "
@@ -220,13 +222,18 @@ def test_no_system_call_is_refused(system: SystemService) -> None:
     )
     machine.systemctl("daemon-reload")
     # A host name, so the address comes through NSS (getaddrinfo), as in production.
-    system.set_config(CONFIG.replace("127.0.0.1", "localhost"))
+    system.set_config(CONFIG.replace("http://127.0.0.1", "http://localhost"))
     assert system.show("SystemCallErrorNumber")["SystemCallErrorNumber"] == str(2**31 - 2)
     system.start_emulator("--token-ttl", "2")
     system.login()
     machine.wait_until("a rotation", lambda: int(system.state()["refreshes"]) >= 2, timeout=30)
     system.cli("refresh")
     system.cli("status")
+    # The proxy on loopback TCP: sock_diag names the caller (root here) by netlink.
+    machine.run(
+        "curl --fail --silent --show-error -H 'Content-Type: application/json' "
+        f"""--data '{{"query":"{{ getUser {{ email }} }}"}}' http://{PROXY_TCP}/graphql"""
+    )
     watched = machine.run(["timeout", "4", "geins-broker", "watch"], check=False)
     assert watched.returncode == 124, watched.stderr  # still watching when timed out
     assert watched.stdout.strip(), "watch saw no rotation in 4 s of 2-second tokens"
