@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
@@ -439,9 +440,49 @@ for (let i = 0; i < 20000 && Date.now() < end; i++) {
 """
 
 
+PYTHON_VICTIM = """
+import sys, time
+sys.path[:0] = sys.argv[1:3]
+from geins_broker_client import Client
+end = time.monotonic() + 4
+for _ in range(20000):
+    if time.monotonic() > end:
+        break
+    try:
+        with Client(timeout=0.3) as client:
+            client.hello()
+    except Exception:
+        pass
+"""
+
+
+def _victim_command(victim: str, base: Path) -> list[str]:
+    if victim == "node":
+        return ["node", "--input-type=module", "-e", VICTIM, str(NODE_DIST)]
+    # The system interpreter, with the repository's client and a copy of msgpack.
+    lib = base.parent / "lib"
+    shutil.copytree(Path(msgpack.__file__).parent, lib / "msgpack")
+    for path in [lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    client = Path(__file__).resolve().parent.parent / "clients" / "python"
+    return [PYTHON, "-c", PYTHON_VICTIM, str(client), str(lib)]
+
+
+@pytest.mark.parametrize(
+    "victim",
+    [
+        pytest.param(
+            "node",
+            marks=pytest.mark.skipif(
+                shutil.which("node") is None or not NODE_DIST.exists(), reason="no Node"
+            ),
+        ),
+        "python",
+    ],
+)
 @pytest.mark.skipif(shutil.which("node") is None or not NODE_DIST.exists(), reason="no Node")
-def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
-    short_tmp: Path,
+def test_no_client_talks_to_a_socket_behind_a_swapped_directory(
+    short_tmp: Path, victim: str
 ) -> None:
     """The Node client checked only the socket's own directory (rules 1 and 2) and
     cannot read SO_PEERCRED (rule 3). Under TMPDIR/runtime-UID made by another uid (a
@@ -449,7 +490,8 @@ def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
     directory (renameat2 RENAME_EXCHANGE: a symlink to a trusted directory <-> its own)
     between the lstat checks and connect, and the client sent to its socket. The client
     now resolves the socket's directory, requires every directory above to be a trusted
-    uid's and not writable by others (unless sticky), and connects to the resolved path."""
+    uid's and not writable by others (unless sticky), and connects to the resolved path.
+    The Python client held already: SO_PEERCRED names the other uid (rule 3)."""
     short_tmp.chmod(0o755)
     base = short_tmp / "tmp"
     base.mkdir()
@@ -458,10 +500,9 @@ def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
     legit.mkdir(parents=True)
     (base / "legit").chmod(0o755)
     legit.chmod(0o755)
-    with socket.socket(socket.AF_UNIX) as trusted:  # root's, trusted, answers nothing
+    with socket.socket(socket.AF_UNIX) as trusted:  # root's: trusted, refuses at once
         trusted.bind(str(legit / "broker.sock"))
         (legit / "broker.sock").chmod(0o666)  # the system service's socket, open to all
-        trusted.listen(64)
         flipper = subprocess.Popen(
             [*AS_NOBODY, PYTHON, "-c", FLIPPER, str(base), "15"],
             stdout=subprocess.PIPE,
@@ -470,8 +511,9 @@ def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
         assert flipper.stdout is not None
         assert flipper.stdout.readline().strip() == "flipping"
         env = {"PATH": os.environ["PATH"], "TMPDIR": str(base), "HOME": "/nonexistent"}
-        victim = subprocess.run(
-            [*AS_READER, "node", "--input-type=module", "-e", VICTIM, str(NODE_DIST)],
+        command = _victim_command(victim, base)
+        ran = subprocess.run(
+            [*AS_READER, *command],
             env=env,
             capture_output=True,
             text=True,
@@ -481,5 +523,5 @@ def test_the_node_client_never_talks_to_a_socket_behind_a_swapped_directory(
         (base / "stop").touch()
         out, _ = flipper.communicate(timeout=30)
         flipper.stdout.close()
-    assert victim.returncode == 0, victim.stderr
-    assert out.strip() == "received 0", "the Node client sent to the other uid's socket"
+    assert ran.returncode == 0, ran.stderr
+    assert out.strip() == "received 0", f"the {victim} client sent to the other uid's socket"
