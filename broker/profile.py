@@ -526,7 +526,7 @@ class Profile:
         if session.refreshes == before:
             raise self._no_session() if session.login_required else self._failure()
 
-    async def renew_rejected(self, bearer: str) -> None:
+    async def renew_rejected(self, bearer: str, *, reader: bool = False) -> None:
         """Geins refused `bearer` (a 401) though it has time left by our clock: rotate once.
 
         Single flight per refused bearer: the first caller rotates and the others wait
@@ -536,7 +536,10 @@ class Profile:
 
         A bearer younger than `_RENEW_MIN_AGE` is not rotated again: a 401 for a token
         that fresh is about something else (a wrong API key), and rotating on every such
-        answer would turn a flood of requests into a flood of refreshes."""
+        answer would turn a flood of requests into a flood of refreshes. A `reader` (the
+        proxy's caller, not root nor the daemon's user) is held to the policy's
+        reader_refresh_interval, as its `token` requests are: any request path it
+        chooses may earn a 401 that has nothing to do with the bearer."""
         session = self.session
         tokens = session.tokens
         if tokens is None or tokens.bearer.reveal() != bearer or not session.can_refresh:
@@ -546,6 +549,9 @@ class Profile:
         if self._renewal is not None:
             await self._renewal.wait()
             return
+        now = self._wall.now()
+        if reader and session.demand_refresh(now, reader=True) > now:
+            return  # a reader's refresh came too recently: the 401 goes to the caller
         renewal = self._renewal = trio.Event()
         try:
             session.next_refresh_at = self._wall.now()

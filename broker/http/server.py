@@ -9,7 +9,9 @@ how the emulator plays a server that dies mid-answer.
 What a hostile peer can do, and what stops it:
 
 - open connections and never send: `idle_timeout` closes them, `max_connections`
-  bounds how many there are (beyond it a connection gets a 503 and is closed);
+  bounds how many there are (beyond it a connection gets a 503 and is closed); an
+  `Admission` (the proxy's) also turns a peer away at once by who it is (a uid that
+  may do nothing here; one past its own share), so no one uid can hold every slot;
 - trickle a request head byte by byte (slowloris): the whole head must arrive within
   `header_timeout` of its first byte, or it gets a 408;
 - send a huge head: h11 buffers at most `max_header_size` bytes of an incomplete
@@ -31,9 +33,10 @@ import contextlib
 import errno
 import http
 import json
+import socket as stdlib_socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import h11
 import trio
@@ -52,6 +55,13 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _ACCEPT_PAUSE: Final = 0.1
+#: Connections turned away are logged at most once per this many seconds per reason
+#: (with how many since): a peer that connects in a loop must not flood the log.
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+#: A peer turned away at the door may linger this long (its request read and dropped),
+#: at most this many at once.
+_DOOR_LINGER: Final = 0.5
+_MAX_LINGERING: Final = 64
 
 Headers = list[tuple[str, str]]
 
@@ -206,11 +216,12 @@ class Exchange:
     async def respond(
         self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False
     ) -> None:
-        """The whole answer in one write."""
+        """The whole answer in one write. To a HEAD, the same head without the body
+        (h11 refuses body bytes there, which used to end the connection unanswered)."""
         conn = self._conn
         headers = [*headers, ("content-length", str(len(body)))]
         data = self._head(status, headers, close)
-        if body:
+        if body and self.method != "HEAD":
             data += conn.send(h11.Data(data=body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         self.ended = True
@@ -272,6 +283,19 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[None]]
 #: Says who the peer of a new connection is (None: nobody we know); the exchange has it.
 Identify = Callable[[trio.socket.SocketType], Any]
+#: A refusal at the door: (status, code, message).
+Refusal = tuple[int, str, str]
+
+
+class Admission(Protocol):
+    """Who may take a connection slot, decided when the connection is accepted (before
+    it holds anything), and told when each admitted one ends."""
+
+    def refusal(self, peer: Any, connections: int, limits: HttpLimits) -> Refusal | None: ...
+
+    def opened(self, peer: Any) -> None: ...
+
+    def closed(self, peer: Any) -> None: ...
 
 
 class HttpServer:
@@ -283,8 +307,14 @@ class HttpServer:
         identify: Identify | None = None,
         error_body: ErrorBody = plain_error,
         name: str = "http",
+        admission: Admission | None = None,
+        identify_blocks: bool = False,
     ) -> None:
         self.handler = handler
+        self.admission = admission
+        #: `identify` may take long (reading /proc/net/tcp, whose size any local user
+        #: grows): it runs in a worker thread, one at a time, never on the event loop.
+        self._identify_blocks = identify_blocks
         #: Read per connection, so a reload's new limits apply to new connections.
         self.limits = limits or HttpLimits()
         self._identify = identify
@@ -294,6 +324,9 @@ class HttpServer:
         #: Requests being handled right now.
         self.in_flight = 0
         self._quiet: trio.Event | None = None
+        #: Per refusal reason: when it was last logged, and how many went unlogged since.
+        self._refusals: dict[str, tuple[float, int]] = {}
+        self._lingering = 0
 
     async def serve(
         self,
@@ -316,11 +349,26 @@ class HttpServer:
                     log.warning("accept_paused", listener=self.name, reason=exc.strerror)
                     await trio.sleep(_ACCEPT_PAUSE)
                     continue
-                if self.connections >= self.limits.max_connections:
-                    await self._busy(sock)
+                try:
+                    peer = await self._peer(sock)
+                except Exception:
+                    # The peer is gone already (SO_PEERCRED on a reset connection), or a
+                    # lookup failed: that connection, never the listener.
+                    sock.close()
+                    continue
+                refusal = self._refusal(peer)
+                if refusal is not None:
+                    self._log_refusal(refusal[1])
+                    if self._lingering < _MAX_LINGERING:
+                        self._lingering += 1
+                        nursery.start_soon(self._turn_away, sock, refusal, _DOOR_LINGER)
+                    else:  # a flood: answer and close at once (a reset may eat the answer)
+                        await self._turn_away(sock, refusal, 0.0)
                     continue
                 self.connections += 1
-                nursery.start_soon(self._connection, sock)
+                if self.admission is not None:
+                    self.admission.opened(peer)
+                nursery.start_soon(self._connection, sock, peer)
 
     async def drained(self) -> None:
         """Return once no request is being handled (for a graceful stop)."""
@@ -329,20 +377,62 @@ class HttpServer:
             await self._quiet.wait()
             self._quiet = None
 
-    async def _busy(self, sock: trio.socket.SocketType) -> None:
-        """Over `max_connections`: a 503 into the fresh (empty) send buffer, and close."""
-        headers, body = self._error_body(503, "busy", "too many connections; try again")
-        lines = [f"{k}: {v}" for k, v in [*headers, ("content-length", str(len(body)))]]
-        head = "\r\n".join(["HTTP/1.1 503 Service Unavailable", *lines, "connection: close"])
-        with sock, trio.move_on_after(0.1), contextlib.suppress(OSError):
-            await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
-        log.warning("connection_refused", listener=self.name, reason="max_connections")
+    async def _peer(self, sock: trio.socket.SocketType) -> Any:
+        identify = self._identify
+        if identify is None:
+            return None
+        if self._identify_blocks:
+            return await trio.to_thread.run_sync(identify, sock)
+        return identify(sock)
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
+    def _refusal(self, peer: Any) -> Refusal | None:
+        if self.admission is not None:
+            return self.admission.refusal(peer, self.connections, self.limits)
+        if self.connections >= self.limits.max_connections:
+            return (503, "max_connections", "too many connections; try again")
+        return None
+
+    async def _turn_away(
+        self, sock: trio.socket.SocketType, refusal: Refusal, linger: float
+    ) -> None:
+        """A refusal at the door: the answer into the fresh (empty) send buffer, our side
+        shut, what the peer already sent read and dropped for up to `linger` seconds (so
+        its request does not turn our answer into a reset), and close. Such a peer holds
+        no connection slot; at most `_MAX_LINGERING` linger at once, the rest are closed
+        at once. The code in the body is `busy` for a 503, else the refusal's own."""
+        status, reason, message = refusal
+        code = "busy" if status == 503 else reason
+        headers, body = self._error_body(status, code, message)
+        lines = [f"{k}: {v}" for k, v in [*headers, ("content-length", str(len(body)))]]
+        first = f"HTTP/1.1 {status} {_reason(status).decode('ascii')}"
+        head = "\r\n".join([first, *lines, "connection: close"])
+        try:
+            with sock, contextlib.suppress(OSError):
+                with trio.move_on_after(0.1):
+                    await sock.send(head.encode("latin-1") + b"\r\n\r\n" + body)
+                if linger > 0:
+                    sock.shutdown(stdlib_socket.SHUT_WR)
+                    with trio.move_on_after(linger):
+                        for _ in range(16):
+                            if not await sock.recv(_READ_SIZE):
+                                break
+        finally:
+            if linger > 0:
+                self._lingering -= 1
+
+    def _log_refusal(self, reason: str) -> None:
+        now = trio.current_time()
+        logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
+        if now - logged_at < _REFUSAL_LOG_INTERVAL:
+            self._refusals[reason] = (logged_at, unlogged + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        log.warning("connection_refused", listener=self.name, reason=reason, since=unlogged + 1)
+
+    async def _connection(self, sock: trio.socket.SocketType, peer: Any) -> None:
         stream = trio.SocketStream(sock)
         try:
             async with stream:
-                peer = self._identify(sock) if self._identify is not None else None
                 await self._exchanges(stream, peer)
         except (HungUp, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -351,6 +441,8 @@ class HttpServer:
             log.exception("connection_failed", listener=self.name)
         finally:
             self.connections -= 1
+            if self.admission is not None:
+                self.admission.closed(peer)
 
     async def _exchanges(self, stream: trio.SocketStream, peer: Any) -> None:
         limits = self.limits

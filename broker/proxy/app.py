@@ -166,7 +166,8 @@ class ProxyApp:
         if response.status == 401 and rest is None:
             await response.aclose()
             log.info("upstream_refused_bearer", profile=profile.name)
-            await profile.renew_rejected(bearer)
+            reader = peer is None or not self.api.is_admin(peer)
+            await profile.renew_rejected(bearer, reader=reader)
             bearer = await self._bearer(profile)
             response = await self._send(exchange, profile, bearer, body, None)
         return await _relay(exchange, response)

@@ -5,7 +5,7 @@ the connection carries a uid, but both ends live in this kernel, which knows who
 the client's socket. We ask it by the connection's exact 4-tuple with sock_diag
 (NETLINK_SOCK_DIAG, an inet_diag request for one socket, not a dump), and, where
 netlink is not allowed (a systemd unit whose RestrictAddressFamilies lacks
-AF_NETLINK), read /proc/net/tcp{,6} for the line whose ports match. A peer neither
+AF_NETLINK), read /proc/net/tcp{,6} for the line whose exact 4-tuple matches. A peer neither
 can place (it closed already, it lives in another network namespace, /proc/net is
 hidden) is None, and the proxy refuses it.
 
@@ -116,23 +116,34 @@ def _packed(family: int, host: str) -> bytes:
 
 
 def _uid_by_proc(family: int, local: tuple[Any, ...], remote: tuple[Any, ...]) -> int | None:
-    """The uid column of the line whose local port is the peer's and remote port ours."""
+    """The uid column of the line for the client's socket: its local address and port
+    are the peer's, its remote ones ours. All four must match: by ports alone, a peer
+    connecting from 127.0.0.N:P to our 127.0.0.1:P matched our own accepted end (owned
+    by the daemon's user), and any peer could reuse a port number seen in the table on
+    another loopback address. A line with no socket behind it (inode 0: TIME_WAIT,
+    listed as uid 0) is nobody's."""
     table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
-    want_local, want_remote = f":{remote[1]:04X}", f":{local[1]:04X}"
+    # "  12: LOCAL REMOTE ST ...": the pair is matched as bytes, so the table (as long
+    # as any local user makes it) costs the interpreter little per line.
+    pair = f": {_proc_address(family, remote)} {_proc_address(family, local)} ".encode()
     try:
-        with open(table, encoding="ascii") as lines:
-            next(lines, None)
+        with open(table, "rb") as lines:
             for line in lines:
-                fields = line.split()
-                if (
-                    len(fields) > 7
-                    and fields[1].endswith(want_local)
-                    and fields[2].endswith(want_remote)
-                ):
-                    return int(fields[7])
+                if pair in line:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[9] != b"0":
+                        return int(fields[7])
     except OSError as exc:
         log.warning("peer_lookup_failed", how="proc", reason=exc.strerror)
     return None
+
+
+def _proc_address(family: int, address: tuple[Any, ...]) -> str:
+    """An address as /proc/net/tcp{,6} prints it: each 32-bit word of the address in
+    host byte order as 8 hex digits, a colon, the port as 4."""
+    packed = ipaddress.ip_address(address[0].split("%", 1)[0]).packed
+    words = struct.unpack(f"={len(packed) // 4}I", packed)
+    return "".join(f"{word:08X}" for word in words) + f":{address[1]:04X}"
 
 
 # -- a uid's groups ------------------------------------------------------------------------

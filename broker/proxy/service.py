@@ -4,18 +4,27 @@ The Unix socket is made like the broker's (listener.bind: private from the first
 instant, the broker's mode and group, a stale file replaced, a live one refused); the
 peer is SO_PEERCRED's. The TCP listener binds loopback only (config refuses any other
 address) and identifies each peer's uid through the kernel (peers.tcp_peer).
+
+Who may hold a connection (`ProxyAdmission`, asked as each is accepted) follows the
+broker socket's rule: a peer the proxy would refuse every request (unknown, or a uid
+that may read no profile nor the metrics) is turned away with a 403 at once; no uid but
+root and the daemon's may hold more than `[broker] max_connections_per_uid` of a
+listener's connections, and the last `admin_reserved_connections` (at most half) are
+theirs. Over TCP any local uid can connect, so without this one uid's idle connections
+locked everyone out.
 """
 
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from typing import Any
 
 import trio
 
-from ..api import Api
+from ..api import Api, Peer
 from ..config import BrokerConfig
-from ..http.server import HttpLimits, HttpServer
+from ..http.server import HttpLimits, HttpServer, Refusal
 from ..listener import Listener, ListenerError, bind
 from ..log import events
 from ..metrics import Metrics
@@ -39,6 +48,46 @@ def limits_of(config: BrokerConfig) -> HttpLimits:
     )
 
 
+class ProxyAdmission:
+    """The connection rule of one listener (module docstring)."""
+
+    def __init__(self, api: Api, config: BrokerConfig) -> None:
+        self.api = api
+        self.config = config
+        self._per_uid: Counter[int] = Counter()
+
+    def refusal(self, peer: Peer | None, connections: int, limits: HttpLimits) -> Refusal | None:
+        most = limits.max_connections
+        if peer is None:
+            return (403, "forbidden", "the broker cannot tell which user is calling")
+        if self.api.is_admin(peer):
+            return None if connections < most else _full(most)
+        if not self.api.may_scrape(peer) and not any(
+            self.api.may_read(peer, profile) for profile in self.api.profiles.values()
+        ):
+            return (403, "forbidden", f"uid {peer.uid} may read no profile")
+        reserve = min(self.config.admin_reserved_connections, most // 2)
+        if connections >= most - reserve:
+            return _full(most)
+        if self._per_uid[peer.uid] >= self.config.max_connections_per_uid:
+            return (503, "max_per_uid", "too many connections from this user; try again")
+        return None
+
+    def opened(self, peer: Peer | None) -> None:
+        if peer is not None:
+            self._per_uid[peer.uid] += 1
+
+    def closed(self, peer: Peer | None) -> None:
+        if peer is not None:
+            self._per_uid[peer.uid] -= 1
+            if self._per_uid[peer.uid] <= 0:
+                del self._per_uid[peer.uid]
+
+
+def _full(most: int) -> Refusal:
+    return (503, "max_connections", f"all {most} connections are taken; try again")
+
+
 class Proxy:
     def __init__(
         self,
@@ -52,6 +101,7 @@ class Proxy:
         self.config = config
         self.app = ProxyApp(api, config.proxy, wall, observable=observable, metrics=metrics)
         self.servers: list[HttpServer] = []
+        self.admissions: list[ProxyAdmission] = []
         self.unix: Listener | None = None
         #: The TCP address actually bound (port 0 in the config: the kernel's choice).
         self.tcp_address: tuple[str, int] | None = None
@@ -70,6 +120,8 @@ class Proxy:
         self.app.config = config.proxy
         for server in self.servers:
             server.limits = limits_of(config)
+        for admission in self.admissions:
+            admission.config = config
 
     def bind(self) -> None:
         """Take the listening sockets (before serving, so a failure stops the start-up
@@ -118,12 +170,16 @@ class Proxy:
         try:
             async with trio.open_nursery() as nursery:
                 for sock, identify, name in self._listeners:
+                    admission = ProxyAdmission(self.app.api, self.config)
+                    self.admissions.append(admission)
                     server = HttpServer(
                         self.app.handle,
                         limits_of(self.config),
                         identify=identify,
                         error_body=error_body,
                         name=name,
+                        admission=admission,
+                        identify_blocks=identify is tcp_peer,
                     )
                     self.servers.append(server)
                     await nursery.start(server.serve, sock)

@@ -11,13 +11,15 @@
  * the socket itself a socket owned by a trusted uid. Trusted: this process's euid, root,
  * and the system user `geins-broker` if it exists. The Python client also checks the
  * peer's uid with SO_PEERCRED after connecting; Node has no way to read it without a native
- * addon, so this client relies on the path rule alone (which is what makes SO_PEERCRED
- * redundant: nobody untrusted can put a socket where the rule accepts one).
+ * addon, so this client relies on the path rule alone, which therefore also covers every
+ * directory above the socket's (rule 1a: resolved, trusted owners, not writable by others
+ * unless sticky) and connects to the resolved path: otherwise a uid owning a directory
+ * above could swap it between the checks and the connect.
  */
 
 import { readFileSync } from "node:fs";
-import { lstat } from "node:fs/promises";
-import { dirname } from "node:path";
+import { lstat, realpath } from "node:fs/promises";
+import { basename, dirname } from "node:path";
 
 import { BrokerNotRunning, UntrustedSocket } from "./errors.js";
 
@@ -144,14 +146,54 @@ async function lstatInfo(path: string): Promise<StatInfo | null> {
   }
 }
 
-/** The two lstat results for a socket path and the rule's verdict on them. */
+/**
+ * Why a directory above the socket's (from lstat, on the resolved path) could let another
+ * uid swap what lies below it, or null. It must be a directory owned by a trusted uid that
+ * others may not write, unless it is sticky (like /tmp: there only an entry's owner, or the
+ * directory's, may rename it, and the entry below is checked in turn).
+ */
+export function ancestorProblem(info: StatInfo, trusted: ReadonlySet<number>): string | null {
+  if (info.type !== "directory") return `is a ${info.type}, not a directory`;
+  if (!trusted.has(info.uid)) return `is owned by uid ${info.uid}, not by ${WHO}`;
+  if ((info.mode & 0o022) !== 0 && (info.mode & 0o1000) === 0) {
+    return `may be written by others (mode ${info.mode.toString(8).padStart(4, "0")})`;
+  }
+  return null;
+}
+
+/**
+ * The socket path with its directory resolved (no symlink left to follow), and the rule's
+ * verdict on it: rules 1 and 2, and every directory above (ancestorProblem). Without
+ * SO_PEERCRED this is what keeps the path from changing between these checks and the
+ * connect: a uid that owns a directory above (TMPDIR/runtime-UID, made before the user's
+ * own daemon ever ran) could otherwise flip it between a symlink to a trusted directory
+ * and its own, and be connected to.
+ */
 export async function inspectSocket(
   path: string,
   trusted: ReadonlySet<number> = trustedUids(),
-): Promise<{ socket: StatInfo | null; problem: string | null }> {
-  const directory = await lstatInfo(dirname(path));
-  const socket = directory === null ? null : await lstatInfo(path);
-  return { socket, problem: checkTrusted(directory, socket, trusted) };
+): Promise<{ path: string; socket: StatInfo | null; problem: string | null }> {
+  let resolved: string;
+  try {
+    resolved = await realpath(dirname(path));
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return { path, socket: null, problem: null };
+    throw error;
+  }
+  const real = `${resolved === "/" ? "" : resolved}/${basename(path)}`;
+  const directory = await lstatInfo(resolved);
+  const socket = directory === null ? null : await lstatInfo(real);
+  return { path: real, socket, problem: (await aboveProblem(resolved, trusted)) ?? checkTrusted(directory, socket, trusted) };
+}
+
+async function aboveProblem(resolved: string, trusted: ReadonlySet<number>): Promise<string | null> {
+  for (let above = dirname(resolved); above !== resolved; resolved = above, above = dirname(above)) {
+    const info = await lstatInfo(above);
+    const problem = info === null ? null : ancestorProblem(info, trusted);
+    if (problem !== null) return `the directory ${above} above it ${problem}`;
+  }
+  return null;
 }
 
 /** A socket that passed the trust rule, with its identity to check again after connecting. */
@@ -171,18 +213,18 @@ export async function locateSocket(explicit?: string, env: Env = process.env): P
   const trusted = trustedUids();
   const given = explicit ?? (env[ENV_SOCKET] || undefined);
   if (given !== undefined) {
-    const { socket, problem } = await inspectSocket(given, trusted);
+    const { path, socket, problem } = await inspectSocket(given, trusted);
     if (socket === null) throw new BrokerNotRunning(`no broker is listening at ${given} (no such socket)`);
     if (problem !== null) throw new UntrustedSocket(`refusing the socket ${given}: ${problem}`);
-    return { path: given, identity: socket };
+    return { path, identity: socket };
   }
   const candidates = candidateSockets(env);
   let refused: string | null = null;
-  for (const path of candidates) {
-    const { socket, problem } = await inspectSocket(path, trusted);
+  for (const candidate of candidates) {
+    const { path, socket, problem } = await inspectSocket(candidate, trusted);
     if (socket === null) continue;
     if (problem === null) return { path, identity: socket };
-    refused ??= `refusing the socket ${path}: ${problem}`;
+    refused ??= `refusing the socket ${candidate}: ${problem}`;
   }
   if (refused !== null) throw new UntrustedSocket(refused);
   throw new BrokerNotRunning(`no broker is listening at ${candidates[0]} (no such socket)`);
