@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import platformdirs
@@ -29,6 +29,9 @@ from .geins.protocol import (
     Endpoint,
 )
 from .session import Policy
+
+if TYPE_CHECKING:
+    from .fleet.config import ClusterConfig
 
 ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
@@ -50,6 +53,9 @@ class ProfileConfig:
     allow_gids: frozenset[int] = frozenset()
     policy: Policy = field(default_factory=Policy)
     request_timeout: float = REQUEST_TIMEOUT
+    #: Fleet mode: the session lives in the cluster's store, rotated once fleet-wide.
+    #: None (not said): as `[cluster] shared` says; resolved to a bool by the parser.
+    shared: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,8 @@ class BrokerConfig:
     startup_spread: float = 10.0
     #: How long SIGTERM waits for requests in flight.
     shutdown_grace: float = 5.0
+    #: Fleet mode ([cluster]); None: every profile is this host's alone.
+    cluster: ClusterConfig | None = None
 
 
 # -- where things are ------------------------------------------------------------------------
@@ -197,6 +205,15 @@ def parse(
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
     profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
+    cluster_table = top.get("cluster", dict)
+    cluster = None
+    if cluster_table is not None:
+        from .fleet.config import parse_cluster
+
+        cluster, profiles = parse_cluster(_Reader(source, cluster_table, "cluster."), profiles)
+    elif any(p.shared for p in profiles.values()):
+        shared = next(n for n, p in profiles.items() if p.shared)
+        raise ConfigError(f"{source}: profiles.{shared}.shared: needs a [cluster] table")
 
     socket = Path(socket_override or broker.get("socket", str) or default_socket())
     if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
@@ -221,6 +238,7 @@ def parse(
         max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
         startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
         shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+        cluster=cluster,
     )
     broker.check_unknown()
     return config
@@ -258,6 +276,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
         policy=Policy(refresh_at=refresh_at, jitter=jitter),
         request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT),
+        shared=r.get("shared", bool),
     )
     r.check_unknown()
     return profile

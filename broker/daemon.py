@@ -12,13 +12,14 @@ adding and removing profiles without touching the others' sessions.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httpx
 import trio
@@ -35,7 +36,10 @@ from .profile import Offload, Profile
 from .scheduler import Scheduler
 from .server import Server
 from .store import CorruptState, Record, Store
-from .wallclock import SystemClock, WallClock
+from .wallclock import OffsetClock, SystemClock, WallClock
+
+if TYPE_CHECKING:
+    from .fleet.coordinator import Fleet
 
 log = events("broker.daemon")
 
@@ -69,6 +73,10 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        #: Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
+        self.fleet: Fleet | None = None
+        if config.cluster is not None:
+            self.fleet = _fleet(config, self.wall)
 
     # -- running -----------------------------------------------------------------------
 
@@ -121,6 +129,8 @@ class Daemon:
                 self.server = server = Server(Api(self.profiles), config, self.wall)
                 del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
+                    if self.fleet is not None:
+                        await nursery.start(self.fleet.run)
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
@@ -234,6 +244,8 @@ class Daemon:
                 state=profile.session.state,
                 username=record.username,
             )
+        if self.fleet is not None and config.shared:
+            self.fleet.attach(profile, record)
         self.profiles[config.name] = profile
         return profile
 
@@ -302,8 +314,37 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(Daemon(config).run)
-    except (ListenerError, StoreError) as exc:
+        trio.run(Daemon(config, wall=_clock_from_env()).run)
+    except (ListenerError, StoreError, ConfigError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _fleet(config: BrokerConfig, wall: WallClock) -> Fleet:
+    """The fleet coordinator; a shared profile without a usable sealing key stops the
+    start here (ConfigError), before anything reaches Redis."""
+    from .fleet.coordinator import Fleet
+    from .fleet.sealing import KeyFileSealer
+
+    cluster = config.cluster
+    assert cluster is not None
+    if cluster.key_file is None:
+        raise ConfigError("fleet mode needs a sealing key: set cluster.key_file")
+    try:
+        sealer = KeyFileSealer.from_file(cluster.key_file)
+    except ValueError as exc:
+        raise ConfigError(f"cluster.key_file: {exc}") from None
+    return Fleet(cluster, sealer, wall)
+
+
+def _clock_from_env() -> WallClock:
+    """$GEINS_BROKER_CLOCK_OFFSET (seconds) skews this daemon's wall clock: for tests
+    of clock skew between fleet nodes, which run on one machine."""
+    offset = os.environ.get("GEINS_BROKER_CLOCK_OFFSET")
+    if not offset:
+        return SystemClock()
+    try:
+        return OffsetClock(float(offset))
+    except ValueError:
+        raise ConfigError(f"GEINS_BROKER_CLOCK_OFFSET is not a number: {offset!r}") from None

@@ -28,6 +28,7 @@ from .config import ProfileConfig
 from .errors import (
     BadRequest,
     BrokerFault,
+    FleetUnavailable,
     GeinsError,
     LoginRequired,
     NotLoggedIn,
@@ -38,6 +39,7 @@ from .errors import (
     UnknownProfile,
     UpstreamTimeout,
 )
+from .fleet.link import LOCAL, Link
 from .geins import claims
 from .geins.client import GeinsClient
 from .log import events
@@ -87,6 +89,8 @@ class Profile:
         self._offload = offload
         self._scheduler = scheduler
         self.retired = False
+        #: Fleet mode's seam (fleet/link.py); LOCAL for a profile this host has alone.
+        self.fleet: Link = LOCAL
         # Made on first use: ten thousand idle profiles should not each carry a lock
         # and two events that nobody waits on.
         self._upstream_lock: trio.Lock | None = None
@@ -144,6 +148,19 @@ class Profile:
             refreshes=record.refreshes,
         )
         self.session.defer_startup_refresh(self._wall.now(), spread)
+
+    def adopt(self, record: Record | None) -> None:
+        """Fleet mode: a session another node committed (a rotation, a login; None: a
+        logout) replaces ours. Served at once, written to disk by the next step."""
+        if record is None:
+            self.session.logged_out()
+        else:
+            self.restore(record, 0.0)
+            self.session.failures, self.session.last_error = 0, None
+        self._last_failure = None
+        self._write_pending, self._write_retry_at = True, trio.current_time()
+        self._publish()
+        self.plan()
 
     # -- scheduled steps ---------------------------------------------------------------------
 
@@ -203,12 +220,15 @@ class Profile:
             session = self.session
             if not isinstance(session.next_action(self._wall.now()), Refresh):
                 return  # someone refreshed (or logged out) while we waited for the lock
-            refresh_token = session.tokens.refresh if session.tokens else None
-            assert refresh_token is not None
             try:
-                async with self._limiter, self._shielded(1):
-                    await self._refresh_with(refresh_token)
-            except UpstreamTimeout as exc:  # slower than even httpx's per-phase limits
+                # Fleet mode: the lease, and maybe another node's newer session instead.
+                async with self.fleet.rotation() as go:
+                    refresh_token = session.tokens.refresh if session.tokens else None
+                    if not go or refresh_token is None:
+                        return
+                    async with self._limiter, self._shielded(1):
+                        await self._refresh_with(refresh_token)
+            except (UpstreamTimeout, FleetUnavailable) as exc:
                 self._fail(exc)
             finally:
                 self._wake_waiters()
@@ -218,10 +238,13 @@ class Profile:
         try:
             grant = await self.geins.refresh(refresh_token)
         except RefreshTokenRejected as exc:
+            if await self.fleet.rejected():
+                return  # ours was stale: another node's newer session is adopted
             self._last_failure = exc
             session.refresh_rejected(str(exc))
             log.warning("refresh_rejected", profile=self.name, state=session.state)
             await self._save(self._record())
+            await self.fleet.commit(self._record())
             self._publish()
             return
         except GeinsError as exc:
@@ -236,9 +259,13 @@ class Profile:
             assert session.tokens is not None
             session.tokens = replace(session.tokens, refresh=grant.refresh)
             await self._save(self._record())
+            await self.fleet.commit(self._record())
             self._fail(exc)
             return
-        await self._save(self._record(tokens, refreshed_at=now))
+        record = self._record(tokens, refreshed_at=now)
+        await self._save(record)
+        if not await self.fleet.commit(record):
+            return  # our lease had lapsed and another node committed first: adopted
         session.refreshed(tokens, now)
         log.info(
             "refreshed",
@@ -388,7 +415,9 @@ class Profile:
         now = self._wall.now()
         tokens = Tokens.from_grant(grant, now)
         replaced = self.session.tokens
-        await self._save(self._record(tokens, username=username, remember=remember))
+        record = self._record(tokens, username=username, remember=remember)
+        await self._save(record)
+        await self.fleet.replaced(record)
         self.session.logged_in(tokens, username, remember, now)
         log.info(
             event, profile=self.name, username=username, expires_in=round(tokens.expires_at - now)
@@ -408,6 +437,7 @@ class Profile:
             self._publish()
             with trio.CancelScope(shield=True):
                 await self._save(None)
+                await self.fleet.replaced(None)
                 self.plan()  # a failed delete is retried
                 log.info("logged_out", profile=self.name)
                 if refresh_token is not None:
@@ -534,6 +564,7 @@ class Profile:
             "refreshes": session.refreshes,
             "failures": session.failures,
             "last_error": last_error,
+            **({"fleet": fleet} if (fleet := self.fleet.status()) is not None else {}),
         }
 
     def user(self) -> dict[str, Any]:
