@@ -201,11 +201,11 @@ def parse(
     top = _Reader(source, data, "")
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
     profiles_table = top.get("profiles", dict, {})
+    cluster_table = top.get("cluster", dict)
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
     profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
-    cluster_table = top.get("cluster", dict)
     cluster = None
     if cluster_table is not None:
         from .fleet.config import parse_cluster
