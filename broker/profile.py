@@ -157,6 +157,8 @@ class Profile:
         else:
             self.restore(record, 0.0)
             self.session.failures, self.session.last_error = 0, None
+            if record.login_required:
+                self.session.last_error = "Geins refused the fleet's refresh token; log in again"
         self._last_failure = None
         self._write_pending, self._write_retry_at = True, trio.current_time()
         self._publish()

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -284,7 +283,7 @@ class Fleet:
         return self.daemons[i]
 
     def kill(self, i: int) -> None:
-        self.daemons.pop(i).process.send_signal(signal.SIGKILL)
+        self.daemons.pop(i).kill()  # SIGKILL
 
     def client(self, i: int) -> Client:
         return Client(str(self.socket(i)), timeout=10)

@@ -30,7 +30,7 @@ from ..store import Record
 from ..wallclock import WallClock
 from . import rotation
 from .config import ClusterConfig
-from .redis_store import RedisStore, Stored, StoreFailure
+from .redis_store import RedisStore, Stored, StoreFailure, first_leaf
 from .sealing import Sealer, SealError
 
 if TYPE_CHECKING:
@@ -86,8 +86,9 @@ class Fleet:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. Started once the first poll has synced every shared profile
         (or failed: the daemon starts degraded rather than not at all)."""
-        async with self.store.client, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._keep_pool)
             await self.poll_once()
             nursery.start_soon(self._subscriber)
             nursery.start_soon(self._poller)
@@ -99,6 +100,31 @@ class Fleet:
                 healthy=self.healthy,
             )
             task_status.started()
+
+    async def _keep_pool(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Hold the connection pool open, and open a new one if it dies.
+
+        coredis runs each connection as a task in the pool's task group; an error
+        there that it does not expect ends the whole group, and every later command
+        fails. The fleet must outlive any such error, so the pool is supervised.
+        """
+        started, delay = False, 0.1
+        while True:
+            client = self.store.renew()
+            try:
+                async with client:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep_forever()
+            except Exception as exc:  # whatever ended the pool: renew it
+                self.failed(first_leaf(exc))
+                log.warning("store_pool_renewed", reason=_reason(first_leaf(exc)))
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(delay)
+            delay = min(delay * 2, _RESUBSCRIBE_CAP)
 
     def spawn(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
@@ -129,17 +155,21 @@ class Fleet:
         delay = 0.1
         while True:
             try:
-                async with self.store.client.pubsub(
-                    channels=[self.store.channel],
-                    ignore_subscribe_messages=True,
-                    retry_policy=NoRetryPolicy(),
-                ) as pubsub:
+                client = self.store.subscriber()
+                async with (
+                    client,
+                    client.pubsub(
+                        channels=[self.store.channel],
+                        ignore_subscribe_messages=True,
+                        retry_policy=NoRetryPolicy(),
+                    ) as pubsub,
+                ):
                     delay = 0.1
                     self._poke.set()  # catch up on what was said while unsubscribed
                     async for message in pubsub:
                         self._announced(message.get("data"))
-            except StoreFailure as exc:
-                self.failed(exc)
+            except Exception as exc:  # coredis raises groups too: resubscribe on any
+                self.failed(first_leaf(exc))
             await trio.sleep(delay)
             delay = min(delay * 2, _RESUBSCRIBE_CAP)
 
@@ -223,15 +253,24 @@ class SharedLink:
         keeper = trio.CancelScope()
         try:
             self.fleet.spawn(self._keep, lease, keeper)
-            try:
-                stored = await store.read(self.name)
-            except StoreFailure as exc:
-                raise self.fleet.unavailable(exc) from None
+            stored = await self._read_under_lease()
             decision = rotation.after_lease(self.generation, stored.generation)
+            if decision is rotation.AfterLease.SETTLE:
+                log.warning(
+                    "store_behind", profile=self.name, held=self.generation, store=stored.generation
+                )
+                await self.republish()
+                await trio.sleep(rotation.SETTLE_POLLS * config.poll_interval)
+                stored = await self._read_under_lease()
+                decision = rotation.after_lease(self.generation, stored.generation)
             if decision is rotation.AfterLease.ADOPT:
                 self._adopt(stored)
                 yield False
                 return
+            if decision is rotation.AfterLease.SETTLE:
+                raise FleetUnavailable(
+                    f"the fleet store {config.display_url} does not keep what is written to it"
+                )
             self._seen = stored.generation
             yield True
         finally:
@@ -243,6 +282,12 @@ class SharedLink:
                 contextlib.suppress(*StoreFailure),
             ):
                 await store.release(self.name, lease)
+
+    async def _read_under_lease(self) -> Stored:
+        try:
+            return await self.fleet.store.read(self.name)
+        except StoreFailure as exc:
+            raise self.fleet.unavailable(exc) from None
 
     async def _acquire(self, lease: str) -> bool:
         """Take the lease, waiting for another holder; False if its commit (or any

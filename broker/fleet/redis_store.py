@@ -79,8 +79,21 @@ return all
 #: Keys per poll script call, so one call never blocks Redis for long.
 _POLL_CHUNK: Final = 500
 
+
+class PoolDown(Exception):
+    """The connection pool died and is being renewed (see `Fleet._keep_pool`), or a
+    command failed with a group of errors from coredis's tasks."""
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: what to log as the reason."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 #: What a lost or refused connection raises, from coredis or the socket under it.
-StoreFailure: Final = (coredis.exceptions.RedisError, OSError, TimeoutError)
+StoreFailure: Final = (coredis.exceptions.RedisError, OSError, TimeoutError, PoolDown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +121,12 @@ class RedisStore:
         self.config = config
         self.prefix = config.prefix
         self.channel = f"{config.prefix}:generations"
-        self._client: coredis.Redis[bytes] = self._connect(config)
+        self.renew()
+
+    def renew(self) -> coredis.Redis[bytes]:
+        """A new client (and pool) with the scripts registered on it: the coordinator
+        enters it for as long as it lives, and renews it if the pool ever dies."""
+        self._client: coredis.Redis[bytes] = self._connect(self.config)
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
@@ -121,6 +139,7 @@ class RedisStore:
                 ("heartbeat", _HEARTBEAT),
             )
         }
+        return self._client
 
     def __repr__(self) -> str:
         return f"RedisStore({self.config.display_url!r})"
@@ -139,10 +158,10 @@ class RedisStore:
             options["ssl_ca_certs"] = str(config.ca_file)
         return coredis.Redis.from_url(config.url, **options)
 
-    @property
-    def client(self) -> coredis.Redis[bytes]:
-        """The connection pool: entered by the coordinator for the daemon's lifetime."""
-        return self._client
+    def subscriber(self) -> coredis.Redis[bytes]:
+        """A client of its own for one subscription: a subscription that dies with its
+        connection then takes nothing else down with it."""
+        return self._connect(self.config)
 
     def record_key(self, profile: str) -> str:
         return f"{self.prefix}:{{{profile}}}:record"
@@ -155,7 +174,16 @@ class RedisStore:
         return f"{self.prefix}:nodes"
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        try:
+            return await self._scripts[name](keys=list(keys), args=list(args))
+        except RuntimeError as exc:
+            # coredis says so when its pool has exited: between a pool's death and
+            # its renewal, the store is as good as unreachable.
+            if "pool" not in str(exc):
+                raise
+            raise PoolDown("the connection pool is being renewed") from None
+        except ExceptionGroup as group:
+            raise PoolDown(str(first_leaf(group))[:200]) from None
 
     async def acquire(self, profile: str, value: str, ttl: float) -> int:
         """1 if the lease is now ours; otherwise minus the holder's remaining ms."""

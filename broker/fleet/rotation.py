@@ -28,16 +28,30 @@ class AfterLease(StrEnum):
     REFRESH = "refresh"
     #: Another node rotated while we waited: take its session, release the lease.
     ADOPT = "adopt"
+    #: The store has less than we hold: it restarted empty (or missed our commit while
+    #: unreachable). Write ours back, give the other nodes `SETTLE_POLLS` polls to write
+    #: back theirs (one of them may hold a newer session than ours), then look again.
+    SETTLE = "settle"
+
+
+#: How many poll intervals a node waits, after finding the store behind, before it
+#: rotates: every node republishes within one poll, and the highest generation wins.
+SETTLE_POLLS: Final = 2
 
 
 def after_lease(held: int, seen: int) -> AfterLease:
-    """The lease is ours and the record re-read: rotate, or adopt a newer session.
+    """The lease is ours and the record re-read: rotate, adopt a newer session, or let
+    the fleet settle first.
 
-    `seen` below `held` means the store lost what we wrote (restarted empty, or an
-    older snapshot): we rotate our own session and the commit raises the store above
-    both (see `commit_generations`).
+    Rotating at once when the store is behind would present a refresh token that a
+    node we have not heard from may already have rotated: wasted at best, and under
+    strict rotation Geins would end the session.
     """
-    return AfterLease.ADOPT if seen > held else AfterLease.REFRESH
+    if seen > held:
+        return AfterLease.ADOPT
+    if seen < held:
+        return AfterLease.SETTLE
+    return AfterLease.REFRESH
 
 
 def commit_generations(held: int, seen: int) -> tuple[int, int]:
