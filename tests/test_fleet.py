@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from geins_broker_client.errors import Unavailable
+from geins_broker_client.errors import BrokerError, Unavailable
 from tests.fleet_support import (
     CuttableProxy,
     Fleet,
@@ -30,6 +30,7 @@ from tests.fleet_support import (
 from tests.support import EmulatorProcess
 
 TOKEN_TTL = 6.0
+LEASE_TTL = 2.0
 REFRESH_AT = 0.5
 #: The shortest rotation period the jitter allows: 0.45 of the lifetime.
 MIN_PERIOD = TOKEN_TTL * (REFRESH_AT - 0.05)
@@ -125,8 +126,12 @@ def test_one_refresh_per_rotation_across_three_nodes(
 
 
 def _settled(fleet: Fleet) -> dict[str, str] | None:
-    tokens = [fleet.tokens(i) for i in (0, 1, 2)]
-    return tokens[0] if tokens[0] == tokens[1] == tokens[2] else None
+    """The tokens, once every node serves the same ones (None until then)."""
+    try:
+        tokens = [fleet.tokens(i) for i in sorted(fleet.daemons)]
+    except BrokerError:
+        return None
+    return tokens[0] if all(t == tokens[0] for t in tokens) else None
 
 
 def test_logout_and_login_apply_fleet_wide(
@@ -214,14 +219,14 @@ def test_a_partitioned_node_serves_while_valid_then_names_the_store(
         proxy.close()
 
 
-def lease_holders(redis: RedisServer) -> list[int]:
-    """The nodes holding a refresh lease right now."""
-    holders = []
-    for key in redis.command("KEYS", "geins-broker:*:lease"):
-        value = redis.command("GET", key)
-        if value:
-            holders.append(int(value.split(" ")[0].removeprefix("n")))
-    return holders
+def lease_holders(redis: RedisServer, skip: frozenset[str] = frozenset()) -> list[int]:
+    """The nodes holding a refresh lease right now (leases in `skip` left out)."""
+    return [int(v.split(" ")[0].removeprefix("n")) for v in leases(redis) - skip]
+
+
+def leases(redis: RedisServer) -> set[str]:
+    values = (redis.command("GET", key) for key in redis.command("KEYS", "geins-broker:*:lease"))
+    return {v for v in values if v}
 
 
 def assert_serving_unexpired(fleet: Fleet) -> None:
@@ -234,20 +239,25 @@ def assert_serving_unexpired(fleet: Fleet) -> None:
 
 
 def kill_lease_holders(fleet: Fleet, redis: RedisServer, kills: int, deadline: float) -> int:
-    """Kill -9 whichever node holds a lease (else a random one), restart it; repeat."""
+    """Kill -9 whichever node holds a lease (else a random one), restart it, let the
+    fleet work for a random moment under one lease TTL; repeat. (Killing every new
+    holder at once, forever, would stop any protocol: the pause is the fairness.)"""
     done = 0
     rng = random.Random(14)
+    dead_leases: frozenset[str] = frozenset()
     while done < kills and time.monotonic() < deadline:
-        holders = []
+        holders: list[int] = []
         wait_end = time.monotonic() + TOKEN_TTL
         while not holders and time.monotonic() < wait_end:
-            holders = [h for h in lease_holders(redis) if h in fleet.daemons]
+            holders = [h for h in lease_holders(redis, dead_leases) if h in fleet.daemons]
             time.sleep(0.01)
         victim = holders[0] if holders else rng.choice(list(fleet.daemons))
         fleet.kill(victim)
+        dead_leases = frozenset(v for v in leases(redis) if v.startswith(f"n{victim} "))
         assert_serving_unexpired(fleet)
         fleet.start(victim)
         done += 1
+        time.sleep(rng.uniform(0, LEASE_TTL))
     return done
 
 

@@ -194,6 +194,7 @@ class Fleet:
             log.info("store_recovered", store=self.config.display_url)
             now = self.wall.now()
             for link in self.links.values():
+                link.settle()
                 link.retry_soon(now)
         self.healthy, self.last_error = True, None
 
@@ -233,6 +234,12 @@ class SharedLink:
         self._changed = trio.Event()
         self._fetching = trio.Lock()
         self._empty_polls = 0
+        #: A session rotated (or logged in) here whose commit the store missed: it is
+        #: the live one, so it is written back over whatever the store has meanwhile.
+        self._unpublished = False
+        #: trio time before which this node does not rotate: the store was found behind
+        #: or just came back, and other nodes may still be writing back newer sessions.
+        self._settle_until = 0.0
 
     def __repr__(self) -> str:
         return f"SharedLink({self.name!r}, generation={self.generation})"
@@ -255,12 +262,17 @@ class SharedLink:
             self.fleet.spawn(self._keep, lease, keeper)
             stored = await self._read_under_lease()
             decision = rotation.after_lease(self.generation, stored.generation)
-            if decision is rotation.AfterLease.SETTLE:
+            if decision is rotation.AfterLease.SETTLE or trio.current_time() < self._settle_until:
                 log.warning(
-                    "store_behind", profile=self.name, held=self.generation, store=stored.generation
+                    "store_settling",
+                    profile=self.name,
+                    held=self.generation,
+                    store=stored.generation,
                 )
-                await self.republish()
-                await trio.sleep(rotation.SETTLE_POLLS * config.poll_interval)
+                if decision is rotation.AfterLease.SETTLE:
+                    self.settle()
+                    await self.republish()
+                await trio.sleep_until(self._settle_until)
                 stored = await self._read_under_lease()
                 decision = rotation.after_lease(self.generation, stored.generation)
             if decision is rotation.AfterLease.ADOPT:
@@ -344,10 +356,12 @@ class SharedLink:
             # write it back as soon as the store answers (the poll sees held > stored).
             self.fleet.failed(exc)
             self._hold(new, blob, self.fleet.config.node)
+            self._unpublished = True
             log.warning("commit_deferred", profile=self.name, generation=new)
             return True
         if written:
             self._hold(generation, blob, self.fleet.config.node)
+            self._unpublished = False
             log.info("committed", profile=self.name, generation=generation)
             return True
         log.error(
@@ -361,15 +375,19 @@ class SharedLink:
         return False
 
     async def rejected(self) -> bool:
-        try:
-            stored = await self.fleet.store.read(self.name)
-        except StoreFailure as exc:
-            self.fleet.failed(exc)
-            return False
-        if rotation.after_rejection(self.generation, stored.generation):
-            log.info("stale_refresh_token", profile=self.name, adopting=stored.generation)
-            self._adopt(stored)
-            return True
+        # Once at once, and once more after the nodes had time to write back a session
+        # the store missed: a rejection is final only if nobody holds anything newer.
+        for wait in (0.0, rotation.SETTLE_POLLS * self.fleet.config.poll_interval):
+            await trio.sleep(wait)
+            try:
+                stored = await self.fleet.store.read(self.name)
+            except StoreFailure as exc:
+                self.fleet.failed(exc)
+                return False
+            if rotation.after_rejection(self.generation, stored.generation):
+                log.info("stale_refresh_token", profile=self.name, adopting=stored.generation)
+                self._adopt(stored)
+                return True
         return False
 
     async def replaced(self, record: Record | None) -> None:
@@ -387,9 +405,11 @@ class SharedLink:
         except StoreFailure as exc:
             self.fleet.failed(exc)
             self._hold(new, blob, self.fleet.config.node)
+            self._unpublished = True
             log.warning("commit_deferred", profile=self.name, generation=new)
             return
         self._hold(generation, blob, self.fleet.config.node)
+        self._unpublished = False
         log.info("committed", profile=self.name, generation=generation)
 
     def status(self) -> dict[str, Any]:
@@ -401,6 +421,11 @@ class SharedLink:
         }
 
     # -- learning of other nodes' commits ------------------------------------------------
+
+    def settle(self) -> None:
+        """Hold off rotating for a few polls (see `rotation.SETTLE_POLLS`)."""
+        wait = rotation.SETTLE_POLLS * self.fleet.config.poll_interval
+        self._settle_until = max(self._settle_until, trio.current_time() + wait)
 
     def _hold(self, generation: int, blob: bytes, node: str) -> None:
         self.generation, self.blob, self.committed_by = generation, blob, node
@@ -415,13 +440,18 @@ class SharedLink:
 
     def polled(self, generation: int, lease_node: str | None) -> None:
         self.lease_node = lease_node
-        if rotation.should_fetch(self.generation, generation):
+        if self._unpublished:
+            self.settle()
+            self.fleet.spawn(self.republish, True)
+        elif rotation.should_fetch(self.generation, generation):
             self.fleet.spawn(self.fetch, generation)
         elif rotation.should_republish(self.generation, generation) and self.blob is not None:
+            self.settle()
             self.fleet.spawn(self.republish)
         elif generation == 0 and self.blob is not None:
             # Only our own disk's session: let nodes that hold store generations go first.
             self._empty_polls += 1
+            self.settle()
             if self._empty_polls > _DISK_REPUBLISH_POLLS:
                 self.fleet.spawn(self.republish)
 
@@ -437,7 +467,9 @@ class SharedLink:
             if rotation.should_fetch(self.generation, stored.generation):
                 self._adopt(stored)
 
-    async def republish(self) -> None:
+    async def republish(self, over: bool = False) -> None:
+        """Write back what we hold if the store has less; `over`: whatever it has (a
+        session rotated here whose commit the store missed is the live one)."""
         blob = self.blob
         if blob is None:
             return
@@ -445,7 +477,7 @@ class SharedLink:
         try:
             written, now = await self.fleet.store.write(
                 self.name,
-                "higher",
+                "force" if over else "higher",
                 new=generation,
                 expected=0,
                 committed_at=self.fleet.wall.now(),
@@ -457,6 +489,7 @@ class SharedLink:
         if written:
             log.info("republished", profile=self.name, generation=now)
             self._hold(now, blob, self.committed_by or self.fleet.config.node)
+            self._unpublished = False
         else:
             await self.fetch(now)
 
