@@ -23,9 +23,10 @@ PURE = (
     "broker.emulator.model",
     "broker.emulator.jwt",
     "broker.emulator.faults",
+    "broker.fleet.rotation",
     "geins_broker_client.protocol",
 )
-IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio")
+IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio", "coredis")
 
 
 @pytest.mark.parametrize("module", PURE)
