@@ -170,22 +170,59 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.socket, timeout=args.timeout)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _raw_status(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
+    """The parsed status, and each profile's raw table (fleet mode adds to it)."""
+    from geins_broker_client import calls
+
     with _client(args) as client:
-        status = client.status()
+        raw = client.call(calls.status(), lambda message: message)
+    status = calls.parse_status(raw)
+    tables = [p for p in raw.get("profiles", []) if isinstance(p, dict)]
+    return status, tables
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status, tables = _raw_status(args)
     profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
+    fleet = {t.get("profile"): t["fleet"] for t in tables if isinstance(t.get("fleet"), dict)}
     if args.json:
         _print_json(
             {
                 "server": status.server,
                 "uptime": status.uptime,
-                "profiles": [p._asdict() for p in profiles],
+                "profiles": [
+                    {**p._asdict(), **({"fleet": fleet[p.profile]} if p.profile in fleet else {})}
+                    for p in profiles
+                ],
             }
         )
     else:
         print(f"{status.server}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
+        shown = [t for t in tables if t.get("profile") in {p.profile for p in profiles}]
+        if any(t.get("profile") in fleet for t in shown):
+            from .fleet import report
+
+            print()
+            print(report.fleet_summary(shown))
+            print(report.profile_table(shown))
     return EXIT_LOGIN_REQUIRED if any(p.state == "login_required" for p in profiles) else EXIT_OK
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .fleet import report
+
+    status, tables = _raw_status(args)
+    if args.json:
+        _print_json(report.cluster_json(status.server, tables))
+    else:
+        print(report.fleet_summary(tables))
+        if report.shared(tables):
+            print(report.profile_table(tables))
+    if not report.shared(tables):
+        return EXIT_USAGE
+    healthy = report.cluster_json(status.server, tables)["healthy"]
+    return EXIT_OK if healthy else EXIT_UNAVAILABLE
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -374,6 +411,12 @@ def _client_options(
         )
 
 
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    _socket_option(parser)
+    parser.add_argument("--timeout", type=_positive, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket",
@@ -451,6 +494,11 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
         "show every profile's session (exit 5 if any needs a login)",
         cmd_status,
         lambda p: _client_options(p, json=True),
+    ),
+    "cluster": (
+        "show the fleet: this node, the store's health, the nodes, each shared profile",
+        cmd_cluster,
+        _cluster_options,
     ),
     "token": ("print the current bearer token", cmd_token, _token_options),
     "user": ("show who the session belongs to", cmd_user, lambda p: _client_options(p, json=True)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from tests.fleet_support import (
     jti_rotations,
     wait_until,
 )
-from tests.support import EmulatorProcess
+from tests.support import GEINS_BROKER, EmulatorProcess
 
 TOKEN_TTL = 6.0
 LEASE_TTL = 2.0
@@ -416,3 +417,46 @@ def test_clock_skew_between_nodes_changes_nothing(short_tmp: Path, redis: RedisS
             raise
         finally:
             fleet.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GEINS_BROKER, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_status_and_cluster_show_the_fleet(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess
+) -> None:
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2)
+    try:
+        fleet.login_all(0)
+        wait_until(lambda: fleet.status(1)[0]["state"] == "active", 5, "n1 adopts the login")
+        wait_until(
+            lambda: fleet.status(1)[0]["fleet"]["nodes"] == ["n0", "n1"], 5, "n1 sees both nodes"
+        )
+        socket = str(fleet.socket(1))
+        shown = cli("cluster", "--socket", socket, "--json")
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert report["node"] == "n1"
+        assert report["healthy"] is True
+        assert report["nodes"] == ["n0", "n1"]
+        assert report["profiles"] == [
+            {
+                "profile": "default",
+                "state": "active",
+                "generation": 1,
+                "committed_by": "n0",
+                "lease_holder": None,
+            }
+        ]
+        text = cli("status", "--socket", socket)
+        assert "GENERATION" in text.stdout and "store redis://127.0.0.1" in text.stdout
+        redis.kill()
+        wait_until(lambda: fleet.status(1)[0]["fleet"]["healthy"] is False, 5, "n1 notices")
+        down = cli("cluster", "--socket", socket)
+        assert down.returncode == 7
+        assert "UNREACHABLE" in down.stdout
+    finally:
+        fleet.close()
