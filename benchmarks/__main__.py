@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore
+python -m benchmarks tokens cli      # some of: tokens cli memory idle restore sealing
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 """
 
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, tokens
+from . import footprint, sealing, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore")
+ALL = ("tokens", "cli", "memory", "idle", "restore", "sealing")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -59,6 +59,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"at once (bound {r['bound']}); RSS then {r['rss_mib']:.1f} MiB.",
             "",
         ]
+    if "sealing" in results:
+        out += [sealing.table(results["sealing"]["rotation"], results["sealing"]["restart"]), ""]
     return "\n".join(out)
 
 
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         results["idle"] = footprint.idle(seconds=10 if args.quick else 60)
     if "restore" in chosen:
         results["restore"] = footprint.restore(profiles=1000 if args.quick else 10_000)
+    if "sealing" in chosen:
+        results["sealing"] = {
+            "rotation": sealing.rotation(saves=100 if args.quick else 300),
+            "restart": sealing.restart(profiles=1000 if args.quick else 10_000),
+        }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.sealing import Keyring
 from broker.secret import Secret
 from broker.store import Record, Store
 from tests.support import DEMO_USER, DaemonProcess, EmulatorProcess, write_config
@@ -51,11 +52,24 @@ class Fleet:
 
 
 def write_sessions(
-    emulator: EmulatorProcess, state_dir: Path, names: list[str], *, due: bool
+    emulator: EmulatorProcess,
+    state_dir: Path,
+    names: list[str],
+    *,
+    due: bool,
+    keyring: Keyring | None = None,
 ) -> None:
-    """Saved sessions for `names`; `due`: their bearers expired while the daemon was down."""
-    store = Store(state_dir)
+    """Saved sessions for `names`; `due`: their bearers expired while the daemon was down.
+    With `keyring`, sealed with its current key."""
+    store = Store(state_dir, keyring)
     store.prepare()
+    try:
+        _save_minted(emulator, store, names, due=due)
+    finally:
+        store.close()  # and its lock, or the daemon would not start
+
+
+def _save_minted(emulator: EmulatorProcess, store: Store, names: list[str], *, due: bool) -> None:
     now = time.time()
     minted: list[dict[str, object]] = []
     while len(minted) < len(names):

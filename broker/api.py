@@ -39,9 +39,17 @@ class Peer:
 
 
 class Api:
-    def __init__(self, profiles: Mapping[str, Profile], *, admin_uid: int | None = None) -> None:
+    def __init__(
+        self,
+        profiles: Mapping[str, Profile],
+        *,
+        admin_uid: int | None = None,
+        sealing: Callable[[], str] | None = None,
+    ) -> None:
         #: The daemon's live table of profiles (a reload changes it in place).
         self.profiles = profiles
+        #: Whether sessions are sealed at rest, and with which key id (never the key).
+        self.sealing = sealing
         self.admin_uids = frozenset({0, os.geteuid() if admin_uid is None else admin_uid})
         self.started_at = trio.current_time()
         #: Ops answered without waiting for anything.
@@ -100,11 +108,14 @@ class Api:
         return {"v": VERSION, "server": SERVER, "ops": list(Op.ALL)}
 
     def status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        return {
+        answer = {
             "server": SERVER,
             "uptime": trio.current_time() - self.started_at,
             "profiles": [p.status() for p in self.profiles.values() if self.may_read(peer, p)],
         }
+        if self.sealing is not None:
+            answer["sealing"] = self.sealing()
+        return answer
 
     def user(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         return self.readable_profile(peer, args["profile"]).user()

@@ -371,6 +371,40 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     ]
 
 
+def cmd_key(args: argparse.Namespace) -> int:
+    """A new random key, to stdout or to a new 0600 file (never over an existing one)."""
+    from .keys import encode_key
+    from .sealing import Key
+
+    key = Key.generate()
+    data = encode_key(key)
+    if args.output in (None, "-"):
+        sys.stdout.write(data.decode())
+        sys.stdout.flush()
+        print(f"key {key.name} written to stdout", file=sys.stderr)
+        return EXIT_OK
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(args.output, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{args.output}: exists; a key file is never overwritten") from None
+    except OSError as exc:
+        raise UsageError(f"{args.output}: {exc.strerror}") from None
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(f"key {key.name} written to {args.output} (mode 0600)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from .rekey import main as rekey_main
+
+    return rekey_main(config_path=args.config)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -483,6 +517,22 @@ def _demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
 
 
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("generate",))
+    parser.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write the key to FILE (created 0600, never overwritten) instead of stdout",
+    )
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="config file (default: $GEINS_BROKER_CONFIG, then the usual places)"
+    )
+
+
 def _completion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shell", choices=("bash",))
 
@@ -518,6 +568,12 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
     ),
     "serve": ("run the broker daemon", cmd_serve, _serve_options),
     "emulator": ("run the Geins auth emulator", cmd_emulator, _emulator_options),
+    "key": ("generate a key to seal sessions at rest", cmd_key, _key_options),
+    "rekey": (
+        "seal every saved session with the current key now (daemon stopped)",
+        cmd_rekey,
+        _config_option,
+    ),
     "demo": ("emulator + daemon + demo login, printing each rotation", cmd_demo, _demo_options),
     "completion": ("print a shell completion script", cmd_completion, _completion_options),
 }

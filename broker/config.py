@@ -82,6 +82,10 @@ class BrokerConfig:
     shutdown_grace: float = 5.0
     #: Fleet mode ([cluster]); None: every profile is this host's alone.
     cluster: ClusterConfig | None = None
+    #: The key that seals sessions at rest (after the systemd credential; see keys.py).
+    key_file: Path | None = None
+    #: A key that still opens what it sealed, while sessions move to `key_file`'s.
+    previous_key_file: Path | None = None
 
 
 # -- where things are ------------------------------------------------------------------------
@@ -239,9 +243,21 @@ def parse(
         startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
         shutdown_grace=broker.seconds("shutdown_grace", 5.0),
         cluster=cluster,
+        key_file=_file(broker, "key_file"),
+        previous_key_file=_file(broker, "previous_key_file"),
     )
     broker.check_unknown()
     return config
+
+
+def _file(r: _Reader, key: str) -> Path | None:
+    """A path, relative ones taken from the config file's directory."""
+    value = r.get(key, str)
+    if value is None:
+        return None
+    if not value.strip():
+        raise r.error(key, "must not be empty")
+    return r.source.parent / Path(value).expanduser()
 
 
 def _profile(source: Path, name: str, table: Any) -> ProfileConfig:

@@ -1,6 +1,7 @@
 """`geins-broker serve`: config, store, profiles, server, signals and systemd, wired.
 
-Start-up: read the config, prepare the state directory, restore every saved session
+Start-up: read the config, open and lock the state directory (refusing one that is a
+link, another uid's, or writable by others: exit 2), restore every saved session
 (overdue refreshes spread out, at most `max_concurrent_refreshes` at once), take the
 socket (from systemd, or bind it), start serving, then tell systemd READY=1.
 
@@ -28,14 +29,17 @@ from . import __version__
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import StoreError
+from .errors import StateDirError, StoreError
+from .hardening import keep_memory_private
+from .keys import load_keyring
 from .listener import Listener, ListenerError, bind, from_systemd
 from .log import events
 from .notify import Notifier
 from .profile import Offload, Profile
 from .scheduler import Scheduler
+from .sealing import Keyring
 from .server import Server
-from .store import CorruptState, Record, Store
+from .store import CorruptState, Record, SealedState, Store
 from .wallclock import OffsetClock, SystemClock, WallClock
 
 if TYPE_CHECKING:
@@ -57,12 +61,17 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        keyring: Keyring | None = None,
     ) -> None:
         self.config = config
+        if keyring is None:
+            keyring, self.key_source = load_keyring(config)
+        else:
+            self.key_source = "given"
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, keyring)
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
@@ -76,7 +85,7 @@ class Daemon:
         #: Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
         self.fleet: Fleet | None = None
         if config.cluster is not None:
-            self.fleet = _fleet(config, self.wall)
+            self.fleet = _fleet(config, self.wall, self.store)
 
     # -- running -----------------------------------------------------------------------
 
@@ -105,6 +114,20 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
+        self._log_sealing()
+        try:
+            await self._serve(config, listener, signals, task_status)
+        finally:
+            self.store.close()  # and with it the state directory's lock
+        log.info("stopped")
+
+    async def _serve(
+        self,
+        config: BrokerConfig,
+        listener: Listener | None,
+        signals: AsyncIterator[int] | None,
+        task_status: trio.TaskStatus[Daemon],
+    ) -> None:
         records = await self._offload(self._load_records, list(config.profiles))
         listener = (
             listener
@@ -126,7 +149,8 @@ class Daemon:
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                self.server = server = Server(Api(self.profiles), config, self.wall)
+                api = Api(self.profiles, sealing=self.store.keyring.describe)
+                self.server = server = Server(api, config, self.wall)
                 del records  # their secrets now live in the sessions only
                 async with trio.open_nursery() as nursery:
                     if self.fleet is not None:
@@ -158,7 +182,6 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
-        log.info("stopped")
 
     def stop(self) -> None:
         self._stop.set()
@@ -216,6 +239,9 @@ class Daemon:
             except CorruptState as exc:
                 log.error("state_corrupt", profile=name, reason=str(exc), set_aside=exc.set_aside)
                 continue
+            except SealedState as exc:
+                log.error("state_sealed", profile=name, reason=str(exc), key=exc.key_id)
+                continue
             except StoreError as exc:
                 log.error("state_unreadable", profile=name, reason=str(exc))
                 continue
@@ -244,10 +270,40 @@ class Daemon:
                 state=profile.session.state,
                 username=record.username,
             )
+        if (sealed := self.store.unopened.get(config.name)) is not None:
+            profile.mark_sealed(sealed)
         if self.fleet is not None and config.shared:
             self.fleet.attach(profile, record)
         self.profiles[config.name] = profile
         return profile
+
+    def _log_sealing(self) -> None:
+        keyring = self.store.keyring
+        if keyring.current is None:
+            log.warning("sealing_off", reason="no key configured: sessions are stored in clear")
+            return
+        log.info(
+            "sealing_on",
+            key=keyring.current.name,
+            source=self.key_source,
+            previous=",".join(k.name for k in keyring.previous) or None,
+        )
+
+    async def _unseal(self) -> None:
+        """Profiles whose saved session did not open try again (the key may be back)."""
+        for name, profile in list(self.profiles.items()):
+            if profile.session.sealed is None:
+                continue
+            try:
+                record = await self._offload(self.store.load, name)
+            except SealedState as exc:
+                profile.session.sealed = str(exc)
+                continue
+            except (CorruptState, StoreError) as exc:
+                log.error("state_unreadable", profile=name, reason=str(exc))
+                record = None
+            profile.unseal(record, self.config.startup_spread)
+            log.info("unsealed", profile=name, state=profile.session.state)
 
     def _profile_changed(self, profile: Profile) -> None:
         self._status_dirty.set()
@@ -260,11 +316,16 @@ class Daemon:
             if source is None:
                 raise ConfigError("no config file to reload")
             new = await self._offload(load, source)
+            keyring, key_source = await self._offload(load_keyring, new)
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
             return
         old = self.config
+        if keyring != self.store.keyring:
+            self.store.keyring, self.key_source = keyring, key_source
+            self._log_sealing()
+        await self._unseal()
         for key in ("socket", "state_dir", "socket_mode", "socket_group"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=key)
@@ -308,34 +369,42 @@ def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
 
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
+    keep_memory_private()
     try:
         config = load(find_config(config_path), socket_override=socket_path)
+        keyring, key_source = load_keyring(config)
+        daemon = Daemon(config, keyring=keyring, wall=_clock_from_env())
     except ConfigError as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
+    daemon.key_source = key_source
     try:
-        trio.run(Daemon(config, wall=_clock_from_env()).run)
-    except (ListenerError, StoreError, ConfigError) as exc:
+        trio.run(daemon.run)
+    except StateDirError as exc:
+        print(f"geins-broker: {exc}", file=sys.stderr)
+        return 2
+    except (ListenerError, StoreError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _fleet(config: BrokerConfig, wall: WallClock) -> Fleet:
-    """The fleet coordinator; a shared profile without a usable sealing key stops the
-    start here (ConfigError), before anything reaches Redis."""
+def _fleet(config: BrokerConfig, wall: WallClock, store: Store) -> Fleet:
+    """The fleet coordinator. Shared profiles are sealed in Redis with the same keys as
+    the files (sealing.py): without a key the daemon refuses to start, before anything
+    reaches Redis."""
     from .fleet.coordinator import Fleet
-    from .fleet.sealing import KeyFileSealer
 
     cluster = config.cluster
     assert cluster is not None
-    if cluster.key_file is None:
-        raise ConfigError("fleet mode needs a sealing key: set cluster.key_file")
-    try:
-        sealer = KeyFileSealer.from_file(cluster.key_file)
-    except ValueError as exc:
-        raise ConfigError(f"cluster.key_file: {exc}") from None
-    return Fleet(cluster, sealer, wall)
+    shared = [name for name, p in config.profiles.items() if p.shared]
+    if shared and not store.keyring.sealing:
+        raise ConfigError(
+            f"profile {shared[0]!r} is shared through {cluster.display_url}, and a shared "
+            "session is sealed before it reaches the store: configure a sealing key "
+            "(broker.key_file, or the systemd credential; see docs/security.md)"
+        )
+    return Fleet(cluster, lambda: store.keyring, wall)
 
 
 def _clock_from_env() -> WallClock:

@@ -101,6 +101,14 @@ class LoginRequired(BrokerFault):
     code = Code.LOGIN_REQUIRED
 
 
+class SessionSealed(BrokerFault):
+    """The saved session is sealed with a key the daemon lacks: nothing may replace it
+    (a login would overwrite it) until the key is back. No session to serve, hence the
+    code."""
+
+    code = Code.NOT_LOGGED_IN
+
+
 class Busy(BrokerFault):
     code = Code.BUSY
 
@@ -111,6 +119,11 @@ class Timeout(BrokerFault):
 
 class StoreError(BrokerFault):
     """The state directory refused a write or a read; the reason is the OS's."""
+
+
+class StateDirError(StoreError):
+    """The state directory cannot be trusted (a link, another uid's, writable by others)
+    or another process holds its lock: the daemon refuses to start (exit 2)."""
 
 
 class Relayed(BrokerFault):

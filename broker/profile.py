@@ -34,6 +34,7 @@ from .errors import (
     NotLoggedIn,
     RefreshTokenRejected,
     Relayed,
+    SessionSealed,
     StoreError,
     Timeout,
     UnknownProfile,
@@ -163,6 +164,32 @@ class Profile:
         self._write_pending, self._write_retry_at = True, trio.current_time()
         self._publish()
         self.plan()
+
+    def mark_sealed(self, reason: str) -> None:
+        """The saved session does not open (its key is missing): serve nothing, change
+        nothing, until `unseal`."""
+        self.session.sealed = reason
+        self.session.revision += 1
+        self._publish()
+
+    def unseal(self, record: Record | None, spread: float) -> None:
+        """The key is back: carry on with the saved session."""
+        self.session.sealed = None
+        self.session.revision += 1
+        if record is not None:
+            self.restore(record, spread)
+        self._publish()
+        self.plan()
+
+    def _refuse_if_sealed(self) -> None:
+        if self.session.sealed is not None:
+            raise self._sealed()
+
+    def _sealed(self) -> SessionSealed:
+        return SessionSealed(
+            f"profile {self.name!r} is sealed: {self.session.sealed}; bring the key back "
+            "and reload (SIGHUP); the file is kept as it is"
+        )
 
     # -- scheduled steps ---------------------------------------------------------------------
 
@@ -389,6 +416,7 @@ class Profile:
 
     async def login(self, username: str, password: Secret, remember: bool) -> None:
         # Challenge, signature, login, and the logout of a session it replaces.
+        self._refuse_if_sealed()
         async with self._upstream, self._shielded(4):
             grant = await self.geins.login(username, password, remember=remember)
             await self._took(grant, username, remember, "login")
@@ -397,6 +425,7 @@ class Profile:
         self, username: str, password: Secret, remember: bool, user: Mapping[str, Any] | None
     ) -> None:
         # Challenge, signature, register, commit, and the logout of a replaced session.
+        self._refuse_if_sealed()
         async with self._upstream, self._shielded(5):
             grant = await self.geins.create_account(username, password)
             await self._took(grant, username, remember, "register")
@@ -430,6 +459,7 @@ class Profile:
             await self._logout_upstream(replaced.refresh, "replaced")
 
     async def logout(self) -> None:
+        self._refuse_if_sealed()
         async with self._upstream:
             session = self.session
             if session.tokens is None and not session.login_required:
@@ -464,6 +494,8 @@ class Profile:
             raise self._no_session() if session.login_required else self._failure()
 
     def _no_session(self) -> BrokerFault:
+        if self.session.sealed is not None:
+            return self._sealed()
         if self.session.login_required:
             return LoginRequired(f"profile {self.name!r} needs a login: {self.session.last_error}")
         return NotLoggedIn(f"profile {self.name!r} is not logged in")
@@ -555,7 +587,7 @@ class Profile:
     def status(self) -> dict[str, Any]:
         session = self.session
         tokens = session.tokens
-        last_error = session.store_error or session.last_error
+        last_error = session.sealed or session.store_error or session.last_error
         return {
             "profile": self.name,
             "state": str(session.state),

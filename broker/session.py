@@ -34,6 +34,8 @@ class State(StrEnum):
     DEGRADED = "degraded"
     #: Geins rejected the refresh token, or the session ran out: only a login helps.
     LOGIN_REQUIRED = "login_required"
+    #: The saved session is sealed with a key the daemon lacks: bring the key, reload.
+    SEALED = "sealed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,8 @@ class Session:
         self.last_error: str | None = None
         #: Why the last write to disk failed, until one succeeds.
         self.store_error: str | None = None
+        #: Why the saved session does not open (its key is missing), until it does.
+        self.sealed: str | None = None
         #: Bumped whenever the served token or the state changes.
         self.revision = 0
 
@@ -138,6 +142,8 @@ class Session:
 
     @property
     def state(self) -> State:
+        if self.sealed is not None:
+            return State.SEALED
         if self.login_required:
             return State.LOGIN_REQUIRED
         if self.tokens is None:

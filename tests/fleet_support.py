@@ -243,7 +243,7 @@ class Fleet:
         self.emulator = emulator
         self.profiles = profiles
         self.key_file = workdir / "fleet.key"
-        self.key_file.write_text(secrets.token_hex(32) + "\n")
+        self.key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
         self.key_file.chmod(0o600)
         self.daemons: dict[int, DaemonProcess] = {}
         self.configs: dict[int, Path] = {}
@@ -258,7 +258,7 @@ class Fleet:
                 node_dir / "s",
                 node_dir / "state",
                 profiles=profiles,
-                broker={"startup_spread": 0},
+                broker={"startup_spread": 0, "key_file": str(self.key_file)},
                 profile={"refresh_at": refresh_at, "jitter": 0.05},
             )
             with config.open("a") as handle:
@@ -266,7 +266,6 @@ class Fleet:
                     "[cluster]\n"
                     f'url = "{url}"\n'
                     f'node = "n{i}"\n'
-                    f'key_file = "{self.key_file}"\n'
                     f"lease_ttl = {lease_ttl}\n"
                     f"poll_interval = {poll_interval}\n"
                     "command_timeout = 0.5\n"

@@ -9,6 +9,7 @@ emulator's own request counts: every refresh request it answered advanced a sess
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.sealing import Key, Keyring
 from geins_broker_client.errors import BrokerError, Unavailable
 from tests.fleet_support import (
     CuttableProxy,
@@ -66,11 +68,16 @@ def same_tokens_everywhere(fleet: Fleet, nodes: list[int]) -> dict[str, str]:
 
 
 def refresh_tokens_on_disk(fleet: Fleet) -> set[str]:
+    """Every refresh token in the nodes' own (sealed) session files, opened with the
+    fleet's key: what must not appear in Redis in clear."""
+    keyring = Keyring(Key(base64.b64decode(fleet.key_file.read_text())))
     found = set()
     for path in fleet.workdir.glob("n*/state/*.session.json"):
-        token = json.loads(path.read_text()).get("refresh_token")
-        if token:
-            found.add(token)
+        profile = path.name.removesuffix(".session.json")
+        data = json.loads(keyring.open(profile, path.read_bytes()).data)
+        if data.get("refresh_token"):
+            found.add(data["refresh_token"])
+    assert found, "no session files to take refresh tokens from"
     return found
 
 

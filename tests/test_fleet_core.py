@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from broker.config import ConfigError, load
+from broker.daemon import Daemon
 from broker.fleet import rotation
 from broker.fleet.rotation import AfterLease, Rebase
-from broker.fleet.sealing import KeyFileSealer, SealError
+from broker.sealing import Key, Keyring
 
 # -- decisions --------------------------------------------------------------------------
 
@@ -69,40 +70,6 @@ def test_recent_nodes() -> None:
     assert rotation.recent_nodes(seen, now=101.0, window=6.0) == ["a", "b"]
 
 
-# -- sealing ----------------------------------------------------------------------------
-
-
-def test_seal_round_trip_and_tamper() -> None:
-    sealer = KeyFileSealer(bytes(range(32)))
-    blob = sealer.seal("shop", b'{"refresh_token": "r-123"}')
-    assert b"r-123" not in blob
-    assert sealer.open("shop", blob) == b'{"refresh_token": "r-123"}'
-    with pytest.raises(SealError):
-        sealer.open("other", blob)  # another profile's record
-    flipped = bytearray(blob)
-    flipped[-1] ^= 1
-    with pytest.raises(SealError):
-        sealer.open("shop", bytes(flipped))
-    with pytest.raises(SealError):
-        sealer.open("shop", blob[:20])
-    with pytest.raises(SealError):
-        KeyFileSealer(bytes(32)).open("shop", blob)  # another key
-    assert repr(sealer) == "KeyFileSealer(<key>)"
-
-
-def test_key_file_must_be_private(tmp_path: Path) -> None:
-    key = tmp_path / "key"
-    key.write_text("ab" * 32)
-    key.chmod(0o644)
-    with pytest.raises(ValueError, match="mode 0600"):
-        KeyFileSealer.from_file(key)
-    key.chmod(0o600)
-    KeyFileSealer.from_file(key)
-    key.write_text("short")
-    with pytest.raises(ValueError, match="32-byte"):
-        KeyFileSealer.from_file(key)
-
-
 # -- the [cluster] table ------------------------------------------------------------------
 
 PROFILES = """
@@ -117,16 +84,13 @@ shared = false
 
 
 def cluster_config(tmp_path: Path, cluster: str, profiles: str = PROFILES) -> Path:
-    key = tmp_path / "key"
-    key.write_text("ab" * 32)
-    key.chmod(0o600)
     path = tmp_path / "config.toml"
-    path.write_text(profiles + "[cluster]\n" + cluster.replace("KEY", str(key)))
+    path.write_text(profiles + "[cluster]\n" + cluster)
     return path
 
 
 def test_cluster_defaults_and_sharing(tmp_path: Path) -> None:
-    loaded = load(cluster_config(tmp_path, 'url = "redis://cache:6379/2"\nkey_file = "KEY"\n'))
+    loaded = load(cluster_config(tmp_path, 'url = "redis://cache:6379/2"\n'))
     assert loaded.cluster is not None
     assert loaded.cluster.node == os.uname().nodename
     assert loaded.cluster.lease_ttl == 15.0
@@ -136,10 +100,10 @@ def test_cluster_defaults_and_sharing(tmp_path: Path) -> None:
 
 
 def test_shared_as_a_list(tmp_path: Path) -> None:
-    text = 'url = "redis://c"\nkey_file = "KEY"\nshared = ["a"]\n'
+    text = 'url = "redis://c"\nshared = ["a"]\n'
     loaded = load(cluster_config(tmp_path, text))
     assert loaded.profiles["a"].shared is True
-    text = 'url = "redis://c"\nkey_file = "KEY"\nshared = ["nope"]\n'
+    text = 'url = "redis://c"\nshared = ["nope"]\n'
     with pytest.raises(ConfigError, match="no profile named 'nope'"):
         load(cluster_config(tmp_path, text))
 
@@ -147,12 +111,11 @@ def test_shared_as_a_list(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cluster", "message"),
     [
-        ('url = "redis://:hunter2@c:6379"\nkey_file = "KEY"\n', "holds a password"),
-        ('url = "http://c"\nkey_file = "KEY"\n', "redis://, rediss://"),
-        ('url = "redis://c"\n', "configure a sealing key"),
-        ('url = "redis://c"\nkey_file = "KEY"\nca_file = "/x"\n', "only a rediss:// URL"),
-        ('url = "redis://c"\nkey_file = "KEY"\nlease_ttl = 1\n', "twice command_timeout"),
-        ('url = "redis://c"\nkey_file = "KEY"\nbogus = 1\n', "cluster.bogus: unknown key"),
+        ('url = "redis://:hunter2@c:6379"\n', "holds a password"),
+        ('url = "http://c"\n', "redis://, rediss://"),
+        ('url = "redis://c"\nca_file = "/x"\n', "only a rediss:// URL"),
+        ('url = "redis://c"\nlease_ttl = 1\n', "twice command_timeout"),
+        ('url = "redis://c"\nbogus = 1\n', "cluster.bogus: unknown key"),
     ],
 )
 def test_cluster_errors(tmp_path: Path, cluster: str, message: str) -> None:
@@ -172,7 +135,7 @@ def test_password_file_must_be_private(tmp_path: Path) -> None:
     secret = tmp_path / "redis-password"
     secret.write_text("hunter2\n")
     secret.chmod(0o640)
-    text = f'url = "redis://c"\nkey_file = "KEY"\npassword_file = "{secret}"\n'
+    text = f'url = "redis://c"\npassword_file = "{secret}"\n'
     with pytest.raises(ConfigError, match="mode 0600"):
         load(cluster_config(tmp_path, text))
     secret.chmod(0o600)
@@ -190,7 +153,7 @@ def test_password_from_a_systemd_credential(
     (creds / "geins-broker-redis").write_text("s3cret")
     (creds / "geins-broker-redis").chmod(0o400)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    loaded = load(cluster_config(tmp_path, 'url = "rediss://c"\nkey_file = "KEY"\n'))
+    loaded = load(cluster_config(tmp_path, 'url = "rediss://c"\n'))
     assert loaded.cluster is not None and loaded.cluster.password is not None
     assert loaded.cluster.password.reveal() == "s3cret"
 
@@ -204,3 +167,11 @@ def test_a_single_host_never_loads_the_redis_client() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def test_a_shared_profile_without_a_sealing_key_refuses_to_start(tmp_path: Path) -> None:
+    loaded = load(cluster_config(tmp_path, 'url = "redis://c"\n'))
+    with pytest.raises(ConfigError, match="configure a sealing key") as caught:
+        Daemon(loaded, keyring=Keyring())
+    assert "profile 'a' is shared through redis://c" in str(caught.value)
+    Daemon(loaded, keyring=Keyring(Key.generate()))  # with a key it starts

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.errors import StoreError
 from broker.secret import Secret
+from broker.statedir import LOCK_NAME
 from broker.store import CorruptState, Record, Store
 from tests.support import fill, remount
 
@@ -27,10 +29,16 @@ RECORD = Record(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "state")
     s.prepare()
-    return s
+    yield s
+    s.close()
+
+
+def names(directory: Path) -> list[str]:
+    """The files in a state directory, less its lock."""
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
 
 
 def test_round_trip_and_modes(store: Store) -> None:
@@ -48,7 +56,8 @@ def test_prepare_tightens_an_open_directory_and_sweeps_temporaries(tmp_path: Pat
     store = Store(directory)
     assert [p.name for p in store.prepare()] == [".tmp-default.session.json.123"]
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert list(directory.iterdir()) == []
+    assert names(directory) == []
+    store.close()
 
 
 def test_save_replaces_atomically(store: Store) -> None:
@@ -56,7 +65,7 @@ def test_save_replaces_atomically(store: Store) -> None:
     store.save("default", Record(username="bob", refresh=Secret("refresh-2")))
     loaded = store.load("default")
     assert loaded is not None and loaded.username == "bob" and loaded.bearer is None
-    assert [p.name for p in store.directory.iterdir()] == ["default.session.json"]
+    assert names(store.directory) == ["default.session.json"]
 
 
 def test_repr_hides_tokens() -> None:
@@ -104,10 +113,11 @@ def test_full_disk_fails_cleanly_and_keeps_the_old_file(tmpfs: Path) -> None:
     with pytest.raises(StoreError, match="No space left"):
         store.save("default", big)
     assert store.load("default") == RECORD
-    assert [p.name for p in store.directory.iterdir()] == ["default.session.json"]
+    assert names(store.directory) == ["default.session.json"]
     filler.unlink()
     store.save("default", big)
     assert store.load("default") == big
+    store.close()
 
 
 def test_read_only_disk_fails_cleanly(tmpfs: Path) -> None:
@@ -123,6 +133,7 @@ def test_read_only_disk_fails_cleanly(tmpfs: Path) -> None:
         assert store.load("default") == RECORD
     finally:
         remount(tmpfs, "rw")
+        store.close()
 
 
 def test_file_content_is_plain_json_for_operators(store: Store) -> None:

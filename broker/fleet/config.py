@@ -4,7 +4,8 @@ The store's password never sits in the TOML: a URL with a password in it is refu
 it comes from `password_file` (private to the daemon's uid) or from the systemd
 credential `geins-broker-redis` in $CREDENTIALS_DIRECTORY. Sealing is mandatory for
 shared profiles, so a `[cluster]` that shares a profile without a sealing key is an
-error at start, not a refresh token in clear in Redis.
+error at start (daemon.py, once the keys are loaded), not a refresh token in clear in
+Redis.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ class ClusterConfig:
     node: str
     password: Secret | None = field(default=None, repr=False)
     ca_file: Path | None = None
-    #: The sealing key (interim: until the sealing layer's own key sources land).
-    key_file: Path | None = None
     lease_ttl: float = 15.0
     poll_interval: float = 2.0
     prefix: str = "geins-broker"
@@ -54,7 +53,6 @@ class ClusterConfig:
 def parse_cluster(
     r: _Reader, profiles: Mapping[str, ProfileConfig]
 ) -> tuple[ClusterConfig, dict[str, ProfileConfig]]:
-    from ..config import ConfigError
 
     url = r.text("url")
     parts = urlsplit(url)
@@ -80,7 +78,6 @@ def parse_cluster(
         if shared is None:
             shared = shared_default if isinstance(shared_default, bool) else name in shared_default
         resolved[name] = replace(profile, shared=shared)
-    key_file = r.get("key_file", str)
     ca_file = r.get("ca_file", str)
     if ca_file is not None and parts.scheme != "rediss":
         raise r.error("ca_file", "only a rediss:// URL uses TLS")
@@ -89,7 +86,6 @@ def parse_cluster(
         node=r.text("node", socket.gethostname()),
         password=password,
         ca_file=None if ca_file is None else Path(ca_file),
-        key_file=None if key_file is None else Path(key_file),
         lease_ttl=r.seconds("lease_ttl", 15.0, low=0.2),
         poll_interval=r.seconds("poll_interval", 2.0, low=0.05),
         prefix=r.text("prefix", "geins-broker"),
@@ -97,11 +93,6 @@ def parse_cluster(
     )
     if config.command_timeout * 2 >= config.lease_ttl:
         raise r.error("lease_ttl", "must be more than twice command_timeout")
-    if any(p.shared for p in resolved.values()) and config.key_file is None:
-        raise ConfigError(
-            f"{r.source}: cluster.key_file: shared profiles are sealed in Redis; "
-            "configure a sealing key (a refresh token never reaches the store in clear)"
-        )
     r.check_unknown()
     return config, resolved
 

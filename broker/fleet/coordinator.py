@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
@@ -26,12 +26,12 @@ from coredis.retry import NoRetryPolicy
 
 from ..errors import FleetUnavailable
 from ..log import events
+from ..sealing import Keyring, SealError, is_sealed
 from ..store import Record
 from ..wallclock import WallClock
 from . import rotation
 from .config import ClusterConfig
 from .redis_store import RedisStore, Stored, StoreFailure, first_leaf
-from .sealing import Sealer, SealError
 
 if TYPE_CHECKING:
     from ..profile import Profile
@@ -52,9 +52,11 @@ def _reason(exc: BaseException) -> str:
 
 
 class Fleet:
-    def __init__(self, config: ClusterConfig, sealer: Sealer, wall: WallClock) -> None:
+    def __init__(self, config: ClusterConfig, keys: Callable[[], Keyring], wall: WallClock) -> None:
         self.config = config
-        self.sealer = sealer
+        #: The daemon's keyring as it is now (a reload may bring a new key): the same
+        #: sealing layer as the session files, so a session sealed by one opens in both.
+        self.keys = keys
         self.wall = wall
         self.store = RedisStore(config)
         self.links: dict[str, SharedLink] = {}
@@ -246,7 +248,17 @@ class SharedLink:
 
     def seal(self, record: Record | None) -> bytes:
         plain = json.dumps(None if record is None else record.to_json(self.name)).encode()
-        return self.fleet.sealer.seal(self.name, plain)
+        keyring = self.fleet.keys()
+        if not keyring.sealing:  # the daemon refuses to start so; a reload must not either
+            raise FleetUnavailable("no sealing key: a shared session is never stored in clear")
+        return keyring.seal(self.name, plain)
+
+    def open(self, blob: bytes) -> Record | None:
+        """The session in a record, which must be sealed (one in clear is refused)."""
+        if not is_sealed(blob):
+            raise SealError("the record in the store is not sealed; refusing it")
+        data = json.loads(self.fleet.keys().open(self.name, blob).data)
+        return None if data is None else Record.from_json(data, self.name)
 
     # -- the Link seam -------------------------------------------------------------------
 
@@ -498,8 +510,7 @@ class SharedLink:
         if stored.generation == 0:
             return
         try:
-            data = json.loads(self.fleet.sealer.open(self.name, stored.blob))
-            record = None if data is None else Record.from_json(data, self.name)
+            record = self.open(stored.blob)
         except (SealError, ValueError) as exc:
             log.error("fleet_record_unreadable", profile=self.name, reason=_reason(exc))
             return
