@@ -19,20 +19,21 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.emulator import Emulator
+from broker.emulator.app import Emulator
 from broker.keys import encode_key
 from broker.sealing import Key, Keyring, sealed_key_id
 from broker.secret import Secret
 from broker.store import Record, Store
 from broker.wallclock import TrioWallClock
-from tests.conftest import RawConnection, start_broker
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
     DaemonProcess,
     EmulatorProcess,
+    RawConnection,
     call,
+    start_broker,
     write_config,
 )
 
