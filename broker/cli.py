@@ -406,6 +406,10 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet is not None:
+        from .fleet.demo import main as fleet_demo
+
+        return fleet_demo(args.fleet, token_ttl=args.token_ttl, duration=args.duration)
     from .demo import main as demo_main
 
     return demo_main(token_ttl=args.token_ttl)
@@ -515,6 +519,16 @@ def _emulator_options(parser: argparse.ArgumentParser) -> None:
 
 def _demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        choices=range(2, 10),
+        metavar="N",
+        help="fleet mode: redis-server and N daemons (2-9) sharing one session",
+    )
+    parser.add_argument(
+        "--duration", type=_positive, metavar="SECONDS", help="stop after this long (--fleet)"
+    )
 
 
 def _key_options(parser: argparse.ArgumentParser) -> None:

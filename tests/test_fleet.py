@@ -467,3 +467,20 @@ def test_status_and_cluster_show_the_fleet(
         assert "UNREACHABLE" in down.stdout
     finally:
         fleet.close()
+
+
+def test_demo_fleet_shows_one_refresh_per_rotation() -> None:
+    shown = subprocess.run(
+        [*GEINS_BROKER, "demo", "--fleet", "3", "--token-ttl", "6", "--duration", "12"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rotations = [line for line in shown.stdout.splitlines() if "rotated by n" in line]
+    assert len(rotations) >= 2, shown.stdout
+    last = rotations[-1].split("refreshes at Geins ")[1]
+    refreshes, _, rest = last.partition(" for ")
+    assert refreshes == rest.split(" ")[0], rotations[-1]
+    assert "stopped" in shown.stdout
