@@ -366,7 +366,16 @@ def test_redis_restarted_mid_rotation(short_tmp: Path, persist: bool) -> None:
                 fleet.login_all(0)
                 wait_until(lambda: _settled(fleet), 5, "every node adopts the logins")
                 base = refresh_requests(emulator)
-                wait_until(lambda: lease_holders(redis), TOKEN_TTL, "a rotation under way")
+                # Refreshes answer 0.3 s late: a rotation stays under way long enough
+                # for the kill to land in the middle of one.
+                emulator.control(
+                    "POST",
+                    "faults",
+                    {"kind": "latency", "match": "/login", "seconds": 0.3, "after": True},
+                )
+                wait_until(
+                    lambda: lease_holders(redis), TOKEN_TTL, "a rotation under way", every=0.01
+                )
                 redis.kill()
                 time.sleep(1.0)
                 redis.start()

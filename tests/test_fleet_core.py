@@ -116,6 +116,7 @@ def test_shared_as_a_list(tmp_path: Path) -> None:
         ('url = "redis://c"\nca_file = "/x"\n', "only a rediss:// URL"),
         ('url = "redis://c"\nlease_ttl = 1\n', "twice command_timeout"),
         ('url = "redis://c"\nbogus = 1\n', "cluster.bogus: unknown key"),
+        ('url = "redis://c"\nnode = "a b"\n', "a node name is"),
     ],
 )
 def test_cluster_errors(tmp_path: Path, cluster: str, message: str) -> None:
@@ -175,3 +176,17 @@ def test_a_shared_profile_without_a_sealing_key_refuses_to_start(tmp_path: Path)
         Daemon(loaded, keyring=Keyring())
     assert "profile 'a' is shared through redis://c" in str(caught.value)
     Daemon(loaded, keyring=Keyring(Key.generate()))  # with a key it starts
+
+
+def test_an_announcement_carries_the_whole_commit() -> None:
+    from broker.fleet.redis_store import announcement
+
+    parsed = announcement(b"shop 7 1800000000 250000 web-1 1799999999.5\nGBSEAL\x01\n-blob")
+    assert parsed is not None
+    profile, stored = parsed
+    assert profile == "shop"
+    assert (stored.generation, stored.node, stored.committed_at) == (7, "web-1", 1799999999.5)
+    assert stored.store_committed_ms == stored.store_now_ms == 1_800_000_000_250
+    assert stored.blob == b"GBSEAL\x01\n-blob"  # a newline in the blob is the blob's
+    assert announcement(b"shop 7") is None
+    assert announcement(b"shop x 1 2 n 3\nblob") is None

@@ -11,6 +11,7 @@ Redis.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 CREDENTIAL: Final = "geins-broker-redis"
 _SCHEMES: Final = ("redis", "rediss", "unix")
+_NODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ def parse_cluster(
         raise r.error("ca_file", "only a rediss:// URL uses TLS")
     config = ClusterConfig(
         url=url,
-        node=r.text("node", socket.gethostname()),
+        node=_node(r),
         password=password,
         ca_file=None if ca_file is None else Path(ca_file),
         lease_ttl=r.seconds("lease_ttl", 15.0, low=0.2),
@@ -95,6 +97,13 @@ def parse_cluster(
         raise r.error("lease_ttl", "must be more than twice command_timeout")
     r.check_unknown()
     return config, resolved
+
+
+def _node(r: _Reader) -> str:
+    node = r.text("node", socket.gethostname())
+    if not _NODE.fullmatch(node):
+        raise r.error("node", "a node name is 1-64 letters, digits, '_', '.', '-'")
+    return node
 
 
 def _password(r: _Reader) -> Secret | None:

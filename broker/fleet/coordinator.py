@@ -31,7 +31,7 @@ from ..store import Record
 from ..wallclock import WallClock
 from . import rotation
 from .config import ClusterConfig
-from .redis_store import RedisStore, Stored, StoreFailure, first_leaf
+from .redis_store import RedisStore, Stored, StoreFailure, announcement, first_leaf
 
 if TYPE_CHECKING:
     from ..profile import Profile
@@ -176,12 +176,12 @@ class Fleet:
             delay = min(delay * 2, _RESUBSCRIBE_CAP)
 
     def _announced(self, data: object) -> None:
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes) or (announced := announcement(data)) is None:
             return
-        name, _, generation = data.decode(errors="replace").rpartition(" ")
+        name, stored = announced
         link = self.links.get(name)
-        if link is not None and generation.isdigit():
-            link.announced(int(generation))
+        if link is not None:
+            link.announced(stored)
 
     # -- health --------------------------------------------------------------------------
 
@@ -446,9 +446,10 @@ class SharedLink:
         self._changed.set()
         self._changed = trio.Event()
 
-    def announced(self, generation: int) -> None:
-        if rotation.should_fetch(self.generation, generation):
-            self.fleet.spawn(self.fetch, generation)
+    def announced(self, stored: Stored) -> None:
+        """A commit as published: adopted on the spot, with no read of the record."""
+        if rotation.should_fetch(self.generation, stored.generation):
+            self._adopt(stored)
 
     def polled(self, generation: int, lease_node: str | None) -> None:
         self.lease_node = lease_node

@@ -10,7 +10,9 @@ Keys (the `{profile}` hash tag keeps a profile's keys in one slot):
                                (Redis TIME at commit), blob (the sealed session)
   <prefix>:{<profile>}:lease   string: "<node> <random>", with a PX expiry
   <prefix>:nodes               hash: node -> Redis time (s) of its last heartbeat
-  <prefix>:generations         pub/sub channel: "<profile> <generation>"
+  <prefix>:generations         pub/sub channel, one message per commit:
+                               "<profile> <gen> <ts> <tus> <node> <at>\n<blob>", so a
+                               node adopts a commit without reading the record back
 
 Nothing here knows a token: records arrive sealed, and errors name the store only.
 """
@@ -40,7 +42,8 @@ end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'gen', tostring(new), 'node', ARGV[4], 'at', ARGV[5],
   'ts', t[1], 'tus', t[2], 'blob', ARGV[6])
-redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. tostring(new))
+redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. tostring(new) .. ' ' .. t[1] .. ' ' .. t[2]
+  .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. '\\n' .. ARGV[6])
 return {1, new}
 """
 _READ: Final = """
@@ -259,6 +262,21 @@ class RedisStore:
         now = float(flat[-1])
         pairs = flat[:-1]
         return {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}, now
+
+
+def announcement(data: bytes) -> tuple[str, Stored] | None:
+    """A commit as published: the profile and its record (`store_now_ms` is the commit's
+    own time, as the message arrives at once). None if it is not one."""
+    header, newline, blob = data.partition(b"\n")
+    fields = header.decode(errors="replace").split(" ")
+    if not newline or not blob or len(fields) != 6:
+        return None
+    profile, generation, ts, tus, node, at = fields
+    try:
+        committed_ms = int(ts) * 1000 + int(tus) // 1000
+        return profile, Stored(int(generation), node, float(at), committed_ms, committed_ms, blob)
+    except ValueError:
+        return None
 
 
 def _ms(seconds: float) -> int:
