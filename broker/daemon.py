@@ -326,9 +326,7 @@ class Daemon:
             self.store.keyring, self.key_source = keyring, key_source
             self._log_sealing()
         await self._unseal()
-        for key in ("socket", "state_dir", "socket_mode", "socket_group"):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload_needs_restart", key=key)
+        self._warn_needs_restart(new, old)
         for name in [n for n in self.profiles if n not in new.profiles]:
             retired = self._retired[name] = self.profiles.pop(name)
             retired.retire()
@@ -355,15 +353,25 @@ class Daemon:
         self.notifier.ready(self.status_line())
         self._status_dirty.set()
 
+    def _warn_needs_restart(self, new: BrokerConfig, old: BrokerConfig) -> None:
+        for key in ("socket", "state_dir", "socket_mode", "socket_group", "cluster"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=key)
+        for name in new.profiles.keys() & self.profiles.keys():
+            if new.profiles[name].shared != self.profiles[name].config.shared:
+                log.warning("reload_needs_restart", key=f"profiles.{name}.shared")
+
 
 def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
-    """A reload cannot move the socket or the state: those need a restart."""
+    """A reload cannot move the socket or the state, nor join or leave a fleet: those
+    need a restart."""
     return replace(
         new,
         socket=old.socket,
         state_dir=old.state_dir,
         socket_mode=old.socket_mode,
         socket_group=old.socket_group,
+        cluster=old.cluster,
     )
 
 

@@ -51,13 +51,16 @@ class RedisServer:
     """redis-server on a loopback port of its own, in its own directory; `persist`
     turns on the append-only file (fsync always), so a restart keeps every commit."""
 
-    def __init__(self, workdir: Path, *, persist: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, persist: bool = False, password: str | None = None
+    ) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail(REDIS_MISSING)
         self.dir = workdir / "redis"
         self.dir.mkdir(exist_ok=True)
         self.port = free_port()
         self.persist = persist
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -88,6 +91,7 @@ class RedisServer:
                     "--loglevel",
                     "warning",
                     *persistence,
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -103,9 +107,12 @@ class RedisServer:
     def command(self, *args: str) -> Any:
         """One command over a fresh connection (RESP by hand: no client in the tests)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-            sock.sendall(payload.encode())
-            return _read_reply(sock.makefile("rb"))
+            stream = sock.makefile("rb")
+            if self.password:
+                sock.sendall(_command("AUTH", self.password))
+                assert _read_reply(stream) == "OK"
+            sock.sendall(_command(*args))
+            return _read_reply(stream)
 
     def kill(self) -> None:
         assert self.process is not None
@@ -128,6 +135,10 @@ class RedisServer:
             elif kind == "string":
                 values[key] = self.command("GET", key).encode("latin-1")
         return values
+
+
+def _command(*args: str) -> bytes:
+    return (f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)).encode()
 
 
 def _read_reply(stream: Any) -> Any:
@@ -238,6 +249,7 @@ class Fleet:
         poll_interval: float = 0.5,
         refresh_at: float = 0.5,
         env: Callable[[int], dict[str, str]] | None = None,
+        cluster: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         self.emulator = emulator
@@ -269,6 +281,7 @@ class Fleet:
                     f"lease_ttl = {lease_ttl}\n"
                     f"poll_interval = {poll_interval}\n"
                     "command_timeout = 0.5\n"
+                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (cluster or {}).items())
                 )
             self.configs[i] = config
             self.start(i)
