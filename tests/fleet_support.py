@@ -52,7 +52,12 @@ class RedisServer:
     turns on the append-only file (fsync always), so a restart keeps every commit."""
 
     def __init__(
-        self, workdir: Path, *, persist: bool = False, password: str | None = None
+        self,
+        workdir: Path,
+        *,
+        persist: bool = False,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail(REDIS_MISSING)
@@ -61,12 +66,15 @@ class RedisServer:
         self.port = free_port()
         self.persist = persist
         self.password = password
+        #: (CA certificate, server certificate, server key): TLS only, on `port`.
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         persistence = (
@@ -92,11 +100,28 @@ class RedisServer:
                     "warning",
                     *persistence,
                     *(["--requirepass", self.password] if self.password else []),
+                    *self._tls_options(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         wait_until(self.ping, 10, "redis-server answers PING")
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return []
+        ca, cert, key = self.tls
+        # The TLS port replaces the plain one; the plain one listens elsewhere, for
+        # the test's own commands.
+        self.plain_port = free_port()
+        return [
+            "--port", str(self.plain_port),
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     def ping(self) -> bool:
         try:
@@ -106,7 +131,8 @@ class RedisServer:
 
     def command(self, *args: str) -> Any:
         """One command over a fresh connection (RESP by hand: no client in the tests)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+        port = self.plain_port if self.tls else self.port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             stream = sock.makefile("rb")
             if self.password:
                 sock.sendall(_command("AUTH", self.password))
@@ -135,6 +161,61 @@ class RedisServer:
             elif kind == "string":
                 values[key] = self.command("GET", key).encode("latin-1")
         return values
+
+
+def make_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    paths[2].chmod(0o600)
+    return paths
 
 
 def _command(*args: str) -> bytes:
@@ -175,7 +256,8 @@ class CuttableProxy:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def _accept(self) -> None:
         while not self._stop:

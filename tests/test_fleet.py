@@ -28,6 +28,7 @@ from tests.fleet_support import (
     RedisServer,
     fleet_env,
     jti_rotations,
+    make_tls,
     wait_until,
 )
 from tests.support import GEINS_BROKER, EmulatorProcess
@@ -524,6 +525,20 @@ def test_the_redis_password_comes_from_a_file_and_is_never_shown(
         shown += fleet.logs()
         assert password not in shown
         assert "unreachable" in fleet.logs()
+    finally:
+        fleet.close()
+        redis.stop()
+
+
+def test_rediss_with_a_private_ca(short_tmp: Path, emulator: EmulatorProcess) -> None:
+    tls = make_tls(short_tmp)
+    redis = RedisServer(short_tmp, tls=tls)
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2, cluster={"ca_file": str(tls[0])})
+    try:
+        fleet.login_all(0)
+        wait_until(lambda: fleet.status(1)[0]["state"] == "active", 5, "n1 adopts the login")
+        assert fleet.status(1)[0]["fleet"]["store"].startswith("rediss://127.0.0.1:")
+        assert fleet.tokens(0) == fleet.tokens(1)
     finally:
         fleet.close()
         redis.stop()

@@ -117,6 +117,7 @@ def test_shared_as_a_list(tmp_path: Path) -> None:
         ('url = "redis://c"\nlease_ttl = 1\n', "twice command_timeout"),
         ('url = "redis://c"\nbogus = 1\n', "cluster.bogus: unknown key"),
         ('url = "redis://c"\nnode = "a b"\n', "a node name is"),
+        ('url = "rediss://c"\nca_file = "/nonexistent/ca.pem"\n', "cannot read"),
     ],
 )
 def test_cluster_errors(tmp_path: Path, cluster: str, message: str) -> None:

@@ -83,6 +83,8 @@ def parse_cluster(
     ca_file = r.get("ca_file", str)
     if ca_file is not None and parts.scheme != "rediss":
         raise r.error("ca_file", "only a rediss:// URL uses TLS")
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise r.error("ca_file", f"cannot read {ca_file}")
     config = ClusterConfig(
         url=url,
         node=_node(r),

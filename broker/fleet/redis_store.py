@@ -19,6 +19,7 @@ Nothing here knows a token: records arrive sealed, and errors name the store onl
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -157,8 +158,10 @@ class RedisStore:
         }
         if config.password is not None:
             options["password"] = config.password.reveal()
-        if config.ca_file is not None:
-            options["ssl_ca_certs"] = str(config.ca_file)
+        if config.url.startswith("rediss://"):
+            # Verified TLS: the system's CAs, or the configured one only.
+            cafile = None if config.ca_file is None else str(config.ca_file)
+            options["ssl_context"] = ssl.create_default_context(cafile=cafile)
         return coredis.Redis.from_url(config.url, **options)
 
     def subscriber(self) -> coredis.Redis[bytes]:
