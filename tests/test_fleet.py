@@ -509,8 +509,11 @@ def test_the_redis_password_comes_from_a_file_and_is_never_shown(
     secret = short_tmp / "redis-password"
     secret.write_text(password + "\n")
     secret.chmod(0o600)
-    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2, cluster={"password_file": str(secret)})
+    fleet: Fleet | None = None
     try:
+        fleet = Fleet(
+            short_tmp, emulator, redis.url, nodes=2, cluster={"password_file": str(secret)}
+        )
         fleet.login_all(0)
         wait_until(lambda: fleet.status(1)[0]["state"] == "active", 5, "n1 adopts the login")
         assert fleet.status(1)[0]["fleet"]["healthy"] is True
@@ -526,19 +529,22 @@ def test_the_redis_password_comes_from_a_file_and_is_never_shown(
         assert password not in shown
         assert "unreachable" in fleet.logs()
     finally:
-        fleet.close()
+        if fleet is not None:
+            fleet.close()
         redis.stop()
 
 
 def test_rediss_with_a_private_ca(short_tmp: Path, emulator: EmulatorProcess) -> None:
     tls = make_tls(short_tmp)
     redis = RedisServer(short_tmp, tls=tls)
-    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2, cluster={"ca_file": str(tls[0])})
+    fleet: Fleet | None = None
     try:
+        fleet = Fleet(short_tmp, emulator, redis.url, nodes=2, cluster={"ca_file": str(tls[0])})
         fleet.login_all(0)
         wait_until(lambda: fleet.status(1)[0]["state"] == "active", 5, "n1 adopts the login")
         assert fleet.status(1)[0]["fleet"]["store"].startswith("rediss://127.0.0.1:")
         assert fleet.tokens(0) == fleet.tokens(1)
     finally:
-        fleet.close()
+        if fleet is not None:
+            fleet.close()
         redis.stop()
