@@ -366,7 +366,12 @@ class Fleet:
                     + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (cluster or {}).items())
                 )
             self.configs[i] = config
-            self.start(i)
+        try:
+            for i in self.configs:
+                self.start(i)
+        except BaseException:
+            self.close()  # the nodes already up do not outlive a fleet that failed
+            raise
 
     def socket(self, i: int) -> Path:
         return self.workdir / f"n{i}" / "s"
