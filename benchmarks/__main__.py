@@ -1,8 +1,9 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens cli memory idle restore sealing cluster
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing cluster
 python -m benchmarks --quick         # fewer repetitions and shorter runs
+python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cluster, footprint, sealing, tokens
+from . import cluster, footprint, metrics_cost, node_client, proxy, sealing, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "cli", "memory", "idle", "restore", "sealing", "cluster")
+ALL = (
+    "tokens",
+    "node",
+    "cli",
+    "memory",
+    "idle",
+    "restore",
+    "proxy",
+    "metrics",
+    "sealing",
+    "cluster",
+)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -30,6 +42,51 @@ def markdown(results: dict[str, Any]) -> str:
             "per cell; one load process, one request in flight per connection):",
             "",
             tokens.table(t),
+            "",
+        ]
+    if "metrics" in results:
+        m = results["metrics"]
+        out += [
+            f"**Metrics cost** ({m['connections']} connections, median of {m['repeat']} interleaved "
+            f"runs of {m['duration']:g} s; `on` scraped every {m['scrape_every']:g} s, "
+            f"{m['scrapes']} scrapes in all, and writing the textfile as often):",
+            "",
+            metrics_cost.table(m),
+            "",
+        ]
+        c = m["scrape"]
+        out += [
+            f"**One scrape of {c['profiles']:,} profiles**: copied on the event loop in "
+            f"{c['per_profile']['snapshot_ms']:.0f} ms (in chunks of 500 between checkpoints), "
+            f"formatted in a worker thread in {c['per_profile']['render_ms']:,.0f} ms "
+            f"({c['per_profile']['bytes'] / 2**20:.1f} MiB); with `per_profile = false` "
+            f"{c['summed']['render_ms']:.0f} ms ({c['summed']['bytes']:,} bytes).",
+            "",
+        ]
+        h = m["hot_path"]
+        out += [
+            f"**The count on the token path alone**: `Profile.token_frame` takes "
+            f"{h['counted_ns']:.0f} ns with its `+= 1`, {h['uncounted_ns']:.0f} ns without "
+            f"(median of {h['rounds']} alternated rounds of {h['calls']:,} calls): "
+            f"{h['delta_ns']:+.0f} ns per answer (difference of the fastest rounds: "
+            f"{h['min_delta_ns']:+.0f} ns).",
+            "",
+        ]
+    if "node" in results:
+        out += [
+            "**The Node client beside the Python client** (same daemon, same run; median of "
+            f"{results['node'].get('repeat', 0)} interleaved runs):",
+            "",
+            node_client.table(results["node"]),
+            "",
+        ]
+    if "proxy" in results:
+        p = results["proxy"]
+        out += [
+            f"**Merchant API proxy against nginx** (median of {p['repeat']} interleaved runs of "
+            f"{p['duration']:g} s per cell; loopback TCP; the same stub behind both):",
+            "",
+            proxy.table(p),
             "",
         ]
     if "cli" in results:
@@ -72,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "only", nargs="*", metavar="NAME", help=f"some of {', '.join(ALL)} (default: all)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter runs")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="metrics: also measure the daemon of this git revision (one without metrics)",
+    )
     args = parser.parse_args(argv)
     if unknown := set(args.only) - set(ALL):
         parser.error(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
@@ -82,6 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "metrics" in chosen:
+        results["metrics"] = metrics_cost.run(
+            repeat=3 if args.quick else 15,
+            duration=1.0,
+            baseline=args.baseline,
+        )
+        results["metrics"]["scrape"] = metrics_cost.scrape_cost(1000 if args.quick else 10_000)
+        results["metrics"]["hot_path"] = metrics_cost.hot_path_cost(5 if args.quick else 21)
+    if "node" in chosen:
+        results["node"] = node_client.run(
+            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+        )
+    if "proxy" in chosen:
+        results["proxy"] = proxy.run(
             repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
         )
     if "cli" in chosen:

@@ -31,6 +31,9 @@ class Fleet:
     config: Path
     workdir: Path
     profiles: int
+    #: Where the daemon runs from (another revision's tree), and its extra environment.
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
 
     @property
     def pid(self) -> int:
@@ -38,7 +41,7 @@ class Fleet:
         return self.daemon.process.pid
 
     def start(self) -> None:
-        self.daemon = DaemonProcess(self.config, self.workdir)
+        self.daemon = DaemonProcess(self.config, self.workdir, self.env, cwd=self.cwd)
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -101,8 +104,11 @@ def fleet(
     due: bool = False,
     token_ttl: float = 900,
     broker: dict[str, object] | None = None,
+    metrics: dict[str, object] | None = None,
     start: bool = True,
+    source: Path | None = None,
 ) -> Iterator[Fleet]:
+    """`source`: run the daemon of another tree (e.g. an older revision exported there)."""
     workdir = Path(tempfile.mkdtemp(prefix="gbb-", dir="/tmp"))  # short: a socket lives here
     emulator = EmulatorProcess("--token-ttl", f"{token_ttl:g}")
     names = ["default", *(f"p{i:05d}" for i in range(1, profiles))]
@@ -114,10 +120,12 @@ def fleet(
         workdir / "state",
         profiles=tuple(names),
         broker=broker,
+        metrics=metrics,
     )
     if logged_in:
         write_sessions(emulator, workdir / "state", names, due=due)
-    running = Fleet(emulator, None, socket, config, workdir, profiles)
+    env = None if source is None else {"PYTHONPATH": f"{source}:{source}/clients/python"}
+    running = Fleet(emulator, None, socket, config, workdir, profiles, source, env)
     try:
         if start:
             running.start()

@@ -2,7 +2,9 @@
 
 The daemon's own uid and root may do everything. A profile's `allow_users` and
 `allow_groups` may read it: token, user, watch, and its line in status. Everyone may say
-hello. Everything else is refused with `forbidden`.
+hello. Everything else is refused with `forbidden`, `metrics` included: it names every
+profile with its state and timings, which `status` shows a reader only for the profiles
+it may read (monitoring that runs as another user reads the textfile or `/metrics`).
 
 Each op returns the response's fields; the server adds the id and `ok`, and turns any
 `BrokerFault` raised here into the error map.
@@ -20,12 +22,14 @@ import trio
 from geins_broker_client.protocol import VERSION, Op
 
 from . import __version__
-from .errors import Forbidden, UnknownProfile
+from .errors import BrokerFault, Forbidden, UnknownOp, UnknownProfile
 from .profile import Profile, WatchEvent
 
 SERVER: Final = f"geins-broker/{__version__}"
 
 Emit = Callable[[WatchEvent], Awaitable[None]]
+#: The exposition text and its content type (metrics.py).
+Render = Callable[[], Awaitable[tuple[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +48,14 @@ class Api:
         profiles: Mapping[str, Profile],
         *,
         admin_uid: int | None = None,
+        metrics: Render | None = None,
         sealing: Callable[[], str] | None = None,
     ) -> None:
         #: The daemon's live table of profiles (a reload changes it in place).
         self.profiles = profiles
+        self._render_metrics = metrics
+        #: Who may read the metrics besides admins: uids and gids (`[metrics]`).
+        self.metrics_readers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
         #: Whether sessions are sealed at rest, and with which key id (never the key).
         self.sealing = sealing
         self.admin_uids = frozenset({0, os.geteuid() if admin_uid is None else admin_uid})
@@ -66,6 +74,7 @@ class Api:
             Op.REFRESH: self.refresh,
             Op.CHANGE_PASSWORD: self.change_password,
             Op.REGISTER: self.register,
+            Op.METRICS: self.metrics,
         }
 
     # -- access --------------------------------------------------------------------------
@@ -80,6 +89,16 @@ class Api:
             or peer.uid in config.allow_uids
             or peer.gid in config.allow_gids
             or not peer.groups.isdisjoint(config.allow_gids)
+        )
+
+    def may_scrape(self, peer: Peer) -> bool:
+        """Whether `peer` may read the metrics and the health verdict."""
+        uids, gids = self.metrics_readers
+        return (
+            self.is_admin(peer)
+            or peer.uid in uids
+            or peer.gid in gids
+            or not peer.groups.isdisjoint(gids)
         )
 
     def readable_profile(self, peer: Peer, name: str) -> Profile:
@@ -123,8 +142,16 @@ class Api:
     # -- ops that wait ---------------------------------------------------------------------
 
     async def token(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        profile = self.readable_profile(peer, args["profile"])
-        await profile.ensure_token(args["min_valid"])
+        """The long way of a `token` request (server.py answers most from memory)."""
+        profile = self._profile(args["profile"])
+        try:
+            if not self.may_read(peer, profile):
+                raise Forbidden(f"uid {peer.uid} may not read profile {profile.name!r}")
+            await profile.ensure_token(args["min_valid"], reader=not self.is_admin(peer))
+        except BrokerFault as exc:
+            profile.token_results.inc(exc.code)
+            raise
+        profile.token_results.inc("waited")
         tokens = profile.session.tokens
         assert tokens is not None
         return profile.token_fields(tokens)
@@ -153,6 +180,14 @@ class Api:
         profile = self.administrable(peer, args["profile"])
         await profile.change_password(args["password"], args["new_password"])
         return self._session(profile)
+
+    async def metrics(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        if not self.may_scrape(peer):
+            raise Forbidden(f"uid {peer.uid} may not read the metrics (see [metrics] allow_users)")
+        if self._render_metrics is None:
+            raise UnknownOp("this daemon keeps no metrics")
+        text, content_type = await self._render_metrics()
+        return {"text": text, "content_type": content_type}
 
     @staticmethod
     def _session(profile: Profile) -> dict[str, Any]:

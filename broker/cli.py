@@ -43,9 +43,27 @@ EXIT_INVALID_CREDENTIALS = 8
 EXIT_UPSTREAM_ERROR = 9
 EXIT_UNKNOWN_PROFILE = 10
 
+#: What each exit code means, written once: `--help` prints it and a test holds the
+#: README to it.
+EXIT_MEANINGS: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_INTERNAL: "internal error",
+    EXIT_USAGE: "bad input",
+    EXIT_NOT_RUNNING: "broker not running (or its socket not to be trusted)",
+    EXIT_NOT_LOGGED_IN: "not logged in",
+    EXIT_LOGIN_REQUIRED: "login required",
+    EXIT_FORBIDDEN: "forbidden",
+    EXIT_UNAVAILABLE: "Geins unavailable or timeout",
+    EXIT_INVALID_CREDENTIALS: "invalid credentials",
+    EXIT_UPSTREAM_ERROR: "Geins error",
+    EXIT_UNKNOWN_PROFILE: "unknown profile",
+}
+
 #: Exit code per client error family; the most specific class wins.
 EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
+    # No broker we may trust is running: the socket found is another user's.
+    (client_errors.UntrustedSocket, EXIT_NOT_RUNNING),
     (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
     (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
     (client_errors.Forbidden, EXIT_FORBIDDEN),
@@ -56,9 +74,7 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.ProtocolError, EXIT_USAGE),
 )
 
-_EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input, 3 broker not running,
-4 not logged in, 5 login required, 6 forbidden, 7 Geins unavailable or timeout,
-8 invalid credentials, 9 Geins error, 10 unknown profile"""
+_EPILOG = "exit codes: " + ", ".join(f"{code} {text}" for code, text in EXIT_MEANINGS.items())
 
 
 class UsageError(Exception):
@@ -184,6 +200,8 @@ def _raw_status(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
 def cmd_status(args: argparse.Namespace) -> int:
     status, tables = _raw_status(args)
     profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
+    if args.check:
+        return _check(profiles, args.profile)
     fleet = {t.get("profile"): t["fleet"] for t in tables if isinstance(t.get("fleet"), dict)}
     if args.json:
         _print_json(
@@ -223,6 +241,24 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     healthy = report.cluster_json(status.server, tables)["healthy"]
     return EXIT_OK if healthy else EXIT_UNAVAILABLE
+
+
+def _check(profiles: Sequence[ProfileStatus], name: str | None) -> int:
+    """One line and the verdict's exit code, for ExecCondition= and monitoring."""
+    from geins_broker_client.health import judge
+
+    if name is not None and not profiles:
+        return _report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
+    health = judge(profiles, time.time())
+    print(health.line())
+    return health.code
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        text = client.metrics()
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -462,6 +498,23 @@ def _socket_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _status_options(parser: argparse.ArgumentParser) -> None:
+    _client_options(parser, json=True)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print one line and exit 0 healthy, 1 degraded, 4 not logged in, "
+        "5 login required (for ExecCondition= and monitoring)",
+    )
+
+
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    _socket_option(parser)
+    parser.add_argument(
+        "--timeout", type=_positive, default=60.0, help="seconds to wait for the daemon"
+    )
+
+
 def _token_options(parser: argparse.ArgumentParser) -> None:
     _client_options(parser, json=True)
     parser.add_argument(
@@ -482,8 +535,11 @@ def _login_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_options(parser: argparse.ArgumentParser) -> None:
+    # Only `register` pays for importing the protocol's values (not `token`'s start-up).
+    from .geins.protocol import CUSTOMER_TYPES, DEFAULT_CUSTOMER_TYPE
+
     _login_options(parser)
-    parser.add_argument("--customer-type", choices=("PERSON", "ORGANIZATION"), default="PERSON")
+    parser.add_argument("--customer-type", choices=CUSTOMER_TYPES, default=DEFAULT_CUSTOMER_TYPE)
     parser.add_argument("--newsletter", action="store_true")
 
 
@@ -557,7 +613,12 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
     "status": (
         "show every profile's session (exit 5 if any needs a login)",
         cmd_status,
-        lambda p: _client_options(p, json=True),
+        _status_options,
+    ),
+    "metrics": (
+        "print the daemon's metrics (Prometheus text format)",
+        cmd_metrics,
+        _metrics_options,
     ),
     "cluster": (
         "show the fleet: this node, the store's health, the nodes, each shared profile",

@@ -6,12 +6,14 @@ the daemon prints it and exits 2 (or, on SIGHUP, keeps the configuration it has)
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import math
 import os
 import pwd
 import re
+import stat
 import tomllib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
-from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME
+from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME, temp_dir
 
 from .geins.protocol import (
     DEFAULT_AUTH_SERVICE_URL,
@@ -28,7 +30,8 @@ from .geins.protocol import (
     REQUEST_TIMEOUT,
     Endpoint,
 )
-from .session import Policy
+from .listener import unsafe_directory
+from .session import MAX_CLOCK_SKEW, Policy
 
 if TYPE_CHECKING:
     from .fleet.config import ClusterConfig
@@ -37,8 +40,17 @@ ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
+#: A config file is a few kilobytes; ten thousand profiles are about a megabyte.
+MAX_CONFIG_SIZE: Final = 16 * 1024 * 1024
 _PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOOPBACK: Final = {"127.0.0.1", "::1", "localhost"}
+#: The proxy's Unix socket, next to the broker's.
+PROXY_SOCKET_NAME: Final = "merchant.sock"
+#: Upper bounds for durations: generous, but a typo of a few zeros is caught.
+_HOUR: Final = 3600.0
+_DAY: Final = 86400.0
+#: A bound on unread answers below one token answer would close every slow reader.
+_MIN_UNREAD: Final = 64 * 1024
 
 
 class ConfigError(Exception):
@@ -59,6 +71,44 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: what the collector shows and where the textfile goes."""
+
+    #: Series per profile (expiry, state, token and refresh counts). Off for daemons
+    #: with thousands of profiles: the same figures are then summed over profiles.
+    per_profile: bool = True
+    #: node_exporter's textfile collector: written atomically every `textfile_interval`.
+    textfile: Path | None = None
+    textfile_interval: float = 15.0
+    #: Who may read the metrics besides root and the daemon's user (the `metrics` op,
+    #: `GET /metrics` and `GET /healthz`): Prometheus' user, say.
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The Merchant API proxy's listeners and limits (`[proxy]`; docs/proxy.md)."""
+
+    #: The Unix socket, or None when `unix = false`.
+    socket: Path | None
+    #: Loopback TCP (host, port), or None.
+    tcp: tuple[str, int] | None = None
+    #: The profile a request without a Geins-Broker-Profile header uses.
+    profile: str = "default"
+    max_connections: int = 256
+    max_header_size: int = 16 * 1024
+    max_body_size: int = 10 * 1024 * 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    upstream_timeout: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.socket is not None or self.tcp is not None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     source: Path | None
     socket: Path
@@ -67,8 +117,18 @@ class BrokerConfig:
     socket_mode: int | None = None
     socket_group: int | None = None
     max_connections: int = 1024
+    #: Connections one uid other than root and the daemon's may hold.
+    max_connections_per_uid: int = 64
+    #: Of max_connections, how many only root and the daemon's user may take.
+    admin_reserved_connections: int = 16
     max_requests_per_connection: int = 32
+    #: Bytes of answers a client may leave unread on one connection (beyond one
+    #: answer), and on all of them together, before its connection is closed.
+    max_unread_bytes: int = 1024 * 1024
+    max_unread_total: int = 64 * 1024 * 1024
     idle_timeout: float = 300.0
+    #: The idle timeout of a peer that may read no profile.
+    stranger_idle_timeout: float = 10.0
     #: How long a half-received frame may sit before the connection is closed.
     frame_timeout: float = 10.0
     #: How long a client may leave answers unread before the connection is closed.
@@ -80,6 +140,8 @@ class BrokerConfig:
     startup_spread: float = 10.0
     #: How long SIGTERM waits for requests in flight.
     shutdown_grace: float = 5.0
+    proxy: ProxyConfig = ProxyConfig(socket=None)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Fleet mode ([cluster]); None: every profile is this host's alone.
     cluster: ClusterConfig | None = None
     #: The key that seals sessions at rest (after the systemd credential; see keys.py).
@@ -115,13 +177,48 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def default_socket() -> Path:
+    """$GEINS_BROKER_SOCKET, systemd's $RUNTIME_DIRECTORY, else under `runtime_dir()`.
+
+    The client's list of places (geins_broker_client.paths.candidate_sockets) holds
+    every answer this can give; a test keeps the two in step.
+    """
     if env := os.environ.get(ENV_SOCKET):
         return Path(env)
     if runtime := os.environ.get("RUNTIME_DIRECTORY"):
         return Path(runtime.split(":")[0]) / SOCKET_NAME
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        return Path(_dirs().user_runtime_dir) / SOCKET_NAME
+    return runtime_dir() / APP_DIR / SOCKET_NAME
+
+
+def runtime_dir() -> Path:
+    """The user's runtime directory: $XDG_RUNTIME_DIR if it exists, /run/user/UID if it
+    exists and is ours, else TMPDIR/runtime-UID, made 0700 here if missing.
+
+    Computed here rather than by platformdirs, whose answer changed between versions.
+    Whichever it is must be ours, no symlink, and not writable by group or others: the
+    last resort lies in a directory everyone can write, where another user may have made
+    it first to plant a socket where our clients look (ConfigError; the daemon exits 2).
+    """
+    uid = os.geteuid()
+    chosen = None
+    if (xdg := os.environ.get("XDG_RUNTIME_DIR")) and os.path.isdir(xdg):
+        chosen = Path(xdg)
+    else:
+        user_run = Path(f"/run/user/{uid}")
+        with contextlib.suppress(OSError):
+            info = user_run.lstat()
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+                chosen = user_run
+    if chosen is None:
+        chosen = Path(temp_dir()) / f"runtime-{uid}"
+        try:
+            chosen.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot create ({exc.strerror})") from None
+    if (problem := unsafe_directory(chosen)) is not None:
+        raise ConfigError(f"{chosen}: {problem}")
+    return chosen
 
 
 def default_state_dir() -> Path:
@@ -163,16 +260,23 @@ class _Reader:
             raise self.error(key, "must not be empty")
         return str(value)
 
-    def seconds(self, key: str, default: float, *, low: float = 0.0) -> float:
+    def seconds(self, key: str, default: float, *, most: float, zero_ok: bool = False) -> float:
+        """A duration: finite, more than 0 (or at least 0 with `zero_ok`), at most `most`.
+
+        TOML has `nan` and `inf` literals; a timeout of either would make every wait on
+        it fail or never end, so both are refused here rather than at the first wait."""
         value = float(self.get(key, (int, float), default))
-        if value <= low:
-            raise self.error(key, f"must be more than {low:g}")
+        if not math.isfinite(value):
+            raise self.error(key, f"must be a finite number of seconds, not {value}")
+        if value < 0 or (value == 0 and not zero_ok) or value > most:
+            low = "0" if zero_ok else "more than 0"
+            raise self.error(key, f"must be {low} and at most {most:g} seconds, not {value:g}")
         return value
 
-    def count(self, key: str, default: int) -> int:
+    def count(self, key: str, default: int, *, least: int = 1) -> int:
         value = int(self.get(key, int, default))
-        if value < 1:
-            raise self.error(key, "must be at least 1")
+        if value < least:
+            raise self.error(key, f"must be at least {least}")
         return value
 
     def check_unknown(self) -> None:
@@ -187,16 +291,36 @@ def _kind_names(kinds: tuple[type, ...]) -> str:
 
 
 def load(path: Path, *, socket_override: str | None = None) -> BrokerConfig:
+    return parse(_toml(path), path, socket_override=socket_override)
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    """The file's TOML. Only a regular file of at most `MAX_CONFIG_SIZE` bytes is read,
+    opened without blocking: a FIFO (or a device) at the config path would otherwise
+    hold the reader, and with it a reload and the SIGTERM behind it, for ever."""
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_CONFIG_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse(data, path, socket_override=socket_override)
 
 
 def parse(
@@ -204,8 +328,10 @@ def parse(
 ) -> BrokerConfig:
     top = _Reader(source, data, "")
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
+    proxy = _Reader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
     cluster_table = top.get("cluster", dict)
+    metrics = _metrics(_Reader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
@@ -234,14 +360,21 @@ def parse(
         socket_mode=None if mode is None else _mode(broker, mode),
         socket_group=None if group is None else _gid(broker, "socket_group", group),
         max_connections=broker.count("max_connections", 1024),
+        max_connections_per_uid=broker.count("max_connections_per_uid", 64),
+        admin_reserved_connections=broker.count("admin_reserved_connections", 16),
         max_requests_per_connection=broker.count("max_requests_per_connection", 32),
-        idle_timeout=broker.seconds("idle_timeout", 300.0),
-        frame_timeout=broker.seconds("frame_timeout", 10.0),
-        send_timeout=broker.seconds("send_timeout", 10.0),
-        token_wait=broker.seconds("token_wait", 15.0),
+        max_unread_bytes=broker.count("max_unread_bytes", 1024 * 1024, least=_MIN_UNREAD),
+        max_unread_total=broker.count("max_unread_total", 64 * 1024 * 1024, least=_MIN_UNREAD),
+        idle_timeout=broker.seconds("idle_timeout", 300.0, most=_DAY),
+        stranger_idle_timeout=broker.seconds("stranger_idle_timeout", 10.0, most=_DAY),
+        frame_timeout=broker.seconds("frame_timeout", 10.0, most=_HOUR),
+        send_timeout=broker.seconds("send_timeout", 10.0, most=_HOUR),
+        token_wait=broker.seconds("token_wait", 15.0, most=_HOUR),
         max_concurrent_refreshes=broker.count("max_concurrent_refreshes", 4),
-        startup_spread=broker.seconds("startup_spread", 10.0, low=-1),
-        shutdown_grace=broker.seconds("shutdown_grace", 5.0),
+        startup_spread=broker.seconds("startup_spread", 10.0, most=_DAY, zero_ok=True),
+        shutdown_grace=broker.seconds("shutdown_grace", 5.0, most=_HOUR),
+        proxy=_proxy(proxy, socket),
+        metrics=metrics,
         cluster=cluster,
         key_file=_file(broker, "key_file"),
         previous_key_file=_file(broker, "previous_key_file"),
@@ -258,6 +391,70 @@ def _file(r: _Reader, key: str) -> Path | None:
     if not value.strip():
         raise r.error(key, "must not be empty")
     return r.source.parent / Path(value).expanduser()
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    textfile = r.get("textfile", str)
+    if textfile is not None:
+        path = Path(textfile)
+        if not path.is_absolute():
+            raise r.error("textfile", f"must be an absolute path, got {textfile!r}")
+        if path.suffix != ".prom":
+            # node_exporter reads only *.prom; any other name would silently go unread.
+            raise r.error("textfile", "must end in .prom (node_exporter reads only those)")
+    config = MetricsConfig(
+        per_profile=bool(r.get("per_profile", bool, True)),
+        textfile=None if textfile is None else Path(textfile),
+        textfile_interval=r.seconds("textfile_interval", 15.0, most=_HOUR),
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
+    )
+    if config.textfile_interval < 1:
+        raise r.error("textfile_interval", "must be at least 1 second")
+    r.check_unknown()
+    return config
+
+
+def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:
+    socket = None
+    if r.get("unix", bool, True):
+        socket = Path(r.get("socket", str) or default_proxy_socket(broker_socket))
+        if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
+            raise r.error("socket", f"path is {length} bytes; a Unix socket path has at most 107")
+    tcp = r.get("tcp", str)
+    config = ProxyConfig(
+        socket=socket,
+        tcp=None if tcp is None else _loopback(r, tcp),
+        profile=r.text("profile", "default"),
+        max_connections=r.count("max_connections", 256),
+        max_header_size=r.count("max_header_size", 16 * 1024),
+        max_body_size=r.count("max_body_size", 10 * 1024 * 1024),
+        header_timeout=r.seconds("header_timeout", 10.0, most=_HOUR),
+        idle_timeout=r.seconds("idle_timeout", 60.0, most=_HOUR),
+        upstream_timeout=r.seconds("upstream_timeout", 30.0, most=_HOUR),
+    )
+    if config.max_header_size < 1024:
+        raise r.error("max_header_size", "must be at least 1024")
+    r.check_unknown()
+    return config
+
+
+def default_proxy_socket(broker_socket: Path) -> Path:
+    """`merchant.sock` next to the broker's socket; next to a socket given another name
+    (`NAME.sock`), `NAME.merchant.sock`, so daemons sharing a directory do not collide."""
+    if broker_socket.name == SOCKET_NAME:
+        return broker_socket.parent / PROXY_SOCKET_NAME
+    return broker_socket.parent / f"{broker_socket.name.removesuffix('.sock')}.{PROXY_SOCKET_NAME}"
+
+
+def _loopback(r: _Reader, value: str) -> tuple[str, int]:
+    """`127.0.0.1:PORT` or `[::1]:PORT`, nothing else: the proxy hands out a user's
+    session, and only on loopback can it tell which local user is calling."""
+    for prefix, host in (("127.0.0.1:", "127.0.0.1"), ("[::1]:", "::1")):
+        port = value.removeprefix(prefix)
+        if port != value and port.isdigit() and int(port) <= 65535:
+            return host, int(port)
+    raise r.error("tcp", f"must be 127.0.0.1:PORT or [::1]:PORT (loopback only), got {value!r}")
 
 
 def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
@@ -290,8 +487,15 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         endpoint=endpoint,
         allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
-        policy=Policy(refresh_at=refresh_at, jitter=jitter),
-        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT),
+        policy=Policy(
+            refresh_at=refresh_at,
+            jitter=jitter,
+            reader_refresh_interval=r.seconds(
+                "reader_refresh_interval", 30.0, most=_DAY, zero_ok=True
+            ),
+            max_clock_skew=r.seconds("max_clock_skew", MAX_CLOCK_SKEW, most=30 * _DAY),
+        ),
+        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
         shared=r.get("shared", bool),
     )
     r.check_unknown()

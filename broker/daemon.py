@@ -18,27 +18,34 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import trio
 
-from . import __version__
+from geins_broker_client.calls import parse_profile_status
+from geins_broker_client.health import Health, judge
+
+from . import __version__, fault_injection
 from . import log as logging_setup
 from .api import Api
 from .config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
-from .errors import StateDirError, StoreError
+from .errors import Internal, StateDirError, StoreError
 from .hardening import keep_memory_private
 from .keys import load_keyring
-from .listener import Listener, ListenerError, bind, from_systemd
+from .listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from .log import events
+from .metrics import CONTENT_TYPE, Metrics, render, write_textfile
 from .notify import Notifier
 from .profile import Offload, Profile
+from .proxy.service import Proxy
 from .scheduler import Scheduler
 from .sealing import Keyring
 from .server import Server
+from .stats import DaemonStats
 from .store import CorruptState, Record, SealedState, Store
 from .wallclock import OffsetClock, SystemClock, WallClock
 
@@ -49,6 +56,13 @@ log = events("broker.daemon")
 
 #: STATUS= lines to systemd at most this often.
 _STATUS_INTERVAL: Final = 1.0
+#: How long a reload may take to read the config file (a hung network file system).
+CONFIG_READ_TIMEOUT: Final = 10.0
+
+
+async def _abandonable(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking read in a thread that a cancellation may leave behind."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class Daemon:
@@ -61,9 +75,12 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         notifier: Notifier | None = None,
         offload: Offload = trio.to_thread.run_sync,
+        faults: frozenset[str] = frozenset(),
         keyring: Keyring | None = None,
     ) -> None:
         self.config = config
+        #: Test-only faults (broker/fault_injection.py); empty in production.
+        self.faults = faults
         if keyring is None:
             keyring, self.key_source = load_keyring(config)
         else:
@@ -75,6 +92,13 @@ class Daemon:
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload
+        # Reading the config may be abandoned (nothing half-done is left behind), unlike
+        # writing state; tests inject an offload that runs in place, used for both.
+        self._read_offload: Offload = (
+            _abandonable if offload is trio.to_thread.run_sync else offload
+        )
+        #: The reload under way, which SIGTERM cancels.
+        self._reloading: trio.CancelScope | None = None
         self.scheduler = Scheduler(self.wall)
         #: Profiles a reload removed, kept in case a later reload brings them back.
         self._retired: dict[str, Profile] = {}
@@ -82,6 +106,14 @@ class Daemon:
         self._status_dirty = trio.Event()
         self.server: Server | None = None
         self.listener: Listener | None = None
+        self.stats = DaemonStats()
+        self.metrics = Metrics(self)
+        self._started_at = self.wall.now()
+        self._limiter: trio.CapacityLimiter | None = None
+        self._textfile_error: str | None = None
+        self._render_flight: _Flight | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
         #: Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
         self.fleet: Fleet | None = None
         if config.cluster is not None:
@@ -102,7 +134,10 @@ class Daemon:
             return
         # Installed for the whole run, so a second signal during the shutdown is
         # absorbed rather than killing the process half-way.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        if fault_injection.HANG_ON_SIGUSR1 in self.faults:
+            wanted.append(signal.SIGUSR1)
+        with trio.open_signal_receiver(*wanted) as signals:
             await self._run(listener, signals, task_status)
 
     async def _run(
@@ -114,7 +149,6 @@ class Daemon:
         config = self.config
         for leftover in await self._offload(self.store.prepare):
             log.info("removed_partial_write", path=leftover)
-        self._log_sealing()
         try:
             await self._serve(config, listener, signals, task_status)
         finally:
@@ -129,6 +163,9 @@ class Daemon:
         task_status: trio.TaskStatus[Daemon],
     ) -> None:
         records = await self._offload(self._load_records, list(config.profiles))
+        if self.store.stale:
+            # In clear or under a previous key: each is sealed again at its next write.
+            log.info("sessions_to_reseal", count=len(self.store.stale))
         listener = (
             listener
             or from_systemd()
@@ -146,12 +183,19 @@ class Daemon:
                 follow_redirects=False,
             ) as http:
                 self._http = http
+                self._started_at = self.wall.now()
                 self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
                 for name, profile_config in config.profiles.items():
                     self._add_profile(profile_config, records.get(name))
-                api = Api(self.profiles, sealing=self.store.keyring.describe)
-                self.server = server = Server(api, config, self.wall)
+                api = Api(self.profiles, metrics=self.metrics_text, sealing=self._sealing_status)
+                api.metrics_readers = _metrics_readers(config)
+                self.server = server = Server(api, config, self.wall, self.stats.server)
                 del records  # their secrets now live in the sessions only
+                if config.proxy.enabled:
+                    self.proxy = Proxy(
+                        api, config, self.wall, observable=self, metrics=self.metrics
+                    )
+                    self.proxy.bind()
                 async with trio.open_nursery() as nursery:
                     if self.fleet is not None:
                         await nursery.start(self.fleet.run)
@@ -159,18 +203,27 @@ class Daemon:
                     for profile in self.profiles.values():
                         profile.plan()
                     await nursery.start(server.serve, listener.sock)
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     if signals is not None:
                         nursery.start_soon(self._signals, signals)
                     if (interval := self.notifier.watchdog_interval) is not None:
                         nursery.start_soon(self._watchdog, interval)
                     nursery.start_soon(self._status_updates)
+                    if config.metrics.textfile is not None:
+                        # Before READY=1: once the unit is up, so is its textfile.
+                        await self._write_textfile(config.metrics.textfile)
+                    nursery.start_soon(self._textfile_writer)
                     self.notifier.ready(self.status_line())
+                    # Here, not earlier: a start refused for its socket stays one line.
+                    self._log_sealing()
                     log.info(
                         "ready",
                         version=__version__,
                         socket=listener.path,
                         activated=listener.activated,
                         profiles=len(self.profiles),
+                        **(self.proxy.describe() if self.proxy is not None else {}),
                     )
                     # Everything allocated so far lives as long as the daemon: keep the
                     # collector from walking it again and again.
@@ -182,6 +235,8 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.proxy is not None:
+                self.proxy.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -191,20 +246,43 @@ class Daemon:
         log.info("stopping", in_flight=server.in_flight, connections=server.connections)
         server.stop_accepting()
         listener.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with trio.move_on_after(self.config.shutdown_grace) as grace:
             await server.drained()
+            if self.proxy is not None:
+                await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
         if grace.cancelled_caught:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
     async def _signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+        """SIGHUP reloads in a task of its own, so that a SIGTERM behind it is heard at
+        once and cancels it: a reload never delays a shutdown."""
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    fault_injection.hang()
+                elif signum != signal.SIGHUP:
+                    log.info("signal", name=signal.Signals(signum).name)
+                    if self._reloading is not None:
+                        self._reloading.cancel()
+                    self.stop()
+                elif self._reloading is not None:
+                    log.info("reload_already_running")
+                elif not self._stop.is_set():
+                    self._reloading = trio.CancelScope()
+                    nursery.start_soon(self._reload_in, self._reloading)
+
+    async def _reload_in(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
                 await self.reload()
-            else:
-                log.info("signal", name=signal.Signals(signum).name)
-                self.stop()
+            if scope.cancelled_caught:
+                log.warning("reload_cancelled")
+        finally:
+            self._reloading = None
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
@@ -226,6 +304,89 @@ class Daemon:
         connections = self.server.connections if self.server else 0
         noun = "profile" if len(self.profiles) == 1 else "profiles"
         return f"{len(self.profiles)} {noun} ({summary or 'none'}); {connections} connections"
+
+    # -- observability -------------------------------------------------------------------
+
+    # What metrics.Metrics reads (its `Observed` protocol).
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    @property
+    def per_profile(self) -> bool:
+        return self.config.metrics.per_profile
+
+    def live_profiles(self) -> Iterable[Profile]:
+        return self.profiles.values()
+
+    def retired_profiles(self) -> Iterable[Profile]:
+        return self._retired.values()
+
+    def connection_count(self) -> int:
+        return self.server.connections if self.server else 0
+
+    def waiting_ops(self) -> Mapping[str, int]:
+        return self.server.waiting_by_op if self.server else {}
+
+    def refreshes_in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens) if self._limiter else 0
+
+    async def render_metrics(self) -> bytes:
+        """The exposition: numbers copied here, formatted off the event loop.
+
+        Single flight: scrapes that arrive while one renders share its result. A flood
+        of scrapes (`GET /metrics` is open to every local user of the TCP listener)
+        then costs one render at a time, and never takes the worker threads that
+        session writes need. The render runs shielded: the scrape that started it may
+        hang up, the others still get their answer.
+        """
+        flight = self._render_flight
+        if flight is not None:
+            await flight.done.wait()
+        else:
+            flight = self._render_flight = _Flight()
+            try:
+                with trio.CancelScope(shield=True):
+                    snapshot = await self.metrics.snapshot_async()
+                    flight.result = await self._offload(render, snapshot)
+            finally:
+                self._render_flight = None
+                flight.done.set()
+        if flight.result is None:
+            raise Internal("rendering the metrics failed; see the daemon's log")
+        return flight.result
+
+    async def metrics_text(self) -> tuple[str, str]:
+        """The `metrics` op's answer: the exposition and its content type."""
+        return (await self.render_metrics()).decode(), CONTENT_TYPE
+
+    def health(self) -> Health:
+        """The verdict `GET /healthz` answers with (`.http_status`, `.line()`); the same
+        one `geins-broker status --check` reaches from the status op."""
+        statuses = [parse_profile_status(p.status()) for p in self.profiles.values()]
+        return judge(statuses, self.wall.now())
+
+    async def _textfile_writer(self) -> None:
+        """Write the node_exporter textfile every `textfile_interval` seconds (both
+        read afresh each time, so a reload may start, move or stop it)."""
+        while True:
+            await trio.sleep(self.config.metrics.textfile_interval)
+            if (path := self.config.metrics.textfile) is not None:
+                await self._write_textfile(path)
+
+    async def _write_textfile(self, path: Path) -> None:
+        try:
+            await self._offload(write_textfile, path, await self.render_metrics())
+        except OSError as exc:
+            self.stats.textfile_failures += 1
+            reason = exc.strerror or str(exc)
+            if reason != self._textfile_error:  # once per kind of failure, not every time
+                log.error("textfile_write_failed", path=path, reason=reason)
+            self._textfile_error = reason
+            return
+        if self._textfile_error is not None:
+            log.info("textfile_write_recovered", path=path)
+            self._textfile_error = None
 
     # -- profiles ----------------------------------------------------------------------
 
@@ -250,6 +411,7 @@ class Daemon:
         return records
 
     def _add_profile(self, config: ProfileConfig, record: Record | None) -> Profile:
+        assert self._limiter is not None
         profile = Profile(
             config,
             http=self._http,
@@ -261,6 +423,7 @@ class Daemon:
             on_change=self._profile_changed,
             offload=self._offload,
             scheduler=self.scheduler,
+            stats=self.stats,
         )
         if record is not None:
             profile.restore(record, self.config.startup_spread)
@@ -277,10 +440,16 @@ class Daemon:
         self.profiles[config.name] = profile
         return profile
 
+    def _sealing_status(self) -> str:
+        """For `status`: the keyring of the moment (a reload may replace it)."""
+        return self.store.keyring.describe()
+
     def _log_sealing(self) -> None:
         keyring = self.store.keyring
         if keyring.current is None:
-            log.warning("sealing_off", reason="no key configured: sessions are stored in clear")
+            # Info, not a warning: no key is a supported choice (docs/security.md), and a
+            # clean start's journal holds no warning.
+            log.info("sealing_off", reason="no key configured: sessions are stored in clear")
             return
         log.info(
             "sealing_on",
@@ -288,6 +457,13 @@ class Daemon:
             source=self.key_source,
             previous=",".join(k.name for k in keyring.previous) or None,
         )
+
+    async def _take_keys(self, keyring: Keyring, source: str) -> None:
+        """Keys from a reload; then profiles that were sealed try again."""
+        if keyring != self.store.keyring:
+            self.store.keyring, self.key_source = keyring, source
+            self._log_sealing()
+        await self._unseal()
 
     async def _unseal(self) -> None:
         """Profiles whose saved session did not open try again (the key may be back)."""
@@ -312,20 +488,22 @@ class Daemon:
         """Re-read the config file: profiles come and go, sessions stay."""
         self.notifier.reloading()
         source = self.config.source
+        new: BrokerConfig | None = None
         try:
             if source is None:
                 raise ConfigError("no config file to reload")
-            new = await self._offload(load, source)
+            with trio.move_on_after(CONFIG_READ_TIMEOUT):
+                new = await self._read_offload(load, source)
+            if new is None:
+                raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
+            # Key files are opened O_NONBLOCK and must be regular files: no FIFO waits.
             keyring, key_source = await self._offload(load_keyring, new)
         except ConfigError as exc:
             log.error("reload_failed", reason=str(exc))
             self.notifier.ready(self.status_line())
             return
         old = self.config
-        if keyring != self.store.keyring:
-            self.store.keyring, self.key_source = keyring, key_source
-            self._log_sealing()
-        await self._unseal()
+        await self._take_keys(keyring, key_source)
         self._warn_needs_restart(new, old)
         for name in [n for n in self.profiles if n not in new.profiles]:
             retired = self._retired[name] = self.profiles.pop(name)
@@ -345,9 +523,13 @@ class Daemon:
             else:
                 self._add_profile(profile_config, records.get(name)).plan()
                 log.info("profile_added", profile=name)
+        assert self._limiter is not None
         self._limiter.total_tokens = new.max_concurrent_refreshes
         if self.server is not None:
             self.server.configure(new)
+            self.server.api.metrics_readers = _metrics_readers(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
         self.config = new_with_kept_paths(new, old)
         log.info("reloaded", profiles=len(self.profiles))
         self.notifier.ready(self.status_line())
@@ -360,6 +542,20 @@ class Daemon:
         for name in new.profiles.keys() & self.profiles.keys():
             if new.profiles[name].shared != self.profiles[name].config.shared:
                 log.warning("reload_needs_restart", key=f"profiles.{name}.shared")
+
+
+def _metrics_readers(config: BrokerConfig) -> tuple[frozenset[int], frozenset[int]]:
+    return config.metrics.allow_uids, config.metrics.allow_gids
+
+
+class _Flight:
+    """One render of the metrics, and everyone waiting for it."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
 
 
 def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
@@ -379,16 +575,17 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
     logging_setup.setup()
     keep_memory_private()
     try:
+        faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
         keyring, key_source = load_keyring(config)
-        daemon = Daemon(config, keyring=keyring, wall=_clock_from_env())
-    except ConfigError as exc:
+        daemon = Daemon(config, faults=faults, keyring=keyring, wall=_clock_from_env())
+    except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     daemon.key_source = key_source
     try:
         trio.run(daemon.run)
-    except StateDirError as exc:
+    except (StateDirError, UnsafeDirectory) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
     except (ListenerError, StoreError) as exc:

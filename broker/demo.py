@@ -2,11 +2,15 @@
 
 Starts the emulator with a short bearer lifetime, starts the daemon against it (both as
 the real `geins-broker` processes), logs the demo user in through the client library,
-and prints each token the daemon rotates in, until Ctrl-C stops everything cleanly.
+reads the user once through the Merchant API proxy (printing the curl command that
+does it), prints once the commands to try from another terminal (with this demo's
+socket), then each token the daemon rotates in, until Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import trio
 
 from geins_broker_client import BrokerError
@@ -43,6 +48,37 @@ market_id = "se"
 """
     )
     return path
+
+
+def try_these(socket: Path) -> str:
+    """The commands a newcomer can paste into another terminal while the demo runs."""
+    bin_dir = Path(sys.executable).parent
+    exports = [f"GEINS_BROKER_SOCKET={shlex.quote(str(socket))}"]
+    program, python = "geins-broker", "python"
+    if not (bin_dir / "geins-broker").exists():  # run as `python -m broker`, not installed
+        program, python = f"{shlex.quote(sys.executable)} -m broker", shlex.quote(sys.executable)
+    elif shutil.which("geins-broker") != str(bin_dir / "geins-broker"):
+        exports.append(f"PATH={shlex.quote(str(bin_dir))}:$PATH")  # the venv's, first
+    one_liner = (
+        "from geins_broker_client import Client; "
+        f"t = Client({json.dumps(str(socket))}).token(); "
+        'print(t.profile, round(t.expires_in()), "s left")'
+    )
+    commands = [
+        (f"export {' '.join(exports)}", ""),
+        (f"{program} status", "every profile's session"),
+        (f"{program} token", "the bearer token itself"),
+        (f"{program} user", "who the session belongs to"),
+        (f"{program} watch", "each rotation as it happens"),
+        (f"{program} metrics", "Prometheus metrics"),
+        (f"{program} status --check; echo $?", "health as an exit code"),
+        (f"{python} -c {shlex.quote(one_liner)}", ""),
+    ]
+    width = max(len(c) for c, note in commands if note)
+    return "\n".join(
+        f"    {command.ljust(width)}   # {note}" if note else f"    {command}"
+        for command, note in commands
+    )
 
 
 def _say(text: str) -> None:
@@ -96,6 +132,37 @@ async def _watch(client: TrioClient) -> None:
         _say(f"token for {event.token.profile}: expires at {expires} (in {left:.0f} s)")
 
 
+async def _read_user_through_the_proxy(proxy_socket: Path) -> None:
+    """Show the Merchant API proxy: any HTTP client, no token in sight."""
+    query = json.dumps({"query": "{ getUser { email } }"}, separators=(",", ":"))
+    command = [
+        "curl",
+        "-sS",
+        "--unix-socket",
+        str(proxy_socket),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        query,
+        "http://geins/graphql",
+    ]
+    _say("read the user through the Merchant API proxy (no token needed):")
+    print("    " + shlex.join(command), flush=True)
+    if shutil.which("curl") is not None:
+        done = await trio.run_process(command, capture_stdout=True, check=False)
+        answer = done.stdout.decode(errors="replace").strip()
+    else:  # the same request without curl
+        transport = httpx.AsyncHTTPTransport(uds=str(proxy_socket))
+        async with httpx.AsyncClient(transport=transport) as http:
+            reply = await http.post(
+                "http://geins/graphql",
+                content=query,
+                headers={"Content-Type": "application/json"},
+            )
+            answer = reply.text
+    _say(f"-> {answer}")
+
+
 async def _demo(workdir: Path, token_ttl: float) -> None:
     emulator, url = await _start_emulator(token_ttl)
     _say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
@@ -107,6 +174,9 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
         await _wait_for_daemon(client)
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
         _say(f"logged in as {session.username}; the daemon rotates the token from here on")
+        await _read_user_through_the_proxy(workdir / "merchant.sock")
+        _say("try these from another terminal:")
+        print(try_these(workdir / "broker.sock"), flush=True)
         _say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from geins_broker_client.protocol import Code
 
+from .secret import Secret
+
 
 class BrokerFault(Exception):
     code: str = Code.INTERNAL
@@ -37,6 +39,16 @@ class RefreshTokenRejected(GeinsError):
 
 class MalformedAnswer(GeinsError):
     """Geins answered 2xx without what the protocol promises (header, JSON body, JWT)."""
+
+
+class UnusableGrant(MalformedAnswer):
+    """Geins rotated the refresh token (the new one is in the header) but the rest of
+    its answer is unusable. The old refresh token is spent, so whoever catches this
+    must keep `refresh`; it is not in the message, the args or the repr."""
+
+    def __init__(self, message: str, refresh: Secret) -> None:
+        super().__init__(message)
+        self.refresh = refresh
 
 
 class UpstreamRejected(GeinsError):

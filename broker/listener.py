@@ -2,7 +2,11 @@
 
 Made here, it is bound with a umask that leaves it private from the first instant,
 then given its mode (0600, or 0660 with a group). A missing directory is created 0700
-(0750 with a group); an existing one is left as its owner made it. A stale socket file
+(0750 with a group); an existing one is left as its owner made it, but used only if it
+is a directory of ours (not a symlink) that neither group nor others may write: clients
+trust a socket only under such a directory (docs/protocol.md, "Finding and trusting the
+socket"), and a daemon that bound elsewhere would be refused by every one of them, or
+worse, share the directory with someone who can replace its socket. A stale socket file
 left by a crash is replaced; a live daemon on the same path is an error.
 """
 
@@ -16,12 +20,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from geins_broker_client.trust import directory_problem
+
 #: sd_listen_fds(3): passed sockets start at fd 3.
 SD_LISTEN_FDS_START = 3
 
 
 class ListenerError(Exception):
     pass
+
+
+class UnsafeDirectory(ListenerError):
+    """The socket's directory is not one to trust: a setup mistake, like a config error."""
+
+
+def unsafe_directory(path: Path) -> str | None:
+    """Why the daemon must not put its socket in `path`, or None: a symlink, not a
+    directory, owned by another uid, or writable by group or others."""
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        return f"cannot check ({exc.strerror})"
+    uid = os.geteuid()
+    return directory_problem(info, {uid}, who=f"the daemon's uid {uid}")
 
 
 @dataclass
@@ -64,7 +85,7 @@ def from_systemd(environ: Mapping[str, str] | None = None) -> Listener | None:
 
 def bind(path: Path, mode: int = 0o600, group: int | None = None) -> Listener:
     directory = path.parent
-    if not directory.exists():
+    if not os.path.lexists(directory):
         # Ours to shape: private (0700), or 0750 with the clients' group.
         dir_mode = 0o750 if group is not None else 0o700
         try:
@@ -74,6 +95,8 @@ def bind(path: Path, mode: int = 0o600, group: int | None = None) -> Listener:
                 os.chown(directory, -1, group)
         except OSError as exc:
             raise ListenerError(f"cannot create {directory}: {exc.strerror}") from None
+    if (problem := unsafe_directory(directory)) is not None:
+        raise UnsafeDirectory(f"{directory}: {problem}")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     previous = os.umask(0o177)

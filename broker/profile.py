@@ -28,9 +28,11 @@ from .config import ProfileConfig
 from .errors import (
     BadRequest,
     BrokerFault,
+    Busy,
     FleetUnavailable,
     GeinsError,
     LoginRequired,
+    MalformedAnswer,
     NotLoggedIn,
     RefreshTokenRejected,
     Relayed,
@@ -38,6 +40,7 @@ from .errors import (
     StoreError,
     Timeout,
     UnknownProfile,
+    UnusableGrant,
     UpstreamTimeout,
 )
 from .fleet.link import LOCAL, Link
@@ -47,6 +50,7 @@ from .log import events
 from .scheduler import Scheduler
 from .secret import Secret
 from .session import EndSession, Refresh, Session, SleepUntil, Tokens
+from .stats import Counts, DaemonStats
 from .store import Record, Store
 from .wallclock import WallClock
 
@@ -54,6 +58,8 @@ log = events("broker.profile")
 
 #: Extra time a shielded exchange may take beyond its requests' own timeouts (disk).
 _SAVE_ALLOWANCE: Final = 10.0
+#: A bearer Geins refuses is rotated only if it is at least this old (renew_rejected).
+_RENEW_MIN_AGE: Final = 10.0
 #: Retry delays for a failed write to disk.
 _WRITE_RETRY_FIRST, _WRITE_RETRY_CAP = 1.0, 60.0
 
@@ -76,11 +82,15 @@ class Profile:
         on_change: Callable[[Profile], None] | None = None,
         offload: Offload = trio.to_thread.run_sync,
         scheduler: Scheduler | None = None,
+        stats: DaemonStats | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
         self.session = Session(config.name, config.policy, rng)
-        self.geins = GeinsClient(config.endpoint, http, config.request_timeout)
+        self.stats = stats or DaemonStats()
+        self.geins = GeinsClient(
+            config.endpoint, http, config.request_timeout, stats=self.stats.upstream
+        )
         self.token_wait = token_wait
         self._http = http
         self._store = store
@@ -106,6 +116,14 @@ class Profile:
         self._write_pending = False
         self._write_retry_at = 0.0
         self._write_failures = 0
+        # What the metrics collector reads (broker/stats.py): `token` answers straight
+        # from memory (the hot path: one addition), every other `token` outcome by
+        # result, and refresh attempts by result.
+        self.tokens_from_memory = 0
+        self.token_results = Counts("result")
+        self.refresh_results = Counts("result")
+        #: Set when the renewal of a bearer Geins refused is over (`renew_rejected`).
+        self._renewal: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {self.session.state})"
@@ -116,7 +134,9 @@ class Profile:
         """New settings from a reloaded config; the session itself is kept."""
         self.config = config
         self.session.policy = config.policy
-        self.geins = GeinsClient(config.endpoint, self._http, config.request_timeout)
+        self.geins = GeinsClient(
+            config.endpoint, self._http, config.request_timeout, stats=self.stats.upstream
+        )
         if token_wait is not None:
             self.token_wait = token_wait
 
@@ -249,6 +269,7 @@ class Profile:
             session = self.session
             if not isinstance(session.next_action(self._wall.now()), Refresh):
                 return  # someone refreshed (or logged out) while we waited for the lock
+            started = None
             try:
                 # Fleet mode: the lease, and maybe another node's newer session instead.
                 async with self.fleet.rotation() as go:
@@ -256,45 +277,43 @@ class Profile:
                     if not go or refresh_token is None:
                         return
                     async with self._limiter, self._shielded(1):
-                        await self._refresh_with(refresh_token)
+                        started = trio.current_time()  # not counting the wait for the limiter
+                        result = await self._refresh_with(refresh_token)
             except (UpstreamTimeout, FleetUnavailable) as exc:
                 self._fail(exc)
+                result = exc.code
             finally:
                 self._wake_waiters()
+            self.refresh_results.inc(result)
+            if started is not None:
+                self.stats.refresh_duration.observe(trio.current_time() - started)
 
-    async def _refresh_with(self, refresh_token: Secret) -> None:
+    async def _refresh_with(self, refresh_token: Secret) -> str:
+        """One refresh exchange; its result for the metrics: "ok", "rejected" or the
+        failure's error code."""
         session = self.session
         try:
             grant = await self.geins.refresh(refresh_token)
         except RefreshTokenRejected as exc:
-            if await self.fleet.rejected():
-                return  # ours was stale: another node's newer session is adopted
-            self._last_failure = exc
-            session.refresh_rejected(str(exc))
-            log.warning("refresh_rejected", profile=self.name, state=session.state)
-            await self._save(self._record())
-            await self.fleet.commit(self._record())
-            self._publish()
-            return
+            return await self._rejected(exc)
+        except UnusableGrant as exc:
+            await self._keep_rotated(exc.refresh)
+            self._fail(exc)
+            return exc.code
         except GeinsError as exc:
             self._fail(exc)
-            return
+            return exc.code
         now = self._wall.now()
         try:
-            tokens = Tokens.from_grant(grant, now)
+            tokens = Tokens.from_grant(grant, now, session.policy.max_clock_skew)
         except GeinsError as exc:
-            # Geins rotated the refresh token but sent an unusable bearer: keep the new
-            # refresh token (the old one is spent), count a failure, retry later.
-            assert session.tokens is not None
-            session.tokens = replace(session.tokens, refresh=grant.refresh)
-            await self._save(self._record())
-            await self.fleet.commit(self._record())
+            await self._keep_rotated(grant.refresh)
             self._fail(exc)
-            return
+            return exc.code
         record = self._record(tokens, refreshed_at=now)
         await self._save(record)
         if not await self.fleet.commit(record):
-            return  # our lease had lapsed and another node committed first: adopted
+            return "superseded"  # our lease had lapsed and another node committed first
         session.refreshed(tokens, now)
         log.info(
             "refreshed",
@@ -303,6 +322,32 @@ class Profile:
             next_in=round((session.next_refresh_at or now) - now),
         )
         self._publish()
+        return "ok"
+
+    async def _rejected(self, exc: RefreshTokenRejected) -> str:
+        """Geins refused the refresh token: a login is needed, unless another node of the
+        fleet had rotated it (then its newer session is adopted)."""
+        if await self.fleet.rejected():
+            return "stale"
+        session = self.session
+        self._last_failure = exc
+        session.refresh_rejected(str(exc))
+        log.warning("refresh_rejected", profile=self.name, state=session.state)
+        await self._save(self._record())
+        await self.fleet.commit(self._record())
+        self._publish()
+        return "rejected"
+
+    async def _keep_rotated(self, refresh_token: Secret) -> None:
+        """Geins rotated the refresh token but sent an unusable bearer (or none): the
+        old refresh token is spent, so keep the new one (on disk first) with the
+        bearer still held, and let the caller count a failure and retry later."""
+        session = self.session
+        if session.tokens is None:
+            return
+        session.tokens = replace(session.tokens, refresh=refresh_token)
+        await self._save(self._record())
+        await self.fleet.commit(self._record())
 
     def _fail(self, exc: GeinsError) -> None:
         self._last_failure = exc
@@ -351,6 +396,7 @@ class Profile:
         left = self._serve_until - now
         if left <= 0 or left < min_valid or self._prepared is None:
             return None
+        self.tokens_from_memory += 1
         return self._prepared.frame(request_id)
 
     def _prepare(self) -> None:
@@ -371,15 +417,18 @@ class Profile:
             "expires_at": tokens.expires_at,
         }
 
-    async def ensure_token(self, min_valid: float) -> None:
+    async def ensure_token(self, min_valid: float, *, reader: bool = False) -> None:
         """Wait until the bearer has `min_valid` seconds left, refreshing once if needed.
 
-        Never waits longer than `token_wait`; a failed refresh is reported at once
-        rather than retried here, and an expired token is never the answer.
+        Never waits longer than `token_wait`, and causes at most one refresh: a failed
+        one is reported at once rather than retried here, and one that still leaves
+        less than `min_valid` (a fresh token has exactly its lifetime, minus the time
+        its answer took) is a `bad_request`, never a loop. An expired token is never
+        the answer. A `reader` is held to the policy's reader_refresh_interval.
         """
         session = self.session
         deadline = trio.current_time() + self.token_wait
-        tried = False
+        attempts = session.attempts
         while True:
             now = self._wall.now()
             if session.serves(now, min_valid):
@@ -392,10 +441,23 @@ class Profile:
                     f"min_valid {min_valid:g} s is not less than the token lifetime "
                     f"of {tokens.lifetime:.0f} s"
                 )
-            waiting_for = deadline - trio.current_time()
-            if tried or (session.failures and (session.next_refresh_at or now) - now > waiting_for):
-                raise self._failure()
-            session.demand_refresh(now)
+            if session.attempts != attempts:  # this request has had its refresh
+                if session.failures:
+                    raise self._failure()
+                raise BadRequest(
+                    f"min_valid {min_valid:g} s is more than even a fresh token has "
+                    f"({session.valid_for(now):.3f} s left of {tokens.lifetime:.0f} s); "
+                    "ask for less"
+                )
+            due = session.demand_refresh(now, reader=reader)
+            if due - now > deadline - trio.current_time():
+                if session.failures:
+                    raise self._failure()
+                raise Busy(
+                    f"profile {self.name!r} was refreshed for a reader less than "
+                    f"{session.policy.reader_refresh_interval:g} s ago; try again in "
+                    f"{due - now:.0f} s"
+                )
             if self._attempt is None:
                 self._attempt = trio.Event()
             attempt = self._attempt
@@ -404,7 +466,6 @@ class Profile:
                 await attempt.wait()
             if not attempt.is_set():
                 raise Timeout(f"no fresh token for {self.name!r} within {self.token_wait:g} s")
-            tried = session.failures > 0
 
     def _failure(self) -> BrokerFault:
         failure = self._last_failure
@@ -437,14 +498,24 @@ class Profile:
             session = self.session
             if session.tokens is None or session.tokens.refresh is None or session.username is None:
                 raise self._no_session()
-            grant = await self.geins.change_password(
-                session.tokens.refresh, session.username, password, new_password
-            )
-            await self._took(grant, session.username, session.remember, "password_changed")
+            # Geins voids the old tokens on success: a new refresh token is kept even when
+            # the rest of the answer is unusable.
+            try:
+                grant = await self.geins.change_password(
+                    session.tokens.refresh, session.username, password, new_password
+                )
+            except UnusableGrant as exc:
+                await self._keep_rotated(exc.refresh)
+                raise
+            try:
+                await self._took(grant, session.username, session.remember, "password_changed")
+            except MalformedAnswer:  # the bearer was refused
+                await self._keep_rotated(grant.refresh)
+                raise
 
     async def _took(self, grant: Any, username: str, remember: bool, event: str) -> None:
         now = self._wall.now()
-        tokens = Tokens.from_grant(grant, now)
+        tokens = Tokens.from_grant(grant, now, self.session.policy.max_clock_skew)
         replaced = self.session.tokens
         record = self._record(tokens, username=username, remember=remember)
         await self._save(record)
@@ -492,6 +563,34 @@ class Profile:
         await self._refresh()
         if session.refreshes == before:
             raise self._no_session() if session.login_required else self._failure()
+
+    async def renew_rejected(self, bearer: str) -> None:
+        """Geins refused `bearer` (a 401) though it has time left by our clock: rotate once.
+
+        Single flight per refused bearer: the first caller rotates and the others wait
+        for it; a caller whose bearer was replaced meanwhile returns at once. A failure
+        is the session's (backoff, login required); the caller learns of it from its
+        next `ensure_token`.
+
+        A bearer younger than `_RENEW_MIN_AGE` is not rotated again: a 401 for a token
+        that fresh is about something else (a wrong API key), and rotating on every such
+        answer would turn a flood of requests into a flood of refreshes."""
+        session = self.session
+        tokens = session.tokens
+        if tokens is None or tokens.bearer.reveal() != bearer or not session.can_refresh:
+            return
+        if self._wall.now() - tokens.obtained_at < _RENEW_MIN_AGE:
+            return
+        if self._renewal is not None:
+            await self._renewal.wait()
+            return
+        renewal = self._renewal = trio.Event()
+        try:
+            session.next_refresh_at = self._wall.now()
+            await self._refresh()
+        finally:
+            self._renewal = None
+            renewal.set()
 
     def _no_session(self) -> BrokerFault:
         if self.session.sealed is not None:

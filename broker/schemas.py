@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from geins_broker_client.protocol import DEFAULT_PROFILE, Op
+from geins_broker_client.protocol import DEFAULT_PROFILE, Op, is_number
 
 from .errors import BadRequest
 from .secret import Secret
@@ -36,12 +36,7 @@ def _secret(name: str, value: Any) -> Secret:
 
 
 def _seconds(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_number(value) or not math.isfinite(value) or value < 0:
         raise BadRequest(f"field {name!r} must be a number of seconds, 0 or more")
     return float(value)
 
@@ -110,6 +105,7 @@ SCHEMAS: Final[Mapping[str, tuple[Field, ...]]] = {
         Field("user", _user_map),
     ),
     Op.WATCH: (_PROFILE,),
+    Op.METRICS: (),
 }
 
 

@@ -121,21 +121,23 @@ class Keyring:
 
     def open(self, profile: str, blob: bytes) -> Opened:
         """The bytes `seal` was given for this profile. Raises KeyMissing or Tampered."""
-        if not is_sealed(blob):
-            return Opened(blob, stale=self.current is not None, key=None)
+        if blob[: len(MAGIC)] != MAGIC:
+            if not is_sealed(blob):
+                return Opened(blob, stale=self.current is not None, key=None)
+            if len(blob) >= _HEADER + NONCE_SIZE + _TAG_SIZE:
+                raise Tampered("a sealed session whose header was changed")
         if len(blob) < _HEADER + NONCE_SIZE + _TAG_SIZE:
             raise Tampered("a sealed session cut short")
-        if not blob.startswith(MAGIC):
-            raise Tampered("a sealed session whose header was changed")
         if blob[len(MAGIC)] != VERSION:
             raise Tampered(f"sealed in format {blob[len(MAGIC)]}, which this version cannot read")
         key_id = blob[len(MAGIC) + 1 : _HEADER]
         key = self._find(key_id)
         if key is None:
             raise KeyMissing(key_id.hex())
-        header, nonce = blob[:_HEADER], blob[_HEADER : _HEADER + NONCE_SIZE]
+        view = memoryview(blob)
+        header, nonce = blob[:_HEADER], view[_HEADER : _HEADER + NONCE_SIZE]
         try:
-            data = key._aead.decrypt(nonce, blob[_HEADER + NONCE_SIZE :], _aad(header, profile))
+            data = key._aead.decrypt(nonce, view[_HEADER + NONCE_SIZE :], _aad(header, profile))
         except InvalidTag:
             raise Tampered(
                 f"does not open with key {key.name}: changed, cut short, or another profile's"

@@ -7,9 +7,15 @@ done, so a slow request never holds up the ones behind it. A connection's failur
 bug while serving it) closes that connection, never the server.
 
 Limits: frames of at most 64 KiB; `max_connections` (a further connection gets a
-`busy` frame and is closed); `max_requests_per_connection` waiting ops per connection;
-idle connections, half-sent frames and unread answers time out, checked by a
-housekeeping task that sleeps until the earliest deadline.
+`busy` frame and is closed), of which the last `admin_reserved_connections` are for root
+and the daemon's user, and at most `max_connections_per_uid` for any other uid; a
+peer that may read no profile is closed after `stranger_idle_timeout` idle;
+`max_requests_per_connection` waiting ops per connection;
+unread answers of at most `max_unread_bytes` per connection (beyond one answer) and
+`max_unread_total` in all (past either, the connection is closed and counted); at most
+`_MAX_JOIN` bytes of answers joined into one write; idle connections, half-sent frames
+and unread answers time out, checked by a housekeeping task that sleeps until the
+earliest deadline.
 
 Some facts about the private epoll
 ==================================
@@ -68,6 +74,7 @@ from geins_broker_client.protocol import (
     DEFAULT_PROFILE,
     MAX_REQUEST_SIZE,
     RECV_SIZE,
+    Code,
     FrameDecoder,
     Op,
     encode,
@@ -79,6 +86,7 @@ from .config import BrokerConfig
 from .errors import BadFrame, BadRequest, BrokerFault, Busy, Forbidden, Internal, UnknownOp
 from .log import events
 from .schemas import SCHEMAS, arguments
+from .stats import ServerStats
 from .wallclock import WallClock
 
 if TYPE_CHECKING:
@@ -96,9 +104,14 @@ _BATCHES_PER_WAKEUP: Final = 8
 _ACCEPT_PAUSE: Final = 0.5
 #: Requests answered per write; the rest of a pipelined read waits for the client.
 _BATCH: Final = 64
+#: At most this many bytes of answers are joined into one write (a batch of big answers
+#: is written in parts, and what the client is not reading yet stays unanswered).
+_MAX_JOIN: Final = 256 * 1024
 _CREDENTIALS: Final = struct.Struct("3i")
 #: Linux's SO_PEERGROUPS (4.13+); the stdlib does not name it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+#: The most CPython's getsockopt reads: 256 gids.
+_GROUPS_BUFFER: Final = 1024
 _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
 _INF: Final = float("inf")
@@ -110,12 +123,40 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _CREDENTIALS.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
     )
+    return Peer(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups, as the kernel recorded them at connect().
+
+    CPython's getsockopt takes at most 1024 bytes, room for 256 groups; a peer in more
+    gets ERANGE, a kernel before 4.13 ENOPROTOOPT. Then /proc/PID/status says, which is
+    the process's groups now rather than at connect() (and a PID may be reused), so the
+    fallback is logged: `allow_groups` must never quietly shrink to the primary group.
+    """
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
-        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-    except OSError:
-        groups = frozenset()
-    return Peer(pid, uid, gid, groups)
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_BUFFER)
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0, str(exc))
+        if exc.errno == errno.ERANGE:
+            log.info("peer_groups_from_proc", pid=pid, reason="over_256_groups")
+        else:
+            log.warning("peer_groups_from_proc", pid=pid, reason=reason)
+        return _groups_from_proc(pid)
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def _groups_from_proc(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(gid) for gid in line.split()[1:])
+        problem = "no Groups line"
+    except (OSError, ValueError) as exc:
+        problem = getattr(exc, "strerror", None) or type(exc).__name__
+    log.warning("peer_groups_unknown", pid=pid, reason=problem)
+    return frozenset()
 
 
 def error_frame(request_id: int | None, exc: BrokerFault) -> bytes:
@@ -132,22 +173,31 @@ class Connection:
         "closing",
         "decoder",
         "fd",
+        "held",
         "last_active",
         "out",
         "partial_since",
         "peer",
         "sock",
+        "stranger",
         "tasks",
         "waiting",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Peer, now: float, *, stranger: bool = False
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        #: The peer may read no profile: it gets the short idle timeout.
+        self.stranger = stranger
         self.decoder = FrameDecoder(MAX_REQUEST_SIZE)
         #: Answers the socket would not take yet; while any wait, no requests are read.
         self.out = bytearray()
+        #: Requests decoded but not answered: their batch's answers outgrew one write
+        #: and the client is not reading them. Answered once `out` is flushed.
+        self.held: list[Message] | None = None
         self.blocked_since = _INF
         self.last_active = now
         #: When the half-received frame now buffered began to arrive.
@@ -164,8 +214,17 @@ class Connection:
 
 
 class Server:
-    def __init__(self, api: Api, config: BrokerConfig, wall: WallClock) -> None:
+    def __init__(
+        self,
+        api: Api,
+        config: BrokerConfig,
+        wall: WallClock,
+        stats: ServerStats | None = None,
+    ) -> None:
         self.api = api
+        self.stats = stats or ServerStats()
+        #: Waiting ops in flight by op (watches included), for the metrics.
+        self.waiting_by_op: dict[str, int] = {}
         self._profiles = api.profiles  # the daemon's live table, changed in place on reload
         self._now = wall.now
         #: Waiting ops in flight, watches excluded: what a shutdown waits for.
@@ -179,15 +238,30 @@ class Server:
         self._drained = trio.Event()
         self._wake_housekeeper = trio.Event()
         self._next_check = _INF
+        #: Bytes in every connection's `out`, and connections closed for leaving too
+        #: many unread (a client that never reads its watch events, say).
+        self.unread = 0
+        self.overflows = 0
+        #: Open connections per peer uid, and whether a peer identity may read nothing
+        #: (per uid, gid and groups; forgotten at each reload).
+        self._per_uid: dict[int, int] = {}
+        self._strangers: dict[tuple[int, int, frozenset[int]], bool] = {}
         self.configure(config)
 
     def configure(self, config: BrokerConfig) -> None:
         """Limits and timeouts, at start and again at every reload."""
         self.max_connections = config.max_connections
+        self.max_per_uid = config.max_connections_per_uid
+        # Never more than half: a small max_connections still leaves others room.
+        self.admin_reserve = min(config.admin_reserved_connections, config.max_connections // 2)
+        self.stranger_idle_timeout = min(config.stranger_idle_timeout, config.idle_timeout)
+        self._strangers = {}
         self.max_waiting = config.max_requests_per_connection
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
         self.send_timeout = config.send_timeout
+        self.max_unread = config.max_unread_bytes
+        self.max_unread_total = config.max_unread_total
         self._wake_housekeeper.set()
 
     @property
@@ -278,23 +352,61 @@ class Server:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     # The listener stays readable: stop watching it for a moment rather
                     # than spin, and let connections close meanwhile.
+                    self.stats.refused.inc("out_of_resources")
                     log.error("accept_paused", reason=exc.strerror, seconds=_ACCEPT_PAUSE)
                     self._pause_accepting(listener)
                     return
                 log.warning("accept_failed", reason=exc.strerror)  # that client is gone
                 continue
             sock.setblocking(False)
-            if len(self._connections) >= self.max_connections:
-                _refuse(sock)
-                continue
             try:
-                conn = Connection(sock, peer_of(sock), now)
+                peer = peer_of(sock)
             except OSError:  # gone before we could look at it
                 sock.close()
                 continue
+            if not self._admits(peer):
+                self.stats.refused.inc(self._refusal_reason(peer))
+                self.stats.errors.inc(Code.BUSY)
+                _refuse(sock)
+                continue
+            stranger = self._is_stranger(peer)
+            conn = Connection(sock, peer, now, stranger=stranger)
             self._connections[conn.fd] = conn
+            self.stats.accepted += 1
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             self._epoll.register(conn.fd, _IN)
-            self._check_timeouts_by(now + self.idle_timeout)
+            self._check_timeouts_by(now + self._idle_limit(conn))
+
+    def _admits(self, peer: Peer) -> bool:
+        """Whether a new connection from `peer` fits. The last `admin_reserve` slots
+        are for root and the daemon's user, and no other uid may hold more than
+        `max_per_uid`: a stranger's flood of idle connections locks out no one."""
+        total = len(self._connections)
+        if self.api.is_admin(peer):
+            return total < self.max_connections
+        return (
+            total < self.max_connections - self.admin_reserve
+            and self._per_uid.get(peer.uid, 0) < self.max_per_uid
+        )
+
+    def _refusal_reason(self, peer: Peer) -> str:
+        """Why `_admits` said no, for the metrics (a fixed set of reasons)."""
+        if not self.api.is_admin(peer) and self._per_uid.get(peer.uid, 0) >= self.max_per_uid:
+            return "max_per_uid"
+        return "max_connections"
+
+    def _is_stranger(self, peer: Peer) -> bool:
+        """Whether `peer` may read no profile (so may do nothing but say hello)."""
+        key = (peer.uid, peer.gid, peer.groups)
+        stranger = self._strangers.get(key)
+        if stranger is None:
+            stranger = not self.api.is_admin(peer) and not any(
+                self.api.may_read(peer, profile) for profile in self._profiles.values()
+            )
+            if len(self._strangers) >= _MAX_EVENTS:
+                self._strangers.clear()
+            self._strangers[key] = stranger
+        return stranger
 
     def _pause_accepting(self, listener: socket.socket) -> None:
         if self._accepting:
@@ -332,33 +444,72 @@ class Server:
     def _answer(self, conn: Connection, data: bytes = b"") -> None:
         """Answer the requests received, a batch at a time, while the client takes the
         answers. One read can hold thousands of pipelined requests, whose answers are
-        fifty times their size: those the client is not reading yet stay undecoded."""
+        fifty times their size: those the client is not reading yet stay undecoded, or,
+        once a batch's answers outgrow one write, decoded but unanswered (`held`)."""
         decoder = conn.decoder
         dispatch = self._dispatch
         while True:
-            messages = decoder.feed(data, _BATCH)
+            if conn.held is not None:
+                messages, conn.held = conn.held, None
+                if data:
+                    decoder.feed(data, 0)  # buffer it, undecoded, behind the held ones
+            else:
+                messages = decoder.feed(data, _BATCH)
             data = b""
             if len(messages) == 1:  # one request per read: the usual case
                 answer = dispatch(conn, messages[0])
                 answers = [answer] if answer is not None else []
             else:
-                answers = [a for m in messages if (a := dispatch(conn, m)) is not None]
-            if decoder.error is not None:
-                answers.append(error_frame(None, BadFrame(str(decoder.error))))
+                answers = self._answer_batch(conn, messages)
+                if conn.closed:
+                    return
+            if decoder.error is not None and conn.held is None:
+                answers.append(self._error_frame(None, BadFrame(str(decoder.error))))
                 conn.closing = True
             if answers:
                 self.write(conn, answers[0] if len(answers) == 1 else b"".join(answers))
-            if conn.closed or conn.out or not decoder.complete:
+            if conn.closed or conn.out or not (conn.held or decoder.complete):
                 break  # done, or waiting for the client to read (flush resumes here)
         if conn.closing and not conn.out:
             self._close(conn)
 
+    def _answer_batch(self, conn: Connection, messages: list[Message]) -> list[bytes]:
+        """The answers to a batch, writing every `_MAX_JOIN` bytes of them; what is
+        left when the client stops taking them is held. Returns the unwritten answers."""
+        dispatch = self._dispatch
+        answers: list[bytes] = []
+        size = 0
+        for i, message in enumerate(messages):
+            answer = dispatch(conn, message)
+            if answer is None:
+                continue
+            answers.append(answer)
+            size += len(answer)
+            if size >= _MAX_JOIN and i + 1 < len(messages):
+                self.write(conn, b"".join(answers))
+                answers, size = [], 0
+                if conn.closed:
+                    break
+                if conn.out:
+                    conn.held = messages[i + 1 :]
+                    break
+        return answers
+
     def write(self, conn: Connection, data: bytes) -> None:
-        """Send at once what the socket takes; keep the rest, stop reading meanwhile."""
+        """Send at once what the socket takes; keep the rest, stop reading meanwhile.
+
+        What a client leaves unread is bounded: past `max_unread` bytes on its
+        connection (beyond one answer, which may be larger), or past
+        `max_unread_total` across all of them, the connection is closed and counted.
+        Nothing else waits for it, so others are never slowed."""
         if conn.closed:
             return
         if conn.out:
+            if len(conn.out) + len(data) > self.max_unread or not self._room(conn, len(data)):
+                self._overflow(conn, len(data))
+                return
             conn.out += data
+            self.unread += len(data)
             return
         try:
             sent = conn.sock.send(data)
@@ -368,10 +519,39 @@ class Server:
             self._close(conn)
             return
         if sent < len(data):
+            left = len(data) - sent
+            if not self._room(conn, left):
+                self._overflow(conn, left)
+                return
             conn.out += data[sent:]
+            self.unread += left
             conn.blocked_since = trio.current_time()
             self._epoll.modify(conn.fd, _OUT)
             self._check_timeouts_by(conn.blocked_since + self.send_timeout)
+
+    def _room(self, conn: Connection, adding: int) -> bool:
+        """Whether `adding` unread bytes fit in the total, after closing the connections
+        that hold the most unread (the hogs, not whoever happens to write next: a slow
+        reader must not pay for a connection that never reads). False when `conn`
+        itself holds the most. Rare, so a scan of the connections is fine."""
+        while self.unread + adding > self.max_unread_total:
+            hog = max(self._connections.values(), key=lambda c: len(c.out))
+            if hog is conn or len(hog.out) <= len(conn.out):
+                return False
+            self._overflow(hog, 0)
+        return True
+
+    def _overflow(self, conn: Connection, adding: int) -> None:
+        self.overflows += 1
+        log.warning(
+            "connection_overflow",
+            peer_uid=conn.peer.uid,
+            unread=len(conn.out),
+            adding=adding,
+            unread_total=self.unread,
+            closed_total=self.overflows,
+        )
+        self._close(conn)
 
     def _flush(self, conn: Connection, now: float) -> None:
         try:
@@ -382,6 +562,7 @@ class Server:
             self._close(conn)
             return
         del conn.out[:sent]
+        self.unread -= sent
         if conn.out:
             return
         conn.blocked_since = _INF
@@ -396,6 +577,15 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
+        conn.held = None
+        uid = conn.peer.uid
+        if (left := self._per_uid.get(uid, 1) - 1) > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
+        if conn.out:
+            self.unread -= len(conn.out)
+            conn.out = bytearray()
         del self._connections[conn.fd]
         self._epoll.unregister(conn.fd)
         conn.sock.close()
@@ -411,7 +601,10 @@ class Server:
             return conn.partial_since + self.frame_timeout
         if conn.waiting:
             return _INF
-        return conn.last_active + self.idle_timeout
+        return conn.last_active + self._idle_limit(conn)
+
+    def _idle_limit(self, conn: Connection) -> float:
+        return self.stranger_idle_timeout if conn.stranger else self.idle_timeout
 
     def _check_timeouts_by(self, when: float) -> None:
         if when < self._next_check:
@@ -439,7 +632,7 @@ class Server:
         """The answer to one request, or None when a task will answer it later."""
         request_id = message.get("id")
         if type(request_id) is not int:
-            return error_frame(None, BadRequest("field 'id' must be an integer"))
+            return self._error_frame(None, BadRequest("field 'id' must be an integer"))
         op = message.get("op")
         try:
             if op == _TOKEN and (frame := self._token_from_memory(conn, request_id, message)):
@@ -455,10 +648,10 @@ class Server:
             self._start_waiting(conn, request_id, op, args)
             return None
         except BrokerFault as exc:
-            return error_frame(request_id, exc)
+            return self._error_frame(request_id, exc)
         except Exception:
             log.exception("internal_error", op=op, peer_uid=conn.peer.uid)
-            return error_frame(request_id, Internal("internal error; see the daemon's log"))
+            return self._error_frame(request_id, Internal("internal error; see the daemon's log"))
 
     def _token_from_memory(
         self, conn: Connection, request_id: int, message: Message
@@ -477,6 +670,7 @@ class Server:
             allowed = self.api.may_read(conn.peer, profile)
             conn.acl_cache[name] = (profile.config, allowed)
         if not allowed:
+            profile.token_results.inc(Code.FORBIDDEN)
             raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
         return profile.token_frame(request_id, min_valid, self._now())
 
@@ -486,15 +680,17 @@ class Server:
         if conn.waiting >= self.max_waiting:
             raise Busy(f"more than {self.max_waiting} requests waiting on this connection")
         assert self._nursery is not None
+        self.waiting_by_op[op] = self.waiting_by_op.get(op, 0) + 1
+        self.stats.waited.inc(op)
         if op == Op.WATCH:
             work = self._watch(conn, request_id, args)
         else:
             work = self._answer_later(conn, request_id, self.api.waiting[op](conn.peer, args))
             self.in_flight += 1
         conn.waiting += 1
-        self._nursery.start_soon(self._run_waiting, conn, work, op != Op.WATCH, name=f"op:{op}")
+        self._nursery.start_soon(self._run_waiting, conn, work, op, name=f"op:{op}")
 
-    async def _run_waiting(self, conn: Connection, work: Awaitable[None], counted: bool) -> None:
+    async def _run_waiting(self, conn: Connection, work: Awaitable[None], op: str) -> None:
         scope = trio.CancelScope()
         conn.tasks.add(scope)
         try:
@@ -503,12 +699,13 @@ class Server:
         finally:
             conn.tasks.discard(scope)
             conn.waiting -= 1
+            self.waiting_by_op[op] -= 1
             conn.last_active = trio.current_time()
-            if counted:
+            if op != Op.WATCH:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self._drained.set()
-            self._check_timeouts_by(conn.last_active + self.idle_timeout)
+            self._check_timeouts_by(conn.last_active + self._idle_limit(conn))
 
     async def _answer_later(
         self, conn: Connection, request_id: int, result: Awaitable[dict[str, Any]]
@@ -516,10 +713,10 @@ class Server:
         try:
             frame = encode({"id": request_id, "ok": True, **(await result)})
         except BrokerFault as exc:
-            frame = error_frame(request_id, exc)
+            frame = self._error_frame(request_id, exc)
         except Exception:
             log.exception("internal_error", peer_uid=conn.peer.uid)
-            frame = error_frame(request_id, Internal("internal error; see the daemon's log"))
+            frame = self._error_frame(request_id, Internal("internal error; see the daemon's log"))
         self.write(conn, frame)
 
     async def _watch(self, conn: Connection, request_id: int, args: dict[str, Any]) -> None:
@@ -529,7 +726,12 @@ class Server:
         try:
             await self.api.watch(conn.peer, args, emit)
         except BrokerFault as exc:
-            self.write(conn, error_frame(request_id, exc))
+            self.write(conn, self._error_frame(request_id, exc))
+
+    def _error_frame(self, request_id: int | None, exc: BrokerFault) -> bytes:
+        """An error answer, counted by its code (a fixed set: a bounded label)."""
+        self.stats.errors.inc(exc.code)
+        return error_frame(request_id, exc)
 
 
 def _refuse(sock: socket.socket) -> None:

@@ -24,6 +24,16 @@ from .secret import Secret
 
 #: The jittered rotation point stays inside this share of the lifetime.
 _EARLIEST, _LATEST = 0.05, 0.95
+_INF: Final = float("inf")
+#: The clock-skew rule: a bearer's `iat` may be at most this far from the wall clock.
+#: The lifetime is counted from this machine's clock (exp - iat from the receipt), so
+#: skew does not matter to rotation; a day covers a host set to local time instead of
+#: UTC (at most 14 h) and refuses times that are no clock's at all (exp in 1970).
+MAX_CLOCK_SKEW: Final = 86400.0
+#: The longest bearer lifetime believed (the SDK's "remember me" is 30 days).
+MAX_LIFETIME: Final = 366 * 86400
+#: 9999-12-31T23:59:59Z: no later time is a time (datetime cannot hold one).
+_LAST_TIME: Final = 253_402_300_799
 
 
 class State(StrEnum):
@@ -47,6 +57,10 @@ class Policy:
     #: Retry delays: full jitter over [0, min(cap, base * 2**(failures-1))].
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
+    #: A reader's `token` may cause a refresh at most this often (admins: any time).
+    reader_refresh_interval: float = 30.0
+    #: How far a new bearer's `iat` may be from the wall clock (see Tokens.from_grant).
+    max_clock_skew: float = MAX_CLOCK_SKEW
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +79,37 @@ class Tokens:
         return self.expires_at - self.obtained_at
 
     @classmethod
-    def from_grant(cls, grant: Grant, now: float) -> Tokens:
+    def from_grant(cls, grant: Grant, now: float, max_skew: float = MAX_CLOCK_SKEW) -> Tokens:
         """Tokens as received at wall time `now`.
 
-        With an `iat` claim the lifetime is exp - iat, counted from now, so a skew
-        between this machine's clock and Geins' does not shorten or stretch it.
+        With an `iat` claim the lifetime is exp - iat, counted from now, so a small skew
+        between this machine's clock and Geins' does not shorten or stretch it. A large
+        one is refused (the clock-skew rule): an `iat` more than `max_skew` seconds from
+        `now` means one of the two clocks is wrong, and a token whose times cannot be
+        trusted is not served. Absurd times (negative, past year 9999, a lifetime over
+        `MAX_LIFETIME`) are refused too. Each refusal is a `MalformedAnswer`: the caller
+        keeps the session it had.
         """
         try:
             decoded = claims.decode(grant.bearer.reveal())
         except claims.NotAJwt as exc:
             raise MalformedAnswer(f"Geins sent a bearer token that is not a JWT: {exc}") from None
+        for name, value in (("exp", decoded.exp), ("iat", decoded.iat)):
+            if value is not None and not 0 <= value <= _LAST_TIME:
+                raise MalformedAnswer(f"Geins sent a bearer token whose {name} is not a time")
+        if decoded.iat is not None and abs(decoded.iat - now) > max_skew:
+            raise MalformedAnswer(
+                f"Geins sent a bearer token issued {decoded.iat - now:+.0f} s from this "
+                f"machine's clock (at most {max_skew:g} s of skew is accepted; check the clock)"
+            )
         lifetime = decoded.exp - (decoded.iat if decoded.iat is not None else now)
         if lifetime <= 0 or decoded.expired:
             raise MalformedAnswer("Geins sent a bearer token that has already expired")
+        if lifetime > MAX_LIFETIME:
+            raise MalformedAnswer(
+                f"Geins sent a bearer token valid for {lifetime:.0f} s "
+                f"(at most {MAX_LIFETIME} s is believed)"
+            )
         session_end = None if grant.max_age is None else now + grant.max_age
         return cls(grant.bearer, grant.refresh, decoded, now, now + lifetime, session_end)
 
@@ -125,6 +157,11 @@ class Session:
         self.next_refresh_at: float | None = None
         self.last_refresh_at: float | None = None
         self.refreshes = 0
+        #: Refresh attempts that ended, whatever their outcome: a `token` request that
+        #: saw this change has had its one refresh.
+        self.attempts = 0
+        #: When a reader's demand last brought a refresh forward.
+        self.reader_demand_at: float | None = None
         #: Consecutive failed refreshes; 0 after a success.
         self.failures = 0
         self.last_error: str | None = None
@@ -178,11 +215,18 @@ class Session:
         return SleepUntil(due if session_end is None else min(due, session_end))
 
     def backoff_delay(self, retry_after: float | None = None) -> float:
-        """The wait before the next attempt after `failures` failed ones."""
+        """The wait before the next attempt after `failures` failed ones.
+
+        Geins' Retry-After is honoured up to the backoff ceiling and no further: an
+        upstream (or a proxy in front of it) saying "in three years" must not park the
+        session past its bearer's life; a value that is not a finite, non-negative
+        number is ignored."""
         policy = self.policy
         ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** max(self.failures - 1, 0))
         delay = self._rng.uniform(0, ceiling)
-        return max(delay, retry_after) if retry_after is not None else delay
+        if retry_after is None or not 0 <= retry_after < _INF:  # (catches NaN too)
+            return delay
+        return max(delay, min(retry_after, policy.backoff_cap))
 
     # -- transitions --------------------------------------------------------------------
 
@@ -194,6 +238,7 @@ class Session:
 
     def refreshed(self, tokens: Tokens, now: float) -> None:
         self.refreshes += 1
+        self.attempts += 1
         self.last_refresh_at = now
         self._took(tokens, now)
 
@@ -215,16 +260,24 @@ class Session:
         return tokens.obtained_at + lifetime * min(max(share, _EARLIEST), _LATEST)
 
     def refresh_failed(self, reason: str, now: float, retry_after: float | None = None) -> float:
-        """A transient failure: keep serving, retry after a backoff. Returns the delay."""
+        """A transient failure: keep serving, retry after a backoff. Returns the delay.
+
+        A bearer that runs out before the backoff (or a Retry-After) ends brings the
+        retry forward to its expiry: from then on nothing can be served without one."""
         self.failures += 1
+        self.attempts += 1
         self.last_error = reason
         delay = self.backoff_delay(retry_after)
+        expires_at = self.tokens.expires_at if self.tokens is not None else _INF
+        if now < expires_at < now + delay:
+            delay = expires_at - now
         self.next_refresh_at = now + delay
         self.revision += 1
         return delay
 
     def refresh_rejected(self, reason: str) -> None:
         """The refresh token is dead. The bearer is still served until it expires."""
+        self.attempts += 1
         self.login_required = True
         self.last_error = reason
         self.next_refresh_at = None
@@ -245,10 +298,26 @@ class Session:
         self.store_error = None
         self.revision += 1
 
-    def demand_refresh(self, now: float) -> None:
-        """A client needs a longer-lived token: refresh now, unless backing off."""
-        if self.failures == 0 and (self.next_refresh_at is None or self.next_refresh_at > now):
-            self.next_refresh_at = now
+    def demand_refresh(self, now: float, *, reader: bool = False) -> float:
+        """A client needs a longer-lived token: refresh now, unless backing off. Returns
+        when the next attempt is due.
+
+        A reader (a uid allowed to read, not to administer) may bring a refresh forward
+        at most once per `reader_refresh_interval`: otherwise any reader could make the
+        daemon refresh, fsync and log as fast as it can ask."""
+        due = self.next_refresh_at
+        if self.failures:
+            return now if due is None else due
+        earliest = now
+        if reader and self.reader_demand_at is not None:
+            # min(): a wall clock stepped back must not hold readers off for the step.
+            last = min(self.reader_demand_at, now)
+            earliest = max(now, last + self.policy.reader_refresh_interval)
+        if due is None or due > earliest:
+            due = self.next_refresh_at = earliest
+            if reader:
+                self.reader_demand_at = earliest
+        return due
 
     def defer_startup_refresh(self, now: float, spread: float) -> None:
         """After a restart, spread overdue refreshes over `spread` seconds."""

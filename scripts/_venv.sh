@@ -1,5 +1,14 @@
 # Sourced by the scripts in this folder: make .venv (Python 3.11+) with the project in it.
-# Reinstalls only when pyproject.toml changes, so a second run starts at once.
+# Reinstalls only when a pyproject.toml changes, so a second run starts at once.
+#
+# How the project is "installed": its dependencies (and the dev tools) are installed
+# normally, and the project itself is put on the path by a .pth file of plain path
+# entries (this tree, and clients/python for the client package), with the
+# `geins-broker` command written here. Edits take effect at once, as with an editable
+# install, but without one's costs: setuptools' default editable mode adds an import
+# hook that costs ~20 ms on every Python start in the venv (and so on every
+# `geins-broker token`), and its "compat" mode, which avoids the hook, prints a
+# deprecation notice a screen long at every install.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,15 +25,40 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml clients/python/pyproject.toml scripts/_venv.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
+    echo "setting up .venv (once, and again when a pyproject.toml changes)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
-    # "compat" editable mode puts plain path entries in a .pth file instead of an
-    # import hook, which would add ~20 ms to every Python start in the venv (and so
-    # to `geins-broker token`); the client package lives in clients/python.
-    .venv/bin/python -m pip install --quiet -e ".[dev]" --config-settings editable_mode=compat
+    # An older venv may hold the project as an editable install: its .pth and
+    # finder would shadow or duplicate the entries written below.
+    if .venv/bin/python -m pip show --quiet geins-broker >/dev/null 2>&1; then
+        .venv/bin/python -m pip uninstall --quiet --yes geins-broker
+    fi
+    # Every requirement of both pyproject.toml files, dev tools included.
+    .venv/bin/python - <<'EOF' >.venv/requirements.txt
+import tomllib
+
+for path in ("pyproject.toml", "clients/python/pyproject.toml"):
+    with open(path, "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    for requirement in project.get("dependencies", []):
+        print(requirement)
+    if path == "pyproject.toml":
+        for requirement in project["optional-dependencies"]["dev"]:
+            print(requirement)
+EOF
+    .venv/bin/python -m pip install --quiet --requirement .venv/requirements.txt
     site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    echo "$PWD/clients/python" > "$site/geins-broker-client.pth"
+    rm -f "$site/geins-broker-client.pth"  # the name an older version of this script used
+    printf '%s\n' "$PWD" "$PWD/clients/python" >"$site/geins-broker.pth"
+    # What pip would write for [project.scripts], minus what a start does not need.
+    cat >.venv/bin/geins-broker <<EOF
+#!$PWD/.venv/bin/python
+import sys
+from broker.cli import main
+sys.exit(main())
+EOF
+    chmod 755 .venv/bin/geins-broker
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -256,8 +256,7 @@ class CuttableProxy:
 
     @property
     def url(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://127.0.0.1:{self.port}/0"
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def _accept(self) -> None:
         while not self._stop:

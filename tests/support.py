@@ -81,6 +81,7 @@ def write_config(
     profiles: tuple[str, ...] = ("default",),
     broker: Mapping[str, Any] | None = None,
     profile: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Path:
     def toml_value(value: Any) -> str:
         return json.dumps(value)  # TOML strings, numbers, booleans and arrays read the same
@@ -91,6 +92,8 @@ def write_config(
         f"state_dir = {toml_value(str(state_dir))}",
     ]
     lines += [f"{k} = {toml_value(v)}" for k, v in (broker or {}).items()]
+    if metrics:
+        lines += ["[metrics]", *(f"{k} = {toml_value(v)}" for k, v in metrics.items())]
     for name in profiles:
         lines += [
             f"[profiles.{name}]",
@@ -154,6 +157,7 @@ class DaemonProcess:
         env: Mapping[str, str] | None = None,
         *,
         wait_ready: bool = True,
+        cwd: Path | None = None,
     ) -> None:
         self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}")
         self.log_path = workdir / "daemon.log"
@@ -164,6 +168,7 @@ class DaemonProcess:
             stdout=self._log,
             stderr=self._log,
             env=full_env,
+            cwd=cwd,
         )
         if wait_ready:
             self.wait_ready()
@@ -273,10 +278,13 @@ def broker_config(
     *,
     profiles: tuple[str, ...] = ("default",),
     profile_settings: dict[str, object] | None = None,
+    metrics: dict[str, object] | None = None,
+    proxy: dict[str, object] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
     endpoint = emulator.endpoint()
-    data = {
+    data: dict[str, object] = {
+        "metrics": metrics or {},
         "broker": {"socket": str(socket), "state_dir": str(state_dir), **broker_settings},
         "profiles": {
             name: {
@@ -292,6 +300,8 @@ def broker_config(
             for name in profiles
         },
     }
+    if proxy is not None:
+        data["proxy"] = proxy
     return config_module.parse(data, state_dir / "config.toml")
 
 
@@ -368,3 +378,32 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+class Scrape:
+    """An exposition parsed with prometheus_client's own parser: a value per sample."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in self.families.values()
+            for s in family.samples
+        }
+
+    def get(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """The sample's value; 0 for a counter that has not counted yet."""
+        value = self.get(name, **labels)
+        return 0.0 if value is None else value
+
+    def labels(self, name: str) -> list[dict[str, str]]:
+        return [dict(labels) for sample, labels in self.samples if sample == name]

@@ -348,3 +348,10 @@ def test_help_and_version() -> None:
         [*GEINS_BROKER, "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout == "geins-broker 0.1.0\n"
+
+
+def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code, meaning in cli.EXIT_MEANINGS.items():
+        assert f"| {code} | {meaning} |" in readme
+    assert "exit codes: 0 ok, 1 internal error" in cli._EPILOG

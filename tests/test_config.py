@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -99,8 +101,20 @@ allow_groups = [0]
         (GOOD + "[broker]\nsocket_mode = '0066'\n", "broker.socket_mode", "owner"),
         (GOOD + "[broker]\nsocket = '/" + "x" * 120 + "'\n", "broker.socket", "at most 107"),
         ("[profiles]\n", "profiles", "at least one profile"),
+        # Issue 9, defect 11: TOML's nan and inf are numbers, but no duration.
+        (GOOD + "[broker]\ntoken_wait = nan\n", "broker.token_wait", "finite"),
+        (GOOD + "[broker]\ntoken_wait = inf\n", "broker.token_wait", "finite"),
+        (GOOD + "[broker]\nidle_timeout = -inf\n", "broker.idle_timeout", "finite"),
+        (GOOD + "[broker]\nsend_timeout = 1e9\n", "broker.send_timeout", "at most 3600"),
+        (GOOD + "[broker]\nstartup_spread = -0.5\n", "broker.startup_spread", "must be 0"),
+        (GOOD + "request_timeout = nan\n", "profiles.default.request_timeout", "finite"),
         ("[profiles.'../etc']\naccount='a'\napi_key='k'\n", "profiles.../etc", "profile name"),
         ("color = 'blue'\n" + GOOD, "color", "unknown key"),
+        ("[metrics]\ntextfile = 'm.prom'\n" + GOOD, "metrics.textfile", "absolute"),
+        ("[metrics]\ntextfile = '/var/m.txt'\n" + GOOD, "metrics.textfile", ".prom"),
+        ("[metrics]\ntextfile_interval = 0.5\n" + GOOD, "metrics.textfile_interval", "at least 1"),
+        ("[metrics]\nper_profile = 'no'\n" + GOOD, "metrics.per_profile", "expected bool"),
+        ("[metrics]\nport = 9100\n" + GOOD, "metrics.port", "unknown key"),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -168,3 +182,45 @@ def test_client_finds_the_daemons_default_socket(
 def test_state_dir_from_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/geins-broker")
     assert config.default_state_dir() == Path("/var/lib/geins-broker")
+
+
+def test_metrics_settings(tmp_path: Path) -> None:
+    assert load(write(tmp_path, GOOD)).metrics == config.MetricsConfig()
+    text = (
+        "[metrics]\nper_profile = false\ntextfile = '/var/lib/m/g.prom'\ntextfile_interval = 60\n"
+        "allow_users = ['root', 4242]\nallow_groups = [0]\n"
+    )
+    loaded = load(write(tmp_path, text + GOOD))
+    assert loaded.metrics == config.MetricsConfig(
+        per_profile=False,
+        textfile=Path("/var/lib/m/g.prom"),
+        textfile_interval=60.0,
+        allow_uids=frozenset({0, 4242}),
+        allow_gids=frozenset({0}),
+    )
+
+
+def test_runtime_dir_is_ours_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's runtime directory is computed, not platformdirs': every branch checked."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    assert config.runtime_dir() == xdg
+    xdg.chmod(0o770)
+    with pytest.raises(ConfigError, match=rf"^{xdg}: may be written by others \(mode 0770\)$"):
+        config.runtime_dir()
+
+    if os.path.isdir(f"/run/user/{os.geteuid()}"):
+        return  # the fallback below is not reached on this machine
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("GEINS_BROKER_SOCKET", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    fallback = tmp_path / f"runtime-{os.geteuid()}"
+    assert config.runtime_dir() == fallback
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
+    fallback.chmod(0o777)  # as if someone else had made it first
+    with pytest.raises(ConfigError, match=rf"^{fallback}: may be written by others"):
+        config.runtime_dir()
+    fallback.chmod(0o700)
+    assert config.default_socket() == fallback / "geins-broker" / "broker.sock"

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from broker.emulator.model import AuthService, HttpRequest, HttpResponse, ServiceConfig
+from broker.emulator.model import AuthService, ServiceConfig
+from broker.emulator.values import HttpRequest, HttpResponse
 from broker.geins import claims
 from broker.geins.protocol import encode_uri_component, password_digest
 
@@ -350,3 +351,56 @@ def test_unknown_paths_and_methods(sdk: Sdk, service: AuthService) -> None:
     assert sdk.send("DELETE", f"{AUTH}/login").status == 405
     assert sdk.send("GET", "/api/other_prod/login").status == 404
     assert service.counts["GET /login"] == 0
+
+
+# -- the Merchant API's user operations ------------------------------------------------------
+
+
+def _user_op(sdk: Sdk, bearer: str, body: dict[str, Any], key: str = KEY) -> HttpResponse:
+    headers = {"x-apikey": key, "accept": "application/json"}
+    if bearer:
+        headers["authorization"] = f"Bearer {bearer}"
+    return sdk.send("POST", "/graphql", body, **headers)
+
+
+def test_user_get_update_and_orders(sdk: Sdk, service: AuthService) -> None:
+    bearer = body_of(sdk.login("ada@example.com", "s3cret"))["token"]
+    anonymous = _user_op(sdk, bearer, {"query": "{ getUser { email } }"})
+    assert anonymous.status == 200
+    user = body_of(anonymous)["data"]["getUser"]
+    assert user["email"] == "ada@example.com"
+    assert user["firstName"] is None
+    update = {
+        "operationName": "UserUpdate",
+        "query": "mutation UserUpdate($user: UserInputType!) { updateUser(user: $user) { id } }",
+        "variables": {"user": {"firstName": "Ada", "customerType": "ORGANIZATION"}},
+    }
+    updated = body_of(_user_op(sdk, bearer, update))["data"]["updateUser"]
+    assert (updated["firstName"], updated["customerType"]) == ("Ada", "ORGANIZATION")
+    named = {"operationName": "UserGet", "query": "query UserGet { getUser { firstName } }"}
+    assert body_of(_user_op(sdk, bearer, named))["data"]["getUser"]["firstName"] == "Ada"
+    orders = {"operationName": "UserOrders", "query": "query UserOrders { getOrders { id } }"}
+    assert body_of(_user_op(sdk, bearer, orders)) == {"data": {"getOrders": []}}
+    service.add_orders("ada@example.com", 2)
+    assert [o["id"] for o in body_of(_user_op(sdk, bearer, orders))["data"]["getOrders"]] == [1, 2]
+    assert service.counts["graphql UserGet"] == 2
+    assert service.counts["graphql UserOrders"] == 2
+
+
+def test_user_operations_refuse_bad_keys_bearers_and_input(
+    sdk: Sdk, service: AuthService, clock: Clock
+) -> None:
+    login = sdk.login("ada@example.com", "s3cret")
+    bearer = body_of(login)["token"]
+    query = {"query": "{ getUser { email } }"}
+    assert _user_op(sdk, bearer, query, key="wrong").status == 401
+    assert _user_op(sdk, "", query).status == 401
+    assert _user_op(sdk, bearer, {"query": "{ getProducts { id } }"}).status == 400
+    bad = {"operationName": "UserUpdate", "query": "mutation { updateUser }"}
+    assert _user_op(sdk, bearer, {**bad, "variables": {"user": {"password": "x"}}}).status == 400
+    clock.t += 901
+    assert _user_op(sdk, bearer, query).status == 401  # expired
+    fresh = body_of(sdk.refresh(dict(login.headers)["x-auth-refresh-token"]))["token"]
+    assert _user_op(sdk, fresh, query).status == 200
+    service.revoke_user("ada@example.com")
+    assert _user_op(sdk, fresh, query).status == 401  # revoked

@@ -21,6 +21,7 @@ from broker.errors import (
     MalformedAnswer,
     RefreshTokenRejected,
     Transient,
+    UnusableGrant,
     UpstreamRejected,
     UpstreamTimeout,
 )
@@ -339,6 +340,65 @@ async def test_malformed_answers(
     geins = _mock_client(lambda request: response)
     with pytest.raises(MalformedAnswer, match=message):
         await geins.refresh(Secret("refresh-secret"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502</html>",
+        b'{"token": "' + b"x" * (64 * 1024 + 1) + b'"}',
+        b'{"token": "t", "maxAge": 1e300}',
+    ],
+)
+async def test_an_unusable_answer_still_hands_over_the_rotated_refresh_token(
+    autojump_clock: MockClock, body: bytes
+) -> None:
+    """Issue 9, defects 6 and 8: the new refresh token in the header is never lost."""
+    response = httpx.Response(200, headers={"x-auth-refresh-token": "new-refresh"}, content=body)
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(UnusableGrant) as info:
+        await geins.refresh(Secret("refresh-secret"))
+    assert info.value.refresh.reveal() == "new-refresh"
+    assert "new-refresh" not in str(info.value) + repr(info.value) + repr(info.value.args)
+
+
+async def test_an_answer_declared_over_a_megabyte_is_not_read(autojump_clock: MockClock) -> None:
+    """Issue 9: a hostile upstream's gigabyte answer is refused before it is read."""
+    response = httpx.Response(
+        200, headers={"x-auth-refresh-token": "r"}, content=b"x" * (1024 * 1024 + 1)
+    )
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(MalformedAnswer, match="more than 1048576 bytes"):
+        await geins.refresh(Secret("refresh-secret"))
+
+
+# Cutting a stream short leaves httpx's inner generators (aiter_bytes, aiter_raw, the
+# transport's stream) to the garbage collector, which trio reports.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_endless_answer_is_cut_off_at_a_megabyte(autojump_clock: MockClock) -> None:
+    sent = 0
+
+    async def endless() -> Any:
+        nonlocal sent
+        for _ in range(1000):
+            sent += 65536
+            yield b"x" * 65536
+
+    response = httpx.Response(200, headers={"x-auth-refresh-token": "r"}, content=endless())
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(MalformedAnswer, match="more than 1048576 bytes"):
+        await geins.refresh(Secret("refresh-secret"))
+    assert sent <= 1024 * 1024 + 65536
+
+
+async def test_an_oversized_refresh_token_is_refused(autojump_clock: MockClock) -> None:
+    big = "r" * (4 * 1024 + 1)
+    response = httpx.Response(200, headers={"x-auth-refresh-token": big}, json={"token": "t"})
+    geins = _mock_client(lambda request: response)
+    with pytest.raises(MalformedAnswer, match="refresh token of 4097 characters") as info:
+        await geins.refresh(Secret("refresh-secret"))
+    assert not isinstance(info.value, UnusableGrant)
 
 
 async def test_challenge_without_sign_is_malformed(

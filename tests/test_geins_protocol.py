@@ -40,3 +40,11 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds("soon", now=0.0) is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412500.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "raw", ["9" * 400, "\u00b2", "Fri, 31 Dec 99999 23:59:59 GMT", "Wed, 21 Oct 2015 99:99:99 GMT"]
+)
+def test_retry_after_that_is_no_time_is_ignored(raw: str) -> None:
+    """Issue 9, defect 5: a 400-digit value was float inf, and "²" raised ValueError."""
+    assert retry_after_seconds(raw, now=0.0) is None

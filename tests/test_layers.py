@@ -23,10 +23,25 @@ PURE = (
     "broker.emulator.model",
     "broker.emulator.jwt",
     "broker.emulator.faults",
+    "broker.emulator.merchant",
+    "broker.emulator.values",
+    "broker.proxy.rules",
+    "broker.sealing",
+    "broker.stats",
     "broker.fleet.rotation",
     "geins_broker_client.protocol",
+    "geins_broker_client.health",
 )
-IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio", "coredis")
+IO_PACKAGES = (
+    "trio",
+    "httpx",
+    "httpcore",
+    "platformdirs",
+    "h11",
+    "anyio",
+    "prometheus_client",
+    "coredis",
+)
 
 
 @pytest.mark.parametrize("module", PURE)

@@ -179,10 +179,12 @@ def test_a_second_daemon_on_the_same_socket_refuses(
 ) -> None:
     sock = short_tmp / "b.sock"
     config = write_config(short_tmp / "c.toml", emulator.url, sock, short_tmp / "state")
+    # Its own state directory: on the same one the second would stop at the state lock.
+    other = write_config(short_tmp / "d.toml", emulator.url, sock, short_tmp / "state2")
     daemon = DaemonProcess(config, short_tmp)
     try:
         result = subprocess.run(
-            [*GEINS_BROKER, "serve", "--config", str(config)],
+            [*GEINS_BROKER, "serve", "--config", str(other)],
             capture_output=True,
             text=True,
             check=False,
@@ -224,14 +226,15 @@ sys.stdout.write(data.hex())
 """
 
 
-def as_nobody(sock: Path, **message: Any) -> dict[str, Any]:
-    """A request from uid 65534 (a plain stdlib Python: the venv lives under /root)."""
+def as_nobody(sock: Path, groups: str | None = None, **message: Any) -> dict[str, Any]:
+    """A request from uid 65534 (a plain stdlib Python: the venv lives under /root),
+    in the supplementary `groups` given (comma-separated gids), else in none."""
     result = subprocess.run(
         [
             "setpriv",
             f"--reuid={NOBODY}",
             f"--regid={NOBODY}",
-            "--clear-groups",
+            "--clear-groups" if groups is None else f"--groups={groups}",
             "/usr/bin/python3",
             "-c",
             _AS_NOBODY,
@@ -290,6 +293,50 @@ def test_another_uid_is_refused_by_the_peer_check(
         assert call(sock, op="token")["ok"]
     finally:
         assert daemon.stop() == 0
+
+
+ALLOWED_GROUP = 4242
+
+
+@pytest.mark.parametrize(
+    ("groups", "served"),
+    [
+        (None, False),
+        ("4243", False),
+        (str(ALLOWED_GROUP), True),
+        # Over 256 groups: SO_PEERGROUPS says ERANGE, /proc/PID/status answers.
+        (",".join(str(g) for g in [*range(5000, 5300), ALLOWED_GROUP]), True),
+    ],
+    ids=["no-groups", "other-group", "supplementary", "300-groups"],
+)
+def test_allow_groups_counts_supplementary_groups(
+    emulator: EmulatorProcess, open_tmp: Path, groups: str | None, served: bool
+) -> None:
+    """The system deployment: clients are members of a group, never its primary one."""
+    sock = open_tmp / "b.sock"
+    config = write_config(
+        open_tmp / "c.toml",
+        emulator.url,
+        sock,
+        open_tmp / "state",
+        broker={"socket_mode": "0666"},
+        profile={"allow_groups": [ALLOWED_GROUP]},
+    )
+    daemon = DaemonProcess(config, open_tmp)
+    try:
+        login(sock)
+        answer = as_nobody(sock, groups, op="token")
+        if served:
+            assert answer["ok"] and answer["token"] == call(sock, op="token")["token"]
+        else:
+            assert answer["error"]["code"] == "forbidden"
+    finally:
+        assert daemon.stop() == 0
+    over_256 = groups is not None and groups.count(",") >= 256
+    assert ("event=peer_groups_from_proc" in daemon.log()) == over_256
+    if over_256:
+        assert "reason=over_256_groups" in daemon.log()
+    assert "event=peer_groups_unknown" not in daemon.log()
 
 
 def test_state_files_and_socket_are_private(emulator: EmulatorProcess, short_tmp: Path) -> None:

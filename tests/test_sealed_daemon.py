@@ -4,6 +4,7 @@ the daemon's memory is closed to its own uid."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -19,12 +20,15 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from broker.config import load
+from broker.daemon import Daemon
 from broker.emulator.app import Emulator
 from broker.keys import encode_key
 from broker.sealing import Key, Keyring, sealed_key_id
 from broker.secret import Secret
 from broker.store import Record, Store
 from broker.wallclock import TrioWallClock
+from geins_broker_client.trio_client import TrioClient
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -33,6 +37,7 @@ from tests.support import (
     EmulatorProcess,
     RawConnection,
     call,
+    inline,
     start_broker,
     write_config,
 )
@@ -116,6 +121,51 @@ async def test_status_and_the_log_say_whether_sessions_are_sealed(
     assert "event=sealing_off" in caplog.text
     assert f"event=sealing_on key={key.name}" in caplog.text
     assert encode_key(key).decode().strip() not in caplog.text
+
+
+async def test_a_reload_with_a_refused_key_file_keeps_the_keys_it_has(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    key, new = Key.generate(), Key.generate()
+    sock, state = short_tmp / "b.sock", short_tmp / "state"
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        sock,
+        state,
+        broker={"key_file": str(write_key(short_tmp / "k1", key))},
+    )
+    daemon = Daemon(load(config), wall=wall, rng=random.Random(1), offload=inline)
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    async with TrioClient(sock) as client:
+        await client.login(DEMO_USER, DEMO_PASSWORD, remember=True)
+    loose = write_key(short_tmp / "k2", new)
+    loose.chmod(0o644)
+    write_config(config, emulator.url, sock, state, broker={"key_file": str(loose)})
+    await daemon.reload()
+    assert daemon.store.keyring.current == key  # the mistake changed nothing
+    loose.chmod(0o600)
+    write_config(
+        config,
+        emulator.url,
+        sock,
+        state,
+        broker={"key_file": str(loose), "previous_key_file": str(short_tmp / "k1")},
+    )
+    await daemon.reload()
+    assert daemon.store.keyring == Keyring(new, (key,))
+    connection = await RawConnection.open(sock)
+    status = await connection.call(id=1, op="status")
+    connection.close()
+    assert status["sealing"] == f"on: key {new.name}, opens key {key.name}"
+    await trio.sleep(900)  # a rotation: the session moves to the new key
+    blob = (state / "default.session.json").read_bytes()
+    assert sealed_key_id(blob) == new.name
+    daemon.stop()
 
 
 # -- real processes: a key goes missing, and comes back ------------------------------------

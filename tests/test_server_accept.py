@@ -70,6 +70,7 @@ async def test_out_of_resources_pauses_accepting_then_resumes(
     assert listener.accepts == 1  # paused after the first failure, not spinning
     await trio.sleep(_ACCEPT_PAUSE)
     assert listener.accepts == 2  # one pause later it tried again
+    assert server.stats.refused.get("out_of_resources") == 2  # what the metrics show
     nursery.cancel_scope.cancel()
     listener.close()
 

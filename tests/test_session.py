@@ -55,6 +55,33 @@ def test_iat_corrects_for_clock_skew() -> None:
     assert tokens.session_expires_at is None
 
 
+@pytest.mark.parametrize(
+    ("exp", "iat", "problem"),
+    [
+        (60, 0, "issued -1800000000 s from this machine's clock"),  # the clock-skew rule
+        (T0 + 900, T0 + 86400 + 1, "skew"),
+        (T0 + 900, T0 - 86400 - 1, "skew"),
+        (1e300, T0, "exp is not a time"),
+        (T0 + 900, -5, "iat is not a time"),
+        (T0 + 367 * 86400, T0, "at most 31622400 s"),
+    ],
+)
+def test_absurd_times_and_skew_are_refused(exp: float, iat: float, problem: str) -> None:
+    """Issue 9: a JWT whose times no clock could give is an upstream error (the caller
+    keeps the session it had), never a token served for years or for a minute."""
+    with pytest.raises(MalformedAnswer, match=problem):
+        Tokens.from_grant(Grant(Secret(jwt(exp, iat)), Secret("r"), None), T0)
+
+
+def test_skew_up_to_a_day_is_accepted() -> None:
+    """A host set to local time instead of UTC is off by whole hours; harmless, since the
+    lifetime is counted from this machine's clock."""
+    tokens = Tokens.from_grant(
+        Grant(Secret(jwt(T0 - 50400 + 900, T0 - 50400)), Secret("r"), None), T0
+    )
+    assert tokens.expires_at == T0 + 900
+
+
 def test_without_iat_exp_is_absolute() -> None:
     tokens = Tokens.from_grant(Grant(Secret(jwt(T0 + 600)), Secret("r"), None), T0)
     assert tokens.expires_at == T0 + 600
@@ -139,6 +166,25 @@ def test_retry_after_is_honoured() -> None:
     assert s.refresh_failed("429", T0 + 30, retry_after=0.5) == 2  # backoff is larger
 
 
+@pytest.mark.parametrize("retry_after", [99_999_999.0, float("inf"), float("nan"), -5.0])
+def test_retry_after_is_capped_at_the_backoff_ceiling(retry_after: float) -> None:
+    """Issue 9, defect 5: an upstream's Retry-After never parks the session for years."""
+    s = session(0.0)  # no jitter of our own: whatever waits longer comes from Geins
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    delay = s.refresh_failed("429", T0 + 675, retry_after=retry_after)
+    assert delay == (60.0 if 0 < retry_after < float("inf") else 0.0)
+    assert s.next_refresh_at == T0 + 675 + delay
+
+
+def test_an_expiring_bearer_brings_a_retry_forward() -> None:
+    s = session(1.0)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=900), T0), "ada", False, T0)
+    assert s.refresh_failed("429", T0 + 880, retry_after=60) == 20
+    assert s.next_refresh_at == T0 + 900  # the bearer's expiry, not T0 + 940
+    # Once it has expired the backoff is plain (nothing left to protect).
+    assert s.refresh_failed("429", T0 + 900, retry_after=60) == 60
+
+
 def test_a_session_shorter_than_the_bearer_is_refreshed_in_time() -> None:
     s = session(0.5)
     s.logged_in(Tokens.from_grant(grant(T0, lifetime=3600, max_age=1800), T0), "ada", False, T0)
@@ -164,6 +210,36 @@ def test_demand_refresh_respects_backoff() -> None:
     backoff = s.next_refresh_at
     s.demand_refresh(T0 + 10.1)
     assert s.next_refresh_at == backoff
+
+
+def test_a_reader_brings_a_refresh_forward_at_most_once_per_interval() -> None:
+    """Issue 9, defect 3: readers get a per-profile minimum interval between the
+    refreshes they cause; admins do not."""
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 100
+    s.refreshed(Tokens.from_grant(grant(T0 + 100), T0 + 100), T0 + 100)
+    assert s.demand_refresh(T0 + 101, reader=True) == T0 + 130
+    assert s.next_refresh_at == T0 + 130
+    assert s.demand_refresh(T0 + 102) == T0 + 102  # an admin is not held back
+
+
+def test_a_clock_stepped_back_holds_readers_off_for_one_interval_only() -> None:
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0 + 3600), T0 + 3600), "ada", False, T0 + 3600)
+    assert s.demand_refresh(T0 + 3700, reader=True) == T0 + 3700
+    s.refreshed(Tokens.from_grant(grant(T0 + 3700), T0 + 3700), T0 + 3700)
+    # NTP steps the clock back an hour: the next reader's refresh is 30 s away, not 3630.
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 130
+
+
+def test_every_ended_attempt_is_counted() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.refreshed(Tokens.from_grant(grant(T0 + 1), T0 + 1), T0 + 1)
+    s.refresh_failed("down", T0 + 2)
+    s.refresh_rejected("gone")
+    assert s.attempts == 3
 
 
 def test_startup_spread_only_moves_overdue_refreshes() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-KINDS: Final = ("refuse", "status", "latency", "stall")
+KINDS: Final = ("refuse", "status", "latency", "stall", "truncate", "body")
 
 
 class FaultSpecError(ValueError):
@@ -18,7 +18,11 @@ class FaultSpecError(ValueError):
 
 @dataclass(slots=True)
 class Fault:
-    """One rule. `match` is a substring of "METHOD /path" (None: every request)."""
+    """One rule. `match` is a substring of "METHOD /path" (None: every request).
+
+    Kinds: refuse (close the port), status (answer `status` instead), latency (answer
+    `seconds` late), stall (never answer), truncate (answer the head and half the body,
+    then close the connection)."""
 
     kind: str
     match: str | None = None
@@ -28,6 +32,9 @@ class Fault:
     seconds: float = 0.0
     #: Apply latency or stall after the request took effect (the answer is what is late).
     after: bool = False
+    #: body: the request takes effect, and its answer keeps its status and headers (a
+    #: rotated refresh token, say) but carries this body instead (a proxy's error page).
+    body: str | None = None
     #: How many requests it hits; None until cleared or expired.
     times: int | None = None
     #: trio time at which the rule lapses; None never.
@@ -48,6 +55,7 @@ class Fault:
             "after",
             "times",
             "for",
+            "body",
         }
         if unknown:
             raise FaultSpecError(f"unknown fault fields: {', '.join(sorted(unknown))}")
@@ -61,12 +69,15 @@ class Fault:
                 seconds=float(spec.get("seconds", 0.0)),
                 after=bool(spec.get("after", False)),
                 times=None if spec.get("times") is None else int(spec["times"]),
+                body=None if spec.get("body") is None else str(spec["body"]),
                 until=None if duration is None else now + float(duration),
             )
         except (TypeError, ValueError) as exc:
             raise FaultSpecError(f"bad fault field: {exc}") from None
         if fault.kind == "status" and not 400 <= fault.status <= 599:
             raise FaultSpecError("status must be a 4xx or 5xx code")
+        if fault.kind == "body" and fault.body is None:
+            raise FaultSpecError("body needs a body")
         if fault.kind == "refuse" and fault.seconds <= 0:
             raise FaultSpecError("refuse needs seconds > 0")
         return fault

@@ -28,70 +28,19 @@ from urllib.parse import unquote_plus
 
 from ..geins.protocol import (
     API_KEY_HEADER,
-    CUSTOMER_TYPES,
     GRAPHQL_PATH,
     REFRESH_HEADER,
     auth_path,
     password_digest,
     sign_path,
 )
-from . import jwt
+from . import jwt, merchant
+from .values import HttpRequest, HttpResponse, Refused, User, json_body, json_response, refusal
 
 #: How long a challenge (the `sign`) and a signature stay usable.
 SIGNATURE_TTL = 60.0
 #: Replaced refresh tokens remembered for `inspect` and the optional reuse grace.
 REPLACED_MEMORY = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    method: str
-    target: str
-    headers: Mapping[str, str]
-    body: bytes = b""
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.split("?", 1)[1] if "?" in self.target else ""
-
-
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def json_response(
-    status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()
-) -> HttpResponse:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return HttpResponse(status, body, (("Content-Type", "application/json"), *headers))
-
-
-def refusal(status: int, reason: str) -> HttpResponse:
-    return json_response(status, {"error": reason})
-
-
-class Refused(Exception):
-    """Ends a request with a 4xx; raised deep in validation, answered at the top."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(slots=True)
-class User:
-    user_id: str
-    digest: str
-    customer_type: str = "PERSON"
-    committed: bool = True
 
 
 @dataclass(slots=True)
@@ -283,7 +232,7 @@ class AuthService:
     # -- the auth service -----------------------------------------------------------------
 
     def _login_post(self, request: HttpRequest) -> HttpResponse:
-        body = _json_body(request)
+        body = json_body(request)
         if set(body) == {"username"}:
             return self._challenge(_text(body, "username"))
         _only_fields(body, {"username", "signature", "password", "sessionLifetime"})
@@ -370,7 +319,7 @@ class AuthService:
 
     def _password(self, request: HttpRequest) -> HttpResponse:
         family = self._family_of(_refresh_header(request))
-        body = _json_body(request)
+        body = json_body(request)
         _only_fields(body, {"username", "signature", "password", "newPassword", "sessionLifetime"})
         username = self._consume_signature(body)
         current, new = _digest_field(body, "password"), _digest_field(body, "newPassword")
@@ -390,7 +339,7 @@ class AuthService:
         return self._live_family(record.family)
 
     def _register(self, request: HttpRequest) -> HttpResponse:
-        body = _json_body(request)
+        body = json_body(request)
         _only_fields(body, {"username", "signature", "password", "sessionLifetime"})
         username = self._consume_signature(body)
         digest = _digest_field(body, "password")
@@ -403,29 +352,21 @@ class AuthService:
         self._family_of(_refresh_header(request)).revoked = True
         return HttpResponse(200)
 
-    # -- the Merchant API's user commit -----------------------------------------------------
+    # -- the Merchant API's user operations ------------------------------------------------
 
     def _graphql(self, request: HttpRequest) -> HttpResponse:
         if request.headers.get(API_KEY_HEADER) != self.config.api_key:
             raise Refused(401, "missing or wrong x-apikey")
         username = self._bearer_user(request.headers.get("authorization", ""))
-        body = _json_body(request)
-        variables = body.get("variables")
-        if body.get("operationName") != "UserCreate" or "updateUser(" not in str(body.get("query")):
-            raise Refused(400, "the emulator's Merchant API knows only the UserCreate mutation")
-        if not isinstance(variables, dict) or not isinstance(variables.get("user"), dict):
-            raise Refused(400, "variables.user is required")
-        user_input = variables["user"]
-        customer_type = user_input.get("customerType", "PERSON")
-        if customer_type not in CUSTOMER_TYPES:
-            raise Refused(400, f"customerType must be one of {', '.join(CUSTOMER_TYPES)}")
-        for name in ("channelId", "languageId", "marketId"):
-            if not isinstance(variables.get(name), str | None):
-                raise Refused(400, f"{name} must be a string")
-        user = self._users[username]
-        user.customer_type = customer_type
-        user.committed = True
-        return json_response(200, {"data": {"updateUser": {"email": username}}})
+        body = json_body(request)
+        operation = merchant.operation(body)
+        self.counts[f"graphql {operation}"] += 1
+        return merchant.answer(operation, username, self._users[username], body)
+
+    def add_orders(self, username: str, count: int, note_size: int = 0) -> int:
+        """Give the user `count` orders (with a `note` of `note_size` bytes each, to make
+        large answers); returns how many they have."""
+        return merchant.add_orders(self._users[username], count, note_size)
 
     def _bearer_user(self, authorization: str) -> str:
         scheme, _, token = authorization.partition(" ")
@@ -484,19 +425,6 @@ class AuthService:
 
 
 # -- request validation helpers --------------------------------------------------------------
-
-
-def _json_body(request: HttpRequest) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("application/json"):
-        raise Refused(415, "Content-Type must be application/json")
-    try:
-        body = json.loads(request.body)
-    except ValueError:
-        raise Refused(400, "body is not JSON") from None
-    if not isinstance(body, dict):
-        raise Refused(400, "body must be a JSON object")
-    return body
 
 
 def _only_fields(body: Mapping[str, Any], allowed: set[str]) -> None:

@@ -13,15 +13,25 @@ import socket as stdlib_socket
 from collections.abc import Callable
 from typing import Any
 
-import h11
 import trio
 
+from ..http.server import Exchange, HttpLimits, HttpServer
 from .faults import Fault, Faults, FaultSpecError
-from .model import AuthService, HttpRequest, HttpResponse, json_response, refusal
+from .model import AuthService
+from .values import HttpRequest, HttpResponse, json_response, refusal
 
 CONTROL_PREFIX = "/_emulator/"
-MAX_BODY = 1024 * 1024
-_READ_SIZE = 65536
+#: Room for the proxy's streamed (larger than 1 MiB) request bodies.
+MAX_BODY = 16 * 1024 * 1024
+#: A test fixture, not a service: no timeouts (faults stall on purpose), and room for the
+#: thousands of connections the load benchmarks open.
+EMULATOR_LIMITS = HttpLimits(
+    max_connections=100_000,
+    max_header_size=1024 * 1024,
+    max_body_size=MAX_BODY,
+    header_timeout=float("inf"),
+    idle_timeout=float("inf"),
+)
 
 
 class EmulatorServer:
@@ -39,6 +49,8 @@ class EmulatorServer:
         #: Requests being answered right now, and the most there ever were at once.
         self.in_flight = 0
         self.peak_in_flight = 0
+        self._truncating: HttpRequest | None = None
+        self.http = HttpServer(self._handle, EMULATOR_LIMITS, name="emulator")
 
     @property
     def url(self) -> str:
@@ -56,7 +68,7 @@ class EmulatorServer:
                     if task_status is not trio.TASK_STATUS_IGNORED:
                         task_status.started(self.url)
                         task_status = trio.TASK_STATUS_IGNORED
-                    await self._accept_loop(listener, nursery)
+                    await self.http.serve(listener)
             finally:
                 listener.close()
                 self._listener = None
@@ -77,11 +89,6 @@ class EmulatorServer:
         self._listener = sock
         return sock
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            conn, _ = await listener.accept()
-            nursery.start_soon(self._connection, trio.SocketStream(conn))
-
     def refuse(self, seconds: float) -> None:
         """Close the listening socket and every connection for `seconds` of trio time."""
         self._refusing_until = trio.current_time() + seconds
@@ -93,29 +100,27 @@ class EmulatorServer:
         self._cleared.set()
         self._cleared = trio.Event()
 
-    # -- one connection --------------------------------------------------------------------
+    # -- one request -----------------------------------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
-        async with stream:
-            try:
-                while True:
-                    request = await _read_request(conn, stream)
-                    if request is None:
-                        return
-                    response = await self._answer(request, stream)
-                    if response is None:
-                        return
-                    await _send_response(conn, stream, response)
-                    if self._refuse_requested is not None:
-                        # Asked over this very connection: refuse once it has its answer.
-                        self.refuse(self._refuse_requested)
-                        self._refuse_requested = None
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+    async def _handle(self, exchange: Exchange) -> None:
+        body = await exchange.read_body()
+        request = HttpRequest(exchange.method, exchange.target, dict(exchange.headers), body)
+        response = await self._answer(request, exchange.stream)
+        if response is None:
+            return  # hang up without answering
+        headers = [*response.headers, ("Server", "geins-emulator")]
+        if self._truncating is not None and self._truncating is request:
+            # "Close mid-body": the head promises the whole body, half of it comes.
+            self._truncating = None
+            headers.append(("Content-Length", str(len(response.body))))
+            await exchange.start(response.status, headers)
+            await exchange.send(response.body[: len(response.body) // 2])
+            return
+        await exchange.respond(response.status, headers, response.body)
+        if self._refuse_requested is not None:
+            # Asked over this very connection: refuse once it has its answer.
+            self.refuse(self._refuse_requested)
+            self._refuse_requested = None
 
     async def _answer(self, request: HttpRequest, stream: trio.SocketStream) -> HttpResponse | None:
         """The response, after any fault; None means hang up without answering."""
@@ -133,6 +138,8 @@ class EmulatorServer:
         fault = self.faults.pick(route, trio.current_time())
         if fault is None:
             return self.service.handle(request)
+        if fault.kind in ("truncate", "body"):
+            return self._altered(fault, request)
         if fault.kind == "status":
             headers = (("Retry-After", fault.retry_after),) if fault.retry_after else ()
             self.service.counts[f"fault {fault.status}"] += 1
@@ -156,6 +163,17 @@ class EmulatorServer:
             self.service.handle(request)
         await self._cleared.wait()
         return None
+
+    def _altered(self, fault: Fault, request: HttpRequest) -> HttpResponse:
+        """The service acts; its answer is cut mid-body ("truncate") or has its body
+        replaced, headers kept ("body": a proxy's error page over a real answer)."""
+        if fault.kind == "truncate":
+            self._truncating = request
+            return self.service.handle(request)
+        answer = self.service.handle(request)
+        assert fault.body is not None
+        kept = tuple((k, v) for k, v in answer.headers if k.lower() != "content-type")
+        return HttpResponse(answer.status, fault.body.encode(), kept)
 
     # -- the control API -------------------------------------------------------------------
 
@@ -182,6 +200,7 @@ class EmulatorServer:
             ("POST", "users"): self._add_user,
             ("POST", "inspect"): self._inspect,
             ("POST", "sessions"): self._mint_sessions,
+            ("POST", "orders"): self._add_orders,
             ("GET", "stats"): self._stats,
             ("DELETE", "stats"): self._reset_stats,
         }
@@ -205,6 +224,12 @@ class EmulatorServer:
         if not 1 <= count <= 100_000:
             raise TypeError("count must be 1 to 100000")
         return {"sessions": self.service.mint_sessions(str(body["username"]), count)}
+
+    def _add_orders(self, body: dict[str, Any]) -> dict[str, Any]:
+        count, note_size = int(body.get("count", 1)), int(body.get("note_size", 0))
+        if not 0 <= count <= 100_000 or not 0 <= note_size <= 1024 * 1024:
+            raise TypeError("count must be 0 to 100000 and note_size 0 to 1048576")
+        return {"orders": self.service.add_orders(str(body["username"]), count, note_size)}
 
     def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -238,45 +263,3 @@ def _hung_up(stream: trio.SocketStream) -> bool:
         return True
     finally:
         peek.close()
-
-
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> HttpRequest | None:
-    head: h11.Request | None = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(_READ_SIZE)
-            conn.receive_data(bytes(data))
-            continue
-        if isinstance(event, h11.Request):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                return None
-        elif isinstance(event, h11.EndOfMessage) and head is not None:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
-            return HttpRequest(
-                head.method.decode("ascii"), head.target.decode("latin-1"), headers, bytes(body)
-            )
-        else:  # ConnectionClosed, or the peer went quiet between requests
-            return None
-
-
-async def _send_response(
-    conn: h11.Connection, stream: trio.SocketStream, response: HttpResponse
-) -> None:
-    headers = [
-        *response.headers,
-        ("Content-Length", str(len(response.body))),
-        ("Server", "geins-emulator"),
-    ]
-    reason = b"OK" if response.status < 400 else b"Error"
-    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-    assert data is not None
-    chunks = [data]
-    if response.body:
-        chunks.append(conn.send(h11.Data(data=response.body)) or b"")
-    chunks.append(conn.send(h11.EndOfMessage()) or b"")
-    await stream.send_all(b"".join(chunks))

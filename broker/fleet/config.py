@@ -90,10 +90,10 @@ def parse_cluster(
         node=_node(r),
         password=password,
         ca_file=None if ca_file is None else Path(ca_file),
-        lease_ttl=r.seconds("lease_ttl", 15.0, low=0.2),
-        poll_interval=r.seconds("poll_interval", 2.0, low=0.05),
+        lease_ttl=r.seconds("lease_ttl", 15.0, most=3600.0),
+        poll_interval=r.seconds("poll_interval", 2.0, most=3600.0),
         prefix=r.text("prefix", "geins-broker"),
-        command_timeout=r.seconds("command_timeout", 2.0),
+        command_timeout=r.seconds("command_timeout", 2.0, most=300.0),
     )
     if config.command_timeout * 2 >= config.lease_ttl:
         raise r.error("lease_ttl", "must be more than twice command_timeout")

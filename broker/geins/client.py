@@ -15,9 +15,10 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import httpx
+import trio
 
 from .. import __version__
 from ..errors import (
@@ -25,10 +26,12 @@ from ..errors import (
     MalformedAnswer,
     RefreshTokenRejected,
     Transient,
+    UnusableGrant,
     UpstreamRejected,
     UpstreamTimeout,
 )
 from ..secret import Secret
+from ..stats import UpstreamStats, status_class
 from .protocol import (
     API_KEY_HEADER,
     DEFAULT_NEW_USER,
@@ -45,6 +48,15 @@ from .protocol import (
 
 USER_AGENT = f"geins-broker/{__version__}"
 _JSON = {"Content-Type": "application/json"}
+#: The largest bearer token accepted (a Geins JWT is about a kilobyte).
+MAX_BEARER: Final = 64 * 1024
+#: The largest refresh token accepted (Geins' are opaque strings of some dozens of bytes).
+MAX_REFRESH_TOKEN: Final = 4 * 1024
+#: The most of an answer read: a bearer of 64 KiB in JSON is well under it.
+MAX_ANSWER: Final = 1024 * 1024
+_FRAMING_HEADERS: Final = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+#: The longest session (maxAge) believed: ten years.
+MAX_SESSION_SECONDS: Final = 10 * 366 * 86400
 
 
 class GeinsClient:
@@ -55,11 +67,17 @@ class GeinsClient:
     """
 
     def __init__(
-        self, endpoint: Endpoint, http: httpx.AsyncClient, timeout: float = REQUEST_TIMEOUT
+        self,
+        endpoint: Endpoint,
+        http: httpx.AsyncClient,
+        timeout: float = REQUEST_TIMEOUT,
+        *,
+        stats: UpstreamStats | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._http = http
         self._timeout = timeout
+        self._stats = stats or UpstreamStats()
 
     # -- the five functions --------------------------------------------------------------
 
@@ -191,20 +209,54 @@ class GeinsClient:
         if json_body is not None:
             all_headers.update(_JSON)
             content = json.dumps(json_body, separators=(",", ":")).encode()
+        # The route label is `what` (a fixed set named in this module), never the URL.
+        route, outcome = what.replace(" ", "_"), "cancelled"
+        started = trio.current_time()
+        request = self._http.build_request(
+            method, url, content=content, headers=all_headers, timeout=self._timeout
+        )
         try:
-            return await self._http.request(
-                method, url, content=content, headers=all_headers, timeout=self._timeout
-            )
+            response = await self._http.send(request, stream=True)
+            outcome = status_class(response.status_code)
+            try:
+                body = await _bounded_body(response, what)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
+            outcome = "timeout"
             raise UpstreamTimeout(
                 f"Geins did not answer the {what} within {self._timeout:g} s"
             ) from None
         except httpx.TransportError as exc:
+            outcome = "error"
             raise Transient(f"cannot reach Geins for the {what} ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:  # e.g. a body that does not decode as declared
+            outcome = "error"
             raise MalformedAnswer(
                 f"Geins answered the {what} unreadably ({type(exc).__name__})"
             ) from None
+        finally:
+            self._stats.record(route, outcome, trio.current_time() - started)
+        # The body as read (decoded), under the headers that still describe it.
+        kept = [
+            (k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING_HEADERS
+        ]
+        return httpx.Response(response.status_code, headers=kept, content=body)
+
+
+async def _bounded_body(response: httpx.Response, what: str) -> bytes:
+    """At most `MAX_ANSWER` bytes of the body: an upstream (or a proxy in front of it)
+    streaming gigabytes is cut off, not held in memory."""
+    too_big = MalformedAnswer(f"Geins answered the {what} with more than {MAX_ANSWER} bytes")
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > MAX_ANSWER:
+        raise too_big
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER:
+            raise too_big
+    return bytes(body)
 
 
 def _checked(response: httpx.Response, what: str) -> httpx.Response:
@@ -233,22 +285,49 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
 
 
 def _grant(response: httpx.Response, what: str) -> Grant:
+    """The grant in a 2xx answer.
+
+    Once the header holds a new refresh token, the old one is spent: any later fault
+    in the answer is an `UnusableGrant` that carries the new one, so the caller can
+    keep the session (a proxy's HTML error page with Geins' header on it, say).
+    """
     refresh = response.headers.get(REFRESH_HEADER)
     if not refresh:
         raise MalformedAnswer(f"Geins answered the {what} without a {REFRESH_HEADER} header")
+    if len(refresh) > MAX_REFRESH_TOKEN:
+        raise MalformedAnswer(
+            f"Geins answered the {what} with a refresh token of {len(refresh)} characters "
+            f"(at most {MAX_REFRESH_TOKEN} are accepted)"
+        )
+    new_refresh = Secret(refresh)
+    try:
+        token, max_age = _grant_body(response, what)
+    except MalformedAnswer as exc:
+        raise UnusableGrant(str(exc), new_refresh) from None
+    return Grant(Secret(token), new_refresh, max_age)
+
+
+def _grant_body(response: httpx.Response, what: str) -> tuple[str, int | None]:
     body = _json_object(response, what)
     token = body.get("token")
     if not isinstance(token, str) or not token:
         raise MalformedAnswer(f"Geins answered the {what} without a token")
+    if len(token) > MAX_BEARER:
+        # Every token answer carries it, pre-encoded, to every client: a bearer of
+        # megabytes would cost that much per answer, per connection.
+        raise MalformedAnswer(
+            f"Geins answered the {what} with a bearer token of {len(token)} characters "
+            f"(at most {MAX_BEARER} are accepted)"
+        )
     max_age = body.get("maxAge")
     if max_age is not None and (
         isinstance(max_age, bool)
         or not isinstance(max_age, int | float)
         or not math.isfinite(max_age)
-        or max_age < 0
+        or not 0 <= max_age <= MAX_SESSION_SECONDS
     ):
         raise MalformedAnswer(f"Geins answered the {what} with a maxAge that is not a number")
-    return Grant(Secret(token), Secret(refresh), None if max_age is None else int(max_age))
+    return token, None if max_age is None else int(max_age)
 
 
 __all__ = ["GeinsClient"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
@@ -39,8 +40,9 @@ USER_CREATE_MUTATION: Final = (
     "languageId: $languageId, marketId: $marketId) { email } }"
 )
 
-DEFAULT_NEW_USER: Final = {"newsletter": False, "customerType": "PERSON"}
 CUSTOMER_TYPES: Final = ("PERSON", "ORGANIZATION")
+DEFAULT_CUSTOMER_TYPE: Final = CUSTOMER_TYPES[0]
+DEFAULT_NEW_USER: Final = {"newsletter": False, "customerType": DEFAULT_CUSTOMER_TYPE}
 
 
 def password_digest(password: str) -> str:
@@ -104,14 +106,20 @@ class Grant:
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now."""
+    """A Retry-After header (delta-seconds or HTTP-date) as seconds from now.
+
+    None for anything else, including a number too large to be finite: the caller caps
+    what it gets (session.py), so only values that are not a time at all are dropped.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²", which float refuses
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = when.timestamp() - now
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -23,6 +23,7 @@ from .errors import (
     ProtocolError,
     Unavailable,
     UnknownProfile,
+    UntrustedSocket,
     UpstreamError,
 )
 from .paths import find_socket
@@ -78,6 +79,7 @@ __all__ = [
     "TrioClient",
     "Unavailable",
     "UnknownProfile",
+    "UntrustedSocket",
     "UpstreamError",
     "User",
     "WatchEvent",

@@ -1,80 +1,83 @@
-"""The async client, independent of the event loop.
+"""The client, written once: this async source, and blocking.py generated from it.
 
-`TrioClient` and `AsyncioClient` fill in four small hooks (open a connection, send,
-receive, apply a deadline); everything else, from request ids to reconnecting after a
-daemon restart, lives here once.
+Why generated rather than a sans-IO core both drive: the wire is already sans-IO
+(`calls.Exchange` turns calls into frames and bytes into answers), and what is left is
+control flow: checking the socket's owner before the first byte, mapping connect errors,
+reconnecting once for an idempotent call after a daemon restart, dropping a connection
+that fell out of step, ten typed op methods, and `watch` as a generator. Pulled into a
+state machine, that flow would come back as a driver loop in each flavour; with mypy
+strict, one typed method per op cannot be shared between a sync and an async class any
+other way. So, as httpcore does, the async code is the source and scripts/unasync.py
+rewrites it line by line into the blocking client (coroutines become functions, awaits
+disappear, class names lose their Async prefix, the event loop's backend becomes the
+stdlib socket's). The generated file is committed; `scripts/unasync.py --check` (run by
+scripts/test) fails when it drifts. Edit this file, then run `scripts/unasync.py`.
+
+Everything that differs between flavours lives in a backend (`_transport.py` says what
+one provides): the stdlib socket's (_sync_backend.py), trio's (trio_client.py) and
+asyncio's (asyncio_client.py). tests/mock_backend.py drives this code on canned bytes.
+
+One call at a time per client (a lock); the connection opens on first use and is kept;
+if the daemon restarted in between, an idempotent call (token, user, status, hello) is
+sent once more on a new connection, so a long-lived process rides through a restart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from . import calls
-from .calls import Call, Exchange, answer
-from .errors import BrokerNotRunning, ProtocolError, Unavailable
+from ._async_backends import default_backend
+from ._transport import ConnectionLost
+from .calls import Exchange, answer
+from .errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
 from .paths import find_socket
 from .protocol import Code
-from .results import Hello, Session, Status, Token, User, WatchEvent
+from .trust import path_problem, peer_problem, trusted_uids
 
-T = TypeVar("T")
-
+TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Mapping
+    from typing import Any, Self, TypeVar
+
+    from ._transport import AsyncBackend, AsyncStream
+    from .calls import Call
     from .protocol import Message
+    from .results import Hello, Session, Status, Token, User, WatchEvent
+
+    T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 
 
-class Stream(Protocol):
-    async def send_all(self, data: bytes) -> None: ...
-    async def receive_some(self) -> bytes: ...
-    async def aclose(self) -> None: ...
-
-    def stale(self) -> bool:
-        """Whether the daemon has closed the (idle) connection."""
-
-
-class AsyncLock(Protocol):
-    async def __aenter__(self) -> object: ...
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-        /,
-    ) -> object: ...
-
-
-class ConnectionLost(Exception):
-    """The stream ended or broke; the transport raises this for every such error."""
-
-
 class _AsyncConnection:
-    def __init__(self, stream: Stream) -> None:
+    """One stream and its exchange state. Dropped for good on any error: out of step."""
+
+    __slots__ = ("exchange", "stream")
+
+    def __init__(self, stream: AsyncStream) -> None:
         self.stream = stream
         self.exchange = Exchange()
 
-    async def round_trip(self, call: Call, parse: Callable[[Message], T]) -> T:
+    async def round_trip(
+        self, call: Call, parse: Callable[[Message], T], deadline: float | None
+    ) -> T:
         try:
-            request_id = await self.send(call)
+            request_id = await self.send(call, deadline)
         except ConnectionLost:
             # The daemon may have said why before it closed (busy: too many connections).
-            await self.receive(-1)
+            await self.receive(-1, deadline)
             raise
-        return answer(parse, await self.receive(request_id))
+        return answer(parse, await self.receive(request_id, deadline))
 
-    async def send(self, call: Call) -> int:
+    async def send(self, call: Call, deadline: float | None) -> int:
         request_id, frame = self.exchange.request(call)
-        await self.stream.send_all(frame)
+        await self.stream.send_all(frame, deadline)
         return request_id
 
-    async def receive(self, request_id: int) -> dict[str, Any]:
+    async def receive(self, request_id: int, deadline: float | None) -> Message:
         while True:
-            data = await self.stream.receive_some()
+            data = await self.stream.receive_some(deadline)
             if not data:
                 raise ConnectionLost
             message = self.exchange.receive(data, request_id)
@@ -82,34 +85,25 @@ class _AsyncConnection:
                 return message
 
 
-class AsyncClient(ABC):
-    """The same calls as the blocking `Client`, awaited. One call at a time per client."""
+class AsyncClient:
+    """Talks to the daemon over its Unix socket; every op is a method.
+
+    `timeout` bounds each call, connecting included (None: no limit). `backend` is the
+    transport; by default the running event loop's (the stdlib socket's when blocking).
+    """
 
     def __init__(
         self,
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        backend: AsyncBackend | None = None,
     ) -> None:
         self._explicit_path = socket_path
         self.timeout = timeout
+        self._backend = backend if backend is not None else default_backend()
         self._connection: _AsyncConnection | None = None
-        self._lock = self._make_lock()
-
-    # -- the four hooks a flavour provides -------------------------------------------
-
-    @abstractmethod
-    def _make_lock(self) -> AsyncLock: ...
-
-    @abstractmethod
-    async def _open_stream(self, path: str) -> Stream:
-        """Connect, raising FileNotFoundError/ConnectionRefusedError/OSError as the OS does."""
-
-    @abstractmethod
-    async def _within(self, seconds: float | None, work: Callable[[], Awaitable[T]]) -> T:
-        """Run `work`, raising TimeoutError once `seconds` have passed."""
-
-    # -- shared behaviour -------------------------------------------------------------
+        self._lock = self._backend.lock()
 
     @property
     def socket_path(self) -> str:
@@ -123,51 +117,74 @@ class AsyncClient(ABC):
 
     async def aclose(self) -> None:
         async with self._lock:
-            await self._drop()
+            self._drop()
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         if self._connection is not None:
             connection, self._connection = self._connection, None
-            with contextlib.suppress(OSError, ConnectionLost):
-                await connection.stream.aclose()
+            connection.stream.close()
 
-    async def _connect(self) -> _AsyncConnection:
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else self._backend.clock() + self.timeout
+
+    async def _connect(self, deadline: float | None) -> _AsyncConnection:
+        """A new connection to a daemon that passed the trust rule, or the error why not."""
         path = self.socket_path
+        trusted = trusted_uids()
+        if (problem := path_problem(path, trusted)) is not None:
+            raise UntrustedSocket(f"refusing {path}: {problem}")
         try:
-            stream = await self._open_stream(path)
+            stream = await self._backend.connect(path, deadline)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise BrokerNotRunning(f"no broker is listening at {path} ({exc.strerror})") from None
+        except TimeoutError:
+            raise Unavailable(f"connecting to {path} timed out", Code.TIMEOUT) from None
         except OSError as exc:
             raise BrokerNotRunning(f"cannot connect to {path} ({exc.strerror})") from None
+        try:
+            problem = peer_problem(stream.peer_uid(), trusted)
+        except OSError as exc:
+            problem = f"its peer cannot be identified ({exc.strerror})"
+        if problem is not None:
+            stream.close()
+            raise UntrustedSocket(f"refusing {path}: {problem}")
         return _AsyncConnection(stream)
 
     async def call(self, call: Call, parse: Callable[[Message], T]) -> T:
-        """One request and its answer, within the client's `timeout` (None: no limit).
+        """Send one request and wait for its answer, read by `parse`; raises the typed
+        error the answer carries, within the client's `timeout`.
 
-        For a tighter bound on one call, wrap it in your event loop's own cancel scope
-        or timeout; the connection is dropped if a call is interrupted half-way.
+        A call interrupted half-way (a timeout, a cancellation, an unreadable answer)
+        drops its connection: the next call starts on a new one.
         """
         async with self._lock:
+            deadline = self._deadline()
             try:
-                return await self._within(self.timeout, lambda: self._call_with_retry(call, parse))
+                return await self._call_with_retry(call, parse, deadline)
             except TimeoutError:
-                await self._drop()
+                self._drop()
                 raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
-            except ProtocolError:
-                await self._drop()
+            except BrokerError as exc:
+                if isinstance(exc, ProtocolError):
+                    self._drop()
+                raise
+            except BaseException:
+                self._drop()
                 raise
 
-    async def _call_with_retry(self, call: Call, parse: Callable[[Message], T]) -> T:
+    async def _call_with_retry(
+        self, call: Call, parse: Callable[[Message], T], deadline: float | None
+    ) -> T:
         if self._connection is not None and self._connection.stream.stale():
-            await self._drop()
+            self._drop()
         reused = self._connection is not None
         for attempt in range(2):
             if self._connection is None:
-                self._connection = await self._connect()
+                self._connection = await self._connect(deadline)
             try:
-                return await self._connection.round_trip(call, parse)
+                return await self._connection.round_trip(call, parse, deadline)
             except ConnectionLost:
-                await self._drop()
+                self._drop()
                 if attempt or not (reused and call.idempotent):
                     break
         raise BrokerNotRunning("the broker closed the connection")
@@ -183,6 +200,10 @@ class AsyncClient(ABC):
 
     async def status(self) -> Status:
         return await self.call(calls.status(), calls.parse_status)
+
+    async def metrics(self) -> str:
+        """The daemon's metrics in Prometheus' text format (root and its own user only)."""
+        return await self.call(calls.metrics(), calls.parse_metrics)
 
     async def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
@@ -218,15 +239,25 @@ class AsyncClient(ABC):
         )
 
     async def watch(self, profile: str | None = None) -> AsyncIterator[WatchEvent]:
-        """Each new token as the daemon rotates it, on a connection of its own."""
+        """Each new token as the daemon rotates it, starting with the current one.
+
+        Runs on a connection of its own, so the client stays usable meanwhile. Ends
+        with BrokerNotRunning if the daemon goes away; closing the iterator closes the
+        connection.
+        """
         call = calls.watch(profile)
-        connection = await self._within(self.timeout, self._connect)
+        deadline = self._deadline()
+        connection = await self._connect(deadline)
         try:
-            request_id = await connection.send(call)
+            request_id = await connection.send(call, deadline)
             while True:
-                yield answer(calls.parse_watch_event, await connection.receive(request_id))
+                yield answer(calls.parse_watch_event, await connection.receive(request_id, None))
         except ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
+        except TimeoutError:
+            raise Unavailable("the broker did not take the watch in time", Code.TIMEOUT) from None
         finally:
-            with contextlib.suppress(OSError, ConnectionLost):
-                await connection.stream.aclose()
+            connection.stream.close()
+
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncClient"]

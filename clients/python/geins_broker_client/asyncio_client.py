@@ -1,54 +1,75 @@
-"""The client for asyncio programs."""
+"""The client for asyncio programs: the stdlib socket driven by the running loop."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import socket
 
-from .aio import AsyncClient, AsyncLock, ConnectionLost, Stream
+from ._transport import ConnectionLost, hung_up, peer_uid_of, unix_socket
+from .aio import DEFAULT_TIMEOUT, AsyncClient
+from .protocol import RECV_SIZE
 
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import os
 
-_RECV_SIZE = 65536
 
+class AsyncioStream:
+    __slots__ = ("_sock",)
 
-class _AsyncioStream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
 
-    async def send_all(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            raise ConnectionLost from exc
+    async def send_all(self, data: bytes, deadline: float | None) -> None:
+        async with asyncio.timeout_at(deadline):
+            try:
+                await asyncio.get_running_loop().sock_sendall(self._sock, data)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionLost from exc
 
-    async def receive_some(self) -> bytes:
-        try:
-            return await self._reader.read(_RECV_SIZE)
-        except ConnectionError as exc:
-            raise ConnectionLost from exc
+    async def receive_some(self, deadline: float | None) -> bytes:
+        async with asyncio.timeout_at(deadline):
+            try:
+                return await asyncio.get_running_loop().sock_recv(self._sock, RECV_SIZE)
+            except ConnectionResetError as exc:
+                raise ConnectionLost from exc
+
+    def peer_uid(self) -> int:
+        return peer_uid_of(self._sock)
 
     def stale(self) -> bool:
-        return self._reader.at_eof() or self._writer.is_closing()
+        return hung_up(self._sock.fileno())
 
-    async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
+    def close(self) -> None:
+        self._sock.close()
+
+
+class AsyncioBackend:
+    async def connect(self, path: str, deadline: float | None) -> AsyncioStream:
+        sock = unix_socket()
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return AsyncioStream(sock)
+
+    def lock(self) -> asyncio.Lock:
+        return asyncio.Lock()
+
+    def clock(self) -> float:
+        return asyncio.get_running_loop().time()
 
 
 class AsyncioClient(AsyncClient):
-    def _make_lock(self) -> AsyncLock:
-        return asyncio.Lock()
+    """The client on asyncio's event loop (`AsyncClient` with asyncio's transport)."""
 
-    async def _open_stream(self, path: str) -> Stream:
-        reader, writer = await asyncio.open_unix_connection(path)
-        return _AsyncioStream(reader, writer)
-
-    async def _within(self, seconds: float | None, work: Callable[[], Awaitable[T]]) -> T:
-        async with asyncio.timeout(seconds):
-            return await work()
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(socket_path, timeout=timeout, backend=AsyncioBackend())

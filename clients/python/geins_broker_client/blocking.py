@@ -1,104 +1,96 @@
-"""The blocking client: a stdlib socket, one call at a time, safe to share between threads."""
+# Generated from aio.py by scripts/unasync.py: edit aio.py, then run the script.
+"""The client, written once: this async source, and blocking.py generated from it.
+
+Why generated rather than a sans-IO core both drive: the wire is already sans-IO
+(`calls.Exchange` turns calls into frames and bytes into answers), and what is left is
+control flow: checking the socket's owner before the first byte, mapping connect errors,
+reconnecting once for an idempotent call after a daemon restart, dropping a connection
+that fell out of step, ten typed op methods, and `watch` as a generator. Pulled into a
+state machine, that flow would come back as a driver loop in each flavour; with mypy
+strict, one typed method per op cannot be shared between a sync and an async class any
+other way. So, as httpcore does, the async code is the source and scripts/unasync.py
+rewrites it line by line into the blocking client (coroutines become functions, awaits
+disappear, class names lose their Async prefix, the event loop's backend becomes the
+stdlib socket's). The generated file is committed; `scripts/unasync.py --check` (run by
+scripts/test) fails when it drifts. Edit this file, then run `scripts/unasync.py`.
+
+Everything that differs between flavours lives in a backend (`_transport.py` says what
+one provides): the stdlib socket's (_sync_backend.py), trio's (trio_client.py) and
+asyncio's (asyncio_client.py). tests/mock_backend.py drives this code on canned bytes.
+
+One call at a time per client (a lock); the connection opens on first use and is kept;
+if the daemon restarted in between, an idempotent call (token, user, status, hello) is
+sent once more on a new connection, so a long-lived process rides through a restart.
+"""
 
 from __future__ import annotations
 
-import _thread
 import os
-import select
-import socket
-import time
 
 from . import calls
-from .calls import Call, Exchange, answer
-from .errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable
+from ._sync_backend import default_backend
+from ._transport import ConnectionLost
+from .calls import Exchange, answer
+from .errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
 from .paths import find_socket
 from .protocol import Code
-from .results import Hello, Session, Status, Token, User, WatchEvent
+from .trust import path_problem, peer_problem, trusted_uids
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-    from typing import Any, TypeVar
+    from collections.abc import Iterator, Callable, Mapping
+    from typing import Any, Self, TypeVar
 
+    from ._transport import Backend, Stream
+    from .calls import Call
     from .protocol import Message
+    from .results import Hello, Session, Status, Token, User, WatchEvent
 
     T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
-_RECV_SIZE = 65536
-
-
-class _ConnectionLost(Exception):
-    pass
 
 
 class _Connection:
-    """One socket and its exchange state. Closed for good on any error: out of step."""
+    """One stream and its exchange state. Dropped for good on any error: out of step."""
 
-    def __init__(self, path: str, timeout: float) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            sock.close()
-            raise BrokerNotRunning(f"no broker is listening at {path} ({exc.strerror})") from None
-        except TimeoutError:
-            sock.close()
-            raise Unavailable(f"connecting to {path} timed out", Code.TIMEOUT) from None
-        except OSError as exc:
-            sock.close()
-            raise BrokerNotRunning(f"cannot connect to {path} ({exc.strerror})") from None
-        self.sock = sock
+    __slots__ = ("exchange", "stream")
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
         self.exchange = Exchange()
+
+    def round_trip(
+        self, call: Call, parse: Callable[[Message], T], deadline: float | None
+    ) -> T:
+        try:
+            request_id = self.send(call, deadline)
+        except ConnectionLost:
+            # The daemon may have said why before it closed (busy: too many connections).
+            self.receive(-1, deadline)
+            raise
+        return answer(parse, self.receive(request_id, deadline))
 
     def send(self, call: Call, deadline: float | None) -> int:
         request_id, frame = self.exchange.request(call)
-        self._set_timeout(deadline)
-        try:
-            self.sock.sendall(frame)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise _ConnectionLost from exc
+        self.stream.send_all(frame, deadline)
         return request_id
 
-    def receive(self, request_id: int, deadline: float | None) -> dict[str, Any]:
+    def receive(self, request_id: int, deadline: float | None) -> Message:
         while True:
-            self._set_timeout(deadline)
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except ConnectionResetError as exc:
-                raise _ConnectionLost from exc
+            data = self.stream.receive_some(deadline)
             if not data:
-                raise _ConnectionLost
+                raise ConnectionLost
             message = self.exchange.receive(data, request_id)
             if message is not None:
                 return message
 
-    def stale(self) -> bool:
-        """Whether the daemon closed this idle connection (timeout, restart).
-
-        Between calls nothing is due from the daemon, so a readable socket means an
-        end of stream (or a last error before one): reconnect rather than send.
-        """
-        return bool(select.select([self.sock], [], [], 0)[0])
-
-    def _set_timeout(self, deadline: float | None) -> None:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            self.sock.settimeout(remaining)
-
-    def close(self) -> None:
-        self.sock.close()
-
 
 class Client:
-    """Talks to the daemon over its Unix socket.
+    """Talks to the daemon over its Unix socket; every op is a method.
 
-    The connection opens on first use and is kept; if the daemon restarted in between,
-    an idempotent call (token, user, status, hello) is sent once more on a new
-    connection, so a long-lived process rides through a restart without noticing.
+    `timeout` bounds each call, connecting included (None: no limit). `backend` is the
+    transport; by default the running event loop's (the stdlib socket's when blocking).
     """
 
     def __init__(
@@ -106,17 +98,19 @@ class Client:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        backend: Backend | None = None,
     ) -> None:
         self._explicit_path = socket_path
         self.timeout = timeout
+        self._backend = backend if backend is not None else default_backend()
         self._connection: _Connection | None = None
-        self._lock = _thread.allocate_lock()  # threading's, without importing threading
+        self._lock = self._backend.lock()
 
     @property
     def socket_path(self) -> str:
         return find_socket(self._explicit_path)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -128,48 +122,73 @@ class Client:
 
     def _drop(self) -> None:
         if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            connection.stream.close()
 
-    def call(self, call: Call, parse: Callable[[Message], T], timeout: float | None = None) -> T:
-        """Send one request and wait for its answer, read by `parse`; raises the typed
-        error the answer carries."""
-        limit = self.timeout if timeout is None else timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        with self._lock:
-            reused = self._connection is not None
-            try:
-                return self._round_trip(call, parse, deadline)
-            except _ConnectionLost:
-                self._drop()
-                if not (reused and call.idempotent):
-                    raise BrokerNotRunning("the broker closed the connection") from None
-            try:
-                return self._round_trip(call, parse, deadline)
-            except _ConnectionLost:
-                self._drop()
-                raise BrokerNotRunning("the broker closed the connection") from None
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else self._backend.clock() + self.timeout
 
-    def _round_trip(self, call: Call, parse: Callable[[Message], T], deadline: float | None) -> T:
-        if self._connection is not None and self._connection.stale():
-            self._drop()
-        if self._connection is None:
-            self._connection = _Connection(self.socket_path, _first_timeout(deadline))
-        connection = self._connection
+    def _connect(self, deadline: float | None) -> _Connection:
+        """A new connection to a daemon that passed the trust rule, or the error why not."""
+        path = self.socket_path
+        trusted = trusted_uids()
+        if (problem := path_problem(path, trusted)) is not None:
+            raise UntrustedSocket(f"refusing {path}: {problem}")
         try:
-            try:
-                request_id = connection.send(call, deadline)
-            except _ConnectionLost:
-                # The daemon may have said why before it closed (busy: too many connections).
-                connection.receive(-1, deadline)
-                raise
-            return answer(parse, connection.receive(request_id, deadline))
+            stream = self._backend.connect(path, deadline)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            raise BrokerNotRunning(f"no broker is listening at {path} ({exc.strerror})") from None
         except TimeoutError:
+            raise Unavailable(f"connecting to {path} timed out", Code.TIMEOUT) from None
+        except OSError as exc:
+            raise BrokerNotRunning(f"cannot connect to {path} ({exc.strerror})") from None
+        try:
+            problem = peer_problem(stream.peer_uid(), trusted)
+        except OSError as exc:
+            problem = f"its peer cannot be identified ({exc.strerror})"
+        if problem is not None:
+            stream.close()
+            raise UntrustedSocket(f"refusing {path}: {problem}")
+        return _Connection(stream)
+
+    def call(self, call: Call, parse: Callable[[Message], T]) -> T:
+        """Send one request and wait for its answer, read by `parse`; raises the typed
+        error the answer carries, within the client's `timeout`.
+
+        A call interrupted half-way (a timeout, a cancellation, an unreadable answer)
+        drops its connection: the next call starts on a new one.
+        """
+        with self._lock:
+            deadline = self._deadline()
+            try:
+                return self._call_with_retry(call, parse, deadline)
+            except TimeoutError:
+                self._drop()
+                raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
+            except BrokerError as exc:
+                if isinstance(exc, ProtocolError):
+                    self._drop()
+                raise
+            except BaseException:
+                self._drop()
+                raise
+
+    def _call_with_retry(
+        self, call: Call, parse: Callable[[Message], T], deadline: float | None
+    ) -> T:
+        if self._connection is not None and self._connection.stream.stale():
             self._drop()
-            raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
-        except ProtocolError:
-            self._drop()
-            raise
+        reused = self._connection is not None
+        for attempt in range(2):
+            if self._connection is None:
+                self._connection = self._connect(deadline)
+            try:
+                return self._connection.round_trip(call, parse, deadline)
+            except ConnectionLost:
+                self._drop()
+                if attempt or not (reused and call.idempotent):
+                    break
+        raise BrokerNotRunning("the broker closed the connection")
 
     def hello(self, client: str | None = None) -> Hello:
         return self.call(calls.hello(client), calls.parse_hello)
@@ -183,10 +202,16 @@ class Client:
     def status(self) -> Status:
         return self.call(calls.status(), calls.parse_status)
 
+    def metrics(self) -> str:
+        """The daemon's metrics in Prometheus' text format (root and its own user only)."""
+        return self.call(calls.metrics(), calls.parse_metrics)
+
     def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:
-        return self.call(calls.login(username, password, profile, remember), calls.parse_session)
+        return self.call(
+            calls.login(username, password, profile, remember), calls.parse_session
+        )
 
     def logout(self, profile: str | None = None) -> None:
         self.call(calls.logout(profile), calls.parse_nothing)
@@ -222,22 +247,18 @@ class Client:
         connection.
         """
         call = calls.watch(profile)
-        connection = _Connection(self.socket_path, _first_timeout(None, self.timeout))
+        deadline = self._deadline()
+        connection = self._connect(deadline)
         try:
-            request_id = connection.send(call, None)
-            connection.sock.settimeout(None)
+            request_id = connection.send(call, deadline)
             while True:
                 yield answer(calls.parse_watch_event, connection.receive(request_id, None))
-        except _ConnectionLost:
+        except ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
+        except TimeoutError:
+            raise Unavailable("the broker did not take the watch in time", Code.TIMEOUT) from None
         finally:
-            connection.close()
+            connection.stream.close()
 
 
-def _first_timeout(deadline: float | None, default: float | None = DEFAULT_TIMEOUT) -> float:
-    if deadline is None:
-        return default if default is not None else DEFAULT_TIMEOUT
-    return max(deadline - time.monotonic(), 0.001)
-
-
-__all__ = ["BrokerError", "Client"]
+__all__ = ["DEFAULT_TIMEOUT", "Client"]

@@ -22,7 +22,9 @@ from .results import (
     User,
     WatchEvent,
     field_of,
+    number_field,
     optional_field,
+    optional_number,
 )
 
 TYPE_CHECKING = False
@@ -33,8 +35,6 @@ if TYPE_CHECKING:
     from .protocol import Message
 
     T = TypeVar("T")
-
-NUMBER = (int, float)
 
 
 class Call:
@@ -59,7 +59,7 @@ def parse_token(message: Message) -> Token:
     return Token(
         profile=field_of(message, "profile", str),
         token=field_of(message, "token", str),
-        expires_at=float(field_of(message, "expires_at", NUMBER)),
+        expires_at=number_field(message, "expires_at"),
     )
 
 
@@ -67,7 +67,7 @@ def parse_session(message: Message) -> Session:
     return Session(
         profile=field_of(message, "profile", str),
         username=optional_field(message, "username", str),
-        expires_at=float(field_of(message, "expires_at", NUMBER)),
+        expires_at=number_field(message, "expires_at"),
     )
 
 
@@ -80,7 +80,7 @@ def parse_user(message: Message) -> User:
         member_type=field_of(message, "member_type", str),
         member_id=field_of(message, "member_id", str),
         member_discount=field_of(message, "member_discount", str),
-        expires_at=float(field_of(message, "expires_at", NUMBER)),
+        expires_at=number_field(message, "expires_at"),
     )
 
 
@@ -88,17 +88,13 @@ def parse_profile_status(entry: Any) -> ProfileStatus:
     if not isinstance(entry, dict):
         raise ProtocolError("status entry is not a map")
 
-    def when(name: str) -> float | None:
-        value = optional_field(entry, name, NUMBER)
-        return None if value is None else float(value)
-
     return ProfileStatus(
         profile=field_of(entry, "profile", str),
         state=field_of(entry, "state", str),
         username=optional_field(entry, "username", str),
-        expires_at=when("expires_at"),
-        next_refresh_at=when("next_refresh_at"),
-        last_refresh_at=when("last_refresh_at"),
+        expires_at=optional_number(entry, "expires_at"),
+        next_refresh_at=optional_number(entry, "next_refresh_at"),
+        last_refresh_at=optional_number(entry, "last_refresh_at"),
         refreshes=field_of(entry, "refreshes", int),
         failures=field_of(entry, "failures", int),
         last_error=optional_field(entry, "last_error", str),
@@ -108,7 +104,7 @@ def parse_profile_status(entry: Any) -> ProfileStatus:
 def parse_status(message: Message) -> Status:
     return Status(
         server=field_of(message, "server", str),
-        uptime=float(field_of(message, "uptime", NUMBER)),
+        uptime=number_field(message, "uptime"),
         profiles=tuple(parse_profile_status(p) for p in field_of(message, "profiles", list)),
     )
 
@@ -180,6 +176,16 @@ def register(
         user=dict(user) if user is not None else None,
     )
     return Call(Op.REGISTER, args)
+
+
+def metrics() -> Call:
+    return Call(Op.METRICS, {}, idempotent=True)
+
+
+def parse_metrics(message: Message) -> str:
+    """The exposition text (Prometheus' text format)."""
+    text: str = field_of(message, "text", str)
+    return text
 
 
 def watch(profile: str | None = None) -> Call:

@@ -32,6 +32,17 @@ class BrokerNotRunning(BrokerError):
     code = "not_running"
 
 
+class UntrustedSocket(BrokerError):
+    """The socket found is not provably the daemon's: nothing was sent to it.
+
+    Its directory or file belongs to a uid the client does not trust, others may write
+    the directory, or the process listening runs as such a uid (see docs/protocol.md,
+    "Finding and trusting the socket"). The message names the path and the reason.
+    """
+
+    code = "untrusted_socket"
+
+
 class ProtocolError(BrokerError):
     """The two sides do not understand each other: bad_frame, bad_request, unknown_op."""
 

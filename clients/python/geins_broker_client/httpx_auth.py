@@ -11,7 +11,6 @@ httpx never load it.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncGenerator, Generator
 
 import httpx
@@ -79,25 +78,8 @@ class BrokerAuth(httpx.Auth):
             await self._async_cache.client.aclose()
 
     def _make_async_cache(self) -> AsyncTokenCache:
-        client = self._async_client or _client_for_running_loop(self._socket_path)
+        client = self._async_client or AsyncClient(self._socket_path)  # the running loop's
         self._async_cache = AsyncTokenCache(
             client, profile=self._profile, min_valid=self._min_valid
         )
         return self._async_cache
-
-
-def _client_for_running_loop(socket_path: str | None) -> AsyncClient:
-    if "trio" in sys.modules:
-        import trio
-
-        try:
-            trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            from .trio_client import TrioClient
-
-            return TrioClient(socket_path)
-    from .asyncio_client import AsyncioClient
-
-    return AsyncioClient(socket_path)

@@ -20,15 +20,16 @@ import msgpack
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import Any, Final
+    from typing import Any, Final, TypeGuard
 
     Message = dict[str, Any]
 
 VERSION: Final = 1
 
-#: The profile an op acts on when the request names none.
+#: The profile a request names when it names none (the daemon and every client agree).
 DEFAULT_PROFILE: Final = "default"
-#: How much one read from a broker socket asks for, on either side.
+
+#: Bytes asked of the socket per read, by the daemon and every client.
 RECV_SIZE: Final = 65536
 
 #: The largest request body the daemon reads; a longer frame ends the connection.
@@ -53,6 +54,7 @@ class Op:
     CHANGE_PASSWORD: Final = "change_password"  # noqa: S105 - an op name
     REGISTER: Final = "register"
     WATCH: Final = "watch"
+    METRICS: Final = "metrics"
 
     ALL: Final = (
         HELLO,
@@ -65,6 +67,7 @@ class Op:
         CHANGE_PASSWORD,
         REGISTER,
         WATCH,
+        METRICS,
     )
 
 
@@ -100,6 +103,11 @@ class Code:
         BUSY,
         INTERNAL,
     )
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, but not a bool (which Python counts as an int, msgpack does not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class FrameError(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from .errors import ProtocolError
+from .protocol import is_number
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -215,6 +216,18 @@ def field_of(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) 
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(f"response field {name!r} is missing or has the wrong type")
     return value
+
+
+def number_field(message: dict[str, Any], name: str) -> float:
+    """A numeric response field (int or float, never bool) as a float."""
+    value = message.get(name)
+    if not is_number(value):
+        raise ProtocolError(f"response field {name!r} is missing or is not a number")
+    return float(value)
+
+
+def optional_number(message: dict[str, Any], name: str) -> float | None:
+    return None if message.get(name) is None else number_field(message, name)
 
 
 def optional_field(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

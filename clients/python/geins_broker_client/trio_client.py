@@ -2,55 +2,90 @@
 
 from __future__ import annotations
 
-import select
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import contextlib
+from collections.abc import Iterator
 
 import trio
 
-from .aio import AsyncClient, AsyncLock, ConnectionLost, Stream
+from ._transport import ConnectionLost, hung_up, peer_uid_of, unix_socket
+from .aio import DEFAULT_TIMEOUT, AsyncClient
+from .protocol import RECV_SIZE
 
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import os
 
-_RECV_SIZE = 65536
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class _TrioStream:
+class TrioStream:
+    __slots__ = ("_stream",)
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
 
-    async def send_all(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionLost from exc
+    async def send_all(self, data: bytes, deadline: float | None) -> None:
+        with _deadline(deadline):
+            try:
+                await self._stream.send_all(data)
+            except _BROKEN as exc:
+                raise ConnectionLost from exc
 
-    async def receive_some(self) -> bytes:
-        try:
-            return bytes(await self._stream.receive_some(_RECV_SIZE))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionLost from exc
+    async def receive_some(self, deadline: float | None) -> bytes:
+        with _deadline(deadline):
+            try:
+                return bytes(await self._stream.receive_some(RECV_SIZE))
+            except _BROKEN as exc:
+                raise ConnectionLost from exc
 
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+    def peer_uid(self) -> int:
+        return peer_uid_of(self._stream.socket)  # type: ignore[arg-type]
 
     def stale(self) -> bool:
-        # Nothing is due between calls: a readable socket means the daemon hung up.
-        return bool(select.select([self._stream.socket.fileno()], [], [], 0)[0])
+        return hung_up(self._stream.socket.fileno())
+
+    def close(self) -> None:
+        self._stream.socket.close()
+
+
+class TrioBackend:
+    async def connect(self, path: str, deadline: float | None) -> TrioStream:
+        sock = trio.socket.from_stdlib_socket(unix_socket())
+        try:
+            with _deadline(deadline):
+                await sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return TrioStream(trio.SocketStream(sock))
+
+    def lock(self) -> trio.Lock:
+        return trio.Lock()
+
+    def clock(self) -> float:
+        return trio.current_time()
+
+
+@contextlib.contextmanager
+def _deadline(deadline: float | None) -> Iterator[None]:
+    """trio.fail_at(deadline) raising TimeoutError, or no limit for None."""
+    if deadline is None:
+        yield
+        return
+    try:
+        with trio.fail_at(deadline):
+            yield
+    except trio.TooSlowError:
+        raise TimeoutError from None
 
 
 class TrioClient(AsyncClient):
-    def _make_lock(self) -> AsyncLock:
-        return trio.Lock()
+    """The client on trio's event loop (`AsyncClient` with trio's transport)."""
 
-    async def _open_stream(self, path: str) -> Stream:
-        return _TrioStream(await trio.open_unix_socket(path))
-
-    async def _within(self, seconds: float | None, work: Callable[[], Awaitable[T]]) -> T:
-        if seconds is None:
-            return await work()
-        try:
-            with trio.fail_after(seconds):
-                return await work()
-        except trio.TooSlowError:
-            raise TimeoutError from None
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(socket_path, timeout=timeout, backend=TrioBackend())

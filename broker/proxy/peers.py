@@ -1,0 +1,157 @@
+"""Who is calling: the uid behind a connection, on the Unix socket and on loopback TCP.
+
+On the Unix socket the kernel says (SO_PEERCRED, SO_PEERGROUPS). Over TCP nothing in
+the connection carries a uid, but both ends live in this kernel, which knows who owns
+the client's socket. We ask it by the connection's exact 4-tuple with sock_diag
+(NETLINK_SOCK_DIAG, an inet_diag request for one socket, not a dump), and, where
+netlink is not allowed (a systemd unit whose RestrictAddressFamilies lacks
+AF_NETLINK), read /proc/net/tcp{,6} for the line whose ports match. A peer neither
+can place (it closed already, it lives in another network namespace, /proc/net is
+hidden) is None, and the proxy refuses it.
+
+Over TCP the kernel knows the socket's uid, not the groups of the process behind it:
+the groups are the uid's own (its passwd entry and group memberships), looked up and
+kept for a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import pwd
+import socket
+import struct
+import time
+from typing import Any, Final
+
+from ..api import Peer
+from ..log import events
+from ..server import peer_of
+
+log = events("broker.proxy")
+
+NETLINK_SOCK_DIAG: Final = 4
+SOCK_DIAG_BY_FAMILY: Final = 20
+_NLM_F_REQUEST: Final = 0x01
+_NLMSG_ERROR: Final = 2
+_NLMSG: Final = struct.Struct("=IHHII")
+#: inet_diag_req_v2 before its sockid: family, protocol, ext, pad, states.
+_REQ: Final = struct.Struct("=BBBBI")
+#: inet_diag_sockid: sport, dport (big-endian), src[16], dst[16]; then if, cookie[2].
+_SOCKID: Final = struct.Struct("!HH16s16s")
+_SOCKID_TAIL: Final = struct.Struct("=III")
+#: inet_diag_msg after its sockid: expires, rqueue, wqueue, uid, inode.
+_MSG_HEAD: Final = struct.Struct("=BBBB")
+_MSG_TAIL: Final = struct.Struct("=IIIII")
+_NO_COOKIE: Final = 0xFFFFFFFF
+_ALL_STATES: Final = 0xFFFFFFFF
+_DIAG_TIMEOUT: Final = 1.0
+_GROUPS_TTL: Final = 60.0
+_GROUPS_KEPT: Final = 256
+
+
+def unix_peer(sock: Any) -> Peer:
+    """The Unix socket's peer, as the kernel says."""
+    return peer_of(sock)
+
+
+def tcp_peer(sock: Any) -> Peer | None:
+    """The loopback TCP peer's uid (and that uid's groups), or None if unknown."""
+    try:
+        local, remote = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    family = sock.family
+    try:
+        uid = _uid_by_sock_diag(family, local, remote)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT):
+            log.warning("peer_lookup_failed", how="sock_diag", reason=exc.strerror)
+            return None
+        uid = _uid_by_proc(family, local, remote)
+    return None if uid is None else _peer_of_uid(uid)
+
+
+# -- sock_diag ------------------------------------------------------------------------------
+
+
+def _uid_by_sock_diag(family: int, local: tuple[Any, ...], remote: tuple[Any, ...]) -> int | None:
+    """Ask the kernel for the client's socket: its source is the peer's address, its
+    destination ours. None if there is no such socket (any more)."""
+    sockid = _SOCKID.pack(
+        remote[1], local[1], _packed(family, remote[0]), _packed(family, local[0])
+    )
+    body = (
+        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
+        + sockid
+        + _SOCKID_TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
+    )
+    request = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    ) as nl:
+        nl.settimeout(_DIAG_TIMEOUT)
+        nl.sendto(request, (0, 0))
+        answer = nl.recv(8192)
+    length, kind, _, _, _ = _NLMSG.unpack_from(answer)
+    if kind == _NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", answer, _NLMSG.size)
+        if -code in (errno.ENOENT, 0):
+            return None
+        raise OSError(-code, os.strerror(-code))
+    if kind != SOCK_DIAG_BY_FAMILY or length > len(answer):
+        return None
+    offset = _NLMSG.size + _MSG_HEAD.size + _SOCKID.size + _SOCKID_TAIL.size
+    _, _, _, uid, _ = _MSG_TAIL.unpack_from(answer, offset)
+    return int(uid)
+
+
+def _packed(family: int, host: str) -> bytes:
+    return ipaddress.ip_address(host.split("%", 1)[0]).packed.ljust(16, b"\0")
+
+
+# -- /proc/net/tcp --------------------------------------------------------------------------
+
+
+def _uid_by_proc(family: int, local: tuple[Any, ...], remote: tuple[Any, ...]) -> int | None:
+    """The uid column of the line whose local port is the peer's and remote port ours."""
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    want_local, want_remote = f":{remote[1]:04X}", f":{local[1]:04X}"
+    try:
+        with open(table, encoding="ascii") as lines:
+            next(lines, None)
+            for line in lines:
+                fields = line.split()
+                if (
+                    len(fields) > 7
+                    and fields[1].endswith(want_local)
+                    and fields[2].endswith(want_remote)
+                ):
+                    return int(fields[7])
+    except OSError as exc:
+        log.warning("peer_lookup_failed", how="proc", reason=exc.strerror)
+    return None
+
+
+# -- a uid's groups ------------------------------------------------------------------------
+
+_groups: dict[int, tuple[float, Peer]] = {}
+
+
+def _peer_of_uid(uid: int) -> Peer:
+    now = time.monotonic()
+    kept = _groups.get(uid)
+    if kept is not None and kept[0] > now:
+        return kept[1]
+    gid, groups = -1, frozenset[int]()
+    with contextlib.suppress(KeyError, OSError):
+        entry = pwd.getpwuid(uid)
+        gid = entry.pw_gid
+        groups = frozenset(os.getgrouplist(entry.pw_name, gid))
+    peer = Peer(pid=0, uid=uid, gid=gid, groups=groups)
+    if len(_groups) >= _GROUPS_KEPT:
+        _groups.clear()
+    _groups[uid] = (now + _GROUPS_TTL, peer)
+    return peer
