@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
 python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing cluster
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 """
@@ -16,10 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import footprint, metrics_cost, node_client, proxy, sealing, tokens
+from . import cluster, footprint, metrics_cost, node_client, proxy, sealing, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("tokens", "node", "cli", "memory", "idle", "restore", "proxy", "metrics", "sealing")
+ALL = (
+    "tokens",
+    "node",
+    "cli",
+    "memory",
+    "idle",
+    "restore",
+    "proxy",
+    "metrics",
+    "sealing",
+    "cluster",
+)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -107,6 +118,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if "sealing" in results:
         out += [sealing.table(results["sealing"]["rotation"], results["sealing"]["restart"]), ""]
+    if "cluster" in results:
+        out += [cluster.table(results["cluster"]), ""]
     return "\n".join(out)
 
 
@@ -168,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         results["sealing"] = {
             "rotation": sealing.rotation(saves=100 if args.quick else 300),
             "restart": sealing.restart(profiles=1000 if args.quick else 10_000),
+        }
+    if "cluster" in chosen:
+        results["cluster"] = {
+            "refreshes": cluster.refreshes(seconds=8.0 if args.quick else 15.0),
+            "propagation": cluster.propagation(seconds=12.0 if args.quick else 30.0),
+            "throughput": cluster.throughput(repeat=3 if args.quick else 5),
         }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -186,24 +186,61 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.socket, timeout=args.timeout)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _raw_status(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
+    """The parsed status, and each profile's raw table (fleet mode adds to it)."""
+    from geins_broker_client import calls
+
     with _client(args) as client:
-        status = client.status()
+        raw = client.call(calls.status(), lambda message: message)
+    status = calls.parse_status(raw)
+    tables = [p for p in raw.get("profiles", []) if isinstance(p, dict)]
+    return status, tables
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status, tables = _raw_status(args)
     profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
     if args.check:
         return _check(profiles, args.profile)
+    fleet = {t.get("profile"): t["fleet"] for t in tables if isinstance(t.get("fleet"), dict)}
     if args.json:
         _print_json(
             {
                 "server": status.server,
                 "uptime": status.uptime,
-                "profiles": [p._asdict() for p in profiles],
+                "profiles": [
+                    {**p._asdict(), **({"fleet": fleet[p.profile]} if p.profile in fleet else {})}
+                    for p in profiles
+                ],
             }
         )
     else:
         print(f"{status.server}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
+        shown = [t for t in tables if t.get("profile") in {p.profile for p in profiles}]
+        if any(t.get("profile") in fleet for t in shown):
+            from .fleet import report
+
+            print()
+            print(report.fleet_summary(shown))
+            print(report.profile_table(shown))
     return EXIT_LOGIN_REQUIRED if any(p.state == "login_required" for p in profiles) else EXIT_OK
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .fleet import report
+
+    status, tables = _raw_status(args)
+    if args.json:
+        _print_json(report.cluster_json(status.server, tables))
+    else:
+        print(report.fleet_summary(tables))
+        if report.shared(tables):
+            print(report.profile_table(tables))
+    if not report.shared(tables):
+        return EXIT_USAGE
+    healthy = report.cluster_json(status.server, tables)["healthy"]
+    return EXIT_OK if healthy else EXIT_UNAVAILABLE
 
 
 def _check(profiles: Sequence[ProfileStatus], name: str | None) -> int:
@@ -405,6 +442,10 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet is not None:
+        from .fleet.demo import main as fleet_demo
+
+        return fleet_demo(args.fleet, token_ttl=args.token_ttl, duration=args.duration)
     from .demo import main as demo_main
 
     return demo_main(token_ttl=args.token_ttl)
@@ -442,6 +483,12 @@ def _client_options(
             action="store_true",
             help="read password(s) from stdin, one per line",
         )
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    _socket_option(parser)
+    parser.add_argument("--timeout", type=_positive, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _socket_option(parser: argparse.ArgumentParser) -> None:
@@ -528,6 +575,16 @@ def _emulator_options(parser: argparse.ArgumentParser) -> None:
 
 def _demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-ttl", type=_positive, default=20.0, metavar="SECONDS")
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        choices=range(2, 10),
+        metavar="N",
+        help="fleet mode: redis-server and N daemons (2-9) sharing one session",
+    )
+    parser.add_argument(
+        "--duration", type=_positive, metavar="SECONDS", help="stop after this long (--fleet)"
+    )
 
 
 def _key_options(parser: argparse.ArgumentParser) -> None:
@@ -562,6 +619,11 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
         "print the daemon's metrics (Prometheus text format)",
         cmd_metrics,
         _metrics_options,
+    ),
+    "cluster": (
+        "show the fleet: this node, the store's health, the nodes, each shared profile",
+        cmd_cluster,
+        _cluster_options,
     ),
     "token": ("print the current bearer token", cmd_token, _token_options),
     "user": ("show who the session belongs to", cmd_user, lambda p: _client_options(p, json=True)),

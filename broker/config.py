@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import platformdirs
@@ -32,6 +32,9 @@ from .geins.protocol import (
 )
 from .listener import unsafe_directory
 from .session import MAX_CLOCK_SKEW, Policy
+
+if TYPE_CHECKING:
+    from .fleet.config import ClusterConfig
 
 ENV_CONFIG: Final = "GEINS_BROKER_CONFIG"
 SYSTEM_CONFIG: Final = Path("/etc/geins-broker/config.toml")
@@ -62,6 +65,9 @@ class ProfileConfig:
     allow_gids: frozenset[int] = frozenset()
     policy: Policy = field(default_factory=Policy)
     request_timeout: float = REQUEST_TIMEOUT
+    #: Fleet mode: the session lives in the cluster's store, rotated once fleet-wide.
+    #: None (not said): as `[cluster] shared` says; resolved to a bool by the parser.
+    shared: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,8 @@ class BrokerConfig:
     shutdown_grace: float = 5.0
     proxy: ProxyConfig = ProxyConfig(socket=None)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: Fleet mode ([cluster]); None: every profile is this host's alone.
+    cluster: ClusterConfig | None = None
     #: The key that seals sessions at rest (after the systemd credential; see keys.py).
     key_file: Path | None = None
     #: A key that still opens what it sealed, while sessions move to `key_file`'s.
@@ -322,11 +330,20 @@ def parse(
     broker = _Reader(source, top.get("broker", dict, {}), "broker.")
     proxy = _Reader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
+    cluster_table = top.get("cluster", dict)
     metrics = _metrics(_Reader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
     profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
+    cluster = None
+    if cluster_table is not None:
+        from .fleet.config import parse_cluster
+
+        cluster, profiles = parse_cluster(_Reader(source, cluster_table, "cluster."), profiles)
+    elif any(p.shared for p in profiles.values()):
+        shared = next(n for n, p in profiles.items() if p.shared)
+        raise ConfigError(f"{source}: profiles.{shared}.shared: needs a [cluster] table")
 
     socket = Path(socket_override or broker.get("socket", str) or default_socket())
     if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
@@ -358,6 +375,7 @@ def parse(
         shutdown_grace=broker.seconds("shutdown_grace", 5.0, most=_HOUR),
         proxy=_proxy(proxy, socket),
         metrics=metrics,
+        cluster=cluster,
         key_file=_file(broker, "key_file"),
         previous_key_file=_file(broker, "previous_key_file"),
     )
@@ -478,6 +496,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
             max_clock_skew=r.seconds("max_clock_skew", MAX_CLOCK_SKEW, most=30 * _DAY),
         ),
         request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
+        shared=r.get("shared", bool),
     )
     r.check_unknown()
     return profile

@@ -13,6 +13,7 @@ adding and removing profiles without touching the others' sessions.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import signal
 import sys
@@ -20,7 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import trio
@@ -46,7 +47,10 @@ from .sealing import Keyring
 from .server import Server
 from .stats import DaemonStats
 from .store import CorruptState, Record, SealedState, Store
-from .wallclock import SystemClock, WallClock
+from .wallclock import OffsetClock, SystemClock, WallClock
+
+if TYPE_CHECKING:
+    from .fleet.coordinator import Fleet
 
 log = events("broker.daemon")
 
@@ -110,6 +114,10 @@ class Daemon:
         self._render_flight: _Flight | None = None
         #: The Merchant API proxy, when [proxy] enables a listener.
         self.proxy: Proxy | None = None
+        #: Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
+        self.fleet: Fleet | None = None
+        if config.cluster is not None:
+            self.fleet = _fleet(config, self.wall, self.store)
 
     # -- running -----------------------------------------------------------------------
 
@@ -189,6 +197,8 @@ class Daemon:
                     )
                     self.proxy.bind()
                 async with trio.open_nursery() as nursery:
+                    if self.fleet is not None:
+                        await nursery.start(self.fleet.run)
                     await nursery.start(self.scheduler.run)
                     for profile in self.profiles.values():
                         profile.plan()
@@ -425,6 +435,8 @@ class Daemon:
             )
         if (sealed := self.store.unopened.get(config.name)) is not None:
             profile.mark_sealed(sealed)
+        if self.fleet is not None and config.shared:
+            self.fleet.attach(profile, record)
         self.profiles[config.name] = profile
         return profile
 
@@ -492,9 +504,7 @@ class Daemon:
             return
         old = self.config
         await self._take_keys(keyring, key_source)
-        for key in ("socket", "state_dir", "socket_mode", "socket_group"):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload_needs_restart", key=key)
+        self._warn_needs_restart(new, old)
         for name in [n for n in self.profiles if n not in new.profiles]:
             retired = self._retired[name] = self.profiles.pop(name)
             retired.retire()
@@ -525,6 +535,14 @@ class Daemon:
         self.notifier.ready(self.status_line())
         self._status_dirty.set()
 
+    def _warn_needs_restart(self, new: BrokerConfig, old: BrokerConfig) -> None:
+        for key in ("socket", "state_dir", "socket_mode", "socket_group", "cluster"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=key)
+        for name in new.profiles.keys() & self.profiles.keys():
+            if new.profiles[name].shared != self.profiles[name].config.shared:
+                log.warning("reload_needs_restart", key=f"profiles.{name}.shared")
+
 
 def _metrics_readers(config: BrokerConfig) -> tuple[frozenset[int], frozenset[int]]:
     return config.metrics.allow_uids, config.metrics.allow_gids
@@ -541,13 +559,15 @@ class _Flight:
 
 
 def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
-    """A reload cannot move the socket or the state: those need a restart."""
+    """A reload cannot move the socket or the state, nor join or leave a fleet: those
+    need a restart."""
     return replace(
         new,
         socket=old.socket,
         state_dir=old.state_dir,
         socket_mode=old.socket_mode,
         socket_group=old.socket_group,
+        cluster=old.cluster,
     )
 
 
@@ -558,10 +578,10 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
         keyring, key_source = load_keyring(config)
+        daemon = Daemon(config, faults=faults, keyring=keyring, wall=_clock_from_env())
     except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(config, faults=faults, keyring=keyring)
     daemon.key_source = key_source
     try:
         trio.run(daemon.run)
@@ -572,3 +592,33 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _fleet(config: BrokerConfig, wall: WallClock, store: Store) -> Fleet:
+    """The fleet coordinator. Shared profiles are sealed in Redis with the same keys as
+    the files (sealing.py): without a key the daemon refuses to start, before anything
+    reaches Redis."""
+    from .fleet.coordinator import Fleet
+
+    cluster = config.cluster
+    assert cluster is not None
+    shared = [name for name, p in config.profiles.items() if p.shared]
+    if shared and not store.keyring.sealing:
+        raise ConfigError(
+            f"profile {shared[0]!r} is shared through {cluster.display_url}, and a shared "
+            "session is sealed before it reaches the store: configure a sealing key "
+            "(broker.key_file, or the systemd credential; see docs/security.md)"
+        )
+    return Fleet(cluster, lambda: store.keyring, wall)
+
+
+def _clock_from_env() -> WallClock:
+    """$GEINS_BROKER_CLOCK_OFFSET (seconds) skews this daemon's wall clock: for tests
+    of clock skew between fleet nodes, which run on one machine."""
+    offset = os.environ.get("GEINS_BROKER_CLOCK_OFFSET")
+    if not offset:
+        return SystemClock()
+    try:
+        return OffsetClock(float(offset))
+    except ValueError:
+        raise ConfigError(f"GEINS_BROKER_CLOCK_OFFSET is not a number: {offset!r}") from None

@@ -69,6 +69,11 @@ class Transient(GeinsError):
         self.retry_after = retry_after
 
 
+class FleetUnavailable(Transient):
+    """The fleet's store (Redis) cannot be reached or cannot take the lease now: a
+    shared session is not refreshed, and the held bearer is served while it lasts."""
+
+
 class UpstreamTimeout(Transient):
     code = Code.TIMEOUT
 

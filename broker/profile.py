@@ -29,6 +29,7 @@ from .errors import (
     BadRequest,
     BrokerFault,
     Busy,
+    FleetUnavailable,
     GeinsError,
     LoginRequired,
     MalformedAnswer,
@@ -42,6 +43,7 @@ from .errors import (
     UnusableGrant,
     UpstreamTimeout,
 )
+from .fleet.link import LOCAL, Link
 from .geins import claims
 from .geins.client import GeinsClient
 from .log import events
@@ -98,6 +100,8 @@ class Profile:
         self._offload = offload
         self._scheduler = scheduler
         self.retired = False
+        #: Fleet mode's seam (fleet/link.py); LOCAL for a profile this host has alone.
+        self.fleet: Link = LOCAL
         # Made on first use: ten thousand idle profiles should not each carry a lock
         # and two events that nobody waits on.
         self._upstream_lock: trio.Lock | None = None
@@ -165,6 +169,21 @@ class Profile:
             refreshes=record.refreshes,
         )
         self.session.defer_startup_refresh(self._wall.now(), spread)
+
+    def adopt(self, record: Record | None) -> None:
+        """Fleet mode: a session another node committed (a rotation, a login; None: a
+        logout) replaces ours. Served at once, written to disk by the next step."""
+        if record is None:
+            self.session.logged_out()
+        else:
+            self.restore(record, 0.0)
+            self.session.failures, self.session.last_error = 0, None
+            if record.login_required:
+                self.session.last_error = "Geins refused the fleet's refresh token; log in again"
+        self._last_failure = None
+        self._write_pending, self._write_retry_at = True, trio.current_time()
+        self._publish()
+        self.plan()
 
     def mark_sealed(self, reason: str) -> None:
         """The saved session does not open (its key is missing): serve nothing, change
@@ -250,14 +269,17 @@ class Profile:
             session = self.session
             if not isinstance(session.next_action(self._wall.now()), Refresh):
                 return  # someone refreshed (or logged out) while we waited for the lock
-            refresh_token = session.tokens.refresh if session.tokens else None
-            assert refresh_token is not None
             started = None
             try:
-                async with self._limiter, self._shielded(1):
-                    started = trio.current_time()  # not counting the wait for the limiter
-                    result = await self._refresh_with(refresh_token)
-            except UpstreamTimeout as exc:  # slower than even httpx's per-phase limits
+                # Fleet mode: the lease, and maybe another node's newer session instead.
+                async with self.fleet.rotation() as go:
+                    refresh_token = session.tokens.refresh if session.tokens else None
+                    if not go or refresh_token is None:
+                        return
+                    async with self._limiter, self._shielded(1):
+                        started = trio.current_time()  # not counting the wait for the limiter
+                        result = await self._refresh_with(refresh_token)
+            except (UpstreamTimeout, FleetUnavailable) as exc:
                 self._fail(exc)
                 result = exc.code
             finally:
@@ -273,12 +295,7 @@ class Profile:
         try:
             grant = await self.geins.refresh(refresh_token)
         except RefreshTokenRejected as exc:
-            self._last_failure = exc
-            session.refresh_rejected(str(exc))
-            log.warning("refresh_rejected", profile=self.name, state=session.state)
-            await self._save(self._record())
-            self._publish()
-            return "rejected"
+            return await self._rejected(exc)
         except UnusableGrant as exc:
             await self._keep_rotated(exc.refresh)
             self._fail(exc)
@@ -293,7 +310,10 @@ class Profile:
             await self._keep_rotated(grant.refresh)
             self._fail(exc)
             return exc.code
-        await self._save(self._record(tokens, refreshed_at=now))
+        record = self._record(tokens, refreshed_at=now)
+        await self._save(record)
+        if not await self.fleet.commit(record):
+            return "superseded"  # our lease had lapsed and another node committed first
         session.refreshed(tokens, now)
         log.info(
             "refreshed",
@@ -304,6 +324,20 @@ class Profile:
         self._publish()
         return "ok"
 
+    async def _rejected(self, exc: RefreshTokenRejected) -> str:
+        """Geins refused the refresh token: a login is needed, unless another node of the
+        fleet had rotated it (then its newer session is adopted)."""
+        if await self.fleet.rejected():
+            return "stale"
+        session = self.session
+        self._last_failure = exc
+        session.refresh_rejected(str(exc))
+        log.warning("refresh_rejected", profile=self.name, state=session.state)
+        await self._save(self._record())
+        await self.fleet.commit(self._record())
+        self._publish()
+        return "rejected"
+
     async def _keep_rotated(self, refresh_token: Secret) -> None:
         """Geins rotated the refresh token but sent an unusable bearer (or none): the
         old refresh token is spent, so keep the new one (on disk first) with the
@@ -313,6 +347,7 @@ class Profile:
             return
         session.tokens = replace(session.tokens, refresh=refresh_token)
         await self._save(self._record())
+        await self.fleet.commit(self._record())
 
     def _fail(self, exc: GeinsError) -> None:
         self._last_failure = exc
@@ -482,7 +517,9 @@ class Profile:
         now = self._wall.now()
         tokens = Tokens.from_grant(grant, now, self.session.policy.max_clock_skew)
         replaced = self.session.tokens
-        await self._save(self._record(tokens, username=username, remember=remember))
+        record = self._record(tokens, username=username, remember=remember)
+        await self._save(record)
+        await self.fleet.replaced(record)
         self.session.logged_in(tokens, username, remember, now)
         log.info(
             event, profile=self.name, username=username, expires_in=round(tokens.expires_at - now)
@@ -503,6 +540,7 @@ class Profile:
             self._publish()
             with trio.CancelScope(shield=True):
                 await self._save(None)
+                await self.fleet.replaced(None)
                 self.plan()  # a failed delete is retried
                 log.info("logged_out", profile=self.name)
                 if refresh_token is not None:
@@ -665,6 +703,7 @@ class Profile:
             "refreshes": session.refreshes,
             "failures": session.failures,
             "last_error": last_error,
+            **({"fleet": fleet} if (fleet := self.fleet.status()) is not None else {}),
         }
 
     def user(self) -> dict[str, Any]:

@@ -23,6 +23,18 @@ class SystemClock:
         return time.time()
 
 
+class OffsetClock:
+    """The system's clock off by `offset` seconds: a node whose clock is skewed."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
 class TrioWallClock:
     """Wall time that advances with trio's clock (MockClock in tests), plus steps.
 

@@ -28,10 +28,20 @@ PURE = (
     "broker.proxy.rules",
     "broker.sealing",
     "broker.stats",
+    "broker.fleet.rotation",
     "geins_broker_client.protocol",
     "geins_broker_client.health",
 )
-IO_PACKAGES = ("trio", "httpx", "httpcore", "platformdirs", "h11", "anyio", "prometheus_client")
+IO_PACKAGES = (
+    "trio",
+    "httpx",
+    "httpcore",
+    "platformdirs",
+    "h11",
+    "anyio",
+    "prometheus_client",
+    "coredis",
+)
 
 
 @pytest.mark.parametrize("module", PURE)
