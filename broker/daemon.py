@@ -118,6 +118,9 @@ class Daemon:
         self.fleet: Fleet | None = None
         if config.cluster is not None:
             self.fleet = _fleet(config, self.wall, self.store)
+            from .fleet.metrics import source
+
+            self.metrics.add_source(source(self.fleet, lambda: self.config.metrics.per_profile))
 
     # -- running -----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.sealing import Key, Keyring
 from geins_broker_client.errors import BrokerError, Unavailable
@@ -475,11 +476,24 @@ def test_status_and_cluster_show_the_fleet(
         ]
         text = cli("status", "--socket", socket)
         assert "GENERATION" in text.stdout and "store redis://127.0.0.1" in text.stdout
+        scraped = cli("metrics", "--socket", socket)
+        assert scraped.returncode == 0, scraped.stderr
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(scraped.stdout)
+            for s in family.samples
+        }
+        assert samples[("geins_broker_fleet_store_up", (("node", "n1"),))] == 1.0
+        assert samples[("geins_broker_fleet_nodes", ())] == 2.0
+        assert samples[("geins_broker_fleet_generation", (("profile", "default"),))] == 1.0
+        assert samples[("geins_broker_fleet_leases_held", ())] == 0.0
         redis.kill()
         wait_until(lambda: fleet.status(1)[0]["fleet"]["healthy"] is False, 5, "n1 notices")
         down = cli("cluster", "--socket", socket)
         assert down.returncode == 7
         assert "UNREACHABLE" in down.stdout
+        scraped = cli("metrics", "--socket", socket)
+        assert 'geins_broker_fleet_store_up{node="n1"} 0.0' in scraped.stdout
     finally:
         fleet.close()
 
