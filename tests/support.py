@@ -407,3 +407,22 @@ class Scrape:
 
     def labels(self, name: str) -> list[dict[str, str]]:
         return [dict(labels) for sample, labels in self.samples if sample == name]
+
+
+#: Profile settings for exact virtual times: no rotation jitter.
+EXACT = {"jitter": 0}
+
+
+async def exact_broker(
+    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
+) -> Broker:
+    """A broker whose rotation and backoff land on exact virtual times (no jitter; the
+    random source always picks the top of its range)."""
+    return await start_broker(
+        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
+    )
+
+
+def refreshes(emulator: Emulator) -> int:
+    """Refreshes the emulator has answered (GET /login)."""
+    return emulator.service.counts["GET /login"]

@@ -20,21 +20,7 @@ from broker.session import State
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired, NotLoggedIn, Unavailable
 from geins_broker_client.errors import ProtocolError
-from tests.support import Broker, Fraction, RawConnection, fill, start_broker
-
-EXACT = {"jitter": 0}
-
-
-async def exact_broker(
-    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
-) -> Broker:
-    return await start_broker(
-        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
-    )
-
-
-def refreshes(emulator: Emulator) -> int:
-    return emulator.service.counts["GET /login"]
+from tests.support import Broker, RawConnection, exact_broker, fill, refreshes, start_broker
 
 
 async def test_rotation_happens_at_three_quarters_of_the_lifetime(

@@ -41,27 +41,13 @@ from tests.support import (
     Broker,
     DaemonProcess,
     EmulatorProcess,
-    Fraction,
     RawConnection,
     call,
+    exact_broker,
+    refreshes,
     start_broker,
     write_config,
 )
-
-EXACT = {"jitter": 0}
-
-
-async def exact_broker(
-    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
-) -> Broker:
-    return await start_broker(
-        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
-    )
-
-
-def refreshes(emulator: Emulator) -> int:
-    return emulator.service.counts["GET /login"]
-
 
 # -- defect 5: an upstream's Retry-After ------------------------------------------------------
 

@@ -26,17 +26,7 @@ from broker.metrics import Snapshot, write_textfile
 from broker.wallclock import TrioWallClock
 from geins_broker_client import LoginRequired
 from geins_broker_client.protocol import encode
-from tests.support import Broker, Fraction, RawConnection, Scrape, start_broker
-
-EXACT = {"jitter": 0}
-
-
-async def exact_broker(
-    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
-) -> Broker:
-    return await start_broker(
-        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
-    )
+from tests.support import Broker, RawConnection, Scrape, exact_broker
 
 
 async def scrape(broker: Broker) -> Scrape:
