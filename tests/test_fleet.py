@@ -318,6 +318,11 @@ def test_kill_9_of_lease_holders_loses_nothing_under_the_reuse_grace(
 
 
 @pytest.mark.slow
+def test_30_kills_of_lease_holders(short_tmp: Path, redis: RedisServer) -> None:
+    run_kill_loop(short_tmp, redis, kills=30, budget=300)
+
+
+@pytest.mark.soak
 def test_200_kills_of_lease_holders(short_tmp: Path, redis: RedisServer) -> None:
     run_kill_loop(short_tmp, redis, kills=200, budget=1500)
 
