@@ -196,7 +196,12 @@ class Daemon:
                 del records  # their secrets now live in the sessions only
                 if config.proxy.enabled:
                     self.proxy = Proxy(
-                        api, config, self.wall, observable=self, metrics=self.metrics
+                        api,
+                        config,
+                        self.wall,
+                        observable=self,
+                        metrics=self.metrics,
+                        offload=self._offload,
                     )
                     self.proxy.bind()
                 async with trio.open_nursery() as nursery:

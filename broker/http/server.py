@@ -309,12 +309,16 @@ class HttpServer:
         name: str = "http",
         admission: Admission | None = None,
         identify_blocks: bool = False,
+        offload: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
         self.handler = handler
         self.admission = admission
         #: `identify` may take long (reading /proc/net/tcp, whose size any local user
         #: grows): it runs in a worker thread, one at a time, never on the event loop.
         self._identify_blocks = identify_blocks
+        #: How a blocking `identify` runs: a worker thread, or in place under tests'
+        #: MockClock (a thread would let virtual time jump while it works).
+        self._offload = offload
         #: Read per connection, so a reload's new limits apply to new connections.
         self.limits = limits or HttpLimits()
         self._identify = identify
@@ -382,7 +386,7 @@ class HttpServer:
         if identify is None:
             return None
         if self._identify_blocks:
-            return await trio.to_thread.run_sync(identify, sock)
+            return await self._offload(identify, sock)
         return identify(sock)
 
     def _refusal(self, peer: Any) -> Refusal | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -97,8 +98,11 @@ class Proxy:
         *,
         observable: Observable | None = None,
         metrics: Metrics | None = None,
+        offload: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
         self.config = config
+        #: Runs the TCP peer look-up off the event loop (the daemon's own offload).
+        self._offload = offload
         self.app = ProxyApp(api, config.proxy, wall, observable=observable, metrics=metrics)
         self.servers: list[HttpServer] = []
         self.admissions: list[ProxyAdmission] = []
@@ -180,6 +184,7 @@ class Proxy:
                         name=name,
                         admission=admission,
                         identify_blocks=identify is tcp_peer,
+                        offload=self._offload,
                     )
                     self.servers.append(server)
                     await nursery.start(server.serve, sock)
