@@ -22,18 +22,17 @@ import pytest
 
 from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
 from geins_broker_client.blocking import Client
-from tests.support import DaemonProcess, EmulatorProcess, write_config
+from tests.support import (
+    DaemonProcess,
+    EmulatorProcess,
+    free_port,
+    write_config,
+)
 
 REDIS_MISSING = (
     "redis-server is not installed: `apt-get install -y redis-server` (Debian's package; "
     "scripts/test installs it when run as root)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:

@@ -426,3 +426,10 @@ async def exact_broker(
 def refreshes(emulator: Emulator) -> int:
     """Refreshes the emulator has answered (GET /login)."""
     return emulator.service.counts["GET /login"]
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a listener the test configures)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -22,13 +22,13 @@ import trio
 
 from broker.http.server import Exchange, HttpServer
 from broker.proxy import peers
-
-from .support import (
+from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     DaemonProcess,
     EmulatorProcess,
     call,
+    free_port,
     running,
     write_config,
 )
@@ -109,12 +109,6 @@ class Stack:
     port: int
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def stack(short_tmp: Path) -> Iterator[Stack]:
     """A daemon whose proxy listens on loopback TCP (32 connections at most) and on a
@@ -122,7 +116,7 @@ def stack(short_tmp: Path) -> Iterator[Stack]:
     NOBODY may read nothing. Both profiles are logged in."""
     short_tmp.chmod(0o755)
     emulator = EmulatorProcess("--token-ttl", "120")
-    port = _free_port()
+    port = free_port()
     config = write_config(
         short_tmp / "c.toml",
         emulator.url,

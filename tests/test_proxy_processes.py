@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import (
+from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     DaemonProcess,
     EmulatorProcess,
     call,
+    free_port,
     running,
     write_config,
 )
@@ -53,12 +53,6 @@ class Stack:
             password=DEMO_PASSWORD,
         )
         assert answer["ok"], answer
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
