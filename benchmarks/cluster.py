@@ -21,10 +21,10 @@ from typing import Any
 
 import trio
 
-from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
+from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from geins_broker_client.blocking import Client as BlockingClient
 from geins_broker_client.trio_client import TrioClient
-from tests.fleet_support import Fleet, RedisServer, fleet_env, jti_rotations, wait_until
+from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations, wait_until
 from tests.support import DaemonProcess, write_config
 
 from .loadgen import broker_token_request, run_load

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.sealing import Keyring
-from broker.secret import Secret
-from broker.store import Record, Store
+from broker.core.sealing import Keyring
+from broker.core.secret import Secret
+from broker.storage.store import Record, Store
 from tests.support import DEMO_USER, DaemonProcess, EmulatorProcess, write_config
 
 

@@ -187,10 +187,10 @@ def scrape_cost(profiles: int = 10_000, runs: int = 5) -> dict[str, Any]:
     sessions and counts; the collector cannot tell."""
     import time
 
-    from broker.metrics import Metrics, render
-    from broker.secret import Secret
-    from broker.session import Session, Tokens
-    from broker.stats import Counts, DaemonStats
+    from broker.core.secret import Secret
+    from broker.core.stats import Counts, DaemonStats
+    from broker.observe.metrics import Metrics, render
+    from broker.policy.session import Session, Tokens
 
     class Stand:
         def __init__(self, name: str, now: float) -> None:
@@ -256,12 +256,12 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
     cannot resolve a difference this small; this can."""
     import time
 
-    from broker.config import ProfileConfig
+    from broker.core.clock import SystemClock
+    from broker.core.secret import Secret
+    from broker.daemon.config import ProfileConfig
     from broker.geins.protocol import Endpoint
-    from broker.profile import Profile
-    from broker.secret import Secret
-    from broker.session import Tokens
-    from broker.wallclock import SystemClock
+    from broker.policy.session import Tokens
+    from broker.sessions.profile import Profile
 
     class Uncounted(Profile):
         def token_frame(self, request_id: int, min_valid: float, now: float) -> bytes | None:

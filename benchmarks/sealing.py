@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker.keys import encode_key
-from broker.sealing import Key, Keyring
-from broker.secret import Secret
-from broker.store import Record, Store
+from broker.core.sealing import Key, Keyring
+from broker.core.secret import Secret
+from broker.storage.keys import encode_key
+from broker.storage.store import Record, Store
 
 from .fleet import fleet
 

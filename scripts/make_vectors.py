@@ -6,7 +6,7 @@
 Every frame in the file is produced here by `geins_broker_client.protocol.encode` and the
 request builders in `geins_broker_client.calls`, the same code the daemon and the Python
 client run, so the file cannot drift from the daemon: scripts/test runs `--check`. The
-Python tests (tests/test_protocol_vectors.py) and the Node tests
+Python tests (tests/client/test_protocol_vectors.py) and the Node tests
 (clients/node/test/vectors.test.ts) check their codecs, error classes, socket search and
 socket trust rule against it.
 """

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
+from broker.core.clock import TrioWallClock
 from broker.emulator.app import Emulator
-from broker.wallclock import TrioWallClock
 from tests.support import Broker, start_broker
 
 

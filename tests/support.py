@@ -25,17 +25,33 @@ from typing import IO, Any
 
 import trio
 
-from broker import config as config_module
-from broker.config import BrokerConfig
-from broker.daemon import Daemon
+from broker.core.clock import TrioWallClock
+from broker.daemon import config as config_module
+from broker.daemon.config import BrokerConfig
+from broker.daemon.lifecycle import Daemon
 from broker.emulator.app import Emulator
-from broker.emulator.model import DEMO_PASSWORD, DEMO_USER
-from broker.profile import Profile
-from broker.wallclock import TrioWallClock
+from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
+from broker.sessions.profile import Profile
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from geins_broker_client.trio_client import TrioClient
 
 GEINS_BROKER = [sys.executable, "-m", "broker"]
+#: The checkout's root.
+REPO = Path(__file__).resolve().parent.parent
+
+
+def loaded_in_fresh_interpreter(code: str, watched: tuple[str, ...]) -> list[str]:
+    """Run `code` in a fresh, isolated interpreter on this one's path, and say which of
+    the `watched` top-level modules it left loaded (this interpreter has long loaded
+    everything, so only a fresh one can tell what an import pulls in)."""
+    probe = f"import sys; {code}; print(' '.join(m for m in {watched!r} if m in sys.modules))"
+    # -I: no environment, no user site; the path is ours.
+    return subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path[:0] = {sys.path!r}; {probe}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
 
 
 class EmulatorProcess:

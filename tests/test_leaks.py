@@ -12,10 +12,16 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker import log as broker_log
-from broker.emulator.faults import Fault
-from broker.emulator.model import DEMO_PASSWORD, DEMO_USER, AuthService, Family, HttpResponse
+from broker.emulator.model.faults import Fault
+from broker.emulator.model.service import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    AuthService,
+    Family,
+    HttpResponse,
+)
 from broker.geins.protocol import password_digest
+from broker.observe import log as broker_log
 from geins_broker_client import BrokerError
 from tests.support import Broker, DaemonProcess, EmulatorProcess, call, write_config
 

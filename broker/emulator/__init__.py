@@ -1,10 +1,9 @@
 """An emulator of Geins, strict like the real one, so tests, benchmarks and a first run
 need no Geins account.
 
-`model` is the service as a pure function of requests (sans-IO, like h11), with the
-Merchant API's user operations in `merchant` and its values in `values`; `server`
+`model` is the service as pure functions of requests (sans-IO, like h11); `shell`
 serves it over HTTP (the shared shell, broker/http/server.py); `app.Emulator` puts
-the two together for tests and the CLI:
+the two together for tests and the CLI; `run` is `geins-broker emulator`:
 
     emulator = Emulator(token_ttl=60)
     url = await emulator.start(nursery)

@@ -8,9 +8,9 @@ from typing import Any
 
 import trio
 
-from ..geins.protocol import Endpoint
-from .model import DEMO_PASSWORD, DEMO_USER, AuthService, ServiceConfig
-from .server import EmulatorServer
+from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER, AuthService, ServiceConfig
+from broker.emulator.shell import EmulatorServer
+from broker.geins.protocol import Endpoint
 
 
 class Emulator:

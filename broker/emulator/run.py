@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from .app import Emulator
+from broker.emulator.app import Emulator
 
 
 @dataclass(frozen=True)

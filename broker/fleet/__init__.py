@@ -1,5 +1,6 @@
-"""Fleet mode: one Geins session per profile shared by many hosts through Redis,
-rotated once fleet-wide. `rotation` is the pure core; `sealing` the seam to the sealing
-layer; `redis_store` the Redis shell; `coordinator` drives both for the daemon;
-`link` is the narrow seam a `Profile` consults (a no-op for unshared profiles).
-See docs/cluster.md."""
+"""Fleet mode: one Geins session per profile shared by many hosts through Redis, rotated
+once fleet-wide. `redis_store` (the Redis shell: leases, compare-and-set commits),
+`coordinator` (one per daemon: the subscription, the poll, the store's health),
+`shared_link` (one shared profile's side of the protocol), `link` (the narrow seam a
+`Profile` consults; a no-op for unshared profiles), `settings` (the `[cluster]` table),
+`gauges` (its metrics). The decisions are pure, in `policy.rotation`. docs/cluster.md."""

@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from coredis.retry import NoRetryPolicy
 
-from ..errors import FleetUnavailable
-from ..log import events
-from ..sealing import Keyring
-from ..store import Record
-from ..wallclock import WallClock
-from . import rotation
-from .config import ClusterConfig
-from .redis_store import RedisStore, StoreFailure, announcement, first_leaf
-from .shared_link import SharedLink, reason
+from broker.core.clock import WallClock
+from broker.core.errors import FleetUnavailable
+from broker.core.sealing import Keyring
+from broker.fleet.redis_store import RedisStore, StoreFailure, announcement, first_leaf
+from broker.fleet.settings import ClusterConfig
+from broker.fleet.shared_link import SharedLink, reason
+from broker.observe.log import events
+from broker.policy import rotation
+from broker.storage.store import Record
 
 if TYPE_CHECKING:
-    from ..profile import Profile
+    from broker.sessions.profile import Profile
 
 log = events("broker.fleet")
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Protocol
 
-from ..store import Record
+from broker.storage.store import Record
 
 
 class Link(Protocol):

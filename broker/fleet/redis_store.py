@@ -27,7 +27,7 @@ from typing import Any, Final
 import coredis
 from coredis.retry import NoRetryPolicy
 
-from .config import ClusterConfig
+from broker.fleet.settings import ClusterConfig
 
 _WRITE: Final = """
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')

@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ..errors import FleetUnavailable
-from ..log import events
-from ..sealing import SealError, is_sealed
-from ..store import Record
-from . import rotation
-from .redis_store import Stored, StoreFailure
+from broker.core.errors import FleetUnavailable
+from broker.core.sealing import SealError, is_sealed
+from broker.fleet.redis_store import Stored, StoreFailure
+from broker.observe.log import events
+from broker.policy import rotation
+from broker.storage.store import Record
 
 if TYPE_CHECKING:
-    from ..profile import Profile
-    from .coordinator import Fleet
+    from broker.fleet.coordinator import Fleet
+    from broker.sessions.profile import Profile
 
 log = events("broker.fleet")
 

@@ -1,6 +1,3 @@
-"""Everything about Geins itself: its protocol's values, its JWTs, and the HTTP client.
-
-`protocol` and `claims` are pure (the session policy and the emulator import them);
-`client` is the httpx shell, the only module that speaks to Geins. This package's own
-import loads nothing, so that importing a pure part never pulls httpx in.
-"""
+"""Geins itself, as values: its protocol (paths, headers, digest, grants, Retry-After) and
+how the official SDK reads its JWTs. Pure (tests/test_layers.py): the HTTP client that
+speaks this protocol is `broker.sessions.geins_client`, and the emulator serves it."""

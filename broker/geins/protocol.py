@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
 
-from ..secret import Secret
+from broker.core.secret import Secret
 
 #: The fixed public salt the SDK appends to every password before hashing it.
 PASSWORD_SALT: Final = "Dd1dfLonNy6Am2fXQl2AcoI+IbhLhXvaibnDNn8uEa6vbJ05eyJajSuGFm9uQSmD"  # noqa: S105 - public, fixed by the protocol

@@ -41,8 +41,8 @@ from typing import Any, Final, Protocol
 import h11
 import trio
 
-from ..log import events
-from .io import receive_some, send_all, waits
+from broker.http.io import receive_some, send_all, waits
+from broker.observe.log import events
 
 log = events("broker.http")
 

@@ -26,9 +26,9 @@ import struct
 import time
 from typing import Any, Final
 
-from ..api import Peer
-from ..log import events
-from ..server import peer_of
+from broker.observe.log import events
+from broker.rpc.ops import Peer
+from broker.rpc.reactor import peer_of
 
 log = events("broker.proxy")
 

@@ -23,17 +23,17 @@ from typing import Any
 
 import trio
 
-from ..api import Api, Peer
-from ..config import BrokerConfig
-from ..http.server import HttpLimits, HttpServer, Refusal
-from ..listener import Listener, ListenerError, bind
-from ..log import events
-from ..metrics import Metrics
-from ..observability import Observable
-from ..wallclock import WallClock
-from .app import ProxyApp
-from .peers import tcp_peer, unix_peer
-from .rules import error_body
+from broker.core.clock import WallClock
+from broker.daemon.config import BrokerConfig
+from broker.http.server import HttpLimits, HttpServer, Refusal
+from broker.observe.log import events
+from broker.observe.metrics import Metrics
+from broker.observe.routes import Observable
+from broker.policy.headers import error_body
+from broker.proxy.handler import ProxyApp
+from broker.proxy.peers import tcp_peer, unix_peer
+from broker.rpc.listener import Listener, ListenerError, bind
+from broker.rpc.ops import Api, Peer
 
 log = events("broker.proxy")
 

@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from ..http.io import receive_some, send_all
-from .rules import is_field_value
+from broker.http.io import receive_some, send_all
+from broker.policy.headers import is_field_value
 
 _READ_SIZE: Final = 65536
 #: An idle connection older than this is closed rather than reused.

@@ -80,7 +80,7 @@ def test_a_supplementary_group_member_reads_a_token(system: SystemService) -> No
 def test_watchdog_kills_a_hung_daemon_and_sessions_survive(system: SystemService) -> None:
     machine = system.machine
     # Test-only: a short watchdog, and the fault that lets SIGUSR1 wedge the loop
-    # (broker/fault_injection.py). The rest of the unit is as shipped.
+    # (broker/daemon/fault_injection.py). The rest of the unit is as shipped.
     machine.run(
         "mkdir -p /etc/systemd/system/geins-broker.service.d && "
         "cat > /etc/systemd/system/geins-broker.service.d/test-watchdog.conf",

@@ -16,7 +16,7 @@ scripts/test) fails when it drifts. Edit this file, then run `scripts/unasync.py
 
 Everything that differs between flavours lives in a backend (`_transport.py` says what
 one provides): the stdlib socket's (_sync_backend.py), trio's (trio_client.py) and
-asyncio's (asyncio_client.py). tests/mock_backend.py drives this code on canned bytes.
+asyncio's (asyncio_client.py). tests/client/mock_backend.py drives this code on canned bytes.
 
 One call at a time per client (a lock); the connection opens on first use and is kept;
 if the daemon restarted in between, an idempotent call (token, user, status, hello) is

@@ -2,7 +2,7 @@
 
 The order is the daemon's own: an explicit path, then $GEINS_BROKER_SOCKET, then the
 places the daemon picks by default: the user's runtime directory ($XDG_RUNTIME_DIR,
-/run/user/UID, or TMPDIR/runtime-UID, as broker.config.runtime_dir computes it), and
+/run/user/UID, or TMPDIR/runtime-UID, as broker.daemon.config.runtime_dir computes it), and
 last the system service's socket. A test keeps the two lists in step.
 
 Only a socket that passes the trust rule (trust.py) is chosen from the default places:

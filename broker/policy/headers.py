@@ -1,0 +1,145 @@
+"""The proxy's rules as pure functions: which headers go where, and errors as answers.
+
+Headers are the wire's bytes, names lowercased (as h11 gives them). Headers (RFC 9110
+section 7.6.1): hop-by-hop headers (Connection, the ones it names,
+Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) belong to one
+connection and are never forwarded, either way. Authorization and x-apikey from the
+client are dropped and the profile's own put in their place; Host is the upstream's;
+Geins-Broker-Profile is ours; Proxy-Authorization and Expect are for this hop.
+Everything else (Accept, Content-Type, x-request-id, x-idempotency-key, ...) passes.
+
+Errors: every failure is an HTTP answer with a GraphQL-shaped JSON body, which GraphQL
+clients show as they show the API's own errors:
+
+    {"errors": [{"message": "...", "extensions": {"code": "not_logged_in"}}]}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Final
+
+from broker.geins.protocol import API_KEY_HEADER
+from geins_broker_client.protocol import Code
+
+PROFILE_HEADER: Final = "geins-broker-profile"
+_API_KEY: Final = API_KEY_HEADER.encode("ascii")
+#: Request bodies up to this size are buffered, so a 401 can be retried with them.
+RETRY_BODY_LIMIT: Final = 1024 * 1024
+#: The proxy asks for a bearer with at least this long left (or half its lifetime, for
+#: tokens that live less than a minute), so none expires on its way to Geins.
+MIN_VALID: Final = 30.0
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: Never forwarded to Geins: replaced (authorization, x-apikey), recomputed (host,
+#: content-length for a buffered body) or meant for this hop only.
+_NOT_UPSTREAM: Final = frozenset(
+    {
+        b"authorization",
+        _API_KEY,
+        b"host",
+        b"content-length",
+        b"expect",
+        b"proxy-authorization",
+        PROFILE_HEADER.encode("ascii"),
+    }
+)
+_NOT_DOWNSTREAM: Final = frozenset({b"proxy-authenticate"})
+_NOT_UPSTREAM_HOP: Final = HOP_BY_HOP | _NOT_UPSTREAM
+_NOT_DOWNSTREAM_HOP: Final = HOP_BY_HOP | _NOT_DOWNSTREAM
+#: A header value as RFC 9110 (5.5) allows it, without obs-text: visible ASCII, inner
+#: spaces and tabs. h11 checks every value it sends against (a superset of) this; a
+#: value the proxy makes itself is checked here once, so h11 need not check again.
+_FIELD_VALUE: Final = re.compile(rb"[\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?|")
+
+
+def is_field_value(value: bytes) -> bool:
+    return _FIELD_VALUE.fullmatch(value) is not None
+
+
+#: Broker error codes -> HTTP status.
+STATUS_OF_CODE: Final = {
+    Code.NOT_LOGGED_IN: 401,
+    Code.LOGIN_REQUIRED: 401,
+    Code.FORBIDDEN: 403,
+    Code.UNKNOWN_PROFILE: 404,
+    Code.BAD_REQUEST: 400,
+    Code.UPSTREAM_UNAVAILABLE: 502,
+    Code.UPSTREAM_ERROR: 502,
+    Code.INVALID_CREDENTIALS: 502,
+    Code.TIMEOUT: 504,
+    Code.BUSY: 503,
+}
+
+
+class ProxyRefusal(Exception):
+    """A request the proxy answers itself: `status`, with `code` in the JSON body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def refusal_for(code: str, message: str) -> ProxyRefusal:
+    return ProxyRefusal(STATUS_OF_CODE.get(code, 500), code, message)
+
+
+def error_body(status: int, code: str, message: str) -> tuple[list[tuple[str, str]], bytes]:
+    body = {"errors": [{"message": message, "extensions": {"code": code, "status": status}}]}
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return [("content-type", "application/json"), ("cache-control", "no-store")], data
+
+
+def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(part.strip().lower() for part in value.split(b","))
+    return named
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def upstream_headers(
+    client: Headers, *, bearer: bytes, api_key: bytes, keep_length: bool
+) -> Headers:
+    """What Geins gets: the client's end-to-end headers, then the profile's credentials.
+
+    `keep_length`: the body is streamed as the client framed it, so its Content-Length
+    (if any) still holds; a buffered body's length is the HTTP client's to set."""
+    dropped = _NOT_UPSTREAM_HOP
+    if any(k == b"connection" for k, _ in client):
+        dropped = dropped | _connection_named(client)
+    out = [(k, v) for k, v in client if k not in dropped]
+    if keep_length:
+        out += [(k, v) for k, v in client if k == b"content-length"]
+    out.append((b"authorization", b"Bearer " + bearer))
+    out.append((_API_KEY, api_key))
+    return out
+
+
+def downstream_headers(upstream: Headers) -> Headers:
+    """What the client gets back: Geins' end-to-end headers (Content-Length included:
+    the body is relayed byte for byte, undecoded)."""
+    dropped = _NOT_DOWNSTREAM_HOP
+    if any(k == b"connection" for k, _ in upstream):
+        dropped = dropped | _connection_named(upstream)
+    return [(k, v) for k, v in upstream if k not in dropped]
+
+
+def min_valid_for(lifetime: float) -> float:
+    return min(MIN_VALID, lifetime / 2)

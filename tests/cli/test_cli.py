@@ -1,0 +1,357 @@
+"""Every `geins-broker` subcommand against a real daemon and emulator.
+
+Most calls run `main(argv)` in-process (fast, and the output is easy to check); the
+ones that are about processes (stdin, a terminal prompt, Ctrl-C, exit codes, what gets
+imported) run the command for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.cli import main as cli
+from geins_broker_client import errors
+from tests.support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    GEINS_BROKER,
+    DaemonProcess,
+    EmulatorProcess,
+    write_config,
+)
+
+
+class Setup:
+    def __init__(self, emulator: EmulatorProcess, daemon: DaemonProcess, socket: Path) -> None:
+        self.emulator, self.daemon, self.socket = emulator, daemon, socket
+
+    def run(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*GEINS_BROKER, *argv, "--socket", str(self.socket)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def main(self, *argv: str) -> int:
+        return cli.main([*argv, "--socket", str(self.socket)])
+
+
+@pytest.fixture
+def setup(short_tmp: Path) -> Iterator[Setup]:
+    emulator = EmulatorProcess("--token-ttl", "60", "--user", f"{DEMO_USER}:{DEMO_PASSWORD}")
+    socket = short_tmp / "b.sock"
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        socket,
+        short_tmp / "state",
+        profiles=("default", "other"),
+    )
+    daemon = DaemonProcess(config, short_tmp)
+    try:
+        yield Setup(emulator, daemon, socket)
+    finally:
+        daemon.stop()
+        emulator.stop()
+
+
+def login(setup: Setup, profile: str = "default") -> None:
+    result = setup.run(
+        "login",
+        "--username",
+        DEMO_USER,
+        "--password-stdin",
+        "--profile",
+        profile,
+        stdin=DEMO_PASSWORD + "\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"logged in to profile {profile} as {DEMO_USER}; token expires in "
+    )
+
+
+def test_status_before_login(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    assert setup.main("status") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("geins-broker/0.1.0, up ")
+    assert table[1].split() == [
+        "PROFILE",
+        "STATE",
+        "USER",
+        "EXPIRES",
+        "IN",
+        "NEXT",
+        "REFRESH",
+        "LAST",
+        "ERROR",
+    ]
+    assert table[2].split()[:2] == ["default", "logged_out"]
+
+
+def _token(setup: Setup, capsys: pytest.CaptureFixture[str]) -> str:
+    assert setup.main("token") == 0
+    return capsys.readouterr().out
+
+
+def test_token_bare_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    token = _token(setup, capsys)
+    assert token.count("\n") == 1 and token.strip().count(".") == 2  # the bare JWT, nothing else
+    assert setup.main("token", "--json", "--min-valid", "30") == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["token"] == token.strip() and as_json["profile"] == "default"
+    assert as_json["expires_at"] - time.time() > 30
+
+
+def test_user_as_table_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    assert setup.main("user", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["username"] == DEMO_USER
+    assert setup.main("user") == 0
+    assert "customer_type    PERSON" in capsys.readouterr().out
+
+
+def test_refresh_then_status_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    token = _token(setup, capsys)
+    assert setup.main("refresh") == 0
+    assert capsys.readouterr().out.startswith("refreshed profile default")
+    assert _token(setup, capsys) != token
+    assert setup.main("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    default = next(p for p in status["profiles"] if p["profile"] == "default")
+    assert (default["state"], default["refreshes"], default["username"]) == ("active", 1, DEMO_USER)
+    assert token.strip() not in json.dumps(status)
+
+
+def test_passwd(setup: Setup) -> None:
+    login(setup)
+    changed = setup.run("passwd", "--password-stdin", stdin=f"{DEMO_PASSWORD}\nn3w-password\n")
+    assert changed.returncode == 0, changed.stderr
+    assert "changed the password" in changed.stdout
+
+
+def test_logout(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    login(setup)
+    assert setup.main("logout") == 0
+    assert capsys.readouterr().out == "logged out of profile default\n"
+    assert setup.main("token") == cli.EXIT_NOT_LOGGED_IN
+    assert "not logged in" in capsys.readouterr().err
+
+
+def test_register(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    registered = setup.run(
+        "register",
+        "-u",
+        "new@example.com",
+        "--password-stdin",
+        "--customer-type",
+        "ORGANIZATION",
+        stdin="pw\n",
+    )
+    assert registered.returncode == 0, registered.stderr
+    assert registered.stdout.startswith(
+        "registered and logged in to profile default as new@example.com"
+    )
+    assert setup.main("user", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["username"] == "new@example.com"
+
+
+def test_error_exit_codes(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = setup.run("login", "-u", DEMO_USER, "--password-stdin", stdin="wrong\n")
+    assert wrong.returncode == cli.EXIT_INVALID_CREDENTIALS
+    assert wrong.stderr.startswith("geins-broker: invalid credentials: ")
+    assert "wrong" not in wrong.stderr.removeprefix("geins-broker: invalid credentials: ")
+    assert "Traceback" not in wrong.stderr
+
+    assert setup.main("token", "--profile", "nope") == cli.EXIT_UNKNOWN_PROFILE
+    setup.emulator.control("POST", "faults", {"kind": "status", "status": 503})
+    unavailable = setup.run(
+        "login", "-u", DEMO_USER, "--password-stdin", stdin=DEMO_PASSWORD + "\n"
+    )
+    assert unavailable.returncode == cli.EXIT_UNAVAILABLE
+    setup.emulator.control("DELETE", "faults")
+
+    login(setup)
+    setup.emulator.control("POST", "revoke", {"username": DEMO_USER})
+    assert setup.main("refresh") == cli.EXIT_LOGIN_REQUIRED
+    assert setup.main("status") == cli.EXIT_LOGIN_REQUIRED  # status says so too
+    assert "login_required" in capsys.readouterr().out
+    assert setup.main("status", "--profile", "other") == 0
+
+    no_input = setup.run("login", "--password-stdin")
+    assert no_input.returncode == cli.EXIT_USAGE
+    assert "--password-stdin needs --username" in no_input.stderr
+
+
+def test_not_running(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*GEINS_BROKER, "token", "--socket", str(tmp_path / "none.sock")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == cli.EXIT_NOT_RUNNING
+    assert (
+        result.stderr
+        == f"geins-broker: not running: no broker is listening at {tmp_path / 'none.sock'} (No such file or directory)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.Forbidden("uid 1000 may not read profile 'x'"), cli.EXIT_FORBIDDEN),
+        (errors.UpstreamError("Geins refused"), cli.EXIT_UPSTREAM_ERROR),
+        (errors.ProtocolError("bad"), cli.EXIT_USAGE),
+        (errors.InternalError("bug"), cli.EXIT_INTERNAL),
+    ],
+)
+def test_exit_code_per_error_family(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: errors.BrokerError,
+    code: int,
+) -> None:
+    def failing(self: object, *args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(cli.Client, "token", failing)
+    assert cli.main(["token", "--socket", "/nowhere"]) == code
+    assert (
+        capsys.readouterr().err
+        == f"geins-broker: {error.code.replace('_', ' ')}: {error.message}\n"
+    )
+
+
+def test_login_prompts_without_echo(setup: Setup) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal session running the real command
+        argv = [sys.executable, "-m", "broker", "login", "--socket", str(setup.socket)]
+        os.execv(sys.executable, argv)  # noqa: S606 - our own command, no shell
+    output = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal output
+        deadline = time.monotonic() + 20
+        while marker not in output:
+            assert time.monotonic() < deadline, output
+            output += os.read(fd, 1024)
+
+    read_until(b"Username: ")
+    os.write(fd, DEMO_USER.encode() + b"\n")
+    read_until(b"Password: ")
+    os.write(fd, DEMO_PASSWORD.encode() + b"\n")
+    read_until(b"token expires in")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert DEMO_PASSWORD.encode() not in output  # never echoed
+
+
+def test_watch_prints_rotations_until_interrupted(setup: Setup, short_tmp: Path) -> None:
+    fast = EmulatorProcess("--token-ttl", "2")
+    config = write_config(
+        short_tmp / "fast.toml", fast.url, short_tmp / "f.sock", short_tmp / "fstate"
+    )
+    daemon = DaemonProcess(config, short_tmp)
+    watcher = subprocess.Popen(
+        [*GEINS_BROKER, "watch", "--json", "--socket", str(short_tmp / "f.sock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        assert json.loads(watcher.stdout.readline()) == {"event": "logged_out"}
+        subprocess.run(
+            [
+                *GEINS_BROKER,
+                "login",
+                "-u",
+                DEMO_USER,
+                "--password-stdin",
+                "--socket",
+                str(short_tmp / "f.sock"),
+            ],
+            input=DEMO_PASSWORD + "\n",
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        first = json.loads(watcher.stdout.readline())
+        second = json.loads(watcher.stdout.readline())  # about 1.5 s later
+        assert first["event"] == second["event"] == "token"
+        assert second["token"] != first["token"]
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=10) == 0
+    finally:
+        watcher.kill()
+        if watcher.stdout:
+            watcher.stdout.close()
+        daemon.stop()
+        fast.stop()
+
+
+def test_token_imports_only_the_client(setup: Setup) -> None:
+    login(setup)
+    probe = (
+        "import sys\n"
+        "from broker.cli.main import main\n"
+        f"code = main(['token', '--socket', {str(setup.socket)!r}])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'trio', 'httpx', 'h11', 'anyio', 'platformdirs', 'asyncio'})\n"
+        "print(code, heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines()[-1] == "0 []"
+
+
+def test_completion_script() -> None:
+    result = subprocess.run(
+        [*GEINS_BROKER, "completion", "bash"], capture_output=True, text=True, check=True
+    )
+    check = subprocess.run(
+        [
+            "bash",
+            "-c",
+            result.stdout + "\nCOMP_WORDS=(geins-broker tok); COMP_CWORD=1; _geins_broker; "
+            "echo ${COMPREPLY[@]}; COMP_WORDS=(geins-broker token --min); COMP_CWORD=2; _geins_broker; echo ${COMPREPLY[@]}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert check.stdout.split("\n")[:2] == ["token", "--min-valid"]
+
+
+def test_help_and_version() -> None:
+    result = subprocess.run([*GEINS_BROKER, "--help"], capture_output=True, text=True, check=True)
+    for command in ("status", "login", "token", "watch", "serve", "emulator", "passwd", "register"):
+        assert command in result.stdout
+    assert "exit codes" in result.stdout
+    version = subprocess.run(
+        [*GEINS_BROKER, "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout == "geins-broker 0.1.0\n"
+
+
+def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for code, meaning in cli.EXIT_MEANINGS.items():
+        assert f"| {code} | {meaning} |" in readme
+    assert "exit codes: 0 ok, 1 internal error" in cli._EPILOG

@@ -1,0 +1,87 @@
+"""The proxy's pure rules: headers each way, and errors as GraphQL-shaped answers."""
+
+from __future__ import annotations
+
+import json
+
+from broker.policy.headers import (
+    downstream_headers,
+    error_body,
+    is_field_value,
+    min_valid_for,
+    upstream_headers,
+)
+
+
+def test_upstream_headers_replace_credentials_and_drop_hop_by_hop() -> None:
+    client = [
+        (b"host", b"geins"),
+        (b"authorization", b"Bearer mine"),
+        (b"x-apikey", b"mine"),
+        (b"connection", b"keep-alive, X-Secret-Hop"),
+        (b"x-secret-hop", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"transfer-encoding", b"chunked"),
+        (b"te", b"trailers"),
+        (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"expect", b"100-continue"),
+        (b"content-length", b"12"),
+        (b"geins-broker-profile", b"default"),
+        (b"accept", b"application/json"),
+        (b"x-request-id", b"r1"),
+        (b"x-idempotency-key", b"k1"),
+    ]
+    out = upstream_headers(client, bearer=b"B", api_key=b"K", keep_length=False)
+    assert out == [
+        (b"accept", b"application/json"),
+        (b"x-request-id", b"r1"),
+        (b"x-idempotency-key", b"k1"),
+        (b"authorization", b"Bearer B"),
+        (b"x-apikey", b"K"),
+    ]
+    streamed = upstream_headers(client, bearer=b"B", api_key=b"K", keep_length=True)
+    assert (b"content-length", b"12") in streamed
+
+
+def test_downstream_headers_keep_the_length_and_drop_hop_by_hop() -> None:
+    upstream = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"connection", b"close, x-internal"),
+        (b"x-internal", b"1"),
+        (b"transfer-encoding", b"chunked"),
+        (b"proxy-authenticate", b"Basic"),
+        (b"x-request-id", b"r1"),
+    ]
+    assert downstream_headers(upstream) == [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"x-request-id", b"r1"),
+    ]
+
+
+def test_errors_are_graphql_shaped() -> None:
+    headers, body = error_body(401, "not_logged_in", "profile 'default' is not logged in")
+    assert ("content-type", "application/json") in headers
+    assert json.loads(body) == {
+        "errors": [
+            {
+                "message": "profile 'default' is not logged in",
+                "extensions": {"code": "not_logged_in", "status": 401},
+            }
+        ]
+    }
+
+
+def test_min_valid_is_30_s_or_half_a_short_lifetime() -> None:
+    assert min_valid_for(900) == 30
+    assert min_valid_for(20) == 10
+
+
+def test_field_values_the_proxy_makes_are_checked() -> None:
+    assert is_field_value(b"Bearer eyJhbGciOi.J9x_-.abc")
+    assert is_field_value(b"demo-api-key")
+    assert is_field_value(b"")
+    for bad in (b"a\r\nx-evil: 1", b"a\nb", b"a\x00b", b" lead", b"trail ", b"caf\xc3\xa9"):
+        assert not is_field_value(bad), bad

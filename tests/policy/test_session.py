@@ -1,0 +1,259 @@
+"""The rotation policy and session states, as plain arithmetic: no trio, no sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from broker.core.errors import MalformedAnswer
+from broker.core.secret import Secret
+from broker.geins.protocol import Grant
+from broker.policy.session import (
+    END_SESSION,
+    REFRESH,
+    WAIT,
+    Policy,
+    Session,
+    SleepUntil,
+    State,
+    Tokens,
+)
+from tests.support import Fraction
+
+T0 = 1_800_000_000.0
+
+
+def jwt(exp: float, iat: float | None = None, **claims: object) -> str:
+    payload = {"exp": int(exp), **({"iat": int(iat)} if iat is not None else {}), **claims}
+    body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    return f"h.{body}.s"
+
+
+def grant(
+    now: float, lifetime: float = 900, max_age: int | None = 1800, refresh: str = "r1"
+) -> Grant:
+    return Grant(Secret(jwt(now + lifetime, now)), Secret(refresh), max_age)
+
+
+def session(at: float = 0.5, **policy: float) -> Session:
+    return Session("default", Policy(**policy), Fraction(at))
+
+
+def test_tokens_take_lifetime_from_the_jwt_not_constants() -> None:
+    tokens = Tokens.from_grant(grant(T0, lifetime=120), T0)
+    assert tokens.lifetime == 120
+    assert tokens.session_expires_at == T0 + 1800
+
+
+def test_iat_corrects_for_clock_skew() -> None:
+    # Geins' clock is an hour ahead of ours: exp looks far away, but lasts 900 s.
+    skewed = Grant(Secret(jwt(T0 + 3600 + 900, T0 + 3600)), Secret("r"), None)
+    tokens = Tokens.from_grant(skewed, T0)
+    assert tokens.expires_at == T0 + 900
+    assert tokens.session_expires_at is None
+
+
+@pytest.mark.parametrize(
+    ("exp", "iat", "problem"),
+    [
+        (60, 0, "issued -1800000000 s from this machine's clock"),  # the clock-skew rule
+        (T0 + 900, T0 + 86400 + 1, "skew"),
+        (T0 + 900, T0 - 86400 - 1, "skew"),
+        (1e300, T0, "exp is not a time"),
+        (T0 + 900, -5, "iat is not a time"),
+        (T0 + 367 * 86400, T0, "at most 31622400 s"),
+    ],
+)
+def test_absurd_times_and_skew_are_refused(exp: float, iat: float, problem: str) -> None:
+    """Issue 9: a JWT whose times no clock could give is an upstream error (the caller
+    keeps the session it had), never a token served for years or for a minute."""
+    with pytest.raises(MalformedAnswer, match=problem):
+        Tokens.from_grant(Grant(Secret(jwt(exp, iat)), Secret("r"), None), T0)
+
+
+def test_skew_up_to_a_day_is_accepted() -> None:
+    """A host set to local time instead of UTC is off by whole hours; harmless, since the
+    lifetime is counted from this machine's clock."""
+    tokens = Tokens.from_grant(
+        Grant(Secret(jwt(T0 - 50400 + 900, T0 - 50400)), Secret("r"), None), T0
+    )
+    assert tokens.expires_at == T0 + 900
+
+
+def test_without_iat_exp_is_absolute() -> None:
+    tokens = Tokens.from_grant(Grant(Secret(jwt(T0 + 600)), Secret("r"), None), T0)
+    assert tokens.expires_at == T0 + 600
+
+
+@pytest.mark.parametrize("bearer", ["not-a-jwt", jwt(T0 - 5), jwt(T0 + 60, T0, expired="true")])
+def test_unusable_bearers_are_malformed_answers(bearer: str) -> None:
+    with pytest.raises(MalformedAnswer):
+        Tokens.from_grant(Grant(Secret(bearer), Secret("r"), None), T0)
+
+
+def test_rotation_at_three_quarters_with_jitter() -> None:
+    for at, expected in ((0.5, 675.0), (0.0, 630.0), (1.0, 720.0)):
+        s = session(at)
+        s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+        assert s.next_refresh_at == pytest.approx(T0 + expected)
+        assert s.next_action(T0) == SleepUntil(s.next_refresh_at)
+        assert s.next_action(T0 + expected) == REFRESH
+
+
+def test_configured_refresh_point() -> None:
+    s = session(0.5, refresh_at=0.5, jitter=0.0)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=100), T0), "ada", False, T0)
+    assert s.next_refresh_at == T0 + 50
+
+
+def test_states() -> None:
+    s = session()
+    assert s.state is State.LOGGED_OUT
+    assert s.next_action(T0) == WAIT
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.state is State.ACTIVE
+    s.refresh_failed("down", T0 + 700)
+    assert s.state is State.DEGRADED
+    s.refreshed(Tokens.from_grant(grant(T0 + 701, refresh="r2"), T0 + 701), T0 + 701)
+    assert s.state is State.ACTIVE
+    assert (s.refreshes, s.failures, s.last_error) == (1, 0, None)
+    s.store_error = "disk full"
+    assert s.state is State.DEGRADED
+    s.store_error = None
+    s.refresh_rejected("rejected")
+    assert s.state is State.LOGIN_REQUIRED
+    assert s.next_action(T0 + 702) == WAIT
+    assert s.tokens is not None and s.tokens.refresh is None
+    s.logged_out()
+    assert s.state is State.LOGGED_OUT
+
+
+def test_serves_only_unexpired_tokens_with_enough_left() -> None:
+    s = session()
+    assert not s.serves(T0)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.serves(T0 + 899.9)
+    assert not s.serves(T0 + 900)
+    assert s.serves(T0 + 800, min_valid=100)
+    assert not s.serves(T0 + 800.1, min_valid=100)
+
+
+def test_rejected_bearer_is_served_until_it_expires() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.refresh_rejected("gone")
+    assert s.serves(T0 + 800)
+    assert not s.serves(T0 + 900)
+
+
+def test_backoff_is_exponential_capped_with_full_jitter() -> None:
+    s = session(1.0)  # the top of each jitter range
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    delays = [s.refresh_failed("down", T0) for _ in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    low = session(0.25)
+    low.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert [low.refresh_failed("down", T0) for _ in range(3)] == [0.25, 0.5, 1.0]
+
+
+def test_retry_after_is_honoured() -> None:
+    s = session(1.0)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.refresh_failed("429", T0, retry_after=30) == 30
+    assert s.next_refresh_at == T0 + 30
+    assert s.refresh_failed("429", T0 + 30, retry_after=0.5) == 2  # backoff is larger
+
+
+@pytest.mark.parametrize("retry_after", [99_999_999.0, float("inf"), float("nan"), -5.0])
+def test_retry_after_is_capped_at_the_backoff_ceiling(retry_after: float) -> None:
+    """Issue 9, defect 5: an upstream's Retry-After never parks the session for years."""
+    s = session(0.0)  # no jitter of our own: whatever waits longer comes from Geins
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    delay = s.refresh_failed("429", T0 + 675, retry_after=retry_after)
+    assert delay == (60.0 if 0 < retry_after < float("inf") else 0.0)
+    assert s.next_refresh_at == T0 + 675 + delay
+
+
+def test_an_expiring_bearer_brings_a_retry_forward() -> None:
+    s = session(1.0)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=900), T0), "ada", False, T0)
+    assert s.refresh_failed("429", T0 + 880, retry_after=60) == 20
+    assert s.next_refresh_at == T0 + 900  # the bearer's expiry, not T0 + 940
+    # Once it has expired the backoff is plain (nothing left to protect).
+    assert s.refresh_failed("429", T0 + 900, retry_after=60) == 60
+
+
+def test_a_session_shorter_than_the_bearer_is_refreshed_in_time() -> None:
+    s = session(0.5)
+    s.logged_in(Tokens.from_grant(grant(T0, lifetime=3600, max_age=1800), T0), "ada", False, T0)
+    assert s.next_refresh_at == T0 + 1350  # 0.75 of the 30-minute session, not of the hour
+
+
+def test_session_lifetime_ends_the_session() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0, max_age=600), T0), "ada", False, T0)
+    assert s.next_action(T0 + 599) == REFRESH
+    s.refresh_failed("down", T0 + 599, retry_after=300)
+    assert s.next_action(T0 + 600) == END_SESSION
+    s.session_ended()
+    assert s.state is State.LOGIN_REQUIRED
+
+
+def test_demand_refresh_respects_backoff() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.demand_refresh(T0 + 10)
+    assert s.next_refresh_at == T0 + 10
+    s.refresh_failed("down", T0 + 10)
+    backoff = s.next_refresh_at
+    s.demand_refresh(T0 + 10.1)
+    assert s.next_refresh_at == backoff
+
+
+def test_a_reader_brings_a_refresh_forward_at_most_once_per_interval() -> None:
+    """Issue 9, defect 3: readers get a per-profile minimum interval between the
+    refreshes they cause; admins do not."""
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 100
+    s.refreshed(Tokens.from_grant(grant(T0 + 100), T0 + 100), T0 + 100)
+    assert s.demand_refresh(T0 + 101, reader=True) == T0 + 130
+    assert s.next_refresh_at == T0 + 130
+    assert s.demand_refresh(T0 + 102) == T0 + 102  # an admin is not held back
+
+
+def test_a_clock_stepped_back_holds_readers_off_for_one_interval_only() -> None:
+    s = session(0.5, reader_refresh_interval=30)
+    s.logged_in(Tokens.from_grant(grant(T0 + 3600), T0 + 3600), "ada", False, T0 + 3600)
+    assert s.demand_refresh(T0 + 3700, reader=True) == T0 + 3700
+    s.refreshed(Tokens.from_grant(grant(T0 + 3700), T0 + 3700), T0 + 3700)
+    # NTP steps the clock back an hour: the next reader's refresh is 30 s away, not 3630.
+    assert s.demand_refresh(T0 + 100, reader=True) == T0 + 130
+
+
+def test_every_ended_attempt_is_counted() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.refreshed(Tokens.from_grant(grant(T0 + 1), T0 + 1), T0 + 1)
+    s.refresh_failed("down", T0 + 2)
+    s.refresh_rejected("gone")
+    assert s.attempts == 3
+
+
+def test_startup_spread_only_moves_overdue_refreshes() -> None:
+    s = session(0.5)
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    s.defer_startup_refresh(T0 + 100, spread=10)
+    assert s.next_refresh_at == T0 + 675
+    s.defer_startup_refresh(T0 + 1000, spread=10)
+    assert s.next_refresh_at == T0 + 1005
+
+
+def test_repr_holds_no_token() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0, refresh="refresh-secret"), T0), "ada", False, T0)
+    assert "refresh-secret" not in repr(s)
+    assert "refresh-secret" not in repr(s.tokens)
+    assert s.tokens is not None and s.tokens.bearer.reveal() not in repr(s.tokens)
