@@ -41,7 +41,10 @@ IO_PACKAGES = (
     "coredis",
     "sqlite3",
 )
-ROOTS = {"broker": REPO / "broker", "geins_broker_client": REPO / "clients/python/geins_broker_client"}
+ROOTS = {
+    "broker": REPO / "broker",
+    "geins_broker_client": REPO / "clients/python/geins_broker_client",
+}
 
 
 def modules_under(package: str) -> list[str]:
