@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
-from geins_broker_client.blocking import Client as BlockingClient
+from geins_broker_client._sync.client import Client as BlockingClient
 from geins_broker_client.trio_client import TrioClient
 from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations, wait_until
 from tests.support import DaemonProcess, write_config

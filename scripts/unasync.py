@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Generate the blocking client from the async one; `--check` fails when they differ.
 
-    scripts/unasync.py           rewrite clients/python/geins_broker_client/blocking.py
-    scripts/unasync.py --check   exit 1 (with a diff) if blocking.py is not what it would write
+    scripts/unasync.py           rewrite clients/python/geins_broker_client/_sync/client.py
+    scripts/unasync.py --check   exit 1 (with a diff) if _sync/client.py is not what it would write
 
-The source is aio.py (see its docstring for why the client is written this way). Each
+The source is _async/client.py (see its docstring for why the client is written this way). Each
 line goes through the substitutions below, in order. Every rule
 must fire at least once: a rule that no longer matches means the source changed shape,
 and the table should be trimmed rather than left to rot.
@@ -18,15 +18,18 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "python" / "geins_broker_client"
-SOURCE = PACKAGE / "aio.py"
-TARGET = PACKAGE / "blocking.py"
+SOURCE = PACKAGE / "_async" / "client.py"
+TARGET = PACKAGE / "_sync" / "client.py"
 
-HEADER = "# Generated from aio.py by scripts/unasync.py: edit aio.py, then run the script.\n"
+HEADER = (
+    "# Generated from _async/client.py by scripts/unasync.py:"
+    " edit that file, then run the script.\n"
+)
 
 SUBSTITUTIONS: list[tuple[str, str]] = [
     (
-        r"\bfrom \._async_backends import default_backend\b",
-        "from ._sync_backend import default_backend",
+        r"\bfrom \.\._backends\.auto import default_backend\b",
+        "from .._backends.sync import default_backend",
     ),
     (r"\bAsyncIterator\b", "Iterator"),
     # AsyncClient, AsyncStream, ... and _AsyncConnection: an underscore may come before.

@@ -73,8 +73,9 @@ def test_pure_module_imports_no_io(module: str) -> None:
     assert loaded == [], f"import {module} loaded {', '.join(loaded)}"
 
 
-def _imports(module: str, path: Path) -> Iterator[str]:
-    """Every name `module` imports (modules, and names that may be modules)."""
+def _imports(module: str, path: Path, modules: set[str]) -> Iterator[str]:
+    """The project modules `module` imports. `from package import submodule` imports the
+    submodule: the package itself is already being imported, as every module's is."""
     tree = ast.parse(path.read_text("utf-8"))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
@@ -85,8 +86,10 @@ def _imports(module: str, path: Path) -> Iterator[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
+            names = [f"{base}.{alias.name}" for alias in node.names]
+            yield from names
+            if not all(name in modules for name in names):
+                yield base
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -99,7 +102,9 @@ def import_graph() -> dict[str, set[str]]:
                 parts = parts[:-1]
             files[".".join((top, *parts))] = path
     return {
-        module: {name for name in _imports(module, path) if name in files and name != module}
+        module: {
+            name for name in _imports(module, path, set(files)) if name in files and name != module
+        }
         for module, path in files.items()
     }
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Generator
 from typing import Any, TypeVar
 
-from geins_broker_client._transport import ConnectionLost
+from geins_broker_client._backends.base import ConnectionLost
 from geins_broker_client.protocol import FrameDecoder, encode
 
 T = TypeVar("T")

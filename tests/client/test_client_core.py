@@ -1,7 +1,7 @@
 """The client core on canned bytes: no daemon, no event loop, both generated flavours.
 
-Every test runs twice, against the async source (aio.AsyncClient) and the blocking
-client generated from it (blocking.Client), through tests/client/mock_backend.py.
+Every test runs twice, against the async source (_async.client.AsyncClient) and the blocking
+client generated from it (_sync.client.Client), through tests/client/mock_backend.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from geins_broker_client import (
     Unavailable,
     UntrustedSocket,
 )
-from geins_broker_client.aio import AsyncClient
-from geins_broker_client.blocking import Client
+from geins_broker_client._async.client import AsyncClient
+from geins_broker_client._sync.client import Client
 from tests.client.mock_backend import SEND_FAILS, AsyncMockBackend, MockBackend, Step, drive, frame
 
 TOKEN = {"ok": True, "profile": "default", "token": "a.b.c", "expires_at": 2000.0}

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
-from geins_broker_client.blocking import Client
+from geins_broker_client._sync.client import Client
 from tests.support import (
     DaemonProcess,
     EmulatorProcess,

@@ -11,7 +11,7 @@ httpx, and a one-shot caller (`geins-broker token`) starts fast.
 
 from __future__ import annotations
 
-from .blocking import Client
+from ._sync.client import Client
 from .errors import (
     BrokerError,
     BrokerNotRunning,

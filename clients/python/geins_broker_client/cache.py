@@ -12,8 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .aio import AsyncClient
-from .blocking import Client
+from ._async.client import AsyncClient
+from ._sync.client import Client
 from .results import Token
 
 DEFAULT_MIN_VALID = 60.0

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Generator
 
 import httpx
 
-from .aio import AsyncClient
+from ._async.client import AsyncClient
 from .cache import DEFAULT_MIN_VALID, AsyncTokenCache, TokenCache
 
 
@@ -37,7 +37,7 @@ class BrokerAuth(httpx.Auth):
         cache: TokenCache | None = None,
         async_client: AsyncClient | None = None,
     ) -> None:
-        from .blocking import Client
+        from ._sync.client import Client
 
         self._cache = cache or TokenCache(Client(socket_path), profile=profile, min_valid=min_valid)
         self._profile = profile

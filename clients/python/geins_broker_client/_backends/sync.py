@@ -6,12 +6,12 @@ import _thread
 import socket
 import time
 
-from ._transport import ConnectionLost, hung_up, peer_uid_of, unix_socket
-from .protocol import RECV_SIZE
+from ..protocol import RECV_SIZE
+from .base import ConnectionLost, hung_up, peer_uid_of, unix_socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._transport import Lock
+    from .base import Lock
 
 
 class SyncStream:

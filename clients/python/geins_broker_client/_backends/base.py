@@ -3,7 +3,7 @@
 A backend opens connections (`connect`), makes the client's lock and tells the time its
 deadlines are measured in; a stream sends, receives, closes, reports whether the daemon
 hung up while it was idle, and who is listening (SO_PEERCRED). The async types are what
-aio.py is written against; the sync types are what scripts/unasync.py turns them into.
+_async/client.py is written against; the sync types are what scripts/unasync.py turns them into.
 
 Deadlines are absolute times on the backend's clock (None: no limit). A stream raises
 TimeoutError once its deadline has passed and ConnectionLost when the stream ends or

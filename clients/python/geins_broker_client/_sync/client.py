@@ -1,4 +1,5 @@
-"""The client, written once: this async source, and blocking.py generated from it.
+# Generated from _async/client.py by scripts/unasync.py: edit that file, then run the script.
+"""The client, written once: this async source, and _sync/client.py generated from it.
 
 Why generated rather than a sans-IO core both drive: the wire is already sans-IO
 (`calls.Exchange` turns calls into frames and bytes into answers), and what is left is
@@ -13,9 +14,9 @@ disappear, class names lose their Async prefix, the event loop's backend becomes
 stdlib socket's). The generated file is committed; `scripts/unasync.py --check` (run by
 scripts/test) fails when it drifts. Edit this file, then run `scripts/unasync.py`.
 
-Everything that differs between flavours lives in a backend (`_transport.py` says what
-one provides): the stdlib socket's (_sync_backend.py), trio's (trio_client.py) and
-asyncio's (asyncio_client.py). tests/client/mock_backend.py drives this code on canned bytes.
+Everything that differs between flavours lives in a backend (`_backends/base.py` says what
+one provides): the stdlib socket's (_backends/sync.py), trio's (_backends/trio.py) and
+asyncio's (_backends/asyncio.py). tests/client/mock_backend.py drives this code on canned bytes.
 
 One call at a time per client (a lock); the connection opens on first use and is kept;
 if the daemon restarted in between, an idempotent call (token, user, status, hello) is
@@ -26,58 +27,58 @@ from __future__ import annotations
 
 import os
 
-from . import calls
-from ._async_backends import default_backend
-from ._transport import ConnectionLost
-from .calls import Exchange, answer
-from .errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
-from .paths import find_socket
-from .protocol import Code
-from .trust import path_problem, peer_problem, trusted_uids
+from .. import calls
+from .._backends.sync import default_backend
+from .._backends.base import ConnectionLost
+from ..calls import Exchange, answer
+from ..errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
+from ..paths import find_socket
+from ..protocol import Code
+from ..trust import path_problem, peer_problem, trusted_uids
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import Iterator, Callable, Mapping
     from typing import Any, Self, TypeVar
 
-    from ._transport import AsyncBackend, AsyncStream
-    from .calls import Call
-    from .protocol import Message
-    from .results import Hello, Session, Status, Token, User, WatchEvent
+    from .._backends.base import Backend, Stream
+    from ..calls import Call
+    from ..protocol import Message
+    from ..results import Hello, Session, Status, Token, User, WatchEvent
 
     T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 
 
-class _AsyncConnection:
+class _Connection:
     """One stream and its exchange state. Dropped for good on any error: out of step."""
 
     __slots__ = ("exchange", "stream")
 
-    def __init__(self, stream: AsyncStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.exchange = Exchange()
 
-    async def round_trip(
+    def round_trip(
         self, call: Call, parse: Callable[[Message], T], deadline: float | None
     ) -> T:
         try:
-            request_id = await self.send(call, deadline)
+            request_id = self.send(call, deadline)
         except ConnectionLost:
             # The daemon may have said why before it closed (busy: too many connections).
-            await self.receive(-1, deadline)
+            self.receive(-1, deadline)
             raise
-        return answer(parse, await self.receive(request_id, deadline))
+        return answer(parse, self.receive(request_id, deadline))
 
-    async def send(self, call: Call, deadline: float | None) -> int:
+    def send(self, call: Call, deadline: float | None) -> int:
         request_id, frame = self.exchange.request(call)
-        await self.stream.send_all(frame, deadline)
+        self.stream.send_all(frame, deadline)
         return request_id
 
-    async def receive(self, request_id: int, deadline: float | None) -> Message:
+    def receive(self, request_id: int, deadline: float | None) -> Message:
         while True:
-            data = await self.stream.receive_some(deadline)
+            data = self.stream.receive_some(deadline)
             if not data:
                 raise ConnectionLost
             message = self.exchange.receive(data, request_id)
@@ -85,7 +86,7 @@ class _AsyncConnection:
                 return message
 
 
-class AsyncClient:
+class Client:
     """Talks to the daemon over its Unix socket; every op is a method.
 
     `timeout` bounds each call, connecting included (None: no limit). `backend` is the
@@ -97,26 +98,26 @@ class AsyncClient:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        backend: AsyncBackend | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self._explicit_path = socket_path
         self.timeout = timeout
         self._backend = backend if backend is not None else default_backend()
-        self._connection: _AsyncConnection | None = None
+        self._connection: _Connection | None = None
         self._lock = self._backend.lock()
 
     @property
     def socket_path(self) -> str:
         return find_socket(self._explicit_path)
 
-    async def __aenter__(self) -> Self:
+    def __enter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
-    async def aclose(self) -> None:
-        async with self._lock:
+    def close(self) -> None:
+        with self._lock:
             self._drop()
 
     def _drop(self) -> None:
@@ -127,14 +128,14 @@ class AsyncClient:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else self._backend.clock() + self.timeout
 
-    async def _connect(self, deadline: float | None) -> _AsyncConnection:
+    def _connect(self, deadline: float | None) -> _Connection:
         """A new connection to a daemon that passed the trust rule, or the error why not."""
         path = self.socket_path
         trusted = trusted_uids()
         if (problem := path_problem(path, trusted)) is not None:
             raise UntrustedSocket(f"refusing {path}: {problem}")
         try:
-            stream = await self._backend.connect(path, deadline)
+            stream = self._backend.connect(path, deadline)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise BrokerNotRunning(f"no broker is listening at {path} ({exc.strerror})") from None
         except TimeoutError:
@@ -148,19 +149,19 @@ class AsyncClient:
         if problem is not None:
             stream.close()
             raise UntrustedSocket(f"refusing {path}: {problem}")
-        return _AsyncConnection(stream)
+        return _Connection(stream)
 
-    async def call(self, call: Call, parse: Callable[[Message], T]) -> T:
+    def call(self, call: Call, parse: Callable[[Message], T]) -> T:
         """Send one request and wait for its answer, read by `parse`; raises the typed
         error the answer carries, within the client's `timeout`.
 
         A call interrupted half-way (a timeout, a cancellation, an unreadable answer)
         drops its connection: the next call starts on a new one.
         """
-        async with self._lock:
+        with self._lock:
             deadline = self._deadline()
             try:
-                return await self._call_with_retry(call, parse, deadline)
+                return self._call_with_retry(call, parse, deadline)
             except TimeoutError:
                 self._drop()
                 raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
@@ -172,7 +173,7 @@ class AsyncClient:
                 self._drop()
                 raise
 
-    async def _call_with_retry(
+    def _call_with_retry(
         self, call: Call, parse: Callable[[Message], T], deadline: float | None
     ) -> T:
         if self._connection is not None and self._connection.stream.stale():
@@ -180,52 +181,52 @@ class AsyncClient:
         reused = self._connection is not None
         for attempt in range(2):
             if self._connection is None:
-                self._connection = await self._connect(deadline)
+                self._connection = self._connect(deadline)
             try:
-                return await self._connection.round_trip(call, parse, deadline)
+                return self._connection.round_trip(call, parse, deadline)
             except ConnectionLost:
                 self._drop()
                 if attempt or not (reused and call.idempotent):
                     break
         raise BrokerNotRunning("the broker closed the connection")
 
-    async def hello(self, client: str | None = None) -> Hello:
-        return await self.call(calls.hello(client), calls.parse_hello)
+    def hello(self, client: str | None = None) -> Hello:
+        return self.call(calls.hello(client), calls.parse_hello)
 
-    async def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
-        return await self.call(calls.token(profile, min_valid), calls.parse_token)
+    def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
+        return self.call(calls.token(profile, min_valid), calls.parse_token)
 
-    async def user(self, profile: str | None = None) -> User:
-        return await self.call(calls.user(profile), calls.parse_user)
+    def user(self, profile: str | None = None) -> User:
+        return self.call(calls.user(profile), calls.parse_user)
 
-    async def status(self) -> Status:
-        return await self.call(calls.status(), calls.parse_status)
+    def status(self) -> Status:
+        return self.call(calls.status(), calls.parse_status)
 
-    async def metrics(self) -> str:
+    def metrics(self) -> str:
         """The daemon's metrics in Prometheus' text format (root and its own user only)."""
-        return await self.call(calls.metrics(), calls.parse_metrics)
+        return self.call(calls.metrics(), calls.parse_metrics)
 
-    async def login(
+    def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:
-        return await self.call(
+        return self.call(
             calls.login(username, password, profile, remember), calls.parse_session
         )
 
-    async def logout(self, profile: str | None = None) -> None:
-        await self.call(calls.logout(profile), calls.parse_nothing)
+    def logout(self, profile: str | None = None) -> None:
+        self.call(calls.logout(profile), calls.parse_nothing)
 
-    async def refresh(self, profile: str | None = None) -> Session:
-        return await self.call(calls.refresh(profile), calls.parse_session)
+    def refresh(self, profile: str | None = None) -> Session:
+        return self.call(calls.refresh(profile), calls.parse_session)
 
-    async def change_password(
+    def change_password(
         self, password: str, new_password: str, *, profile: str | None = None
     ) -> Session:
-        return await self.call(
+        return self.call(
             calls.change_password(password, new_password, profile), calls.parse_session
         )
 
-    async def register(
+    def register(
         self,
         username: str,
         password: str,
@@ -234,11 +235,11 @@ class AsyncClient:
         remember: bool = False,
         user: Mapping[str, Any] | None = None,
     ) -> Session:
-        return await self.call(
+        return self.call(
             calls.register(username, password, profile, remember, user), calls.parse_session
         )
 
-    async def watch(self, profile: str | None = None) -> AsyncIterator[WatchEvent]:
+    def watch(self, profile: str | None = None) -> Iterator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
 
         Runs on a connection of its own, so the client stays usable meanwhile. Ends
@@ -247,11 +248,11 @@ class AsyncClient:
         """
         call = calls.watch(profile)
         deadline = self._deadline()
-        connection = await self._connect(deadline)
+        connection = self._connect(deadline)
         try:
-            request_id = await connection.send(call, deadline)
+            request_id = connection.send(call, deadline)
             while True:
-                yield answer(calls.parse_watch_event, await connection.receive(request_id, None))
+                yield answer(calls.parse_watch_event, connection.receive(request_id, None))
         except ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
         except TimeoutError:
@@ -260,4 +261,4 @@ class AsyncClient:
             connection.stream.close()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "AsyncClient"]
+__all__ = ["DEFAULT_TIMEOUT", "Client"]

@@ -6,7 +6,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._transport import AsyncBackend
+    from .base import AsyncBackend
 
 
 def default_backend() -> AsyncBackend:
@@ -19,9 +19,9 @@ def default_backend() -> AsyncBackend:
         except RuntimeError:
             pass
         else:
-            from .trio_client import TrioBackend
+            from .trio import TrioBackend
 
             return TrioBackend()
-    from .asyncio_client import AsyncioBackend
+    from .asyncio import AsyncioBackend
 
     return AsyncioBackend()

@@ -1,5 +1,4 @@
-# Generated from aio.py by scripts/unasync.py: edit aio.py, then run the script.
-"""The client, written once: this async source, and blocking.py generated from it.
+"""The client, written once: this async source, and _sync/client.py generated from it.
 
 Why generated rather than a sans-IO core both drive: the wire is already sans-IO
 (`calls.Exchange` turns calls into frames and bytes into answers), and what is left is
@@ -14,9 +13,9 @@ disappear, class names lose their Async prefix, the event loop's backend becomes
 stdlib socket's). The generated file is committed; `scripts/unasync.py --check` (run by
 scripts/test) fails when it drifts. Edit this file, then run `scripts/unasync.py`.
 
-Everything that differs between flavours lives in a backend (`_transport.py` says what
-one provides): the stdlib socket's (_sync_backend.py), trio's (trio_client.py) and
-asyncio's (asyncio_client.py). tests/client/mock_backend.py drives this code on canned bytes.
+Everything that differs between flavours lives in a backend (`_backends/base.py` says what
+one provides): the stdlib socket's (_backends/sync.py), trio's (_backends/trio.py) and
+asyncio's (_backends/asyncio.py). tests/client/mock_backend.py drives this code on canned bytes.
 
 One call at a time per client (a lock); the connection opens on first use and is kept;
 if the daemon restarted in between, an idempotent call (token, user, status, hello) is
@@ -27,58 +26,58 @@ from __future__ import annotations
 
 import os
 
-from . import calls
-from ._sync_backend import default_backend
-from ._transport import ConnectionLost
-from .calls import Exchange, answer
-from .errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
-from .paths import find_socket
-from .protocol import Code
-from .trust import path_problem, peer_problem, trusted_uids
+from .. import calls
+from .._backends.auto import default_backend
+from .._backends.base import ConnectionLost
+from ..calls import Exchange, answer
+from ..errors import BrokerError, BrokerNotRunning, ProtocolError, Unavailable, UntrustedSocket
+from ..paths import find_socket
+from ..protocol import Code
+from ..trust import path_problem, peer_problem, trusted_uids
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Callable, Mapping
+    from collections.abc import AsyncIterator, Callable, Mapping
     from typing import Any, Self, TypeVar
 
-    from ._transport import Backend, Stream
-    from .calls import Call
-    from .protocol import Message
-    from .results import Hello, Session, Status, Token, User, WatchEvent
+    from .._backends.base import AsyncBackend, AsyncStream
+    from ..calls import Call
+    from ..protocol import Message
+    from ..results import Hello, Session, Status, Token, User, WatchEvent
 
     T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 
 
-class _Connection:
+class _AsyncConnection:
     """One stream and its exchange state. Dropped for good on any error: out of step."""
 
     __slots__ = ("exchange", "stream")
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: AsyncStream) -> None:
         self.stream = stream
         self.exchange = Exchange()
 
-    def round_trip(
+    async def round_trip(
         self, call: Call, parse: Callable[[Message], T], deadline: float | None
     ) -> T:
         try:
-            request_id = self.send(call, deadline)
+            request_id = await self.send(call, deadline)
         except ConnectionLost:
             # The daemon may have said why before it closed (busy: too many connections).
-            self.receive(-1, deadline)
+            await self.receive(-1, deadline)
             raise
-        return answer(parse, self.receive(request_id, deadline))
+        return answer(parse, await self.receive(request_id, deadline))
 
-    def send(self, call: Call, deadline: float | None) -> int:
+    async def send(self, call: Call, deadline: float | None) -> int:
         request_id, frame = self.exchange.request(call)
-        self.stream.send_all(frame, deadline)
+        await self.stream.send_all(frame, deadline)
         return request_id
 
-    def receive(self, request_id: int, deadline: float | None) -> Message:
+    async def receive(self, request_id: int, deadline: float | None) -> Message:
         while True:
-            data = self.stream.receive_some(deadline)
+            data = await self.stream.receive_some(deadline)
             if not data:
                 raise ConnectionLost
             message = self.exchange.receive(data, request_id)
@@ -86,7 +85,7 @@ class _Connection:
                 return message
 
 
-class Client:
+class AsyncClient:
     """Talks to the daemon over its Unix socket; every op is a method.
 
     `timeout` bounds each call, connecting included (None: no limit). `backend` is the
@@ -98,26 +97,26 @@ class Client:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        backend: Backend | None = None,
+        backend: AsyncBackend | None = None,
     ) -> None:
         self._explicit_path = socket_path
         self.timeout = timeout
         self._backend = backend if backend is not None else default_backend()
-        self._connection: _Connection | None = None
+        self._connection: _AsyncConnection | None = None
         self._lock = self._backend.lock()
 
     @property
     def socket_path(self) -> str:
         return find_socket(self._explicit_path)
 
-    def __enter__(self) -> Self:
+    async def __aenter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
-    def close(self) -> None:
-        with self._lock:
+    async def aclose(self) -> None:
+        async with self._lock:
             self._drop()
 
     def _drop(self) -> None:
@@ -128,14 +127,14 @@ class Client:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else self._backend.clock() + self.timeout
 
-    def _connect(self, deadline: float | None) -> _Connection:
+    async def _connect(self, deadline: float | None) -> _AsyncConnection:
         """A new connection to a daemon that passed the trust rule, or the error why not."""
         path = self.socket_path
         trusted = trusted_uids()
         if (problem := path_problem(path, trusted)) is not None:
             raise UntrustedSocket(f"refusing {path}: {problem}")
         try:
-            stream = self._backend.connect(path, deadline)
+            stream = await self._backend.connect(path, deadline)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise BrokerNotRunning(f"no broker is listening at {path} ({exc.strerror})") from None
         except TimeoutError:
@@ -149,19 +148,19 @@ class Client:
         if problem is not None:
             stream.close()
             raise UntrustedSocket(f"refusing {path}: {problem}")
-        return _Connection(stream)
+        return _AsyncConnection(stream)
 
-    def call(self, call: Call, parse: Callable[[Message], T]) -> T:
+    async def call(self, call: Call, parse: Callable[[Message], T]) -> T:
         """Send one request and wait for its answer, read by `parse`; raises the typed
         error the answer carries, within the client's `timeout`.
 
         A call interrupted half-way (a timeout, a cancellation, an unreadable answer)
         drops its connection: the next call starts on a new one.
         """
-        with self._lock:
+        async with self._lock:
             deadline = self._deadline()
             try:
-                return self._call_with_retry(call, parse, deadline)
+                return await self._call_with_retry(call, parse, deadline)
             except TimeoutError:
                 self._drop()
                 raise Unavailable("the broker did not answer in time", Code.TIMEOUT) from None
@@ -173,7 +172,7 @@ class Client:
                 self._drop()
                 raise
 
-    def _call_with_retry(
+    async def _call_with_retry(
         self, call: Call, parse: Callable[[Message], T], deadline: float | None
     ) -> T:
         if self._connection is not None and self._connection.stream.stale():
@@ -181,52 +180,52 @@ class Client:
         reused = self._connection is not None
         for attempt in range(2):
             if self._connection is None:
-                self._connection = self._connect(deadline)
+                self._connection = await self._connect(deadline)
             try:
-                return self._connection.round_trip(call, parse, deadline)
+                return await self._connection.round_trip(call, parse, deadline)
             except ConnectionLost:
                 self._drop()
                 if attempt or not (reused and call.idempotent):
                     break
         raise BrokerNotRunning("the broker closed the connection")
 
-    def hello(self, client: str | None = None) -> Hello:
-        return self.call(calls.hello(client), calls.parse_hello)
+    async def hello(self, client: str | None = None) -> Hello:
+        return await self.call(calls.hello(client), calls.parse_hello)
 
-    def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
-        return self.call(calls.token(profile, min_valid), calls.parse_token)
+    async def token(self, profile: str | None = None, *, min_valid: float = 0) -> Token:
+        return await self.call(calls.token(profile, min_valid), calls.parse_token)
 
-    def user(self, profile: str | None = None) -> User:
-        return self.call(calls.user(profile), calls.parse_user)
+    async def user(self, profile: str | None = None) -> User:
+        return await self.call(calls.user(profile), calls.parse_user)
 
-    def status(self) -> Status:
-        return self.call(calls.status(), calls.parse_status)
+    async def status(self) -> Status:
+        return await self.call(calls.status(), calls.parse_status)
 
-    def metrics(self) -> str:
+    async def metrics(self) -> str:
         """The daemon's metrics in Prometheus' text format (root and its own user only)."""
-        return self.call(calls.metrics(), calls.parse_metrics)
+        return await self.call(calls.metrics(), calls.parse_metrics)
 
-    def login(
+    async def login(
         self, username: str, password: str, *, profile: str | None = None, remember: bool = False
     ) -> Session:
-        return self.call(
+        return await self.call(
             calls.login(username, password, profile, remember), calls.parse_session
         )
 
-    def logout(self, profile: str | None = None) -> None:
-        self.call(calls.logout(profile), calls.parse_nothing)
+    async def logout(self, profile: str | None = None) -> None:
+        await self.call(calls.logout(profile), calls.parse_nothing)
 
-    def refresh(self, profile: str | None = None) -> Session:
-        return self.call(calls.refresh(profile), calls.parse_session)
+    async def refresh(self, profile: str | None = None) -> Session:
+        return await self.call(calls.refresh(profile), calls.parse_session)
 
-    def change_password(
+    async def change_password(
         self, password: str, new_password: str, *, profile: str | None = None
     ) -> Session:
-        return self.call(
+        return await self.call(
             calls.change_password(password, new_password, profile), calls.parse_session
         )
 
-    def register(
+    async def register(
         self,
         username: str,
         password: str,
@@ -235,11 +234,11 @@ class Client:
         remember: bool = False,
         user: Mapping[str, Any] | None = None,
     ) -> Session:
-        return self.call(
+        return await self.call(
             calls.register(username, password, profile, remember, user), calls.parse_session
         )
 
-    def watch(self, profile: str | None = None) -> Iterator[WatchEvent]:
+    async def watch(self, profile: str | None = None) -> AsyncIterator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
 
         Runs on a connection of its own, so the client stays usable meanwhile. Ends
@@ -248,11 +247,11 @@ class Client:
         """
         call = calls.watch(profile)
         deadline = self._deadline()
-        connection = self._connect(deadline)
+        connection = await self._connect(deadline)
         try:
-            request_id = connection.send(call, deadline)
+            request_id = await connection.send(call, deadline)
             while True:
-                yield answer(calls.parse_watch_event, connection.receive(request_id, None))
+                yield answer(calls.parse_watch_event, await connection.receive(request_id, None))
         except ConnectionLost:
             raise BrokerNotRunning("the broker closed the watch") from None
         except TimeoutError:
@@ -261,4 +260,4 @@ class Client:
             connection.stream.close()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "Client"]
+__all__ = ["DEFAULT_TIMEOUT", "AsyncClient"]
