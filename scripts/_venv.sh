@@ -55,7 +55,7 @@ EOF
     cat >.venv/bin/geins-broker <<EOF
 #!$PWD/.venv/bin/python
 import sys
-from broker.cli.main import main
+from broker.cli.quick import main
 sys.exit(main())
 EOF
     chmod 755 .venv/bin/geins-broker

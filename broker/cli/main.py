@@ -16,6 +16,16 @@ import sys
 import time
 
 from broker import __version__
+from broker.cli.exits import (
+    EXIT_LOGIN_REQUIRED,
+    EXIT_MEANINGS,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    report_broker_error,
+)
+from broker.cli.exits import report as _report
+from broker.cli.quick import check_health, print_token, token_fields
 from geins_broker_client import Client
 from geins_broker_client import errors as client_errors
 
@@ -25,64 +35,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-    from geins_broker_client.results import ProfileStatus, Session, Token
+    from geins_broker_client.results import ProfileStatus, Session
 
     Handler = Callable[[argparse.Namespace], int]
     Options = Callable[[argparse.ArgumentParser], None]
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-EXIT_NOT_LOGGED_IN = 4
-EXIT_LOGIN_REQUIRED = 5
-EXIT_FORBIDDEN = 6
-EXIT_UNAVAILABLE = 7
-EXIT_INVALID_CREDENTIALS = 8
-EXIT_UPSTREAM_ERROR = 9
-EXIT_UNKNOWN_PROFILE = 10
-
-#: What each exit code means, written once: `--help` prints it and a test holds the
-#: README to it.
-EXIT_MEANINGS: dict[int, str] = {
-    EXIT_OK: "ok",
-    EXIT_INTERNAL: "internal error",
-    EXIT_USAGE: "bad input",
-    EXIT_NOT_RUNNING: "broker not running (or its socket not to be trusted)",
-    EXIT_NOT_LOGGED_IN: "not logged in",
-    EXIT_LOGIN_REQUIRED: "login required",
-    EXIT_FORBIDDEN: "forbidden",
-    EXIT_UNAVAILABLE: "Geins unavailable or timeout",
-    EXIT_INVALID_CREDENTIALS: "invalid credentials",
-    EXIT_UPSTREAM_ERROR: "Geins error",
-    EXIT_UNKNOWN_PROFILE: "unknown profile",
-}
-
-#: Exit code per client error family; the most specific class wins.
-EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
-    (client_errors.BrokerNotRunning, EXIT_NOT_RUNNING),
-    # No broker we may trust is running: the socket found is another user's.
-    (client_errors.UntrustedSocket, EXIT_NOT_RUNNING),
-    (client_errors.NotLoggedIn, EXIT_NOT_LOGGED_IN),
-    (client_errors.LoginRequired, EXIT_LOGIN_REQUIRED),
-    (client_errors.Forbidden, EXIT_FORBIDDEN),
-    (client_errors.Unavailable, EXIT_UNAVAILABLE),
-    (client_errors.InvalidCredentials, EXIT_INVALID_CREDENTIALS),
-    (client_errors.UpstreamError, EXIT_UPSTREAM_ERROR),
-    (client_errors.UnknownProfile, EXIT_UNKNOWN_PROFILE),
-    (client_errors.ProtocolError, EXIT_USAGE),
-)
 
 _EPILOG = "exit codes: " + ", ".join(f"{code} {text}" for code, text in EXIT_MEANINGS.items())
 
 
 class UsageError(Exception):
     """Bad input found after argument parsing (an empty password, a closed stdin)."""
-
-
-def _report(message: str, code: int) -> int:
-    print(f"geins-broker: {message}", file=sys.stderr)
-    return code
 
 
 # -- output helpers ------------------------------------------------------------------------
@@ -200,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status, tables = _raw_status(args)
     profiles = [p for p in status.profiles if args.profile in (None, p.profile)]
     if args.check:
-        return _check(profiles, args.profile)
+        return check_health(profiles, args.profile)
     fleet = {t.get("profile"): t["fleet"] for t in tables if isinstance(t.get("fleet"), dict)}
     if args.json:
         _print_json(
@@ -242,17 +204,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_UNAVAILABLE
 
 
-def _check(profiles: Sequence[ProfileStatus], name: str | None) -> int:
-    """One line and the verdict's exit code, for ExecCondition= and monitoring."""
-    from geins_broker_client.health import judge
-
-    if name is not None and not profiles:
-        return _report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
-    health = judge(profiles, time.time())
-    print(health.line())
-    return health.code
-
-
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
         text = client.metrics()
@@ -263,15 +214,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     with _client(args) as client:
         token = client.token(args.profile, min_valid=args.min_valid)
-    if args.json:
-        _print_json(_token_json(token))
-    else:
-        print(token.token)
+    print_token(token, as_json=args.json)
     return EXIT_OK
-
-
-def _token_json(token: Token) -> dict[str, Any]:
-    return {"profile": token.profile, "token": token.token, "expires_at": token.expires_at}
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -337,7 +281,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         try:
             for event in client.watch(args.profile):
                 if args.json:
-                    token = _token_json(event.token) if event.token else {}
+                    token = token_fields(event.token) if event.token else {}
                     _print_json({"event": event.event, **token})
                 elif event.token is not None:
                     now = time.time()
@@ -708,8 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     except EOFError:
         return _report("stdin closed before the input was complete", EXIT_USAGE)
     except client_errors.BrokerError as exc:
-        code = next((c for cls, c in EXIT_CODES if isinstance(exc, cls)), EXIT_INTERNAL)
-        return _report(f"{exc.code.replace('_', ' ')}: {exc.message}", code)
+        return report_broker_error(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

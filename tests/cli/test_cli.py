@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.cli import exits, quick
 from broker.cli import main as cli
 from geins_broker_client import errors
 from tests.support import (
@@ -149,7 +150,7 @@ def test_logout(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     login(setup)
     assert setup.main("logout") == 0
     assert capsys.readouterr().out == "logged out of profile default\n"
-    assert setup.main("token") == cli.EXIT_NOT_LOGGED_IN
+    assert setup.main("token") == exits.EXIT_NOT_LOGGED_IN
     assert "not logged in" in capsys.readouterr().err
 
 
@@ -173,28 +174,28 @@ def test_register(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_error_exit_codes(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     wrong = setup.run("login", "-u", DEMO_USER, "--password-stdin", stdin="wrong\n")
-    assert wrong.returncode == cli.EXIT_INVALID_CREDENTIALS
+    assert wrong.returncode == exits.EXIT_INVALID_CREDENTIALS
     assert wrong.stderr.startswith("geins-broker: invalid credentials: ")
     assert "wrong" not in wrong.stderr.removeprefix("geins-broker: invalid credentials: ")
     assert "Traceback" not in wrong.stderr
 
-    assert setup.main("token", "--profile", "nope") == cli.EXIT_UNKNOWN_PROFILE
+    assert setup.main("token", "--profile", "nope") == exits.EXIT_UNKNOWN_PROFILE
     setup.emulator.control("POST", "faults", {"kind": "status", "status": 503})
     unavailable = setup.run(
         "login", "-u", DEMO_USER, "--password-stdin", stdin=DEMO_PASSWORD + "\n"
     )
-    assert unavailable.returncode == cli.EXIT_UNAVAILABLE
+    assert unavailable.returncode == exits.EXIT_UNAVAILABLE
     setup.emulator.control("DELETE", "faults")
 
     login(setup)
     setup.emulator.control("POST", "revoke", {"username": DEMO_USER})
-    assert setup.main("refresh") == cli.EXIT_LOGIN_REQUIRED
-    assert setup.main("status") == cli.EXIT_LOGIN_REQUIRED  # status says so too
+    assert setup.main("refresh") == exits.EXIT_LOGIN_REQUIRED
+    assert setup.main("status") == exits.EXIT_LOGIN_REQUIRED  # status says so too
     assert "login_required" in capsys.readouterr().out
     assert setup.main("status", "--profile", "other") == 0
 
     no_input = setup.run("login", "--password-stdin")
-    assert no_input.returncode == cli.EXIT_USAGE
+    assert no_input.returncode == exits.EXIT_USAGE
     assert "--password-stdin needs --username" in no_input.stderr
 
 
@@ -205,7 +206,7 @@ def test_not_running(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.returncode == cli.EXIT_NOT_RUNNING
+    assert result.returncode == exits.EXIT_NOT_RUNNING
     assert (
         result.stderr
         == f"geins-broker: not running: no broker is listening at {tmp_path / 'none.sock'} (No such file or directory)\n"
@@ -215,10 +216,10 @@ def test_not_running(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (errors.Forbidden("uid 1000 may not read profile 'x'"), cli.EXIT_FORBIDDEN),
-        (errors.UpstreamError("Geins refused"), cli.EXIT_UPSTREAM_ERROR),
-        (errors.ProtocolError("bad"), cli.EXIT_USAGE),
-        (errors.InternalError("bug"), cli.EXIT_INTERNAL),
+        (errors.Forbidden("uid 1000 may not read profile 'x'"), exits.EXIT_FORBIDDEN),
+        (errors.UpstreamError("Geins refused"), exits.EXIT_UPSTREAM_ERROR),
+        (errors.ProtocolError("bad"), exits.EXIT_USAGE),
+        (errors.InternalError("bug"), exits.EXIT_INTERNAL),
     ],
 )
 def test_exit_code_per_error_family(
@@ -306,19 +307,108 @@ def test_watch_prints_rotations_until_interrupted(setup: Setup, short_tmp: Path)
         fast.stop()
 
 
-def test_token_imports_only_the_client(setup: Setup) -> None:
+#: What `geins-broker token` and `status --check` must not load on their way to the socket.
+HEAVY = ("trio", "httpx", "h11", "anyio", "platformdirs", "asyncio", "argparse", "typing", "re")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["token"],
+        ["token", "--json", "--min-valid", "30"],
+        ["status", "--check", "--profile=default"],
+    ],
+)
+def test_the_fast_commands_import_only_the_client(setup: Setup, argv: list[str]) -> None:
     login(setup)
+    # json needs re: a price --json pays, not the bare token.
+    heavy = tuple(m for m in HEAVY if not (m == "re" and "--json" in argv))
     probe = (
-        "import sys\n"
-        "from broker.cli.main import main\n"
-        f"code = main(['token', '--socket', {str(setup.socket)!r}])\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'trio', 'httpx', 'h11', 'anyio', 'platformdirs', 'asyncio'})\n"
+        "import sys, contextlib, io\n"
+        "from broker.cli.quick import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main({[*argv, '--socket', str(setup.socket)]!r})\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))\n"
         "print(code, heavy)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.splitlines()[-1] == "0 []"
+
+
+def both_ways(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """`argv` through the fast path and through the full CLI: exit code, stdout, stderr."""
+    answers = []
+    for entry in (quick.main, cli.main):
+        code = entry(list(argv))
+        out, err = capsys.readouterr()
+        answers.append((code, out, err))
+    return answers[0], answers[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["token"],
+        ["token", "--json"],
+        ["token", "--min-valid=30", "--profile", "default"],
+        ["token", "--profile", "other"],
+        ["token", "--profile", "nope"],
+        ["token", "--min-valid", "1e9"],
+        ["status", "--check"],
+        ["status", "--check", "--profile", "other"],
+        ["status", "--profile=nope", "--check"],
+    ],
+)
+def test_the_fast_path_answers_as_the_full_cli(
+    setup: Setup, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    login(setup)
+    assert quick.fast_options([*argv, "--socket", "s"]) is not None
+    fast, full = both_ways([*argv, "--socket", str(setup.socket)], capsys)
+    assert fast == full
+
+
+def test_the_fast_path_answers_as_the_full_cli_with_no_daemon(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["token"], ["status", "--check"]):
+        fast, full = both_ways([*argv, "--socket", str(short_tmp / "none.sock")], capsys)
+        assert fast == full
+        assert fast[0] == exits.EXIT_NOT_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["token"], ("token", {})),
+        (["token", "--json", "--profile=a"], ("token", {"--json": True, "--profile": "a"})),
+        (
+            ["token", "--min-valid", "0", "--timeout=2.5"],
+            ("token", {"--min-valid": "0", "--timeout": "2.5"}),
+        ),
+        (["status", "--check", "--socket", "/s"], ("status", {"--check": True, "--socket": "/s"})),
+        # Everything else is the full CLI's to parse (and to refuse, with argparse's words).
+        (["status"], None),
+        (["status", "--json"], None),
+        (["token", "--help"], None),
+        (["token", "-h"], None),
+        (["token", "--prof", "a"], None),  # argparse's abbreviations
+        (["token", "--min-valid", "-1"], None),
+        (["token", "--min-valid", "soon"], None),
+        (["token", "--timeout"], None),
+        (["token", "--json=yes"], None),
+        (["token", "--json", "--json"], None),
+        (["token", "extra"], None),
+        (["user"], None),
+        ([], None),
+    ],
+)
+def test_what_the_fast_path_reads(argv: list[str], expected: object) -> None:
+    assert quick.fast_options(argv) == expected
 
 
 def test_completion_script() -> None:
@@ -352,6 +442,6 @@ def test_help_and_version() -> None:
 
 def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for code, meaning in cli.EXIT_MEANINGS.items():
+    for code, meaning in exits.EXIT_MEANINGS.items():
         assert f"| {code} | {meaning} |" in readme
     assert "exit codes: 0 ok, 1 internal error" in cli._EPILOG

@@ -6,7 +6,7 @@ import asyncio
 import socket
 
 from ..protocol import RECV_SIZE
-from .base import ConnectionLost, hung_up, peer_uid_of, unix_socket
+from .base import UNIX_STREAM, ConnectionLost, hung_up, peer_uid_of
 
 
 class AsyncioStream:
@@ -41,7 +41,7 @@ class AsyncioStream:
 
 class AsyncioBackend:
     async def connect(self, path: str, deadline: float | None) -> AsyncioStream:
-        sock = unix_socket()
+        sock = socket.socket(*UNIX_STREAM)
         sock.setblocking(False)
         try:
             async with asyncio.timeout_at(deadline):

@@ -12,8 +12,8 @@ breaks; `connect` raises the OSError the system gave (FileNotFoundError, ...).
 
 from __future__ import annotations
 
+import _socket  # not `socket`: its enums cost the CLI's start-up ~3 ms (see unix_socket)
 import select
-import socket
 import struct
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
@@ -73,9 +73,9 @@ class ConnectionLost(Exception):
 _CREDENTIALS = struct.Struct("3i")
 
 
-def peer_uid_of(sock: socket.socket) -> int:
+def peer_uid_of(sock: _socket.socket) -> int:
     """The uid of the process at the other end of a connected Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _CREDENTIALS.size)
     uid: int = _CREDENTIALS.unpack(raw)[1]
     return uid
 
@@ -86,5 +86,16 @@ def hung_up(fileno: int) -> bool:
     return bool(select.select([fileno], [], [], 0)[0])
 
 
-def unix_socket() -> socket.socket:
-    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+#: (family, type) of the broker's socket, for `socket.socket(*UNIX_STREAM)`.
+UNIX_STREAM = (_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+
+
+def unix_socket() -> _socket.socket:
+    """A new Unix stream socket for the blocking transport.
+
+    The C-level `_socket.socket`, which does everything the blocking transport asks of a
+    socket: the `socket` module adds enums (and `enum`, `selectors` and `functools` with
+    them), about 3 ms of a one-shot `geins-broker token`'s start. The event loops' backends
+    need `socket.socket` proper and make theirs from UNIX_STREAM.
+    """
+    return _socket.socket(*UNIX_STREAM)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import _socket
 import _thread
-import socket
 import time
 
 from ..protocol import RECV_SIZE
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class SyncStream:
     __slots__ = ("_sock",)
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self._sock = sock
 
     def send_all(self, data: bytes, deadline: float | None) -> None:
@@ -66,7 +66,7 @@ def default_backend() -> SyncBackend:
     return SyncBackend()
 
 
-def _set_timeout(sock: socket.socket, deadline: float | None) -> None:
+def _set_timeout(sock: _socket.socket, deadline: float | None) -> None:
     if deadline is None:
         sock.settimeout(None)
         return

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 
 import trio
 
 from ..protocol import RECV_SIZE
-from .base import ConnectionLost, hung_up, peer_uid_of, unix_socket
+from .base import UNIX_STREAM, ConnectionLost, hung_up, peer_uid_of
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -45,7 +46,7 @@ class TrioStream:
 
 class TrioBackend:
     async def connect(self, path: str, deadline: float | None) -> TrioStream:
-        sock = trio.socket.from_stdlib_socket(unix_socket())
+        sock = trio.socket.from_stdlib_socket(socket.socket(*UNIX_STREAM))
         try:
             with _deadline(deadline):
                 await sock.connect(path)
