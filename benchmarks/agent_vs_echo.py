@@ -6,7 +6,7 @@ per-run rows, then a summary (median over repetitions, with min-max spread of
 req/s) and echo/ssh-agent throughput ratios.  Also probes ssh-agent's concurrent
 connection limit.
 
-    .venv/bin/python benchmarks/agent_vs_echo.py --repeat 3 --workers 1 2
+    .venv/bin/python -m benchmarks.agent_vs_echo --repeat 3 --workers 1 2
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import loadgen
+from benchmarks import loadgen
 
 HERE = Path(__file__).resolve().parent
 

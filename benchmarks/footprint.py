@@ -80,7 +80,7 @@ def idle(profiles: int = 100, seconds: float = 60.0) -> dict[str, Any]:
 def restore(profiles: int = 10_000, bound: int = 4, latency: float = 0.002) -> dict[str, Any]:
     """Restart with every session overdue: time until all are fresh, and the most
     refreshes the emulator saw in flight at once (never above `bound`)."""
-    settings = {"max_concurrent_refreshes": bound, "startup_spread": 10}
+    settings: dict[str, object] = {"max_concurrent_refreshes": bound, "startup_spread": 10}
     with fleet(profiles, due=True, broker=settings, start=False) as running:
         running.emulator.control("DELETE", "stats")
         # The emulator answers in microseconds, so refreshes would rarely overlap and

@@ -207,7 +207,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _run_blocking(job: _Job, sock: socket.socket, res: _WorkerResult) -> array:
+def _run_blocking(job: _Job, sock: socket.socket, res: _WorkerResult) -> array[int]:
     """One connection, blocking I/O (SO_RCVTIMEO guards against a stalled server)."""
     lat = array("q")
     append = lat.append
@@ -253,7 +253,7 @@ def _run_blocking(job: _Job, sock: socket.socket, res: _WorkerResult) -> array:
 
 # The per-request path is deliberately kept inline in one function (no helper calls,
 # locals bound once): in Python every call costs a noticeable share of the ~4 us budget.
-def _run_epoll(job: _Job, socks: list[socket.socket], res: _WorkerResult) -> array:  # noqa: PLR0912, PLR0915
+def _run_epoll(job: _Job, socks: list[socket.socket], res: _WorkerResult) -> array[int]:  # noqa: PLR0912, PLR0915
     """Many connections, non-blocking sockets, level-triggered epoll."""
     lat = array("q")
     append = lat.append

@@ -30,6 +30,7 @@ from .proxy import FIXED_BODY, QUERY, _free_port, _nginx, _nginx_conf, ensure_ng
 
 CONCURRENCY = (1, 16, 64)
 HEADERS = [("content-type", "application/json"), ("accept", "application/json")]
+RAW_HEADERS = [(name.encode(), value.encode()) for name, value in HEADERS]
 Call = Callable[[], Awaitable[None]]
 
 
@@ -48,7 +49,7 @@ def _httpx_call(client: httpx.AsyncClient, url: str) -> Call:
 
 def _pool_call(pool: Pool) -> Call:
     async def call() -> None:
-        response = await pool.request("POST", "/graphql", list(HEADERS), QUERY)
+        response = await pool.request("POST", "/graphql", RAW_HEADERS, QUERY)
         try:
             while await response.next_chunk() is not None:
                 pass

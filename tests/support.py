@@ -30,12 +30,15 @@ from broker.daemon import config as config_module
 from broker.daemon.config import BrokerConfig
 from broker.daemon.lifecycle import Daemon
 from broker.emulator.app import Emulator
-from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
+from broker.emulator.model import service as emulator_service
 from broker.sessions.profile import Profile
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from geins_broker_client.trio_client import TrioClient
 
 GEINS_BROKER = [sys.executable, "-m", "broker"]
+#: The emulator's demo account, which most tests log in as.
+DEMO_USER = emulator_service.DEMO_USER
+DEMO_PASSWORD = emulator_service.DEMO_PASSWORD
 #: The checkout's root.
 REPO = Path(__file__).resolve().parent.parent
 
