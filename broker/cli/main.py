@@ -16,6 +16,7 @@ import sys
 import time
 
 from broker import __version__
+from broker.cli.output import terminal_safe
 from geins_broker_client import Client
 from geins_broker_client import errors as client_errors
 
@@ -81,7 +82,8 @@ class UsageError(Exception):
 
 
 def _report(message: str, code: int) -> int:
-    print(f"geins-broker: {message}", file=sys.stderr)
+    # Messages may repeat the daemon's, which repeat Geins' or the store's.
+    print(f"geins-broker: {terminal_safe(message)}", file=sys.stderr)
     return code
 
 
@@ -116,7 +118,7 @@ def _print_json(value: Any) -> None:
 def _session_line(verb: str, session: Session) -> str:
     who = f" as {session.username}" if session.username else ""
     expires = _in(session.expires_at, time.time())
-    return f"{verb} profile {session.profile}{who}; token expires in {expires}"
+    return terminal_safe(f"{verb} profile {session.profile}{who}; token expires in {expires}")
 
 
 def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
@@ -132,6 +134,7 @@ def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
                 p.last_error or "-",
             )
         )
+    rows = [tuple(terminal_safe(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
@@ -214,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(f"{status.server}, up {_in(status.uptime, 0)}")
+        print(f"{terminal_safe(status.server)}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
         shown = [t for t in tables if t.get("profile") in {p.profile for p in profiles}]
         if any(t.get("profile") in fleet for t in shown):
@@ -249,14 +252,14 @@ def _check(profiles: Sequence[ProfileStatus], name: str | None) -> int:
     if name is not None and not profiles:
         return _report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
     health = judge(profiles, time.time())
-    print(health.line())
+    print(terminal_safe(health.line()))
     return health.code
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
         text = client.metrics()
-    sys.stdout.write(text)
+    sys.stdout.write(terminal_safe(text, keep_newlines=True))
     return EXIT_OK
 
 
@@ -266,7 +269,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(_token_json(token))
     else:
-        print(token.token)
+        print(terminal_safe(token.token))
     return EXIT_OK
 
 
@@ -282,7 +285,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         _print_json(fields)
     else:
         for name, value in fields.items():
-            print(f"{name:16} {_iso(value) if name == 'expires_at' else value}")
+            shown = _iso(value) if name == "expires_at" else terminal_safe(value)
+            print(f"{name:16} {shown}")
     return EXIT_OK
 
 
@@ -341,13 +345,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     _print_json({"event": event.event, **token})
                 elif event.token is not None:
                     now = time.time()
+                    profile = terminal_safe(event.token.profile)
                     print(
-                        f"{_iso(now)} token for {event.token.profile}: expires "
+                        f"{_iso(now)} token for {profile}: expires "
                         f"{_iso(event.token.expires_at)} (in {_in(event.token.expires_at, now)})",
                         flush=True,
                     )
                 else:
-                    print(f"{_iso(time.time())} {event.event.replace('_', ' ')}", flush=True)
+                    what = terminal_safe(event.event.replace("_", " "))
+                    print(f"{_iso(time.time())} {what}", flush=True)
         except KeyboardInterrupt:
             return EXIT_OK
     return EXIT_OK
