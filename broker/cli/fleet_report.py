@@ -33,10 +33,10 @@ def profile_table(profiles: list[dict[str, Any]]) -> str:
                 str(fleet.get("lease_holder") or "-"),
             )
         )
-    rows = [tuple(terminal_safe(cell) for cell in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    safe = [tuple(terminal_safe(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in safe) for i in range(len(safe[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in safe
     )
 
 

@@ -134,13 +134,13 @@ def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
                 p.last_error or "-",
             )
         )
-    rows = [tuple(terminal_safe(cell) for cell in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    safe = [tuple(terminal_safe(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in safe) for i in range(len(safe[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         + "  "
         + row[-1]
-        for row in rows
+        for row in safe
     )
 
 
