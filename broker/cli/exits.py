@@ -55,8 +55,11 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
 
 
 def report(message: str, code: int) -> int:
-    """Print one failure line on stderr and give back `code`."""
-    print(f"geins-broker: {message}", file=sys.stderr)
+    """Print one failure line on stderr and give back `code`. Messages may repeat the
+    daemon's, which repeat Geins' or the store's: escaped (broker.cli.output)."""
+    from broker.cli.output import terminal_safe
+
+    print(f"geins-broker: {terminal_safe(message)}", file=sys.stderr)
     return code
 
 

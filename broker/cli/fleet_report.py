@@ -1,5 +1,8 @@
 """What `geins-broker status` and `geins-broker cluster` print about fleet mode.
 
+Every value shown came from the fleet's store (node names, lease holders, the store's
+error), which any local user may write: each is printed through `terminal_safe`.
+
 A client-side module: it reads the `fleet` table that a shared profile's status
 carries (generation, lease holder, committing node, the store's health and the nodes
 seen recently) and imports nothing of the daemon's, nor any Redis client.
@@ -8,6 +11,8 @@ seen recently) and imports nothing of the daemon's, nor any Redis client.
 from __future__ import annotations
 
 from typing import Any
+
+from broker.cli.output import terminal_safe
 
 
 def shared(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -28,9 +33,10 @@ def profile_table(profiles: list[dict[str, Any]]) -> str:
                 str(fleet.get("lease_holder") or "-"),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    safe = [tuple(terminal_safe(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in safe) for i in range(len(safe[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in safe
     )
 
 
@@ -43,13 +49,14 @@ def fleet_summary(profiles: list[dict[str, Any]]) -> str:
     health = {True: "reachable", False: "UNREACHABLE", None: "not yet contacted"}[
         fleet.get("healthy")
     ]
+    nodes = ", ".join(str(n) for n in fleet.get("nodes") or []) or "-"
     lines = [
         f"node {fleet.get('node')}, store {fleet.get('store')}: {health}",
-        f"nodes seen recently: {', '.join(fleet.get('nodes') or []) or '-'}",
+        f"nodes seen recently: {nodes}",
     ]
     if fleet.get("last_error"):
         lines.append(f"last store error: {fleet['last_error']}")
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 def cluster_json(server: str, profiles: list[dict[str, Any]]) -> dict[str, Any]:

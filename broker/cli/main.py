@@ -25,6 +25,7 @@ from broker.cli.exits import (
     report_broker_error,
 )
 from broker.cli.exits import report as _report
+from broker.cli.output import terminal_safe
 from broker.cli.quick import check_health, print_token, token_fields
 from geins_broker_client import Client
 from geins_broker_client import errors as client_errors
@@ -78,7 +79,7 @@ def _print_json(value: Any) -> None:
 def _session_line(verb: str, session: Session) -> str:
     who = f" as {session.username}" if session.username else ""
     expires = _in(session.expires_at, time.time())
-    return f"{verb} profile {session.profile}{who}; token expires in {expires}"
+    return terminal_safe(f"{verb} profile {session.profile}{who}; token expires in {expires}")
 
 
 def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
@@ -94,12 +95,13 @@ def _status_table(profiles: Sequence[ProfileStatus], now: float) -> str:
                 p.last_error or "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    safe = [tuple(terminal_safe(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in safe) for i in range(len(safe[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         + "  "
         + row[-1]
-        for row in rows
+        for row in safe
     )
 
 
@@ -176,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(f"{status.server}, up {_in(status.uptime, 0)}")
+        print(f"{terminal_safe(status.server)}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
         shown = [t for t in tables if t.get("profile") in {p.profile for p in profiles}]
         if any(t.get("profile") in fleet for t in shown):
@@ -207,7 +209,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
         text = client.metrics()
-    sys.stdout.write(text)
+    sys.stdout.write(terminal_safe(text, keep_newlines=True))
     return EXIT_OK
 
 
@@ -226,7 +228,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         _print_json(fields)
     else:
         for name, value in fields.items():
-            print(f"{name:16} {_iso(value) if name == 'expires_at' else value}")
+            shown = _iso(value) if name == "expires_at" else terminal_safe(value)
+            print(f"{name:16} {shown}")
     return EXIT_OK
 
 
@@ -285,13 +288,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     _print_json({"event": event.event, **token})
                 elif event.token is not None:
                     now = time.time()
+                    profile = terminal_safe(event.token.profile)
                     print(
-                        f"{_iso(now)} token for {event.token.profile}: expires "
+                        f"{_iso(now)} token for {profile}: expires "
                         f"{_iso(event.token.expires_at)} (in {_in(event.token.expires_at, now)})",
                         flush=True,
                     )
                 else:
-                    print(f"{_iso(time.time())} {event.event.replace('_', ' ')}", flush=True)
+                    what = terminal_safe(event.event.replace("_", " "))
+                    print(f"{_iso(time.time())} {what}", flush=True)
         except KeyboardInterrupt:
             return EXIT_OK
     return EXIT_OK

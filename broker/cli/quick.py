@@ -138,7 +138,9 @@ def print_token(token: Token, *, as_json: bool) -> None:
 
         print(json.dumps(token_fields(token), separators=(",", ":"), sort_keys=True))
     else:
-        print(token.token)
+        from broker.cli.output import terminal_safe
+
+        print(terminal_safe(token.token))
 
 
 def _check(options: dict[str, str | bool]) -> int:
@@ -163,6 +165,8 @@ def check_health(profiles: Sequence[ProfileStatus], name: str | None) -> int:
 
     if name is not None and not profiles:
         return report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
+    from broker.cli.output import terminal_safe
+
     health = judge(profiles, time.time())
-    print(health.line())
+    print(terminal_safe(health.line()))
     return health.code

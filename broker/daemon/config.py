@@ -28,6 +28,7 @@ from broker.geins.protocol import (
     REQUEST_TIMEOUT,
     Endpoint,
 )
+from broker.observe.textfile import TextfileAccess
 from broker.policy.session import MAX_CLOCK_SKEW, Policy
 from broker.rpc.listener import unsafe_directory
 from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME, temp_dir
@@ -79,6 +80,9 @@ class MetricsConfig:
     #: node_exporter's textfile collector: written atomically every `textfile_interval`.
     textfile: Path | None = None
     textfile_interval: float = 15.0
+    #: The textfile's group (`textfile_group`, node_exporter's) and whether it is
+    #: readable by everyone (`textfile_public`): 0640, or 0644 when public.
+    textfile_access: TextfileAccess = field(default_factory=TextfileAccess)
     #: Who may read the metrics besides root and the daemon's user (the `metrics` op,
     #: `GET /metrics` and `GET /healthz`): Prometheus' user, say.
     allow_uids: frozenset[int] = frozenset()
@@ -401,10 +405,16 @@ def _metrics(r: _Reader) -> MetricsConfig:
         if path.suffix != ".prom":
             # node_exporter reads only *.prom; any other name would silently go unread.
             raise r.error("textfile", "must end in .prom (node_exporter reads only those)")
+    # node_exporter's group, so that it alone besides the daemon reads the file.
+    group = r.get("textfile_group", (str, int))
     config = MetricsConfig(
         per_profile=bool(r.get("per_profile", bool, True)),
         textfile=None if textfile is None else Path(textfile),
         textfile_interval=r.seconds("textfile_interval", 15.0, most=_HOUR),
+        textfile_access=TextfileAccess(
+            gid=None if group is None else _gid(r, "textfile_group", group),
+            public=bool(r.get("textfile_public", bool, False)),
+        ),
         allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
     )

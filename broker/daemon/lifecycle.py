@@ -37,7 +37,8 @@ from broker.daemon.hardening import keep_memory_private
 from broker.daemon.notify import Notifier
 from broker.observe import log as logging_setup
 from broker.observe.log import events
-from broker.observe.metrics import CONTENT_TYPE, Metrics, render, write_textfile
+from broker.observe.metrics import CONTENT_TYPE, Metrics, render
+from broker.observe.textfile import write_textfile
 from broker.proxy.service import Proxy
 from broker.rpc.listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from broker.rpc.ops import Api
@@ -384,7 +385,8 @@ class Daemon:
 
     async def _write_textfile(self, path: Path) -> None:
         try:
-            await self._offload(write_textfile, path, await self.render_metrics())
+            text, access = await self.render_metrics(), self.config.metrics.textfile_access
+            await self._offload(write_textfile, path, text, access)
         except OSError as exc:
             self.stats.textfile_failures += 1
             reason = exc.strerror or str(exc)

@@ -9,7 +9,7 @@ formatting, and the token path must not wait for that.
 
 The registry is private (never prometheus_client's global one) and nothing here starts
 a thread or a server: the exposition is served by the `metrics` op, `GET /metrics` on
-the HTTP listener, and the node_exporter textfile (`write_textfile`).
+the HTTP listener, and the node_exporter textfile (broker/observe/textfile.py).
 
 Seam for features to come (the proxy, fleet mode): `Metrics.counter()` and
 `Metrics.histogram()` hand out plain-number families that the component increments
@@ -22,12 +22,8 @@ routes and reasons named in the code. No secret is ever a label or a value.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final, NamedTuple, Protocol
 
 import trio
@@ -50,8 +46,6 @@ PREFIX: Final = "geins_broker_"
 #: plain, and `generate_latest` escapes by default, so the text is the same.)
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 STATES: Final = tuple(str(s) for s in State)
-#: The textfile is read by node_exporter, which runs as a user of its own.
-TEXTFILE_MODE: Final = 0o644
 
 Source = Callable[[], Iterable[Metric]]
 #: Profiles copied between two checkpoints by `snapshot_async` (a few milliseconds).
@@ -482,30 +476,6 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-# -- the node_exporter textfile ---------------------------------------------------------
-
-
-def write_textfile(path: Path, text: bytes) -> None:
-    """Replace `path` with `text` atomically: node_exporter, reading at any moment,
-    sees the old file or the new one, never a part.
-
-    The temporary file is made in the same directory (a rename is atomic only within
-    one file system) with O_EXCL under a name node_exporter ignores (it reads *.prom
-    only), and renamed over the target: a symlink planted at `path` is replaced, never
-    followed. Raises OSError; the caller logs it and tries again next time.
-    """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), TEXTFILE_MODE)
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 __all__ = [
     "CONTENT_TYPE",
     "Metrics",
@@ -514,7 +484,6 @@ __all__ = [
     "Snapshot",
     "families",
     "render",
-    "write_textfile",
 ]
 
 

@@ -7,7 +7,11 @@
    file is missing fails the unit unless a SetCredential= of the same name stands in;
    that stand-in, the text `none`, means "no credential" here.
 2. `key_file` in the config: refused unless it is a regular file owned by the daemon's
-   uid with mode 0600 or stricter (0400).
+   uid with mode 0600 or stricter (0400), in a directory reached as the state directory
+   is (statedir.open_trusted_dir): every directory on the way owned by root or the
+   daemon's uid and writable by no one else (unless sticky), no link another uid made,
+   the directory itself no link. Whoever could write that directory could delete the
+   key (a crash loop under Restart=) or swap `key_file` and `previous_key_file`.
 3. Nothing: sessions are stored in clear, as before sealing existed; the start-up log
    and `status` say so.
 
@@ -29,8 +33,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from broker.core.errors import StateDirError
 from broker.core.sealing import KEY_SIZE, Key, Keyring
 from broker.daemon.config import BrokerConfig, ConfigError
+from broker.storage.statedir import open_trusted_dir
 
 CREDENTIAL_NAME: Final = "geins-broker.key"
 #: What the units' SetCredential= default holds: no key from systemd.
@@ -76,11 +82,20 @@ def _read_credential(path: Path) -> bytes | None:
 
 
 def read_key_file(path: Path) -> Key:
-    """A key file of ours: the daemon's own, 0600 or stricter, never through a link."""
+    """A key file of ours: the daemon's own, 0600 or stricter, never through a link, in a
+    directory nobody else can write."""
+    path = Path(os.path.abspath(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        directory = open_trusted_dir(path.parent)
+    except StateDirError as exc:
+        raise ConfigError(f"{path}: refused, as {exc}") from None
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(path.name, flags, dir_fd=directory)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(directory)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

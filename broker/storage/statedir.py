@@ -11,9 +11,13 @@ that was opened (never on a path that could change between the check and the use
   one is tightened to 0700, as before);
 - an existing ancestor must be owned by root or the daemon's uid, and not writable by
   group or others unless sticky (as /tmp is: there nobody can rename our entries);
-- a symbolic link is followed only if it is an ancestor (never the state directory)
-  and root or the daemon's uid owns it (`/var/run -> /run`); one that a stranger made
-  is refused.
+- a symbolic link is followed only if it is an ancestor (never the state directory,
+  whoever made it) and root or the daemon's uid owns it (`/var/run -> /run`); one that
+  a stranger made is refused.
+
+`open_trusted_dir` walks a directory the daemon does not own in the same way (the
+textfile's directory, a key file's): every component, the last one included, is held
+to the rule for ancestors, and the last one may not be a link either.
 
 After that every file is opened relative to the directory's fd, with O_NOFOLLOW, so
 a link planted inside later cannot redirect a write either.
@@ -44,6 +48,18 @@ _MAX_LINKS: Final = 40
 def open_private_dir(path: Path) -> int:
     """An fd of `path`, created 0700 (with missing parents) if absent, after the checks
     above; the caller closes it. Raises StateDirError naming the component at fault."""
+    return _walk(path, create=True)
+
+
+def open_trusted_dir(path: Path) -> int:
+    """An fd of the existing directory `path`, reached through no link another uid made,
+    every component of it owned by root or the daemon's uid and not writable by group or
+    others unless sticky, the last not a link; the caller closes it. Raises
+    StateDirError naming the component at fault (one missing included)."""
+    return _walk(path, create=False)
+
+
+def _walk(path: Path, *, create: bool) -> int:
     uid = os.geteuid()
     parts = list(Path(os.path.abspath(path)).parts[1:])
     walked = Path("/")
@@ -53,7 +69,9 @@ def open_private_dir(path: Path) -> int:
         while parts:
             name = parts.pop(0)
             here = walked / name
-            child, created = _open_or_create(fd, name, here)
+            child, created = _open_or_create(fd, name, here, create=create)
+            if child is None and not parts:
+                raise StateDirError(f"{here}: a symbolic link; it must be a real directory")
             if child is None:  # an ancestor that is a link we may follow
                 links += 1
                 if links > _MAX_LINKS:
@@ -66,8 +84,8 @@ def open_private_dir(path: Path) -> int:
                 continue
             os.close(fd)
             fd, walked = child, here
-            _check(here, os.fstat(fd), uid, own=created or not parts)
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            _check(here, os.fstat(fd), uid, own=create and (created or not parts))
+        if create and stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
             os.fchmod(fd, 0o700)
     except OSError as exc:
         os.close(fd)
@@ -78,13 +96,16 @@ def open_private_dir(path: Path) -> int:
     return fd
 
 
-def _open_or_create(parent: int, name: str, here: Path) -> tuple[int | None, bool]:
-    """The component's fd and whether we made it; (None, False) for a link to follow."""
+def _open_or_create(parent: int, name: str, here: Path, *, create: bool) -> tuple[int | None, bool]:
+    """The component's fd and whether we made it; (None, False) for a link owned by root
+    or the daemon's uid (followed if it is not the last component)."""
     created = False
     for _ in range(3):
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=parent), created
         except FileNotFoundError:
+            if not create:
+                raise StateDirError(f"{here}: no such directory") from None
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=parent)
                 created = True

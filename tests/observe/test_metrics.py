@@ -22,7 +22,8 @@ from broker.core.errors import Forbidden
 from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_USER
-from broker.observe.metrics import Snapshot, write_textfile
+from broker.observe.metrics import Snapshot
+from broker.observe.textfile import TextfileAccess, write_textfile
 from broker.rpc.ops import Api, Peer
 from geins_broker_client import LoginRequired
 from geins_broker_client.protocol import encode
@@ -289,7 +290,7 @@ async def test_textfile_is_written_at_start_and_every_interval(
     assert trio.current_time() == 0  # written at once, not after the first interval
     first = Scrape(path.read_text())
     assert first("geins_broker_session_state", profile="default", state="logged_out") == 1
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path).st_mode & 0o777 == 0o640  # node_exporter reads it by its group
     await broker.login()
     async with broker.client() as client:
         await client.token()
@@ -364,6 +365,18 @@ def test_textfile_replaces_a_planted_symlink_instead_of_following_it(tmp_path: P
     assert victim.read_text() == "precious\n"
     assert not path.is_symlink()
     assert path.read_bytes() == b"x 1\n"
+
+
+@pytest.mark.parametrize(("public", "mode"), [(False, 0o640), (True, 0o644)])
+def test_textfile_has_its_group_and_is_public_only_when_said(
+    tmp_path: Path, public: bool, mode: int
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another group needs root (CI runs as root)")
+    path = tmp_path / "m.prom"
+    write_textfile(path, b"x 1\n", TextfileAccess(gid=65534, public=public))
+    info = path.stat()
+    assert (info.st_gid, info.st_mode & 0o777) == (65534, mode)
 
 
 async def test_health_for_healthz_follows_the_sessions(

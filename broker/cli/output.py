@@ -1,0 +1,25 @@
+"""Text the CLI did not write, made safe for a terminal.
+
+Node names, lease holders and store errors come from Redis, which every local user may
+write when it has no password; a profile's `user` fields and a bearer's claims come from
+Geins (or whoever answers in its place); error messages come from the daemon, which
+repeats what those said. Printed raw, an escape sequence among them sets the terminal's
+title, clears the screen or writes the clipboard (OSC 52) of whoever runs `status`.
+
+`terminal_safe` writes every control character (C0, DEL, C1) as a visible escape
+(`\\x1b`, `\\x9b`) and keeps every other character, printable Unicode included, as it
+is. It is pure and imports nothing, so `geins-broker token` pays nothing for it.
+"""
+
+from __future__ import annotations
+
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+_ESCAPED = {code: f"\\x{code:02x}" for code in _CONTROLS}
+#: The same, keeping line breaks: for multi-line text such as the metrics exposition.
+_ESCAPED_KEEPING_LINES = {code: text for code, text in _ESCAPED.items() if code != 0x0A}
+
+
+def terminal_safe(value: object, *, keep_newlines: bool = False) -> str:
+    """`str(value)` with each control character written as `\\xNN` (a newline kept
+    when `keep_newlines`), so that printing it moves, colours or retitles nothing."""
+    return str(value).translate(_ESCAPED_KEEPING_LINES if keep_newlines else _ESCAPED)
