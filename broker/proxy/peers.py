@@ -27,8 +27,7 @@ import time
 from typing import Any, Final
 
 from broker.observe.log import events
-from broker.rpc.ops import Peer
-from broker.rpc.reactor import peer_of
+from broker.rpc.peercred import Peer, peer_of
 
 log = events("broker.proxy")
 
