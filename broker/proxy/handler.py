@@ -41,7 +41,8 @@ from broker.policy.headers import (
     upstream_headers,
 )
 from broker.proxy.upstream import Pool, Response, UpstreamFailed, UpstreamTimedOut
-from broker.rpc.ops import Api, Peer
+from broker.rpc.ops import Api
+from broker.rpc.peercred import Peer
 from broker.sessions.profile import Profile
 
 log = events("broker.proxy")

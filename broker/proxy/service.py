@@ -33,7 +33,8 @@ from broker.policy.headers import error_body
 from broker.proxy.handler import ProxyApp
 from broker.proxy.peers import tcp_peer, unix_peer
 from broker.rpc.listener import Listener, ListenerError, bind
-from broker.rpc.ops import Api, Peer
+from broker.rpc.ops import Api
+from broker.rpc.peercred import Peer
 
 log = events("broker.proxy")
 

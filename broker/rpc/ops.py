@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
 from broker import __version__
 from broker.core.errors import BrokerFault, Forbidden, UnknownOp, UnknownProfile
+from broker.rpc.peercred import Peer
 from broker.sessions.profile import Profile, WatchEvent
 from geins_broker_client.protocol import VERSION, Op
 
@@ -29,16 +29,6 @@ SERVER: Final = f"geins-broker/{__version__}"
 Emit = Callable[[WatchEvent], Awaitable[None]]
 #: The exposition text and its content type (metrics.py).
 Render = Callable[[], Awaitable[tuple[str, str]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Who is on the other end of a connection, as the kernel says (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int] = frozenset()
 
 
 class Api:

@@ -16,8 +16,8 @@ from broker.daemon.config import load
 from broker.daemon.lifecycle import Daemon
 from broker.emulator.app import Emulator
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
-from broker.rpc.ops import Peer
-from broker.rpc.reactor import Connection
+from broker.rpc.connection import Connection
+from broker.rpc.peercred import Peer
 from geins_broker_client.protocol import FrameDecoder
 from geins_broker_client.trio_client import TrioClient
 from tests.support import inline, write_config
@@ -44,7 +44,7 @@ async def test_a_profile_removed_and_restored_keeps_its_session(
         )
         await daemon.reload()
         assert [p.profile for p in (await client.status()).profiles] == ["b"]
-        assert daemon.server is not None and daemon.server.max_connections == 7
+        assert daemon.server is not None and daemon.server.limits.max_connections == 7
 
         await trio.sleep(3600)  # a removed profile does not rotate
         write_config(config, emulator.url, sock, state, profiles=("a", "b"))
@@ -78,7 +78,7 @@ async def test_an_open_connection_loses_access_taken_away_by_a_reload(
     reader = Connection(left, Peer(pid=1, uid=4242, gid=4242), trio.current_time())
 
     def ask() -> dict[str, object]:
-        frame = server._dispatch(reader, {"id": 1, "op": "token"})
+        frame = server.requests.dispatch(reader, {"id": 1, "op": "token"})
         assert frame is not None
         return FrameDecoder(10**6).feed(frame)[0]
 

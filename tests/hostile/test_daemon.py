@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from broker.core.errors import Busy
 from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
 from broker.policy.session import State
-from broker.rpc.ops import Peer
-from broker.rpc.reactor import Connection
+from broker.rpc.connection import Connection
+from broker.rpc.peercred import Peer
 from geins_broker_client.errors import ProtocolError, UpstreamError
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from tests.support import (
@@ -281,8 +282,8 @@ async def test_unread_watch_streams_are_bounded_and_the_connection_closed(
     for _ in range(60):  # 32 events of ~1 KB per rotation; the kernel holds ~200 KB
         await profile.refresh_now()
         assert unread(broker) <= 65536
-    assert server.overflows == 1
-    assert server.unread == unread(broker) == 0
+    assert server.admission.overflows == 1
+    assert server.admission.unread == unread(broker) == 0
     while await hog.receive() is not None:  # what the kernel held, then the end
         pass
     hog.close()
@@ -298,7 +299,7 @@ async def test_the_total_bound_closes_the_hog_not_a_slow_reader(
     Now the connection holding the most unread goes."""
     server = broker.daemon.server
     assert server is not None
-    server.max_unread_total = 100_000
+    server.admission.configure(replace(server.limits, max_unread_total=100_000))
     pairs = [socket.socketpair() for _ in range(2)]
     hog, slow = (
         Connection(ours, Peer(pid, 1000 + pid, 1000), trio.current_time())
@@ -308,13 +309,13 @@ async def test_the_total_bound_closes_the_hog_not_a_slow_reader(
         server._connections[conn.fd] = conn
         server._epoll.register(conn.fd, select.EPOLLOUT)
         conn.out += b"x" * unread_bytes
-        server.unread += unread_bytes
+        server.admission.unread += unread_bytes
     server.write(slow, b"y" * 10_000)
     assert hog.closed and not slow.closed
-    assert len(slow.out) == 15_000 and server.unread == 15_000
-    assert server.overflows == 1
+    assert len(slow.out) == 15_000 and server.admission.unread == 15_000
+    assert server.admission.overflows == 1
     server.write(slow, b"z" * 90_000)  # now the slow one is the biggest: it goes
-    assert slow.closed and server.unread == 0 and server.overflows == 2
+    assert slow.closed and server.admission.unread == 0 and server.admission.overflows == 2
     for _, theirs in pairs:
         theirs.close()
 

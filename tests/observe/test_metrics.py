@@ -24,7 +24,8 @@ from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_USER
 from broker.observe.metrics import Snapshot
 from broker.observe.textfile import TextfileAccess, write_textfile
-from broker.rpc.ops import Api, Peer
+from broker.rpc.ops import Api
+from broker.rpc.peercred import Peer
 from geins_broker_client import LoginRequired
 from geins_broker_client.protocol import encode
 from tests.support import Broker, RawConnection, Scrape, exact_broker
