@@ -197,10 +197,8 @@ def scrape_cost(profiles: int = 10_000, runs: int = 5) -> dict[str, Any]:
             self.name = name
             self.session = Session(name)
             no_claims: Any = None  # the collector never reads them
-            self.session.tokens = Tokens(
-                Secret("b"), Secret("r"), no_claims, now, now + 900, now + 86400
-            )
-            self.session.next_refresh_at = now + 675
+            tokens = Tokens(Secret("b"), Secret("r"), no_claims, now, now + 900, now + 86400)
+            self.session.logged_in(tokens, "ada", False, now)
             self.tokens_from_memory = 1234
             self.token_results = Counts("result")
             self.token_results.inc("waited")
@@ -261,11 +259,12 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
     from broker.daemon.config import ProfileConfig
     from broker.geins.protocol import Endpoint
     from broker.policy.session import Tokens
+    from broker.sessions.frame import TokenFrame
     from broker.sessions.profile import Profile
 
-    class Uncounted(Profile):
-        def token_frame(self, request_id: int, min_valid: float, now: float) -> bytes | None:
-            if self._prepared_revision != self.session.revision:
+    class Uncounted(TokenFrame):
+        def answer(self, request_id: int, min_valid: float, now: float) -> bytes | None:
+            if self._revision != self._session.revision:
                 self._prepare()
             left = self._serve_until - now
             if left <= 0 or left < min_valid or self._prepared is None:
@@ -276,8 +275,8 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
     unused: Any = None  # neither the HTTP client, the store nor the limiter is touched
     no_claims: Any = None
     profiles = {}
-    for name, cls in (("counted", Profile), ("uncounted", Uncounted)):
-        profile = cls(
+    for name, counted in (("counted", True), ("uncounted", False)):
+        profile = Profile(
             ProfileConfig("default", Endpoint("demo", "key")),
             http=unused,
             store=unused,
@@ -285,8 +284,10 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
             limiter=unused,
         )
         bearer = Secret("eyJ" + "x" * 650)  # about the size of a Geins bearer
-        profile.session.tokens = Tokens(bearer, Secret("r"), no_claims, now, now + 900, None)
-        profile.session.revision += 1
+        tokens = Tokens(bearer, Secret("r"), no_claims, now, now + 900, None)
+        profile.session.logged_in(tokens, "ada", False, now)
+        if not counted:
+            profile.token_frame = Uncounted(profile.name, profile.session).answer
         profiles[name] = profile
     per_call: dict[str, list[float]] = {name: [] for name in profiles}
     for _ in range(rounds):

@@ -483,7 +483,7 @@ class Daemon:
             try:
                 record = await self._offload(self.store.load, name)
             except SealedState as exc:
-                profile.session.sealed = str(exc)
+                profile.session.found_sealed(str(exc))
                 continue
             except (CorruptState, StoreError) as exc:
                 log.error("state_unreadable", profile=name, reason=str(exc))

@@ -362,5 +362,5 @@ class SharedLink:
         """The store is back: a profile backing off because of it retries now."""
         session = self.profile.session
         if session.failures and session.can_refresh and not session.login_required:
-            session.next_refresh_at = now
+            session.refresh_due(now)
             self.profile.plan()

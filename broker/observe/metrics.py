@@ -57,9 +57,11 @@ class ProfileView(Protocol):
 
     name: str
     session: Session
-    tokens_from_memory: int
     token_results: Counts
     refresh_results: Counts
+
+    @property
+    def tokens_from_memory(self) -> int: ...
 
 
 class Observed(Protocol):

@@ -8,7 +8,9 @@ cancellation (bounded by the request timeout): a client that hangs up, or a SIGT
 never leaves a rotation half-done with the new refresh token lost.
 
 The new refresh token is on disk before the new bearer is served. Token requests that
-the held bearer satisfies are answered without awaiting anything (`token_frame`).
+the held bearer satisfies are answered without awaiting anything (`token_frame`, the
+prepared answer of frame.py). The account operations are accounts.py's, the writes to
+disk and their retries persist.py's; this module runs them under the single flight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any, Final
 
 import httpx
@@ -29,13 +30,8 @@ from broker.core.errors import (
     Busy,
     FleetUnavailable,
     GeinsError,
-    LoginRequired,
-    MalformedAnswer,
-    NotLoggedIn,
     RefreshTokenRejected,
     Relayed,
-    SessionSealed,
-    StoreError,
     Timeout,
     UnknownProfile,
     UnusableGrant,
@@ -45,13 +41,18 @@ from broker.core.secret import Secret
 from broker.core.stats import Counts, DaemonStats
 from broker.daemon.config import ProfileConfig
 from broker.fleet.link import LOCAL, Link
-from broker.geins import claims
 from broker.observe.log import events
 from broker.policy.session import EndSession, Refresh, Session, SleepUntil, Tokens
+from broker.sessions.accounts import Accounts, no_session_error, sealed_error
+from broker.sessions.frame import TokenFrame, token_fields
 from broker.sessions.geins_client import GeinsClient
+from broker.sessions.persist import Offload, PendingWrite, record_of, saved_of
 from broker.sessions.scheduler import Scheduler
 from broker.storage.store import Record, Store
-from geins_broker_client.protocol import Code, PreparedResponse
+from geins_broker_client.protocol import Code
+
+#: Offload is persist.py's, named here too: the daemon passes one in.
+__all__ = ["Offload", "Profile", "WatchEvent"]
 
 log = events("broker.profile")
 
@@ -59,15 +60,27 @@ log = events("broker.profile")
 _SAVE_ALLOWANCE: Final = 10.0
 #: A bearer Geins refuses is rotated only if it is at least this old (renew_rejected).
 _RENEW_MIN_AGE: Final = 10.0
-#: Retry delays for a failed write to disk.
-_WRITE_RETRY_FIRST, _WRITE_RETRY_CAP = 1.0, 60.0
 
 WatchEvent = dict[str, Any]
-#: Runs a blocking call (a write and its fsyncs) off the event loop.
-Offload = Callable[..., Awaitable[Any]]
+#: What the fleet shows when a session it adopted needs a login.
+_FLEET_REFUSED: Final = "Geins refused the fleet's refresh token; log in again"
 
 
 class Profile:
+    """One profile's refresh loop and its single flight, and the seam to the rest.
+
+    The other concerns live in their own classes: the prepared answer (`TokenFrame`),
+    the account operations (`Accounts`) and the writes to disk (`PendingWrite`).
+    It holds about twenty attributes, over the house's ~15: the single flight is one
+    concern made of several small pieces (the lock, the event of the next attempt,
+    the renewal of a refused bearer, the last failure to report), and the rest are
+    the injected drivers (clocks, limiter, scheduler, HTTP client) and the parts other
+    packages read (`token_frame`, the result counts). At about 480 lines it is also
+    over ~300, for the same reason: the refresh exchange, a `token` caller's wait
+    and the renewal of a refused bearer all turn on that lock, that event and that
+    failure, and read as one single flight only side by side.
+    """
+
     def __init__(
         self,
         config: ProfileConfig,
@@ -92,11 +105,9 @@ class Profile:
         )
         self.token_wait = token_wait
         self._http = http
-        self._store = store
         self._wall = wall
         self._limiter = limiter
         self._on_change = on_change
-        self._offload = offload
         self._scheduler = scheduler
         self.retired = False
         #: Fleet mode's seam (fleet/link.py); LOCAL for a profile this host has alone.
@@ -109,16 +120,17 @@ class Profile:
         #: Set after the next change a watcher may care about.
         self._changed: trio.Event | None = None
         self._last_failure: BrokerFault | None = None
-        self._prepared: PreparedResponse | None = None
-        self._prepared_revision = -1
-        self._serve_until = float("-inf")
-        self._write_pending = False
-        self._write_retry_at = 0.0
-        self._write_failures = 0
+        self.frame = TokenFrame(config.name, self.session)
+        #: The hot path, bound once: a `token` request costs the frame's own call and
+        #: nothing more.
+        self.token_frame: Callable[[int, float, float], bytes | None] = self.frame.answer
+        self.writes = PendingWrite(
+            config.name, self.session, store, offload, on_change=self.publish, on_retry=self.plan
+        )
+        self.accounts = Accounts(config.name, self.session, self.writes, wall, self)
         # What the metrics collector reads (broker/core/stats.py): `token` answers straight
-        # from memory (the hot path: one addition), every other `token` outcome by
-        # result, and refresh attempts by result.
-        self.tokens_from_memory = 0
+        # from memory (`tokens_from_memory`), every other `token` outcome by result, and
+        # refresh attempts by result.
         self.token_results = Counts("result")
         self.refresh_results = Counts("result")
         #: Set when the renewal of a bearer Geins refused is over (`renew_rejected`).
@@ -127,12 +139,17 @@ class Profile:
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {self.session.state})"
 
+    @property
+    def tokens_from_memory(self) -> int:
+        """`token` answers served by the prepared frame (the hot path's count)."""
+        return self.frame.served
+
     # -- configuration and restart ---------------------------------------------------------
 
     def reconfigure(self, config: ProfileConfig, token_wait: float | None = None) -> None:
         """New settings from a reloaded config; the session itself is kept."""
         self.config = config
-        self.session.policy = config.policy
+        self.session.policy_changed(config.policy)
         self.geins = GeinsClient(
             config.endpoint, self._http, config.request_timeout, stats=self.stats.upstream
         )
@@ -140,33 +157,9 @@ class Profile:
             self.token_wait = token_wait
 
     def restore(self, record: Record, spread: float) -> None:
-        tokens = None
-        if (
-            record.bearer is not None
-            and record.obtained_at is not None
-            and record.expires_at is not None
-        ):
-            try:
-                decoded = claims.decode(record.bearer.reveal())
-            except claims.NotAJwt as exc:
-                log.warning("restore_bearer_unreadable", profile=self.name, reason=str(exc))
-            else:
-                tokens = Tokens(
-                    bearer=record.bearer,
-                    refresh=record.refresh,
-                    claims=decoded,
-                    obtained_at=record.obtained_at,
-                    expires_at=record.expires_at,
-                    session_expires_at=record.session_expires_at,
-                )
-        self.session.restored(
-            tokens=tokens,
-            username=record.username,
-            remember=record.remember,
-            login_required=record.login_required,
-            last_refresh_at=record.last_refresh_at,
-            refreshes=record.refreshes,
-        )
+        """The session saved on disk, as it was before a restart; overdue refreshes are
+        spread over `spread` seconds."""
+        self.session.restored(saved_of(self.name, record))
         self.session.defer_startup_refresh(self._wall.now(), spread)
 
     def adopt(self, record: Record | None) -> None:
@@ -175,40 +168,30 @@ class Profile:
         if record is None:
             self.session.logged_out()
         else:
-            self.restore(record, 0.0)
-            self.session.failures, self.session.last_error = 0, None
-            if record.login_required:
-                self.session.last_error = "Geins refused the fleet's refresh token; log in again"
+            saved = saved_of(self.name, record)
+            self.session.adopted(saved, self._wall.now(), _FLEET_REFUSED)
         self._last_failure = None
-        self._write_pending, self._write_retry_at = True, trio.current_time()
-        self._publish()
+        self.writes.owe()
+        self.publish()
         self.plan()
 
     def mark_sealed(self, reason: str) -> None:
         """The saved session does not open (its key is missing): serve nothing, change
         nothing, until `unseal`."""
-        self.session.sealed = reason
-        self.session.revision += 1
-        self._publish()
+        self.session.found_sealed(reason)
+        self.publish()
 
     def unseal(self, record: Record | None, spread: float) -> None:
         """The key is back: carry on with the saved session."""
-        self.session.sealed = None
-        self.session.revision += 1
+        self.session.unsealed()
         if record is not None:
             self.restore(record, spread)
-        self._publish()
+        self.publish()
         self.plan()
 
     def _refuse_if_sealed(self) -> None:
         if self.session.sealed is not None:
-            raise self._sealed()
-
-    def _sealed(self) -> SessionSealed:
-        return SessionSealed(
-            f"profile {self.name!r} is sealed: {self.session.sealed}; bring the key back "
-            "and reload (SIGHUP); the file is kept as it is"
-        )
+            raise sealed_error(self.name, self.session)
 
     # -- scheduled steps ---------------------------------------------------------------------
 
@@ -227,7 +210,7 @@ class Profile:
             await self._refresh()
         elif isinstance(action, EndSession):
             await self._end_session()
-        if self._write_pending and trio.current_time() >= self._write_retry_at:
+        if self.writes.due():
             await self.flush()
         self.plan()
 
@@ -237,7 +220,7 @@ class Profile:
         self.retired = True
         if self._scheduler is not None:
             self._scheduler.forget(self)
-        self._publish()
+        self.publish()
 
     def reinstate(self, config: ProfileConfig) -> None:
         """Back in the configuration: the same object, so the same lock and session."""
@@ -256,8 +239,7 @@ class Profile:
             when = now
         elif isinstance(action, SleepUntil):
             when = action.when
-        if self._write_pending:
-            when = min(when, now + max(self._write_retry_at - trio.current_time(), 0.0))
+        when = min(when, now + self.writes.retry_in())
         if when == float("inf"):
             self._scheduler.forget(self)
         else:
@@ -296,7 +278,7 @@ class Profile:
         except RefreshTokenRejected as exc:
             return await self._rejected(exc)
         except UnusableGrant as exc:
-            await self._keep_rotated(exc.refresh)
+            await self.keep_rotated(exc.refresh)
             self._fail(exc)
             return exc.code
         except GeinsError as exc:
@@ -306,11 +288,11 @@ class Profile:
         try:
             tokens = Tokens.from_grant(grant, now, session.policy.max_clock_skew)
         except GeinsError as exc:
-            await self._keep_rotated(grant.refresh)
+            await self.keep_rotated(grant.refresh)
             self._fail(exc)
             return exc.code
-        record = self._record(tokens, refreshed_at=now)
-        await self._save(record)
+        record = record_of(session, tokens, refreshed_at=now)
+        await self.writes.save(record)
         if not await self.fleet.commit(record):
             return "superseded"  # our lease had lapsed and another node committed first
         session.refreshed(tokens, now)
@@ -320,7 +302,7 @@ class Profile:
             expires_in=round(tokens.expires_at - now),
             next_in=round((session.next_refresh_at or now) - now),
         )
-        self._publish()
+        self.publish()
         return "ok"
 
     async def _rejected(self, exc: RefreshTokenRejected) -> str:
@@ -332,21 +314,21 @@ class Profile:
         self._last_failure = exc
         session.refresh_rejected(str(exc))
         log.warning("refresh_rejected", profile=self.name, state=session.state)
-        await self._save(self._record())
-        await self.fleet.commit(self._record())
-        self._publish()
+        await self.writes.save(record_of(session))
+        await self.fleet.commit(record_of(session))
+        self.publish()
         return "rejected"
 
-    async def _keep_rotated(self, refresh_token: Secret) -> None:
+    async def keep_rotated(self, refresh_token: Secret) -> None:
         """Geins rotated the refresh token but sent an unusable bearer (or none): the
         old refresh token is spent, so keep the new one (on disk first) with the
         bearer still held, and let the caller count a failure and retry later."""
         session = self.session
         if session.tokens is None:
             return
-        session.tokens = replace(session.tokens, refresh=refresh_token)
-        await self._save(self._record())
-        await self.fleet.commit(self._record())
+        session.refresh_token_replaced(refresh_token)
+        await self.writes.save(record_of(session))
+        await self.fleet.commit(record_of(session))
 
     def _fail(self, exc: GeinsError) -> None:
         self._last_failure = exc
@@ -361,15 +343,15 @@ class Profile:
             retry_in=round(delay, 3),
             token_left=round(self.session.valid_for(self._wall.now())),
         )
-        self._publish()
+        self.publish()
 
     async def _end_session(self) -> None:
         async with self._upstream:
             if isinstance(self.session.next_action(self._wall.now()), EndSession):
                 self.session.session_ended()
                 log.warning("session_expired", profile=self.name)
-                await self._save(self._record())
-                self._publish()
+                await self.writes.save(record_of(self.session))
+                self.publish()
 
     @asynccontextmanager
     async def _shielded(self, requests: int) -> Any:
@@ -385,36 +367,9 @@ class Profile:
 
     # -- answering token requests ----------------------------------------------------------
 
-    def token_frame(self, request_id: int, min_valid: float, now: float) -> bytes | None:
-        """The encoded answer if the held bearer will do; None if the caller must wait.
-
-        The hot path of the whole daemon: one comparison and one splice of bytes.
-        """
-        if self._prepared_revision != self.session.revision:
-            self._prepare()
-        left = self._serve_until - now
-        if left <= 0 or left < min_valid or self._prepared is None:
-            return None
-        self.tokens_from_memory += 1
-        return self._prepared.frame(request_id)
-
-    def _prepare(self) -> None:
-        """Encode the token answer once per change of the session, not per request."""
-        tokens = self.session.tokens
-        self._prepared_revision = self.session.revision
-        if tokens is None:
-            self._prepared, self._serve_until = None, float("-inf")
-            return
-        self._serve_until = tokens.expires_at
-        self._prepared = PreparedResponse({"ok": True, **self.token_fields(tokens)})
-
     def token_fields(self, tokens: Tokens) -> dict[str, Any]:
         """What a `token` answer (and a watch's token event) says."""
-        return {
-            "profile": self.name,
-            "token": tokens.bearer.reveal(),
-            "expires_at": tokens.expires_at,
-        }
+        return token_fields(self.name, tokens)
 
     async def ensure_token(self, min_valid: float, *, reader: bool = False) -> None:
         """Wait until the bearer has `min_valid` seconds left, refreshing once if needed.
@@ -475,82 +430,25 @@ class Profile:
     # -- operations from the daemon's own user -----------------------------------------------
 
     async def login(self, username: str, password: Secret, remember: bool) -> None:
-        # Challenge, signature, login, and the logout of a session it replaces.
         self._refuse_if_sealed()
         async with self._upstream, self._shielded(4):
-            grant = await self.geins.login(username, password, remember=remember)
-            await self._took(grant, username, remember, "login")
+            await self.accounts.login(username, password, remember)
 
     async def register(
         self, username: str, password: Secret, remember: bool, user: Mapping[str, Any] | None
     ) -> None:
-        # Challenge, signature, register, commit, and the logout of a replaced session.
         self._refuse_if_sealed()
         async with self._upstream, self._shielded(5):
-            grant = await self.geins.create_account(username, password)
-            await self._took(grant, username, remember, "register")
-            # The account exists and the session is saved whatever the commit does.
-            await self.geins.commit_user(grant.bearer, user)
+            await self.accounts.register(username, password, remember, user)
 
     async def change_password(self, password: Secret, new_password: Secret) -> None:
         async with self._upstream, self._shielded(3):
-            session = self.session
-            if session.tokens is None or session.tokens.refresh is None or session.username is None:
-                raise self._no_session()
-            # Geins voids the old tokens on success: a new refresh token is kept even when
-            # the rest of the answer is unusable.
-            try:
-                grant = await self.geins.change_password(
-                    session.tokens.refresh, session.username, password, new_password
-                )
-            except UnusableGrant as exc:
-                await self._keep_rotated(exc.refresh)
-                raise
-            try:
-                await self._took(grant, session.username, session.remember, "password_changed")
-            except MalformedAnswer:  # the bearer was refused
-                await self._keep_rotated(grant.refresh)
-                raise
-
-    async def _took(self, grant: Any, username: str, remember: bool, event: str) -> None:
-        now = self._wall.now()
-        tokens = Tokens.from_grant(grant, now, self.session.policy.max_clock_skew)
-        replaced = self.session.tokens
-        record = self._record(tokens, username=username, remember=remember)
-        await self._save(record)
-        await self.fleet.replaced(record)
-        self.session.logged_in(tokens, username, remember, now)
-        log.info(
-            event, profile=self.name, username=username, expires_in=round(tokens.expires_at - now)
-        )
-        self._publish()
-        self.plan()
-        if replaced is not None and replaced.refresh is not None and event != "password_changed":
-            await self._logout_upstream(replaced.refresh, "replaced")
+            await self.accounts.change_password(password, new_password)
 
     async def logout(self) -> None:
         self._refuse_if_sealed()
         async with self._upstream:
-            session = self.session
-            if session.tokens is None and not session.login_required:
-                raise NotLoggedIn(f"profile {self.name!r} is not logged in")
-            refresh_token = session.tokens.refresh if session.tokens else None
-            session.logged_out()
-            self._publish()
-            with trio.CancelScope(shield=True):
-                await self._save(None)
-                await self.fleet.replaced(None)
-                self.plan()  # a failed delete is retried
-                log.info("logged_out", profile=self.name)
-                if refresh_token is not None:
-                    await self._logout_upstream(refresh_token, "logout")
-
-    async def _logout_upstream(self, refresh_token: Secret, why: str) -> None:
-        """Tell Geins the session is over. Locally it is over whatever Geins answers."""
-        try:
-            await self.geins.logout(refresh_token)
-        except GeinsError as exc:
-            log.warning("upstream_logout_failed", profile=self.name, why=why, reason=str(exc))
+            await self.accounts.logout()
 
     async def refresh_now(self) -> None:
         """Rotate now (an operator asked), even while backing off."""
@@ -558,7 +456,7 @@ class Profile:
         if not session.can_refresh or session.login_required:
             raise self._no_session()
         before = session.refreshes
-        session.next_refresh_at = self._wall.now()
+        session.refresh_due(self._wall.now())
         await self._refresh()
         if session.refreshes == before:
             raise self._no_session() if session.login_required else self._failure()
@@ -591,86 +489,21 @@ class Profile:
             return  # a reader's refresh came too recently: the 401 goes to the caller
         renewal = self._renewal = trio.Event()
         try:
-            session.next_refresh_at = self._wall.now()
+            session.refresh_due(self._wall.now())
             await self._refresh()
         finally:
             self._renewal = None
             renewal.set()
 
     def _no_session(self) -> BrokerFault:
-        if self.session.sealed is not None:
-            return self._sealed()
-        if self.session.login_required:
-            return LoginRequired(f"profile {self.name!r} needs a login: {self.session.last_error}")
-        return NotLoggedIn(f"profile {self.name!r} is not logged in")
+        return no_session_error(self.name, self.session)
 
     # -- persistence -----------------------------------------------------------------------
-
-    def _record(
-        self,
-        new: Tokens | None = None,
-        *,
-        username: str | None = None,
-        remember: bool | None = None,
-        refreshed_at: float | None = None,
-    ) -> Record | None:
-        """What to save: the session as it is, or as it becomes with `new` tokens.
-
-        None means nothing to keep (logged out): the file is deleted.
-        """
-        session = self.session
-        tokens = new or session.tokens
-        if tokens is None and not session.login_required:
-            return None
-        return Record(
-            username=username or session.username,
-            remember=session.remember if remember is None else remember,
-            refresh=tokens.refresh if tokens else None,
-            bearer=tokens.bearer if tokens else None,
-            obtained_at=tokens.obtained_at if tokens else None,
-            expires_at=tokens.expires_at if tokens else None,
-            session_expires_at=tokens.session_expires_at if tokens else None,
-            login_required=session.login_required if new is None else False,
-            last_refresh_at=refreshed_at or session.last_refresh_at,
-            refreshes=session.refreshes + (refreshed_at is not None),
-        )
 
     async def flush(self) -> None:
         """One more try at a write that failed (also before shutting down)."""
         async with self._upstream:
-            if self._write_pending:
-                await self._save(self._record())
-
-    async def _save(self, record: Record | None) -> bool:
-        """Write (None: delete) in a worker thread. A failure keeps the daemon serving
-        from memory, marks the profile degraded, and schedules another try.
-
-        Callers hold `_upstream`, so there is one write at a time per profile."""
-        try:
-            if record is None:
-                await self._offload(self._store.delete, self.name)
-            else:
-                await self._offload(self._store.save, self.name, record)
-        except StoreError as exc:
-            self._write_failures += 1
-            delay = min(_WRITE_RETRY_CAP, _WRITE_RETRY_FIRST * 2 ** (self._write_failures - 1))
-            self._write_pending = True
-            self._write_retry_at = trio.current_time() + delay
-            if self.session.store_error is None:
-                self.session.revision += 1
-            self.session.store_error = str(exc)
-            log.error("state_write_failed", profile=self.name, reason=str(exc), retry_in=delay)
-            self._publish()
-            self.plan()
-            return False
-        if self.session.store_error is not None:
-            log.info("state_write_recovered", profile=self.name)
-            self.session.store_error = None
-            self.session.revision += 1
-            self._publish()
-        self._write_pending = False
-        self._write_failures = 0
-        return True
+            await self.writes.flush()
 
     # -- what clients see --------------------------------------------------------------------
 
@@ -680,7 +513,8 @@ class Profile:
             self._attempt.set()
             self._attempt = None
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Waiters look again, watchers are told, the daemon hears of the change."""
         self._wake_waiters()
         if self._changed is not None:
             self._changed.set()
@@ -706,20 +540,7 @@ class Profile:
         }
 
     def user(self) -> dict[str, Any]:
-        tokens = self.session.tokens
-        if tokens is None:
-            raise self._no_session()
-        c = tokens.claims
-        return {
-            "profile": self.name,
-            "user_id": c.user_id,
-            "username": c.username,
-            "customer_type": c.customer_type,
-            "member_type": c.member_type,
-            "member_id": c.member_id,
-            "member_discount": c.member_discount,
-            "expires_at": tokens.expires_at,
-        }
+        return self.accounts.user()
 
     async def watch(self, emit: Callable[[WatchEvent], Awaitable[None]]) -> None:
         """Emit the current token, then every rotation and session end, until cancelled."""

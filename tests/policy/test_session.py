@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
 
 import pytest
 
@@ -15,6 +16,7 @@ from broker.policy.session import (
     REFRESH,
     WAIT,
     Policy,
+    Saved,
     Session,
     SleepUntil,
     State,
@@ -119,9 +121,10 @@ def test_states() -> None:
     s.refreshed(Tokens.from_grant(grant(T0 + 701, refresh="r2"), T0 + 701), T0 + 701)
     assert s.state is State.ACTIVE
     assert (s.refreshes, s.failures, s.last_error) == (1, 0, None)
-    s.store_error = "disk full"
+    s.write_failed("disk full")
     assert s.state is State.DEGRADED
-    s.store_error = None
+    s.written()
+    assert s.state is State.ACTIVE
     s.refresh_rejected("rejected")
     assert s.state is State.LOGIN_REQUIRED
     assert s.next_action(T0 + 702) == WAIT
@@ -257,3 +260,98 @@ def test_repr_holds_no_token() -> None:
     assert "refresh-secret" not in repr(s)
     assert "refresh-secret" not in repr(s.tokens)
     assert s.tokens is not None and s.tokens.bearer.reveal() not in repr(s.tokens)
+
+
+#: Every field a Session shows; each is read-only from outside.
+SESSION_FIELDS = {
+    "profile",
+    "policy",
+    "username",
+    "remember",
+    "tokens",
+    "login_required",
+    "next_refresh_at",
+    "last_refresh_at",
+    "refreshes",
+    "attempts",
+    "reader_demand_at",
+    "failures",
+    "last_error",
+    "store_error",
+    "sealed",
+    "revision",
+}
+
+
+def test_no_field_of_a_session_can_be_assigned_from_outside() -> None:
+    s = session()
+    s.logged_in(Tokens.from_grant(grant(T0), T0), "ada", False, T0)
+    public = {name for name in dir(s) if not name.startswith("_")}
+    assert public >= SESSION_FIELDS
+    for name in sorted(public):
+        before = getattr(s, name)
+        with pytest.raises(AttributeError):
+            setattr(s, name, before)
+    with pytest.raises(AttributeError):
+        s.invented = 1  # type: ignore[attr-defined]
+
+
+def test_mypy_sees_every_field_of_a_session_as_read_only() -> None:
+    """The fields are read-only to the type checker too, not only at run time."""
+    mypy_api = pytest.importorskip("mypy.api")
+    lines = ["from broker.policy.session import Session", "s = Session('p')"]
+    lines += [f"s.{name} = s.{name}" for name in sorted(SESSION_FIELDS)]
+    with tempfile.TemporaryDirectory() as cache:
+        out, _, status = mypy_api.run(
+            [
+                *("--config-file", "", "--strict", "--cache-dir", cache),
+                *("--follow-imports", "silent", "-c", "\n".join(lines)),
+            ]
+        )
+    assert status == 1, out
+    read_only = {line.split('"')[1] for line in out.splitlines() if "is read-only" in line}
+    assert read_only == SESSION_FIELDS, out
+
+
+def test_every_transition_bumps_the_revision() -> None:
+    s = session()
+    seen = [s.revision]
+
+    def bumped() -> None:
+        assert s.revision > seen[-1]
+        seen.append(s.revision)
+
+    tokens = Tokens.from_grant(grant(T0), T0)
+    s.logged_in(tokens, "ada", False, T0)
+    bumped()
+    s.refresh_token_replaced(Secret("r2"))
+    bumped()
+    assert s.tokens is not None and s.tokens.refresh is not None
+    assert s.tokens.refresh.reveal() == "r2"
+    s.write_failed("disk full")
+    bumped()
+    s.written()
+    bumped()
+    s.found_sealed("no key")
+    bumped()
+    assert s.state is State.SEALED
+    s.unsealed()
+    bumped()
+    s.refresh_failed("down", T0 + 700)
+    bumped()
+    saved = Saved(tokens, "bea", True, True, T0, 3)
+    s.adopted(saved, T0 + 1, "refused")
+    bumped()
+    assert (s.username, s.failures, s.last_error, s.state) == (
+        "bea",
+        0,
+        "refused",
+        State.LOGIN_REQUIRED,
+    )
+    s.restored(Saved(tokens, "ada", False, False, None, 0))
+    bumped()
+    assert s.state is State.ACTIVE
+    s.refresh_rejected("rejected")
+    bumped()
+    s.logged_out()
+    bumped()
