@@ -297,13 +297,13 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
             for request_id in range(calls):
                 frame(request_id, 0, now)
             per_call[name].append((time.perf_counter() - start) / calls * 1e9)
-    counted = statistics.median(per_call["counted"])
+    counted_ns = statistics.median(per_call["counted"])
     uncounted = statistics.median(per_call["uncounted"])
     return {
         "rounds": rounds,
         "calls": calls,
-        "counted_ns": counted,
+        "counted_ns": counted_ns,
         "uncounted_ns": uncounted,
-        "delta_ns": counted - uncounted,
+        "delta_ns": counted_ns - uncounted,
         "min_delta_ns": min(per_call["counted"]) - min(per_call["uncounted"]),
     }
