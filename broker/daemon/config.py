@@ -344,7 +344,10 @@ def parse(
         shared = next(n for n, p in profiles.items() if p.shared)
         raise ConfigError(f"{source}: profiles.{shared}.shared: needs a [cluster] table")
 
-    socket = Path(socket_override or broker.get("socket", str) or default_socket())
+    # Read (and its type checked) even when --socket overrides it: the key is known,
+    # the command line merely wins over it.
+    from_file = broker.get("socket", str)
+    socket = Path(socket_override or from_file or default_socket())
     if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
         limit = f"a Unix socket path has at most {MAX_SOCKET_PATH}"
         raise broker.error("socket", f"path is {length} bytes; {limit}")
