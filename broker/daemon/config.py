@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import math
 import os
 import pwd
 import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import platformdirs
 
+# ConfigError is re-exported: callers of `load` catch it from here.
+from broker.core.tables import ConfigError as ConfigError  # noqa: PLC0414
+from broker.core.tables import TableReader
 from broker.geins.protocol import (
     DEFAULT_AUTH_SERVICE_URL,
     DEFAULT_MERCHANT_API_URL,
@@ -30,8 +32,8 @@ from broker.geins.protocol import (
 )
 from broker.observe.textfile import TextfileAccess
 from broker.policy.session import MAX_CLOCK_SKEW, Policy
-from broker.rpc.listener import unsafe_directory
 from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME, temp_dir
+from geins_broker_client.trust import own_directory_problem
 
 if TYPE_CHECKING:
     from broker.fleet.settings import ClusterConfig
@@ -51,10 +53,6 @@ _HOUR: Final = 3600.0
 _DAY: Final = 86400.0
 #: A bound on unread answers below one token answer would close every slow reader.
 _MIN_UNREAD: Final = 64 * 1024
-
-
-class ConfigError(Exception):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +217,7 @@ def runtime_dir() -> Path:
             pass
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot create ({exc.strerror})") from None
-    if (problem := unsafe_directory(chosen)) is not None:
+    if (problem := own_directory_problem(chosen)) is not None:
         raise ConfigError(f"{chosen}: {problem}")
     return chosen
 
@@ -231,66 +229,6 @@ def default_state_dir() -> Path:
 
 
 # -- reading ---------------------------------------------------------------------------------
-
-
-class _Reader:
-    """Typed access to one table of the file, with errors that name the key."""
-
-    def __init__(self, source: Path, table: Mapping[str, Any], prefix: str) -> None:
-        self.source, self.table, self.prefix = source, table, prefix
-        self.used: set[str] = set()
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(key, f"expected {_kind_names(kinds)}, got a boolean")
-        if not isinstance(value, kinds):
-            raise self.error(key, f"expected {_kind_names(kinds)}, got {type(value).__name__}")
-        return value
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.get(key, str, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if not value.strip():
-            raise self.error(key, "must not be empty")
-        return str(value)
-
-    def seconds(self, key: str, default: float, *, most: float, zero_ok: bool = False) -> float:
-        """A duration: finite, more than 0 (or at least 0 with `zero_ok`), at most `most`.
-
-        TOML has `nan` and `inf` literals; a timeout of either would make every wait on
-        it fail or never end, so both are refused here rather than at the first wait."""
-        value = float(self.get(key, (int, float), default))
-        if not math.isfinite(value):
-            raise self.error(key, f"must be a finite number of seconds, not {value}")
-        if value < 0 or (value == 0 and not zero_ok) or value > most:
-            low = "0" if zero_ok else "more than 0"
-            raise self.error(key, f"must be {low} and at most {most:g} seconds, not {value:g}")
-        return value
-
-    def count(self, key: str, default: int, *, least: int = 1) -> int:
-        value = int(self.get(key, int, default))
-        if value < least:
-            raise self.error(key, f"must be at least {least}")
-        return value
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {int: "a number", float: "a number", str: "a string", list: "a list", dict: "a table"}
-    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
 def load(path: Path, *, socket_override: str | None = None) -> BrokerConfig:
@@ -329,12 +267,12 @@ def _toml(path: Path) -> dict[str, Any]:
 def parse(
     data: Mapping[str, Any], source: Path, *, socket_override: str | None = None
 ) -> BrokerConfig:
-    top = _Reader(source, data, "")
-    broker = _Reader(source, top.get("broker", dict, {}), "broker.")
-    proxy = _Reader(source, top.get("proxy", dict, {}), "proxy.")
+    top = TableReader(source, data, "")
+    broker = TableReader(source, top.get("broker", dict, {}), "broker.")
+    proxy = TableReader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
     cluster_table = top.get("cluster", dict)
-    metrics = _metrics(_Reader(source, top.get("metrics", dict, {}), "metrics."))
+    metrics = _metrics(TableReader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
     if not profiles_table:
         raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
@@ -343,12 +281,17 @@ def parse(
     if cluster_table is not None:
         from broker.fleet.settings import parse_cluster
 
-        cluster, profiles = parse_cluster(_Reader(source, cluster_table, "cluster."), profiles)
+        said = {name: profile.shared for name, profile in profiles.items()}
+        cluster, shared = parse_cluster(TableReader(source, cluster_table, "cluster."), said)
+        profiles = {name: replace(p, shared=shared[name]) for name, p in profiles.items()}
     elif any(p.shared for p in profiles.values()):
         shared = next(n for n, p in profiles.items() if p.shared)
         raise ConfigError(f"{source}: profiles.{shared}.shared: needs a [cluster] table")
 
-    socket = Path(socket_override or broker.get("socket", str) or default_socket())
+    # Read (and its type checked) even when --socket overrides it: the key is known,
+    # the command line merely wins over it.
+    from_file = broker.get("socket", str)
+    socket = Path(socket_override or from_file or default_socket())
     if (length := len(os.fsencode(socket))) > MAX_SOCKET_PATH:
         limit = f"a Unix socket path has at most {MAX_SOCKET_PATH}"
         raise broker.error("socket", f"path is {length} bytes; {limit}")
@@ -386,7 +329,7 @@ def parse(
     return config
 
 
-def _file(r: _Reader, key: str) -> Path | None:
+def _file(r: TableReader, key: str) -> Path | None:
     """A path, relative ones taken from the config file's directory."""
     value = r.get(key, str)
     if value is None:
@@ -396,7 +339,7 @@ def _file(r: _Reader, key: str) -> Path | None:
     return r.source.parent / Path(value).expanduser()
 
 
-def _metrics(r: _Reader) -> MetricsConfig:
+def _metrics(r: TableReader) -> MetricsConfig:
     textfile = r.get("textfile", str)
     if textfile is not None:
         path = Path(textfile)
@@ -424,7 +367,7 @@ def _metrics(r: _Reader) -> MetricsConfig:
     return config
 
 
-def _proxy(r: _Reader, broker_socket: Path) -> ProxyConfig:
+def _proxy(r: TableReader, broker_socket: Path) -> ProxyConfig:
     socket = None
     if r.get("unix", bool, True):
         socket = Path(r.get("socket", str) or default_proxy_socket(broker_socket))
@@ -456,7 +399,7 @@ def default_proxy_socket(broker_socket: Path) -> Path:
     return broker_socket.parent / f"{broker_socket.name.removesuffix('.sock')}.{PROXY_SOCKET_NAME}"
 
 
-def _loopback(r: _Reader, value: str) -> tuple[str, int]:
+def _loopback(r: TableReader, value: str) -> tuple[str, int]:
     """`127.0.0.1:PORT` or `[::1]:PORT`, nothing else: the proxy hands out a user's
     session, and only on loopback can it tell which local user is calling."""
     for prefix, host in (("127.0.0.1:", "127.0.0.1"), ("[::1]:", "::1")):
@@ -474,7 +417,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         raise ConfigError(
             f"{source}: profiles.{name}: a profile name is 1-64 letters, digits, '_', '.', '-'"
         )
-    r = _Reader(source, table, prefix)
+    r = TableReader(source, table, prefix)
     endpoint = Endpoint(
         account=r.text("account"),
         api_key=r.text("api_key"),
@@ -511,7 +454,7 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
     return profile
 
 
-def _url(r: _Reader, key: str, default: str) -> str:
+def _url(r: TableReader, key: str, default: str) -> str:
     value = r.text(key, default)
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -523,7 +466,7 @@ def _url(r: _Reader, key: str, default: str) -> str:
     return value.rstrip("/")
 
 
-def _list(r: _Reader, key: str) -> list[str | int]:
+def _list(r: TableReader, key: str) -> list[str | int]:
     values = r.get(key, list, [])
     for value in values:
         if isinstance(value, bool) or not isinstance(value, str | int):
@@ -531,7 +474,7 @@ def _list(r: _Reader, key: str) -> list[str | int]:
     return list(values)
 
 
-def _uid(r: _Reader, value: str | int) -> int:
+def _uid(r: TableReader, value: str | int) -> int:
     if isinstance(value, int):
         return value
     try:
@@ -540,7 +483,7 @@ def _uid(r: _Reader, value: str | int) -> int:
         raise r.error("allow_users", f"no such user {value!r}") from None
 
 
-def _gid(r: _Reader, key: str, value: str | int) -> int:
+def _gid(r: TableReader, key: str, value: str | int) -> int:
     if isinstance(value, int):
         return value
     try:
@@ -549,7 +492,7 @@ def _gid(r: _Reader, key: str, value: str | int) -> int:
         raise r.error(key, f"no such group {value!r}") from None
 
 
-def _mode(r: _Reader, value: str | int) -> int:
+def _mode(r: TableReader, value: str | int) -> int:
     try:
         mode = int(value, 8) if isinstance(value, str) else value
     except ValueError:

@@ -8,6 +8,9 @@ socket (from systemd, or bind it), start serving, then tell systemd READY=1.
 SIGTERM/SIGINT: STOPPING=1, stop accepting, give requests in flight `shutdown_grace`
 seconds, finish pending writes, remove the socket, exit 0. SIGHUP: reload the config,
 adding and removing profiles without touching the others' sessions.
+
+This module is the lifecycle; the profile table and what a reload does to it are
+`roster.py`, what the metrics, health and textfile read of the daemon `telemetry.py`.
 """
 
 from __future__ import annotations
@@ -18,37 +21,32 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Final
 
 import httpx
 import trio
 
 from broker import __version__
 from broker.core.clock import OffsetClock, SystemClock, WallClock
-from broker.core.errors import Internal, StateDirError, StoreError
+from broker.core.errors import StateDirError, StoreError
 from broker.core.sealing import Keyring
 from broker.core.stats import DaemonStats
 from broker.daemon import fault_injection
-from broker.daemon.config import BrokerConfig, ConfigError, ProfileConfig, find_config, load
+from broker.daemon.config import BrokerConfig, ConfigError, find_config, load
 from broker.daemon.hardening import keep_memory_private
 from broker.daemon.notify import Notifier
+from broker.daemon.roster import Roster, abandonable, read_config
+from broker.daemon.telemetry import Telemetry
 from broker.observe import log as logging_setup
 from broker.observe.log import events
-from broker.observe.metrics import CONTENT_TYPE, Metrics, render
-from broker.observe.textfile import write_textfile
 from broker.proxy.service import Proxy
 from broker.rpc.listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from broker.rpc.ops import Api
 from broker.rpc.reactor import Server
 from broker.sessions.profile import Offload, Profile
-from broker.sessions.scheduler import Scheduler
 from broker.storage.keys import load_keyring
-from broker.storage.store import CorruptState, Record, SealedState, Store
-from geins_broker_client.calls import parse_profile_status
-from geins_broker_client.health import Health, judge
+from broker.storage.store import Store
 
 if TYPE_CHECKING:
     from broker.fleet.coordinator import Fleet
@@ -57,16 +55,11 @@ log = events("broker.daemon")
 
 #: STATUS= lines to systemd at most this often.
 _STATUS_INTERVAL: Final = 1.0
-#: How long a reload may take to read the config file (a hung network file system).
-CONFIG_READ_TIMEOUT: Final = 10.0
-
-
-async def _abandonable(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking read in a thread that a cancellation may leave behind."""
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class Daemon:
+    """One daemon's life: start, serve, signals and reload, drain, stop."""
+
     def __init__(
         self,
         config: BrokerConfig,
@@ -78,50 +71,54 @@ class Daemon:
         offload: Offload = trio.to_thread.run_sync,
         faults: frozenset[str] = frozenset(),
         keyring: Keyring | None = None,
+        key_source: str = "given",
     ) -> None:
         self.config = config
         #: Test-only faults (broker/daemon/fault_injection.py); empty in production.
         self.faults = faults
         if keyring is None:
-            keyring, self.key_source = load_keyring(config)
-        else:
-            self.key_source = "given"
+            keyring, key_source = load_keyring(config)
         self.wall = wall or SystemClock()
-        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
-        self.store = Store(config.state_dir, keyring)
-        self.profiles: dict[str, Profile] = {}
+        store = Store(config.state_dir, keyring)
+        stats = DaemonStats()
+        self.roster = Roster(
+            config,
+            store,
+            wall=self.wall,
+            rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
+            stats=stats,
+            offload=offload,
+            key_source=key_source,
+            # Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
+            fleet=None if config.cluster is None else _fleet(config, self.wall, store),
+            on_change=self._profile_changed,
+        )
+        self.telemetry = Telemetry(
+            self.roster,
+            stats,
+            config=lambda: self.config,
+            server=lambda: self.server,
+            offload=offload,
+        )
+        self.server: Server | None = None
+        self.listener: Listener | None = None
+        #: The Merchant API proxy, when [proxy] enables a listener.
+        self.proxy: Proxy | None = None
         self._transport = transport
         self._offload = offload
         # Reading the config may be abandoned (nothing half-done is left behind), unlike
         # writing state; tests inject an offload that runs in place, used for both.
-        self._read_offload: Offload = (
-            _abandonable if offload is trio.to_thread.run_sync else offload
-        )
+        self._read_offload: Offload = abandonable if offload is trio.to_thread.run_sync else offload
         #: The reload under way, which SIGTERM cancels.
         self._reloading: trio.CancelScope | None = None
-        self.scheduler = Scheduler(self.wall)
-        #: Profiles a reload removed, kept in case a later reload brings them back.
-        self._retired: dict[str, Profile] = {}
         self._stop = trio.Event()
         self._status_dirty = trio.Event()
-        self.server: Server | None = None
-        self.listener: Listener | None = None
-        self.stats = DaemonStats()
-        self.metrics = Metrics(self)
-        self._started_at = self.wall.now()
-        self._limiter: trio.CapacityLimiter | None = None
-        self._textfile_error: str | None = None
-        self._render_flight: _Flight | None = None
-        #: The Merchant API proxy, when [proxy] enables a listener.
-        self.proxy: Proxy | None = None
-        #: Fleet mode ([cluster]): imported only then, so a single host never loads Redis.
-        self.fleet: Fleet | None = None
-        if config.cluster is not None:
-            self.fleet = _fleet(config, self.wall, self.store)
-            from broker.fleet.gauges import source
 
-            self.metrics.add_source(source(self.fleet, lambda: self.config.metrics.per_profile))
+    @property
+    def profiles(self) -> dict[str, Profile]:
+        """The live profiles by name (the roster's)."""
+        return self.roster.profiles
 
     # -- running -----------------------------------------------------------------------
 
@@ -150,13 +147,13 @@ class Daemon:
         signals: AsyncIterator[int] | None,
         task_status: trio.TaskStatus[Daemon],
     ) -> None:
-        config = self.config
-        for leftover in await self._offload(self.store.prepare):
+        store = self.roster.store
+        for leftover in await self._offload(store.prepare):
             log.info("removed_partial_write", path=leftover)
         try:
-            await self._serve(config, listener, signals, task_status)
+            await self._serve(self.config, listener, signals, task_status)
         finally:
-            self.store.close()  # and with it the state directory's lock
+            store.close()  # and with it the state directory's lock
         log.info("stopped")
 
     async def _serve(
@@ -166,10 +163,11 @@ class Daemon:
         signals: AsyncIterator[int] | None,
         task_status: trio.TaskStatus[Daemon],
     ) -> None:
-        records = await self._offload(self._load_records, list(config.profiles))
-        if self.store.stale:
+        roster = self.roster
+        records = await self._offload(roster.load_records, list(config.profiles))
+        if roster.store.stale:
             # In clear or under a previous key: each is sealed again at its next write.
-            log.info("sessions_to_reseal", count=len(self.store.stale))
+            log.info("sessions_to_reseal", count=len(roster.store.stale))
         listener = (
             listener
             or from_systemd()
@@ -186,58 +184,28 @@ class Daemon:
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
                 follow_redirects=False,
             ) as http:
-                self._http = http
-                self._started_at = self.wall.now()
-                self._limiter = trio.CapacityLimiter(config.max_concurrent_refreshes)
-                for name, profile_config in config.profiles.items():
-                    self._add_profile(profile_config, records.get(name))
-                api = Api(self.profiles, metrics=self.metrics_text, sealing=self._sealing_status)
-                api.metrics_readers = _metrics_readers(config)
-                self.server = server = Server(api, config, self.wall, self.stats.server)
+                self.telemetry.mark_started()
+                roster.open(http, records)
                 del records  # their secrets now live in the sessions only
+                api = Api(
+                    roster.profiles,
+                    metrics=self.telemetry.metrics_text,
+                    sealing=roster.sealing_status,
+                )
+                api.metrics_readers = _metrics_readers(config)
+                self.server = server = Server(api, config, self.wall, self.telemetry.stats.server)
                 if config.proxy.enabled:
                     self.proxy = Proxy(
                         api,
                         config,
                         self.wall,
-                        observable=self,
-                        metrics=self.metrics,
+                        observable=self.telemetry,
+                        metrics=self.telemetry.metrics,
                         offload=self._offload,
                     )
                     self.proxy.bind()
                 async with trio.open_nursery() as nursery:
-                    if self.fleet is not None:
-                        await nursery.start(self.fleet.run)
-                    await nursery.start(self.scheduler.run)
-                    for profile in self.profiles.values():
-                        profile.plan()
-                    await nursery.start(server.serve, listener.sock)
-                    if self.proxy is not None:
-                        await nursery.start(self.proxy.run)
-                    if signals is not None:
-                        nursery.start_soon(self._signals, signals)
-                    if (interval := self.notifier.watchdog_interval) is not None:
-                        nursery.start_soon(self._watchdog, interval)
-                    nursery.start_soon(self._status_updates)
-                    if config.metrics.textfile is not None:
-                        # Before READY=1: once the unit is up, so is its textfile.
-                        await self._write_textfile(config.metrics.textfile)
-                    nursery.start_soon(self._textfile_writer)
-                    self.notifier.ready(self.status_line())
-                    # Here, not earlier: a start refused for its socket stays one line.
-                    self._log_sealing()
-                    log.info(
-                        "ready",
-                        version=__version__,
-                        socket=listener.path,
-                        activated=listener.activated,
-                        profiles=len(self.profiles),
-                        **(self.proxy.describe() if self.proxy is not None else {}),
-                    )
-                    # Everything allocated so far lives as long as the daemon: keep the
-                    # collector from walking it again and again.
-                    gc.collect()
-                    gc.freeze()
+                    await self._start(nursery, server, listener, signals)
                     task_status.started(self)
                     await self._stop.wait()
                     await self._shut_down(server, listener)
@@ -246,6 +214,44 @@ class Daemon:
             listener.close()
             if self.proxy is not None:
                 self.proxy.close()
+
+    async def _start(
+        self,
+        nursery: trio.Nursery,
+        server: Server,
+        listener: Listener,
+        signals: AsyncIterator[int] | None,
+    ) -> None:
+        """Every task of the running daemon, then READY=1."""
+        if self.roster.fleet is not None:
+            await nursery.start(self.roster.fleet.run)
+        await nursery.start(self.roster.scheduler.run)
+        self.roster.plan()
+        await nursery.start(server.serve, listener.sock)
+        if self.proxy is not None:
+            await nursery.start(self.proxy.run)
+        if signals is not None:
+            nursery.start_soon(self._signals, signals)
+        if (interval := self.notifier.watchdog_interval) is not None:
+            nursery.start_soon(self._watchdog, interval)
+        nursery.start_soon(self._status_updates)
+        # Before READY=1: once the unit is up, so is its textfile.
+        await nursery.start(self.telemetry.run_textfile)
+        self.notifier.ready(self.status_line())
+        # Here, not earlier: a start refused for its socket stays one line.
+        self.roster.log_sealing()
+        log.info(
+            "ready",
+            version=__version__,
+            socket=listener.path,
+            activated=listener.activated,
+            profiles=len(self.profiles),
+            **(self.proxy.describe() if self.proxy is not None else {}),
+        )
+        # Everything allocated so far lives as long as the daemon: keep the
+        # collector from walking it again and again.
+        gc.collect()
+        gc.freeze()
 
     def stop(self) -> None:
         self._stop.set()
@@ -293,6 +299,34 @@ class Daemon:
         finally:
             self._reloading = None
 
+    async def reload(self) -> None:
+        """Re-read the config file: profiles come and go, sessions stay; a file that
+        does not read or parse changes nothing."""
+        self.notifier.reloading()
+        try:
+            new, keyring, key_source = await read_config(
+                self.config.source, self._read_offload, self._offload
+            )
+        except ConfigError as exc:
+            log.error("reload_failed", reason=str(exc))
+            self.notifier.ready(self.status_line())
+            return
+        await self.roster.take_keys(keyring, key_source)
+        for key in self.roster.restart_warnings(new):
+            log.warning("reload_needs_restart", key=key)
+        await self.roster.apply(new)
+        if self.server is not None:
+            self.server.configure(new)
+            self.server.api.metrics_readers = _metrics_readers(new)
+        if self.proxy is not None:
+            self.proxy.configure(new)
+        self.config = self.roster.config
+        log.info("reloaded", profiles=len(self.profiles))
+        self.notifier.ready(self.status_line())
+        self._status_dirty.set()
+
+    # -- systemd -----------------------------------------------------------------------
+
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop
         and systemd restarts the daemon."""
@@ -307,6 +341,9 @@ class Daemon:
             self.notifier.status(self.status_line())
             await trio.sleep(_STATUS_INTERVAL)
 
+    def _profile_changed(self, profile: Profile) -> None:
+        self._status_dirty.set()
+
     def status_line(self) -> str:
         states = Counter(str(p.session.state) for p in self.profiles.values())
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
@@ -314,271 +351,9 @@ class Daemon:
         noun = "profile" if len(self.profiles) == 1 else "profiles"
         return f"{len(self.profiles)} {noun} ({summary or 'none'}); {connections} connections"
 
-    # -- observability -------------------------------------------------------------------
-
-    # What metrics.Metrics reads (its `Observed` protocol).
-    @property
-    def started_at(self) -> float:
-        return self._started_at
-
-    @property
-    def per_profile(self) -> bool:
-        return self.config.metrics.per_profile
-
-    def live_profiles(self) -> Iterable[Profile]:
-        return self.profiles.values()
-
-    def retired_profiles(self) -> Iterable[Profile]:
-        return self._retired.values()
-
-    def connection_count(self) -> int:
-        return self.server.connections if self.server else 0
-
-    def waiting_ops(self) -> Mapping[str, int]:
-        return self.server.waiting_by_op if self.server else {}
-
-    def refreshes_in_flight(self) -> int:
-        return int(self._limiter.borrowed_tokens) if self._limiter else 0
-
-    async def render_metrics(self) -> bytes:
-        """The exposition: numbers copied here, formatted off the event loop.
-
-        Single flight: scrapes that arrive while one renders share its result. A flood
-        of scrapes (`GET /metrics` is open to every local user of the TCP listener)
-        then costs one render at a time, and never takes the worker threads that
-        session writes need. The render runs shielded: the scrape that started it may
-        hang up, the others still get their answer.
-        """
-        flight = self._render_flight
-        if flight is not None:
-            await flight.done.wait()
-        else:
-            flight = self._render_flight = _Flight()
-            try:
-                with trio.CancelScope(shield=True):
-                    snapshot = await self.metrics.snapshot_async()
-                    flight.result = await self._offload(render, snapshot)
-            finally:
-                self._render_flight = None
-                flight.done.set()
-        if flight.result is None:
-            raise Internal("rendering the metrics failed; see the daemon's log")
-        return flight.result
-
-    async def metrics_text(self) -> tuple[str, str]:
-        """The `metrics` op's answer: the exposition and its content type."""
-        return (await self.render_metrics()).decode(), CONTENT_TYPE
-
-    def health(self) -> Health:
-        """The verdict `GET /healthz` answers with (`.http_status`, `.line()`); the same
-        one `geins-broker status --check` reaches from the status op."""
-        statuses = [parse_profile_status(p.status()) for p in self.profiles.values()]
-        return judge(statuses, self.wall.now())
-
-    async def _textfile_writer(self) -> None:
-        """Write the node_exporter textfile every `textfile_interval` seconds (both
-        read afresh each time, so a reload may start, move or stop it)."""
-        while True:
-            await trio.sleep(self.config.metrics.textfile_interval)
-            if (path := self.config.metrics.textfile) is not None:
-                await self._write_textfile(path)
-
-    async def _write_textfile(self, path: Path) -> None:
-        try:
-            text, access = await self.render_metrics(), self.config.metrics.textfile_access
-            await self._offload(write_textfile, path, text, access)
-        except OSError as exc:
-            self.stats.textfile_failures += 1
-            reason = exc.strerror or str(exc)
-            if reason != self._textfile_error:  # once per kind of failure, not every time
-                log.error("textfile_write_failed", path=path, reason=reason)
-            self._textfile_error = reason
-            return
-        if self._textfile_error is not None:
-            log.info("textfile_write_recovered", path=path)
-            self._textfile_error = None
-
-    # -- profiles ----------------------------------------------------------------------
-
-    def _load_records(self, names: list[str]) -> dict[str, Record]:
-        """Every saved session (blocking: run in a thread). A bad file costs only its
-        own profile, which starts logged out."""
-        records: dict[str, Record] = {}
-        for name in names:
-            try:
-                record = self.store.load(name)
-            except CorruptState as exc:
-                log.error("state_corrupt", profile=name, reason=str(exc), set_aside=exc.set_aside)
-                continue
-            except SealedState as exc:
-                log.error("state_sealed", profile=name, reason=str(exc), key=exc.key_id)
-                continue
-            except StoreError as exc:
-                log.error("state_unreadable", profile=name, reason=str(exc))
-                continue
-            if record is not None:
-                records[name] = record
-        return records
-
-    def _add_profile(self, config: ProfileConfig, record: Record | None) -> Profile:
-        assert self._limiter is not None
-        profile = Profile(
-            config,
-            http=self._http,
-            store=self.store,
-            wall=self.wall,
-            limiter=self._limiter,
-            rng=self.rng,
-            token_wait=self.config.token_wait,
-            on_change=self._profile_changed,
-            offload=self._offload,
-            scheduler=self.scheduler,
-            stats=self.stats,
-        )
-        if record is not None:
-            profile.restore(record, self.config.startup_spread)
-            log.info(
-                "restored",
-                profile=config.name,
-                state=profile.session.state,
-                username=record.username,
-            )
-        if (sealed := self.store.unopened.get(config.name)) is not None:
-            profile.mark_sealed(sealed)
-        if self.fleet is not None and config.shared:
-            self.fleet.attach(profile, record)
-        self.profiles[config.name] = profile
-        return profile
-
-    def _sealing_status(self) -> str:
-        """For `status`: the keyring of the moment (a reload may replace it)."""
-        return self.store.keyring.describe()
-
-    def _log_sealing(self) -> None:
-        keyring = self.store.keyring
-        if keyring.current is None:
-            # Info, not a warning: no key is a supported choice (docs/security.md), and a
-            # clean start's journal holds no warning.
-            log.info("sealing_off", reason="no key configured: sessions are stored in clear")
-            return
-        log.info(
-            "sealing_on",
-            key=keyring.current.name,
-            source=self.key_source,
-            previous=",".join(k.name for k in keyring.previous) or None,
-        )
-
-    async def _take_keys(self, keyring: Keyring, source: str) -> None:
-        """Keys from a reload; then profiles that were sealed try again."""
-        if keyring != self.store.keyring:
-            self.store.keyring, self.key_source = keyring, source
-            self._log_sealing()
-        await self._unseal()
-
-    async def _unseal(self) -> None:
-        """Profiles whose saved session did not open try again (the key may be back)."""
-        for name, profile in list(self.profiles.items()):
-            if profile.session.sealed is None:
-                continue
-            try:
-                record = await self._offload(self.store.load, name)
-            except SealedState as exc:
-                profile.session.found_sealed(str(exc))
-                continue
-            except (CorruptState, StoreError) as exc:
-                log.error("state_unreadable", profile=name, reason=str(exc))
-                record = None
-            profile.unseal(record, self.config.startup_spread)
-            log.info("unsealed", profile=name, state=profile.session.state)
-
-    def _profile_changed(self, profile: Profile) -> None:
-        self._status_dirty.set()
-
-    async def reload(self) -> None:
-        """Re-read the config file: profiles come and go, sessions stay."""
-        self.notifier.reloading()
-        source = self.config.source
-        new: BrokerConfig | None = None
-        try:
-            if source is None:
-                raise ConfigError("no config file to reload")
-            with trio.move_on_after(CONFIG_READ_TIMEOUT):
-                new = await self._read_offload(load, source)
-            if new is None:
-                raise ConfigError(f"{source}: not read within {CONFIG_READ_TIMEOUT:g} s")
-            # Key files are opened O_NONBLOCK and must be regular files: no FIFO waits.
-            keyring, key_source = await self._offload(load_keyring, new)
-        except ConfigError as exc:
-            log.error("reload_failed", reason=str(exc))
-            self.notifier.ready(self.status_line())
-            return
-        old = self.config
-        await self._take_keys(keyring, key_source)
-        self._warn_needs_restart(new, old)
-        for name in [n for n in self.profiles if n not in new.profiles]:
-            retired = self._retired[name] = self.profiles.pop(name)
-            retired.retire()
-            log.info("profile_removed", profile=name)
-        added = [n for n in new.profiles if n not in self.profiles and n not in self._retired]
-        records = await self._offload(self._load_records, added)
-        for name, profile_config in new.profiles.items():
-            if name in self.profiles:
-                self.profiles[name].reconfigure(profile_config, new.token_wait)
-            elif name in self._retired:
-                # The very object that left: its lock still guards an exchange that may
-                # be under way, and its session is newer than the file.
-                self.profiles[name] = self._retired.pop(name)
-                self.profiles[name].reinstate(profile_config)
-                log.info("profile_added", profile=name, kept_session=True)
-            else:
-                self._add_profile(profile_config, records.get(name)).plan()
-                log.info("profile_added", profile=name)
-        assert self._limiter is not None
-        self._limiter.total_tokens = new.max_concurrent_refreshes
-        if self.server is not None:
-            self.server.configure(new)
-            self.server.api.metrics_readers = _metrics_readers(new)
-        if self.proxy is not None:
-            self.proxy.configure(new)
-        self.config = new_with_kept_paths(new, old)
-        log.info("reloaded", profiles=len(self.profiles))
-        self.notifier.ready(self.status_line())
-        self._status_dirty.set()
-
-    def _warn_needs_restart(self, new: BrokerConfig, old: BrokerConfig) -> None:
-        for key in ("socket", "state_dir", "socket_mode", "socket_group", "cluster"):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload_needs_restart", key=key)
-        for name in new.profiles.keys() & self.profiles.keys():
-            if new.profiles[name].shared != self.profiles[name].config.shared:
-                log.warning("reload_needs_restart", key=f"profiles.{name}.shared")
-
 
 def _metrics_readers(config: BrokerConfig) -> tuple[frozenset[int], frozenset[int]]:
     return config.metrics.allow_uids, config.metrics.allow_gids
-
-
-class _Flight:
-    """One render of the metrics, and everyone waiting for it."""
-
-    __slots__ = ("done", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: bytes | None = None
-
-
-def new_with_kept_paths(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:
-    """A reload cannot move the socket or the state, nor join or leave a fleet: those
-    need a restart."""
-    return replace(
-        new,
-        socket=old.socket,
-        state_dir=old.state_dir,
-        socket_mode=old.socket_mode,
-        socket_group=old.socket_group,
-        cluster=old.cluster,
-    )
 
 
 def main(config_path: str | None = None, socket_path: str | None = None) -> int:
@@ -588,11 +363,16 @@ def main(config_path: str | None = None, socket_path: str | None = None) -> int:
         faults = fault_injection.armed()
         config = load(find_config(config_path), socket_override=socket_path)
         keyring, key_source = load_keyring(config)
-        daemon = Daemon(config, faults=faults, keyring=keyring, wall=_clock_from_env())
+        daemon = Daemon(
+            config,
+            faults=faults,
+            keyring=keyring,
+            key_source=key_source,
+            wall=_clock_from_env(),
+        )
     except (ConfigError, fault_injection.FaultSpecError) as exc:
         print(f"geins-broker: {exc}", file=sys.stderr)
         return 2
-    daemon.key_source = key_source
     try:
         trio.run(daemon.run)
     except (StateDirError, UnsafeDirectory) as exc:

@@ -4,8 +4,9 @@ The store's password never sits in the TOML: a URL with a password in it is refu
 it comes from `password_file` (private to the daemon's uid) or from the systemd
 credential `geins-broker-redis` in $CREDENTIALS_DIRECTORY. Sealing is mandatory for
 shared profiles, so a `[cluster]` that shares a profile without a sealing key is an
-error at start (daemon.py, once the keys are loaded), not a refresh token in clear in
-Redis.
+error at start (broker/daemon/lifecycle.py, once the keys are loaded), not a refresh
+token in clear in Redis. The table is read through `core.tables.TableReader`, as the
+daemon's own tables are.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import re
 import socket
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from broker.core.secret import Secret
-
-if TYPE_CHECKING:
-    from broker.daemon.config import ProfileConfig, _Reader
+from broker.core.tables import TableReader
 
 CREDENTIAL: Final = "geins-broker-redis"
 _SCHEMES: Final = ("redis", "rediss", "unix")
@@ -53,9 +52,11 @@ class ClusterConfig:
 
 
 def parse_cluster(
-    r: _Reader, profiles: Mapping[str, ProfileConfig]
-) -> tuple[ClusterConfig, dict[str, ProfileConfig]]:
-
+    r: TableReader, profiles: Mapping[str, bool | None]
+) -> tuple[ClusterConfig, dict[str, bool]]:
+    """The `[cluster]` table, and whether each profile is shared: `profiles` maps each
+    name to its own `shared` key (None when it does not say), which wins over the
+    table's `shared` (true, false, or a list of names)."""
     url = r.text("url")
     parts = urlsplit(url)
     if parts.scheme not in _SCHEMES:
@@ -69,17 +70,7 @@ def parse_cluster(
     if parts.scheme != "unix" and not parts.hostname:
         raise r.error("url", "names no host")
     password = _password(r)
-    shared_default = r.get("shared", (bool, list), True)
-    if isinstance(shared_default, list):
-        for name in shared_default:
-            if name not in profiles:
-                raise r.error("shared", f"no profile named {name!r}")
-    resolved = {}
-    for name, profile in profiles.items():
-        shared = profile.shared
-        if shared is None:
-            shared = shared_default if isinstance(shared_default, bool) else name in shared_default
-        resolved[name] = replace(profile, shared=shared)
+    resolved = _shared(r, profiles)
     ca_file = r.get("ca_file", str)
     if ca_file is not None and parts.scheme != "rediss":
         raise r.error("ca_file", "only a rediss:// URL uses TLS")
@@ -101,14 +92,31 @@ def parse_cluster(
     return config, resolved
 
 
-def _node(r: _Reader) -> str:
+def _shared(r: TableReader, profiles: Mapping[str, bool | None]) -> dict[str, bool]:
+    shared_default = r.get("shared", (bool, list), True)
+    if isinstance(shared_default, list):
+        for name in shared_default:
+            if name not in profiles:
+                raise r.error("shared", f"no profile named {name!r}")
+    resolved = {}
+    for name, said in profiles.items():
+        if said is not None:
+            resolved[name] = said
+        elif isinstance(shared_default, bool):
+            resolved[name] = shared_default
+        else:
+            resolved[name] = name in shared_default
+    return resolved
+
+
+def _node(r: TableReader) -> str:
     node = r.text("node", socket.gethostname())
     if not _NODE.fullmatch(node):
         raise r.error("node", "a node name is 1-64 letters, digits, '_', '.', '-'")
     return node
 
 
-def _password(r: _Reader) -> Secret | None:
+def _password(r: TableReader) -> Secret | None:
     path_text = r.get("password_file", str)
     if path_text is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")

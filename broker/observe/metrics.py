@@ -65,7 +65,7 @@ class ProfileView(Protocol):
 
 
 class Observed(Protocol):
-    """What the collector reads of the daemon (broker/daemon/lifecycle.py's `Daemon`)."""
+    """What the collector reads of the daemon (broker/daemon/telemetry.py's `Telemetry`)."""
 
     stats: DaemonStats
 

@@ -23,7 +23,7 @@ Headers = list[tuple[str, str]]
 
 
 class Observable(Protocol):
-    """What the routes need of the daemon (broker/daemon/lifecycle.py's `Daemon`)."""
+    """What the routes need of the daemon (broker/daemon/telemetry.py's `Telemetry`)."""
 
     async def render_metrics(self) -> bytes: ...
     def health(self) -> Health: ...

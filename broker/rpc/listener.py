@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from geins_broker_client.trust import directory_problem
+from geins_broker_client.trust import own_directory_problem
 
 #: sd_listen_fds(3): passed sockets start at fd 3.
 SD_LISTEN_FDS_START = 3
@@ -32,17 +32,6 @@ class ListenerError(Exception):
 
 class UnsafeDirectory(ListenerError):
     """The socket's directory is not one to trust: a setup mistake, like a config error."""
-
-
-def unsafe_directory(path: Path) -> str | None:
-    """Why the daemon must not put its socket in `path`, or None: a symlink, not a
-    directory, owned by another uid, or writable by group or others."""
-    try:
-        info = path.lstat()
-    except OSError as exc:
-        return f"cannot check ({exc.strerror})"
-    uid = os.geteuid()
-    return directory_problem(info, {uid}, who=f"the daemon's uid {uid}")
 
 
 @dataclass
@@ -95,7 +84,7 @@ def bind(path: Path, mode: int = 0o600, group: int | None = None) -> Listener:
                 os.chown(directory, -1, group)
         except OSError as exc:
             raise ListenerError(f"cannot create {directory}: {exc.strerror}") from None
-    if (problem := unsafe_directory(directory)) is not None:
+    if (problem := own_directory_problem(directory)) is not None:
         raise UnsafeDirectory(f"{directory}: {problem}")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -224,3 +224,13 @@ def test_runtime_dir_is_ours_and_private(tmp_path: Path, monkeypatch: pytest.Mon
         config.runtime_dir()
     fallback.chmod(0o700)
     assert config.default_socket() == fallback / "geins-broker" / "broker.sock"
+
+
+def test_socket_override_wins_over_the_files_socket(tmp_path: Path) -> None:
+    """`serve --config C --socket S` with a `socket` in C: S, and no unknown-key error."""
+    text = GOOD + '\n[broker]\nsocket = "/tmp/file.sock"\n'
+    loaded = load(write(tmp_path, text), socket_override="/o.sock")
+    assert loaded.socket == Path("/o.sock")
+    assert loaded.proxy.socket == Path("/o.merchant.sock")  # beside the socket that won
+    with pytest.raises(ConfigError, match=r"broker\.socket: expected a string"):
+        load(write(tmp_path, GOOD + "\n[broker]\nsocket = 1\n"), socket_override="/o.sock")

@@ -21,6 +21,7 @@ import msgpack
 import pytest
 
 from geins_broker_client.protocol import encode
+from tests.fleet.support import wait_until
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -163,6 +164,26 @@ def test_bad_config_exits_2_naming_file_and_key(short_tmp: Path) -> None:
     assert result.returncode == 2
     assert f"{config}: profiles.default.api_key: is required" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_socket_option_overrides_the_config_files_socket(short_tmp: Path) -> None:
+    """`serve --socket S` with a `socket` in the file serves on S (it once exited 2)."""
+    in_file, given = short_tmp / "file.sock", short_tmp / "given.sock"
+    config = write_config(short_tmp / "c.toml", "http://127.0.0.1:9", in_file, short_tmp / "s")
+    with (short_tmp / "daemon.log").open("wb") as log:
+        daemon = subprocess.Popen(
+            [*GEINS_BROKER, "serve", "--config", str(config), "--socket", str(given)],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        wait_until(lambda: given.exists() or daemon.poll() is not None, 15, "the socket")
+        assert daemon.poll() is None, (short_tmp / "daemon.log").read_text()
+        assert call(given, op="hello")["ok"]
+        assert not in_file.exists()
+    finally:
+        daemon.send_signal(signals.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
 
 
 def test_missing_config_exits_2(short_tmp: Path) -> None:

@@ -90,3 +90,22 @@ async def test_an_open_connection_loses_access_taken_away_by_a_reload(
     assert answer["error"]["code"] == "forbidden"  # type: ignore[index]
     left.close()
     right.close()
+
+
+async def test_a_profile_a_reload_adds_takes_the_new_settings(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    """A reload that adds a profile and changes `token_wait` gives the new profile the
+    new wait, as it gives the profiles that stay."""
+    sock, state = short_tmp / "b.sock", short_tmp / "state"
+    config = write_config(short_tmp / "c.toml", emulator.url, sock, state, profiles=("a",))
+    daemon = Daemon(load(config), wall=wall, rng=random.Random(1), offload=inline)
+    await nursery.start(functools.partial(daemon.run, handle_signals=False))
+    write_config(config, emulator.url, sock, state, profiles=("a", "b"), broker={"token_wait": 3})
+    await daemon.reload()
+    assert {name: p.token_wait for name, p in daemon.profiles.items()} == {"a": 3.0, "b": 3.0}
+    daemon.stop()

@@ -46,7 +46,7 @@ async def test_values_follow_login_rotations_failures_and_a_dead_session(
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
     m = await scrape(broker)
     assert m("geins_broker_info", version=m.labels("geins_broker_info")[0]["version"]) == 1
-    assert m("geins_broker_start_time_seconds") == broker.daemon.started_at
+    assert m("geins_broker_start_time_seconds") == broker.daemon.telemetry.started_at
     assert m("geins_broker_session_state", profile="default", state="logged_out") == 1
     assert m.get("geins_broker_session_expiry_timestamp_seconds", profile="default") is None
 
@@ -183,7 +183,7 @@ async def test_no_secret_in_the_exposition(autojump_clock: MockClock, broker: Br
     text = (await scrape(broker)).text
     # The synchronous form, for a caller that renders on its own thread, says the same
     # (but for the scrape's own connection and op, gone by now).
-    sync = Scrape(broker.daemon.metrics.render_metrics().decode())
+    sync = Scrape(broker.daemon.telemetry.metrics.render_metrics().decode())
     assert sync.families.keys() == Scrape(text).families.keys()
     assert sync("geins_broker_session_state", profile="default", state="active") == 1
     assert tokens.bearer.reveal() not in text
@@ -242,7 +242,7 @@ async def test_a_removed_profile_keeps_the_sums_from_going_down(
         await client.token("b")
     daemon = broker.daemon
     removed = daemon.profiles.pop("b")
-    daemon._retired["b"] = removed  # what a reload that drops b does
+    daemon.roster.retired["b"] = removed  # what a reload that drops b does
     removed.retire()
     m = await scrape(broker)
     assert m("geins_broker_token_requests_total", result="memory") == 1
@@ -388,20 +388,20 @@ async def test_health_for_healthz_follows_the_sessions(
     short_tmp: Path,
 ) -> None:
     broker = await exact_broker(nursery, emulator, wall, short_tmp)
-    health = broker.daemon.health()
+    health = broker.daemon.telemetry.health()
     assert (health.http_status, health.line()) == (503, "not logged in: default (logged out)")
     await broker.login()
-    health = broker.daemon.health()
+    health = broker.daemon.telemetry.health()
     assert (health.http_status, health.line()) == (200, "healthy: 1 profile active")
     emulator.server.faults.add(Fault("status", match="GET /api", status=503))
     await trio.sleep(675.5)
-    health = broker.daemon.health()
+    health = broker.daemon.telemetry.health()
     assert (health.http_status, health.code) == (200, 1)
     assert health.line() == "degraded: default (Geins failed the refresh (503))"
     emulator.server.clear_faults()
     emulator.service.revoke_user(DEMO_USER)
     await trio.sleep(60)
-    health = broker.daemon.health()
+    health = broker.daemon.telemetry.health()
     assert (health.http_status, health.code) == (503, 5)
     assert health.line().startswith("login required: default (Geins rejected the refresh token")
 
@@ -432,7 +432,7 @@ async def test_connections_over_the_limit_are_counted_as_refused(
 async def test_concurrent_scrapes_share_one_render(
     autojump_clock: MockClock, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import broker.daemon.lifecycle as daemon_module
+    import broker.daemon.telemetry as daemon_module
 
     renders: list[int] = []
     real = daemon_module.render
@@ -445,14 +445,14 @@ async def test_concurrent_scrapes_share_one_render(
     answers: list[bytes] = []
 
     async def one() -> None:
-        answers.append(await broker.daemon.render_metrics())
+        answers.append(await broker.daemon.telemetry.render_metrics())
 
     async with trio.open_nursery() as scrapes:
         for _ in range(5):
             scrapes.start_soon(one)
     assert len(renders) == 1
     assert len(answers) == 5 and len(set(answers)) == 1
-    await broker.daemon.render_metrics()
+    await broker.daemon.telemetry.render_metrics()
     assert len(renders) == 2  # nothing cached: the next scrape renders afresh
 
 
@@ -462,7 +462,7 @@ async def test_other_components_register_their_own_families(
     """The seam the proxy and fleet mode will use: plain numbers they keep themselves."""
     from prometheus_client.metrics_core import GaugeMetricFamily
 
-    metrics = broker.daemon.metrics
+    metrics = broker.daemon.telemetry.metrics
     requests = metrics.counter("proxy_requests", "Proxied requests.", "status_class")
     latency = metrics.histogram("proxy_request_duration_seconds", "Proxy latency.", "route")
     metrics.add_source(lambda: [GaugeMetricFamily("geins_broker_fleet_generation", "G.", value=7)])
@@ -486,7 +486,7 @@ async def test_http_routes_for_metrics_and_health(
 ) -> None:
     from broker.observe.routes import answer
 
-    daemon = broker.daemon
+    daemon = broker.daemon.telemetry  # what the routes read
     assert await answer(daemon, "GET", "/graphql") is None  # the proxy's, not ours
     status, headers, body = await answer(daemon, "GET", "/healthz") or (0, [], b"")
     assert (status, body) == (503, b"not logged in: default (logged out)\n")

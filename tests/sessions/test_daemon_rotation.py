@@ -338,7 +338,7 @@ async def test_overdue_refreshes_after_a_restart_are_spread_and_bounded(
         startup_spread=10,
         max_concurrent_refreshes=3,
     )
-    limiter = second.daemon._limiter
+    limiter = second.daemon.roster.limiter
     start = trio.current_time()
     while any(p.session.refreshes == 0 for p in second.daemon.profiles.values()):
         peak = max(peak, limiter.borrowed_tokens)

@@ -147,7 +147,7 @@ async def test_a_reload_with_a_refused_key_file_keeps_the_keys_it_has(
     loose.chmod(0o644)
     write_config(config, emulator.url, sock, state, broker={"key_file": str(loose)})
     await daemon.reload()
-    assert daemon.store.keyring.current == key  # the mistake changed nothing
+    assert daemon.roster.store.keyring.current == key  # the mistake changed nothing
     loose.chmod(0o600)
     write_config(
         config,
@@ -157,7 +157,7 @@ async def test_a_reload_with_a_refused_key_file_keeps_the_keys_it_has(
         broker={"key_file": str(loose), "previous_key_file": str(short_tmp / "k1")},
     )
     await daemon.reload()
-    assert daemon.store.keyring == Keyring(new, (key,))
+    assert daemon.roster.store.keyring == Keyring(new, (key,))
     connection = await RawConnection.open(sock)
     status = await connection.call(id=1, op="status")
     connection.close()

@@ -18,7 +18,9 @@ trusted uids can write cannot hold an attacker's socket. Rule 3 also closes the 
 in which a directory above is swapped between the lstat and the connect.
 
 The rule is the three pure `*_problem` functions below (stat results and uids in, a
-reason or None out); `path_problem` and `trusted_uids` are the small shell around them.
+reason or None out); `path_problem` and `trusted_uids` are the small shell around them,
+and `own_directory_problem` is the daemon's side of rule 1: it binds its socket (and
+keeps its runtime directory) only where every client would trust it.
 """
 
 from __future__ import annotations
@@ -102,3 +104,14 @@ def path_problem(path: str, trusted: Collection[int] | None = None) -> str | Non
     except OSError as exc:
         return f"it cannot be checked ({exc.strerror})"
     return None if problem is None else f"it {problem}"
+
+
+def own_directory_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why this process must not put its socket in the directory `path`, or None:
+    rule 1 with only its own effective uid trusted (stricter than a client's three)."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"cannot check ({exc.strerror})"
+    uid = os.geteuid()
+    return directory_problem(info, {uid}, who=f"the daemon's uid {uid}")
