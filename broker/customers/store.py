@@ -223,6 +223,13 @@ class CustomerStore:
     async def delete(self, session_id: bytes) -> None:
         await self._wait(_Delete(session_id))
 
+    async def delete_many(self, session_ids: list[bytes]) -> None:
+        """Delete them all, with as few groups as fit; return once all are on disk
+        (groups commit in order, so the last one's waiter waits for every one)."""
+        for session_id in session_ids[:-1]:
+            self._queue(_Delete(session_id), None)
+        await self._wait(_Delete(session_ids[-1]))
+
     def touch(self, session_id: bytes, at: float) -> None:
         """Note a last use, with the next group (never moves the time back)."""
         self._queue(_Touch(session_id, at), None)
