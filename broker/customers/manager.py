@@ -48,6 +48,8 @@ TOUCH_EVERY: Final = 60.0
 #: How often ended sessions are looked for, and how many are ended per app per look.
 SWEEP_EVERY: Final = 60.0
 SWEEP_BATCH: Final = 1000
+#: Extra candidates read when an app is full (see _make_room).
+EVICTION_WINDOW: Final = 64
 #: The most sessions one listing returns.
 MAX_LISTING: Final = 1000
 
@@ -229,15 +231,31 @@ class CustomerSessions:
         return Created(handle, live.expires_at, ends_at, remember)
 
     async def _make_room(self, settings: AppSettings, customer_id: bytes) -> None:
-        """End the least recently used sessions over the customer's and the app's limit."""
+        """End the least recently used sessions over the customer's and the app's limit.
+
+        The store's last-use times lag by up to TOUCH_EVERY, memory's do not: candidates
+        are ordered by the later of the two, so a customer's eviction is exact and an
+        app's is exact to within TOUCH_EVERY (its candidates are the store's oldest
+        `EVICTION_WINDOW` more than needed)."""
         app, lifetime = settings.name, settings.lifetime
         mine = await self.store.customer_sessions(app, customer_id)
-        for row in mine[: over_limit(len(mine), lifetime.max_per_customer)]:
-            await self._end_by_id(app, row.session_id, EndReason.EVICTED)
+        excess = over_limit(len(mine), lifetime.max_per_customer)
+        for session_id in self._least_recent(
+            [(r.session_id, r.last_used_at) for r in mine], excess
+        ):
+            await self._end_by_id(app, session_id, EndReason.EVICTED)
         excess = over_limit(self.stats.sessions[app], lifetime.max_sessions)
         if excess:
-            for session_id in await self.store.least_recent(app, excess):
+            candidates = await self.store.least_recent(app, excess + EVICTION_WINDOW)
+            for session_id in self._least_recent(candidates, excess):
                 await self._end_by_id(app, session_id, EndReason.EVICTED)
+
+    def _least_recent(self, candidates: list[tuple[bytes, float]], count: int) -> list[bytes]:
+        def last_use(candidate: tuple[bytes, float]) -> float:
+            live = self.lives.peek(candidate[0])
+            return candidate[1] if live is None else max(candidate[1], live.last_used_at)
+
+        return [session_id for session_id, _ in sorted(candidates, key=last_use)[:count]]
 
     async def _end_by_id(self, app: str, session_id: bytes, reason: EndReason) -> None:
         live = self.lives.peek(session_id)

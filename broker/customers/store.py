@@ -320,11 +320,14 @@ class CustomerStore:
         )
         return [_row(r) for r in rows]
 
-    async def least_recent(self, app: str, limit: int) -> list[bytes]:
+    async def least_recent(self, app: str, limit: int) -> list[tuple[bytes, float]]:
+        """The ids and stored last uses of an app's least recently used sessions."""
         rows = await self._read(
-            "SELECT id FROM sessions WHERE app = ? ORDER BY last_used_at LIMIT ?", app, limit
+            "SELECT id, last_used_at FROM sessions WHERE app = ? ORDER BY last_used_at LIMIT ?",
+            app,
+            limit,
         )
-        return [bytes(r[0]) for r in rows]
+        return [(bytes(r[0]), float(r[1])) for r in rows]
 
     async def listing(self, app: str, limit: int) -> list[Row]:
         rows = await self._read(
