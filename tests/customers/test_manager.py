@@ -13,13 +13,15 @@ from broker.customers.model.handles import new_handle
 from broker.customers.model.lifetime import Lifetime
 from broker.customers.model.ratelimit import LoginRates, Rate
 from broker.emulator.app import Emulator
+from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from tests.customers.conftest import Start
 from tests.support import refreshes
 
 PASSWORD = Secret(DEMO_PASSWORD)
 #: A session idle after a minute: refreshed only at its next use.
-IDLE_SOON = Lifetime(active_for=60.0)
+IDLE_SOON = Lifetime(active_for=60.0, max_per_customer=100)
+MANY = LoginRates(per_username=Rate(1.0, 100), per_uid=Rate(1.0, 100))
 
 
 async def test_ssr_fan_out_at_bearer_expiry_makes_one_refresh(
@@ -45,16 +47,41 @@ async def test_ssr_fan_out_at_bearer_expiry_makes_one_refresh(
 async def test_a_waiter_going_away_does_not_cancel_the_refresh(
     autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
 ) -> None:
-    emulator.server.faults.add  # noqa: B018 - the emulator answers at once here
     manager = await start_customers(lifetime=IDLE_SOON)
     created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    live = manager.lives.peek(manager.store.store_key.session_id("shop", created.handle))
+    assert live is not None
     await trio.sleep(900)
-    with trio.move_on_after(0):  # cancelled at its first checkpoint
-        await manager.token("shop", created.handle)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.token, "shop", created.handle)
+        while live.flight is None:
+            await trio.sleep(0)
+        nursery.cancel_scope.cancel()  # the only caller goes away mid-refresh
     await trio.sleep(1)
-    answer = await manager.token("shop", created.handle)
-    assert answer.expires_at > trio.current_time() - 0  # served without another refresh
     assert refreshes(emulator) == 1
+    assert live.generation == 2  # the rotated token was committed all the same
+    await manager.token("shop", created.handle)
+    assert refreshes(emulator) == 1
+
+
+async def test_refreshes_in_flight_per_app_are_bounded(
+    autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
+) -> None:
+    manager = await start_customers(lifetime=IDLE_SOON, max_refreshes=2, rates=MANY)
+    handles = [
+        (await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)).handle
+        for _ in range(8)
+    ]
+    await trio.sleep(900)
+    emulator.server.faults.add(Fault("latency", match="GET /api", seconds=1.0))
+    emulator.server.peak_in_flight = 0
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for handle in handles:
+            nursery.start_soon(manager.token, "shop", handle)
+    assert refreshes(emulator) == 8
+    assert emulator.server.peak_in_flight == 2
+    assert trio.current_time() - started == 4.0  # eight 1-s refreshes, two at a time
 
 
 async def test_a_session_in_use_is_refreshed_ahead_of_expiry(
