@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.lowlevel
 
 from broker.core.errors import InvalidCredentials, Relayed
 from broker.core.secret import Secret
@@ -55,7 +56,7 @@ async def test_a_waiter_going_away_does_not_cancel_the_refresh(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.token, "shop", created.handle)
         while live.flight is None:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         nursery.cancel_scope.cancel()  # the only caller goes away mid-refresh
     await trio.sleep(1)
     assert refreshes(emulator) == 1
