@@ -370,12 +370,14 @@ class Refresher:
         await self.forget([live.session_id], live.app, reason)
 
     async def forget(self, session_ids: list[bytes], app: str, reason: EndReason) -> None:
-        """Delete stored sessions (ended ones, or ones no handle has opened yet)."""
+        """Delete stored sessions (ended ones, or ones no handle has opened yet).
+        Counts only what was still there: the sweeper and a request may end one
+        session at once."""
         if not session_ids:
             return
-        await self._store.delete_many(session_ids)
-        self.stats.sessions[app] -= len(session_ids)
-        self.stats.ends[app, reason.value] += len(session_ids)
+        gone = await self._store.delete_many(session_ids)
+        self.stats.sessions[app] -= gone
+        self.stats.ends[app, reason.value] += gone
         for session_id in session_ids:
             log.info("customer_session_ended", app=app, session=log_id(session_id), reason=reason)
 

@@ -124,11 +124,15 @@ _Write = _Put | _Delete | _Touch
 
 
 class _Waiter:
-    __slots__ = ("done", "error")
+    """Waits for `pending` writes, in one group or more; counts the rows they changed."""
 
-    def __init__(self) -> None:
+    __slots__ = ("changed", "done", "error", "pending")
+
+    def __init__(self, pending: int = 1) -> None:
         self.done = trio.Event()
         self.error: StoreError | None = None
+        self.pending = pending
+        self.changed = 0
 
 
 @dataclass(slots=True)
@@ -223,12 +227,17 @@ class CustomerStore:
     async def delete(self, session_id: bytes) -> None:
         await self._wait(_Delete(session_id))
 
-    async def delete_many(self, session_ids: list[bytes]) -> None:
-        """Delete them all, with as few groups as fit; return once all are on disk
-        (groups commit in order, so the last one's waiter waits for every one)."""
-        for session_id in session_ids[:-1]:
-            self._queue(_Delete(session_id), None)
-        await self._wait(_Delete(session_ids[-1]))
+    async def delete_many(self, session_ids: list[bytes]) -> int:
+        """Delete them all, in as few groups as fit; once all are on disk, return how
+        many there were (a session two callers ended at once is counted once)."""
+        waiter = _Waiter(len(session_ids))
+        for session_id in session_ids:
+            self._queue(_Delete(session_id), waiter)
+        self._wake.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.changed
 
     def touch(self, session_id: bytes, at: float) -> None:
         """Note a last use, with the next group (never moves the time back)."""
@@ -254,31 +263,37 @@ class CustomerStore:
             self._wake = trio.Event()
             while self._pending:
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                error = None
+                error, changed = None, [0] * len(group)
                 try:
-                    await self._offload(self._write_group, [w for w, _ in group])
+                    changed = await self._offload(self._write_group, [w for w, _ in group])
                 except StoreError as exc:
                     error = exc
-                for _, waiter in group:
+                for (_, waiter), rows in zip(group, changed, strict=True):
                     if waiter is not None:
-                        waiter.error = error
-                        waiter.done.set()
+                        waiter.error = waiter.error or error
+                        waiter.changed += rows
+                        waiter.pending -= 1
+                        if waiter.pending == 0:
+                            waiter.done.set()
 
-    def _write_group(self, writes: list[_Write]) -> None:
+    def _write_group(self, writes: list[_Write]) -> list[int]:
+        """Write `writes` in one transaction; the rows each changed."""
         started = time.monotonic()
         conn = self._writer
+        changed = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write in writes:
                 if isinstance(write, _Put):
-                    conn.execute(_UPSERT, write.row.values())
+                    cursor = conn.execute(_UPSERT, write.row.values())
                 elif isinstance(write, _Delete):
-                    conn.execute("DELETE FROM sessions WHERE id = ?", (write.session_id,))
+                    cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (write.session_id,))
                 else:
-                    conn.execute(
+                    cursor = conn.execute(
                         "UPDATE sessions SET last_used_at = max(last_used_at, ?) WHERE id = ?",
                         (write.at, write.session_id),
                     )
+                changed.append(cursor.rowcount)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.stats.failures += 1
@@ -288,6 +303,7 @@ class CustomerStore:
         self.stats.commits += 1
         self.stats.rows += len(writes)
         self.stats.commit_seconds += time.monotonic() - started
+        return changed
 
     # -- reads: lazy, by id or by index --------------------------------------------------------
 
