@@ -36,7 +36,6 @@ class Live:
         "app",
         "bearer",
         "created_at",
-        "customer_id",
         "ended",
         "expires_at",
         "failures",
@@ -60,13 +59,11 @@ class Live:
     def __init__(
         self,
         session_id: bytes,
-        customer_id: bytes,
         key: bytes,
         record: SessionRecord,
         last_used_at: float,
     ) -> None:
         self.session_id = session_id
-        self.customer_id = customer_id
         self.key = key
         self.app = record.app
         self.username = record.username

@@ -207,7 +207,7 @@ class CustomerSessions:
             generation=1,
             committed_at=now,
         )
-        live = Live(session_id, customer_id, session_key(app, handle), record, now)
+        live = Live(session_id, session_key(app, handle), record, now)
         live.next_refresh_at = rules.rotation_due_at(token_set, settings.policy, self._rng)
         lock = self._creating.setdefault(customer_id, trio.Lock())
         try:
@@ -377,7 +377,7 @@ class CustomerSessions:
                 "customer_session_unreadable", app=app, session=log_id(session_id), reason=str(exc)
             )
             raise UnknownSession() from None
-        live = Live(session_id, row.customer_id, key, record, row.last_used_at)
+        live = Live(session_id, key, record, row.last_used_at)
         self.lives.put(live)
         return live
 

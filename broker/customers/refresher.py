@@ -138,7 +138,7 @@ class Refresher:
         return Row(
             session_id=sid,
             app=live.app,
-            customer_id=live.customer_id,
+            customer_id=self._store.store_key.customer_id(live.app, live.username),
             name=records.seal_name(self._keyring, live.app, sid, live.username),
             remember=live.remember,
             created_at=live.created_at,
