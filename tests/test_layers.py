@@ -27,6 +27,7 @@ PURE_PACKAGES = (
     "broker.policy",
     "broker.geins",
     "broker.emulator.model",
+    "broker.customers.model",
 )
 #: Pure modules of the client package (which is small enough not to split in two).
 PURE_CLIENT_MODULES = ("geins_broker_client.protocol", "geins_broker_client.health")

@@ -1,0 +1,163 @@
+"""The sessions in memory: one small object per live session, in a bounded LRU map.
+
+A `Live` is kept small on purpose (slots, no per-session Session, Random or Tokens
+object; claims are decoded again when asked for): the memory goal is at most 2 KiB per
+live session, bearer included. It holds the session key (from the handle), so the
+daemon can re-seal the record after a proactive refresh and log the session out at
+Geins on a purge; dropping a `Live` from the map forgets that key, and the session
+waits, sealed, until its handle is seen again.
+
+Only the manager and its refresher change a `Live`'s fields.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import trio
+
+from broker.core.secret import Secret
+from broker.customers.model.record import SessionRecord
+
+
+class Flight:
+    """One refresh (or password change) of one session, awaited by any number."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class Live:
+    __slots__ = (
+        "app",
+        "bearer",
+        "created_at",
+        "ended",
+        "expires_at",
+        "failures",
+        "flight",
+        "generation",
+        "key",
+        "last_used_at",
+        "next_refresh_at",
+        "obtained_at",
+        "refresh",
+        "remember",
+        "retry_at",
+        "saved_use_at",
+        "scheduled",
+        "session_ends_at",
+        "session_id",
+        "unsaved",
+        "username",
+    )
+
+    def __init__(
+        self,
+        session_id: bytes,
+        key: bytes,
+        record: SessionRecord,
+        last_used_at: float,
+    ) -> None:
+        self.session_id = session_id
+        self.key = key
+        self.app = record.app
+        self.username = record.username
+        self.remember = record.remember
+        self.created_at = record.created_at
+        self.bearer = record.bearer
+        self.refresh = record.refresh
+        self.obtained_at = record.obtained_at
+        self.expires_at = record.expires_at
+        self.session_ends_at = record.session_ends_at
+        self.generation = record.generation
+        self.last_used_at = last_used_at
+        #: The last use written to the store (it is written coarsely).
+        self.saved_use_at = last_used_at
+        self.next_refresh_at: float | None = None
+        self.failures = 0
+        self.retry_at: float | None = None
+        self.flight: Flight | None = None
+        #: In the refresher's queue.
+        self.scheduled = False
+        #: Ended (logout, purge, eviction): nothing may write it back.
+        self.ended = False
+        #: Holds tokens the store has not taken yet (a failed commit).
+        self.unsaved = False
+
+    def __repr__(self) -> str:
+        return f"Live(app={self.app!r}, generation={self.generation})"
+
+    def took(self, record: SessionRecord) -> None:
+        """The session's tokens are now `record`'s."""
+        self.bearer = record.bearer
+        self.refresh = record.refresh
+        self.obtained_at = record.obtained_at
+        self.expires_at = record.expires_at
+        self.session_ends_at = record.session_ends_at
+        self.generation = record.generation
+
+    def record(
+        self,
+        *,
+        bearer: Secret,
+        refresh: Secret,
+        obtained_at: float,
+        expires_at: float,
+        session_ends_at: float | None,
+        committed_at: float,
+    ) -> SessionRecord:
+        """The next generation of this session's record, with these tokens."""
+        return SessionRecord(
+            app=self.app,
+            username=self.username,
+            remember=self.remember,
+            bearer=bearer,
+            refresh=refresh,
+            obtained_at=obtained_at,
+            expires_at=expires_at,
+            session_ends_at=session_ends_at,
+            created_at=self.created_at,
+            generation=self.generation + 1,
+            committed_at=committed_at,
+        )
+
+
+class LiveMap:
+    """Live sessions by id, least recently used first, at most `capacity` of them."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._map: OrderedDict[bytes, Live] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __iter__(self) -> Iterator[Live]:
+        return iter(list(self._map.values()))
+
+    def get(self, session_id: bytes) -> Live | None:
+        live = self._map.get(session_id)
+        if live is not None:
+            self._map.move_to_end(session_id)
+        return live
+
+    def peek(self, session_id: bytes) -> Live | None:
+        return self._map.get(session_id)
+
+    def put(self, live: Live) -> None:
+        self._map[live.session_id] = live
+        self._map.move_to_end(live.session_id)
+        while len(self._map) > self.capacity:
+            _, dropped = self._map.popitem(last=False)
+            dropped.scheduled = False
+
+    def pop(self, session_id: bytes) -> Live | None:
+        return self._map.pop(session_id, None)
+
+    def count(self, app: str) -> int:
+        return sum(1 for live in self._map.values() if live.app == app)

@@ -1,0 +1,370 @@
+"""Customer sessions in SQLite: one file, WAL, group commits from one writer thread.
+
+Why SQLite and group commits: one file and one fsync per rotation does not scale to
+100,000 sessions. Every write (a new or rotated record, a deletion, a last-use time)
+is queued; one writer task takes everything queued, writes it in one transaction in a
+worker thread and commits it with one fsync (WAL, synchronous=FULL). Callers of
+`commit` and `delete` wait for their group's fsync, so a rotated refresh token is on
+disk before anyone is served the bearer that came with it; `touch` does not wait.
+
+Reads are lazy, by session id, one row at a time (nothing is loaded at start, so a
+restart serves at once and refreshes nothing). They use their own connection, which
+WAL lets read while the writer writes.
+
+Rows: the session id (the handle's keyed hash: handles.py), the app, the customer id
+(a keyed hash of the username), the username sealed with the keyring (admin
+listings), the tier, created / last-used / absolute-end times (for purges and
+eviction, which must work without handles), and the record, sealed twice
+(record.py). The store key is in `meta`, sealed with the keyring.
+
+The file is created 0600 (SQLite gives its -wal and -shm files the same mode) and
+never opened through a link.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from broker.core.errors import StoreError
+from broker.core.sealing import Keyring, SealError
+from broker.customers.model.handles import STORE_KEY_SIZE, StoreKey
+
+Offload = Callable[..., Awaitable[Any]]
+FILENAME: Final = "customers.sqlite"
+#: Rows written in one transaction at most; more wait for the next group.
+MAX_GROUP: Final = 4096
+_STORE_KEY_LABEL: Final = "customer-store-key"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id BLOB NOT NULL UNIQUE,
+    app TEXT NOT NULL,
+    customer BLOB NOT NULL,
+    name BLOB NOT NULL,
+    remember INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    last_used_at REAL NOT NULL,
+    ends_at REAL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_customer ON sessions (app, customer, last_used_at);
+CREATE INDEX IF NOT EXISTS sessions_use ON sessions (app, last_used_at);
+"""
+_UPSERT: Final = """
+INSERT INTO sessions (id, app, customer, name, remember, created_at, last_used_at, ends_at, record)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    last_used_at = max(last_used_at, excluded.last_used_at),
+    ends_at = excluded.ends_at,
+    record = excluded.record
+"""
+_COLUMNS: Final = "id, app, customer, name, remember, created_at, last_used_at, ends_at, record"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    session_id: bytes
+    app: str
+    customer_id: bytes
+    name: bytes = field(repr=False)
+    remember: bool
+    created_at: float
+    last_used_at: float
+    #: The absolute end (Geins' maxAge); None if Geins did not state one.
+    ends_at: float | None
+    record: bytes = field(repr=False)
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.session_id,
+            self.app,
+            self.customer_id,
+            self.name,
+            int(self.remember),
+            self.created_at,
+            self.last_used_at,
+            self.ends_at,
+            self.record,
+        )
+
+
+def _row(values: Sequence[Any]) -> Row:
+    sid, app, customer, name, remember, created, used, ends, record = values
+    return Row(sid, app, customer, name, bool(remember), created, used, ends, record)
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    row: Row
+
+
+@dataclass(frozen=True, slots=True)
+class _Delete:
+    session_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Touch:
+    session_id: bytes
+    at: float
+
+
+_Write = _Put | _Delete | _Touch
+
+
+class _Waiter:
+    """Waits for `pending` writes, in one group or more; counts the rows they changed."""
+
+    __slots__ = ("changed", "done", "error", "pending")
+
+    def __init__(self, pending: int = 1) -> None:
+        self.done = trio.Event()
+        self.error: StoreError | None = None
+        self.pending = pending
+        self.changed = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """What the store has done: commits (fsyncs), rows they wrote, time they took."""
+
+    commits: int = 0
+    rows: int = 0
+    commit_seconds: float = 0.0
+    failures: int = 0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _create_private(path: Path) -> None:
+    """The database file, created 0600 if absent; never a link, never another uid's."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise StoreError(f"{path}: not a regular file of the daemon's own")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise StoreError(f"{path}: readable by others; the session store must be 0600")
+    finally:
+        os.close(fd)
+
+
+class CustomerStore:
+    def __init__(self, path: Path, keyring: Keyring, *, offload: Offload | None = None) -> None:
+        """Open (or create) the store; blocking, call before serving (a few ms)."""
+        self.path = path
+        self._keyring = keyring
+        self._offload: Offload = offload or trio.to_thread.run_sync
+        _create_private(path)
+        try:
+            self._writer = _connect(path)
+            self._writer.executescript(_SCHEMA)
+            self._reader = _connect(path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: {exc}") from None
+        self._read_lock = threading.Lock()
+        self.store_key = self._store_key()
+        self._pending: list[tuple[_Write, _Waiter | None]] = []
+        self._wake = trio.Event()
+        self.stats = StoreStats()
+
+    def _store_key(self) -> StoreKey:
+        found = self._writer.execute("SELECT value FROM meta WHERE name = 'store_key'").fetchone()
+        if found is None:
+            key = StoreKey.generate()
+            self._save_store_key(key)
+            return key
+        try:
+            opened = self._keyring.open(_STORE_KEY_LABEL, bytes(found[0]))
+        except SealError as exc:
+            raise StoreError(f"{self.path}: the store key does not open ({exc})") from None
+        if len(opened.data) != STORE_KEY_SIZE:
+            raise StoreError(f"{self.path}: the store key is damaged")
+        key = StoreKey(opened.data)
+        if opened.stale:  # sealed with a previous daemon key, or in clear: seal it anew
+            self._save_store_key(key)
+        return key
+
+    def _save_store_key(self, key: StoreKey) -> None:
+        sealed = self._keyring.seal(_STORE_KEY_LABEL, key.material)
+        self._writer.execute(
+            "INSERT INTO meta (name, value) VALUES ('store_key', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (sealed,),
+        )
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+    # -- writes: queued, grouped, one fsync per group ----------------------------------------
+
+    async def commit(self, row: Row) -> None:
+        """Write `row` (insert, or replace the record of the session with its id); return
+        once it is on disk. Raises StoreError if its group failed to commit."""
+        await self._wait(_Put(row))
+
+    async def delete(self, session_id: bytes) -> None:
+        await self._wait(_Delete(session_id))
+
+    async def delete_many(self, session_ids: list[bytes]) -> int:
+        """Delete them all, in as few groups as fit; once all are on disk, return how
+        many there were (a session two callers ended at once is counted once)."""
+        waiter = _Waiter(len(session_ids))
+        for session_id in session_ids:
+            self._queue(_Delete(session_id), waiter)
+        self._wake.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.changed
+
+    def touch(self, session_id: bytes, at: float) -> None:
+        """Note a last use, with the next group (never moves the time back)."""
+        self._queue(_Touch(session_id, at), None)
+        self._wake.set()
+
+    def _queue(self, write: _Write, waiter: _Waiter | None) -> None:
+        self._pending.append((write, waiter))
+
+    async def _wait(self, write: _Write) -> None:
+        waiter = _Waiter()
+        self._queue(write, waiter)
+        self._wake.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The one writer: until cancelled, write whatever is queued, a group at a time."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._pending:
+                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                error, changed = None, [0] * len(group)
+                try:
+                    changed = await self._offload(self._write_group, [w for w, _ in group])
+                except StoreError as exc:
+                    error = exc
+                for (_, waiter), rows in zip(group, changed, strict=True):
+                    if waiter is not None:
+                        waiter.error = waiter.error or error
+                        waiter.changed += rows
+                        waiter.pending -= 1
+                        if waiter.pending == 0:
+                            waiter.done.set()
+
+    def _write_group(self, writes: list[_Write]) -> list[int]:
+        """Write `writes` in one transaction; the rows each changed."""
+        started = time.monotonic()
+        conn = self._writer
+        changed = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in writes:
+                if isinstance(write, _Put):
+                    cursor = conn.execute(_UPSERT, write.row.values())
+                elif isinstance(write, _Delete):
+                    cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (write.session_id,))
+                else:
+                    cursor = conn.execute(
+                        "UPDATE sessions SET last_used_at = max(last_used_at, ?) WHERE id = ?",
+                        (write.at, write.session_id),
+                    )
+                changed.append(cursor.rowcount)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.stats.failures += 1
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"the session store refused a write ({exc})") from None
+        self.stats.commits += 1
+        self.stats.rows += len(writes)
+        self.stats.commit_seconds += time.monotonic() - started
+        return changed
+
+    # -- reads: lazy, by id or by index --------------------------------------------------------
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        return list(await self._offload(self._query, sql, args))
+
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        with self._read_lock:
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"the session store refused a read ({exc})") from None
+
+    async def get(self, session_id: bytes) -> Row | None:
+        sql = f"SELECT {_COLUMNS} FROM sessions WHERE id = ?"  # noqa: S608 - constant; values bound
+        found = await self._read(sql, session_id)
+        return _row(found[0]) if found else None
+
+    async def count(self, app: str) -> int:
+        found = await self._read("SELECT count(*) FROM sessions WHERE app = ?", app)
+        return int(found[0][0])
+
+    async def customer_sessions(self, app: str, customer_id: bytes) -> list[Row]:
+        """A customer's sessions, least recently used first."""
+        rows = await self._read(
+            f"SELECT {_COLUMNS} FROM sessions WHERE app = ? AND customer = ? "  # noqa: S608
+            "ORDER BY last_used_at",
+            app,
+            customer_id,
+        )
+        return [_row(r) for r in rows]
+
+    async def least_recent(self, app: str, limit: int) -> list[tuple[bytes, float]]:
+        """The ids and stored last uses of an app's least recently used sessions."""
+        rows = await self._read(
+            "SELECT id, last_used_at FROM sessions WHERE app = ? ORDER BY last_used_at LIMIT ?",
+            app,
+            limit,
+        )
+        return [(bytes(r[0]), float(r[1])) for r in rows]
+
+    async def listing(self, app: str, limit: int) -> list[Row]:
+        rows = await self._read(
+            f"SELECT {_COLUMNS} FROM sessions WHERE app = ? "  # noqa: S608
+            "ORDER BY last_used_at DESC LIMIT ?",
+            app,
+            limit,
+        )
+        return [_row(r) for r in rows]
+
+    async def ended(
+        self, app: str, now: float, idle_short: float, idle_remembered: float, limit: int
+    ) -> list[Row]:
+        """Sessions past their absolute end or idle by the stored last use."""
+        rows = await self._read(
+            f"SELECT {_COLUMNS} FROM sessions WHERE app = ? AND ("  # noqa: S608
+            "ends_at <= ? OR last_used_at <= ? OR (remember = 0 AND last_used_at <= ?)) LIMIT ?",
+            app,
+            now,
+            now - idle_remembered,
+            now - idle_short,
+            limit,
+        )
+        return [_row(r) for r in rows]
