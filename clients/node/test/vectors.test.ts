@@ -55,6 +55,28 @@ function build(name: string, a: Record<string, unknown>) {
       );
     case "watch":
       return calls.watch(s("profile"));
+    case "session_login":
+      return calls.sessionLogin(s("app")!, s("username")!, s("password")!, a["remember"] as boolean | undefined);
+    case "session_register":
+      return calls.sessionRegister(
+        s("app")!,
+        s("username")!,
+        s("password")!,
+        a["remember"] as boolean | undefined,
+        a["user"] as Record<string, unknown> | undefined,
+      );
+    case "session_token":
+      return calls.sessionToken(s("app")!, s("handle")!, a["min_valid"] as number | undefined);
+    case "session_info":
+      return calls.sessionInfo(s("app")!, s("handle")!);
+    case "session_passwd":
+      return calls.sessionPasswd(s("app")!, s("handle")!, s("password")!, s("new_password")!);
+    case "session_logout":
+      return calls.sessionLogout(s("app")!, s("handle")!);
+    case "sessions":
+      return calls.sessions(s("app")!, s("username"));
+    case "session_end":
+      return calls.sessionEnd(s("app")!, s("username")!);
     default:
       throw new Error(`no Node builder for ${name}`);
   }
@@ -109,9 +131,9 @@ describe("error codes", () => {
     });
   }
   test("an unknown code from a newer daemon is kept", () => {
-    const error = errors.errorFromWire("rate_limited", "slow down");
+    const error = errors.errorFromWire("quota_exceeded", "slow down");
     assert.equal(error.constructor, errors.BrokerError);
-    assert.equal(error.code, "rate_limited");
+    assert.equal(error.code, "quota_exceeded");
   });
 });
 
