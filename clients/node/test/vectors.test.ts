@@ -8,7 +8,7 @@ import { describe, test } from "node:test";
 import { calls, answer } from "../src/calls.js";
 import * as errors from "../src/errors.js";
 import { candidateSockets, checkTrusted, systemUser, trustedUids, type StatInfo } from "../src/paths.js";
-import { FrameDecoder, encode, MAX_RESPONSE_SIZE } from "../src/protocol.js";
+import { FrameDecoder, encode, MAX_RESPONSE_SIZE, Op } from "../src/protocol.js";
 import { parseNothing, parseWatchEvent } from "../src/results.js";
 import { VECTORS_PATH } from "./support.js";
 
@@ -83,6 +83,11 @@ function build(name: string, a: Record<string, unknown>) {
 }
 
 describe("requests", () => {
+  test("every op the Node client sends has a vector", () => {
+    const covered = new Set(vectors.requests.map((v) => v.message["op"]));
+    const missing = Object.values(Op).filter((op) => !covered.has(op));
+    assert.deepEqual(missing, []);
+  });
   for (const [i, v] of vectors.requests.entries()) {
     test(`${i} ${v.call} is built byte for byte`, () => {
       const call = build(v.call, v.args);
