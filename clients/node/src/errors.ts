@@ -74,7 +74,7 @@ export class LoginRequired extends BrokerError {
  * lifetime, eviction, "log out everywhere"), or it is another app's. The daemon answers all
  * of these alike, on purpose. Log the customer in again.
  */
-export class UnknownSession extends LoginRequired {
+export class UnknownSession extends BrokerError {
   static override readonly defaultCode: string = Code.UNKNOWN_SESSION;
 }
 
@@ -107,7 +107,7 @@ export class Busy extends Unavailable {
  * Too many login or register attempts for this username or from this uid. `retryAfter`
  * is the daemon's word (seconds) on when another attempt may pass; null if it gave none.
  */
-export class RateLimited extends Unavailable {
+export class RateLimited extends BrokerError {
   static override readonly defaultCode: string = Code.RATE_LIMITED;
   readonly retryAfter: number | null;
 

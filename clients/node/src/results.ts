@@ -270,7 +270,8 @@ export interface SessionInfo {
 /** One session in an admin's listing: named by 8 hex digits of its keyed id, never its handle. */
 export interface SessionListing {
   readonly session: string;
-  readonly username: string;
+  /** null when the daemon cannot open the sealed username (e.g. its key is gone). */
+  readonly username: string | null;
   readonly createdAt: number;
   readonly lastUsedAt: number;
   readonly endsAt: number | null;
@@ -314,7 +315,7 @@ export function parseSessionListings(message: Message): readonly SessionListing[
     const m = entry as Message;
     return Object.freeze({
       session: field<string>(m, "session", "string"),
-      username: field<string>(m, "username", "string"),
+      username: optional<string>(m, "username", "string"),
       createdAt: field<number>(m, "created_at", "number"),
       lastUsedAt: field<number>(m, "last_used_at", "number"),
       endsAt: optional<number>(m, "ends_at", "number"),
