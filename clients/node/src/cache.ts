@@ -13,6 +13,12 @@ import { BadRequest } from "./errors.js";
 import type { SessionToken, Token } from "./results.js";
 
 export const DEFAULT_MIN_VALID = 60;
+/**
+ * What a customer's bearer must have left when handed to a request (seconds): enough for
+ * the Merchant API call it signs, and well under any bearer's lifetime (the daemon refuses
+ * a min_valid of a lifetime or more; the emulator's demos run 20-second bearers).
+ */
+export const DEFAULT_SESSION_MIN_VALID = 10;
 
 export interface TokenCacheOptions {
   client?: BrokerClient;
@@ -134,7 +140,7 @@ export class SessionTokens {
   constructor(session: SessionRef, options: { client?: BrokerClient; minValid?: number; clock?: () => number } = {}) {
     this.session = { app: session.app, handle: session.handle };
     this.client = options.client ?? new BrokerClient();
-    this.minValid = options.minValid ?? DEFAULT_MIN_VALID;
+    this.minValid = options.minValid ?? DEFAULT_SESSION_MIN_VALID;
     this.clock = options.clock ?? (() => Date.now() / 1000);
   }
 

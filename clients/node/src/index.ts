@@ -16,7 +16,7 @@ export {
   type ProfileOptions,
   type SessionRef,
 } from "./client.js";
-export { SessionTokens, TokenCache, DEFAULT_MIN_VALID, type GetOptions, type TokenCacheOptions } from "./cache.js";
+export { SessionTokens, TokenCache, DEFAULT_MIN_VALID, DEFAULT_SESSION_MIN_VALID, type GetOptions, type TokenCacheOptions } from "./cache.js";
 export { brokerFetch, withBrokerAuth, type BrokerAuthOptions, type FetchLike, type SessionAuthOptions } from "./fetch.js";
 export {
   BadFrame,

@@ -17,10 +17,12 @@
 
 import type { IncomingMessage, ServerResponse } from "node:http";
 
+import { DEFAULT_SESSION_MIN_VALID } from "../cache.js";
 import { BrokerClient, type SessionRef } from "../client.js";
 import {
   BrokerNotRunning,
   InvalidCredentials,
+  LoginRequired,
   RateLimited,
   Unavailable,
   UnknownSession,
@@ -49,7 +51,7 @@ export interface StorefrontOptions {
    * socket). Behind a TLS-terminating proxy, list them.
    */
   origins?: readonly string[];
-  /** Seconds a bearer handed to a request must still be valid (default 60). */
+  /** Seconds a bearer handed to a request must still be valid (default 10). */
   minValid?: number;
   /** The fetch that customer fetches wrap (default: globalThis.fetch). */
   fetch?: FetchLike;
@@ -112,7 +114,7 @@ export class Storefront {
   readonly client: BrokerClient;
   readonly cookie: CookiePolicy;
   private readonly origins: readonly string[] | null;
-  private readonly minValid: number | undefined;
+  private readonly minValid: number;
   private readonly fetchImpl: FetchLike;
   private readonly clock: () => number;
 
@@ -121,7 +123,7 @@ export class Storefront {
     this.client = options.client ?? new BrokerClient();
     this.cookie = cookiePolicy(options.cookie);
     this.origins = options.origins ? options.origins.map(originOrThrow) : null;
-    this.minValid = options.minValid;
+    this.minValid = options.minValid ?? DEFAULT_SESSION_MIN_VALID;
     this.fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
     this.clock = options.clock ?? (() => Date.now() / 1000);
   }
@@ -182,7 +184,7 @@ export class Storefront {
       try {
         await this.client.sessionLogout({ app: this.app, handle });
       } catch (error) {
-        if (!(error instanceof UnknownSession)) throw this.refusal(error, "logout");
+        if (!(error instanceof UnknownSession || error instanceof LoginRequired)) throw this.refusal(error, "logout");
       }
     }
     return clearedCookie(this.cookie);
@@ -199,7 +201,11 @@ export class Storefront {
    */
   refusal(error: unknown, action: "login" | "register" | "logout"): unknown {
     if (error instanceof StorefrontError) return error;
-    if (error instanceof UnknownSession) return this.loggedOut("the session ended: log in again");
+    // UnknownSession: the session ended (or never was). LoginRequired: it ended at Geins
+    // while this request waited on its refresh (a logout in another tab, a revocation).
+    if (error instanceof UnknownSession || error instanceof LoginRequired) {
+      return this.loggedOut("the session ended: log in again");
+    }
     if (error instanceof InvalidCredentials) {
       return action === "register"
         ? new StorefrontError(409, "that e-mail address cannot be registered", [], { cause: error })
