@@ -260,8 +260,8 @@ describe("the storefront in a real browser", { skip: why ?? false }, () => {
     await page.goto(`${shop.url}/account`);
     assert.equal(page.url(), `${shop.url}/account`);
     assert.equal(await page.textContent('[data-testid="email"]'), email("ann"));
+    await page.screenshot({ path: join(outputDir(), "account-ann-after-restart.png"), fullPage: true });
     const fanned = await fanout(page);
     assert.equal(fanned.answered, "20 of 20 answered");
-    await page.screenshot({ path: join(outputDir(), "account-ann-after-restart.png"), fullPage: true });
   });
 });
