@@ -25,13 +25,20 @@ def profile_table(profiles: list[dict[str, Any]]) -> str:
                 str(p.get("profile")),
                 str(fleet.get("generation")),
                 str(fleet.get("committed_by") or "-"),
-                str(fleet.get("lease_holder") or "-"),
+                _lease(fleet),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     )
+
+
+def _lease(fleet: dict[str, Any]) -> str:
+    holder = str(fleet.get("lease_holder") or "-")
+    if fleet.get("lease") == "held_without_expiry":
+        return f"{holder} (NO EXPIRY: not a node's; rotation waits)"
+    return holder
 
 
 def fleet_summary(profiles: list[dict[str, Any]]) -> str:
@@ -70,4 +77,4 @@ def cluster_json(server: str, profiles: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _profile_fleet(fleet: dict[str, Any]) -> dict[str, Any]:
-    return {k: fleet.get(k) for k in ("generation", "committed_by", "lease_holder")}
+    return {k: fleet.get(k) for k in ("generation", "committed_by", "lease_holder", "lease")}

@@ -88,7 +88,7 @@ class Daemon:
         self.wall = wall or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.notifier = notifier or Notifier()
-        self.store = Store(config.state_dir, keyring)
+        self.store = Store(config.state_dir, keyring, config.clear_sessions)
         self.profiles: dict[str, Profile] = {}
         self._transport = transport
         self._offload = offload

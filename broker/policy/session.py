@@ -78,6 +78,20 @@ class Tokens:
     def lifetime(self) -> float:
         return self.expires_at - self.obtained_at
 
+    def within_exp(self) -> Tokens:
+        """These tokens with `expires_at` no later than the bearer's own `exp`.
+
+        For tokens read back from a record (a file, a fleet store) rather than just
+        received: their times are the record's word, and a record can be old and
+        rebased (a replay), so the JWT's `exp`, which Geins signed, bounds them. A host
+        whose clock runs ahead of Geins' serves such a bearer that much less long and
+        refreshes it sooner; fresh grants count their lifetime from receipt as before.
+        """
+        if self.expires_at <= self.claims.exp:
+            return self
+        end = float(self.claims.exp)
+        return replace(self, obtained_at=min(self.obtained_at, end), expires_at=end)
+
     @classmethod
     def from_grant(cls, grant: Grant, now: float, max_skew: float = MAX_CLOCK_SKEW) -> Tokens:
         """Tokens as received at wall time `now`.
@@ -334,8 +348,9 @@ class Session:
         last_refresh_at: float | None,
         refreshes: int,
     ) -> None:
-        """The state saved on disk, as it was before a restart."""
-        self.tokens = tokens
+        """The state saved on disk (or adopted from the fleet), as it was; a bearer is
+        never served past its JWT's exp, whatever the record's times say."""
+        self.tokens = None if tokens is None else tokens.within_exp()
         self.username = username
         self.remember = remember
         self.login_required = login_required
