@@ -135,7 +135,10 @@ def test_a_lease_without_expiry_is_a_few_commands_a_second(
             for part in line.split(":")[1].split(",")
             if part.startswith("calls=")
         )
-        assert calls / window < 10, f"{calls} Redis commands in {window} s"
+        # The steady cost of one node, the commands inside its scripts counted: a
+        # heartbeat (4) and a poll (4) a second. The lease adds one try per lease_ttl.
+        print(f"{calls} Redis commands in {window} s under an unexpiring lease")
+        assert calls / window < 20, f"{calls} Redis commands in {window} s"
         fleet_table = fleet.status(0)[0]["fleet"]
         assert fleet_table["lease"] == "held_without_expiry"
         assert fleet_table["lease_holder"] == "evil"

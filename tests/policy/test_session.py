@@ -257,3 +257,30 @@ def test_repr_holds_no_token() -> None:
     assert "refresh-secret" not in repr(s)
     assert "refresh-secret" not in repr(s.tokens)
     assert s.tokens is not None and s.tokens.bearer.reveal() not in repr(s.tokens)
+
+
+def test_a_restored_bearer_is_never_served_past_its_jwts_exp() -> None:
+    """A record's times are its word (a replayed fleet record is rebased to look fresh):
+    the JWT's exp, which Geins signed, bounds them."""
+    fresh = Tokens.from_grant(grant(T0, lifetime=120), T0)
+    # The same tokens as a replay presents them an hour later: times shifted to now.
+    later = T0 + 3600
+    replayed = Tokens(
+        fresh.bearer,
+        fresh.refresh,
+        fresh.claims,
+        obtained_at=later,
+        expires_at=later + 120,
+        session_expires_at=None,
+    )
+    s = session()
+    s.restored(
+        tokens=replayed,
+        username="u",
+        remember=False,
+        login_required=False,
+        last_refresh_at=None,
+        refreshes=0,
+    )
+    assert not s.serves(later + 1)
+    assert s.tokens is not None and s.tokens.expires_at == T0 + 120
