@@ -30,6 +30,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,11 @@ class Store:
         if clear_sessions not in CLEAR_SESSIONS:
             raise ValueError(f"clear_sessions is one of {', '.join(CLEAR_SESSIONS)}")
         self.clear_sessions = clear_sessions
-        #: The high-water marks, read at the first use with a key.
+        #: The high-water marks, read at the first use with a key. Writes of different
+        #: profiles run in worker threads at once; the one marks file is not theirs
+        #: to race on, so reading and replacing it is serialised.
         self._marks: Marks | None = None
+        self._marks_lock = threading.RLock()
         #: Profiles whose file would not open, and why: not to be overwritten.
         self.unopened: dict[str, str] = {}
         #: Profiles whose file is in clear or under a previous key, while a key is set.
@@ -282,7 +286,7 @@ class Store:
                 self._set_aside(path),
             )
         if generation is not None and (highest is None or generation > highest):
-            self._write_marks(marks.raised(profile, generation))
+            self._raise_mark(profile, generation)
 
     def _refuses_clear(self, marks: Marks) -> bool:
         if self.clear_sessions == "after_rekey":
@@ -292,6 +296,10 @@ class Store:
     def marks(self) -> Marks:
         """The high-water marks (read once; sealed, so only this daemon's keys write
         them). Missing: none yet. Unreadable: none, and clear files refused."""
+        with self._marks_lock:
+            return self._read_marks()
+
+    def _read_marks(self) -> Marks:
         if self._marks is not None:
             return self._marks
         try:
@@ -308,8 +316,13 @@ class Store:
             self._marks = Marks(rekeyed=True)
         return self._marks
 
+    def _raise_mark(self, profile: str, generation: int) -> None:
+        with self._marks_lock:
+            self._write_marks(self._read_marks().raised(profile, generation))
+
     def _write_marks(self, marks: Marks) -> None:
-        if marks == self._marks and marks is not None:
+        """Replace the marks file (the caller holds `_marks_lock`)."""
+        if marks == self._marks:
             return
         self._replace(self.directory / freshness.NAME, freshness.encode(self.keyring, marks))
         self._marks = marks
@@ -317,8 +330,8 @@ class Store:
     def mark_rekeyed(self) -> None:
         """`rekey` sealed every file: clear files are refused from now on (under the
         default `clear_sessions`)."""
-        marks = self.marks()
-        self._write_marks(Marks(marks.generations, rekeyed=True))
+        with self._marks_lock:
+            self._write_marks(Marks(self._read_marks().generations, rekeyed=True))
 
     def _read(self, name: str) -> bytes:
         """A regular file's bytes; a link, a FIFO or a device is an error (ELOOP or
@@ -360,7 +373,7 @@ class Store:
         self._replace(self.path(profile), self.keyring.seal(profile, data))
         self.stale.discard(profile)
         if marks is not None:
-            self._write_marks(marks.raised(profile, plain["generation"]))
+            self._raise_mark(profile, plain["generation"])
 
     def reseal(self, profile: str) -> bool:
         """Seal the profile's file again with the current key if it is in clear or
@@ -395,7 +408,7 @@ class Store:
         self._replace(path, self.keyring.seal(profile, data))
         self.stale.discard(profile)
         if generation is not None:
-            self._write_marks(marks.raised(profile, generation))
+            self._raise_mark(profile, generation)
         return True
 
     def profiles(self) -> list[str]:

@@ -110,3 +110,19 @@ def test_the_whole_directory_restored_together_is_not_detected(short_tmp: Path) 
     assert loaded is not None and loaded.refresh is not None
     assert loaded.refresh.reveal() == "first"
     store.close()
+
+
+def test_writes_of_many_profiles_at_once_keep_every_mark(short_tmp: Path) -> None:
+    """The daemon writes profiles from worker threads at once; the one marks file they
+    share is replaced one at a time, and no mark is lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keyring = Keyring(Key.generate())
+    store = opened(short_tmp / "state", keyring)
+    names = [f"p{i}" for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: store.save(name, record(name)), names))
+    store.close()
+    store = opened(short_tmp / "state", keyring)
+    assert all(store.marks().get(name) == 1 for name in names)
+    store.close()

@@ -12,6 +12,7 @@ from broker.core.secret import Secret
 from broker.geins.protocol import Grant
 from broker.policy.session import (
     END_SESSION,
+    EXP_ALLOWANCE,
     REFRESH,
     WAIT,
     Policy,
@@ -283,4 +284,4 @@ def test_a_restored_bearer_is_never_served_past_its_jwts_exp() -> None:
         refreshes=0,
     )
     assert not s.serves(later + 1)
-    assert s.tokens is not None and s.tokens.expires_at == T0 + 120
+    assert s.tokens is not None and s.tokens.expires_at == T0 + 120 + EXP_ALLOWANCE
