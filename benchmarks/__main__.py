@@ -4,6 +4,7 @@ python -m benchmarks                 # everything (about ten minutes)
 python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing cluster
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
+python -m benchmarks tokens --tokens-baseline REV   # the daemon of REV in the same slots
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         help="metrics: also measure the daemon of this git revision (one without metrics)",
     )
     parser.add_argument(
+        "--tokens-baseline",
+        metavar="REV",
+        help="tokens: also measure the daemon as of git revision REV, in the same slots",
+    )
+    parser.add_argument(
         "--proxy-baseline",
         metavar="REV",
         help="proxy: also measure the daemon as of git revision REV, in the same slots",
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
-            repeat=1 if args.quick else 3, duration=1.0 if args.quick else 2.0
+            repeat=1 if args.quick else 3,
+            duration=1.0 if args.quick else 2.0,
+            baseline=args.tokens_baseline,
         )
     if "metrics" in chosen:
         results["metrics"] = metrics_cost.run(

@@ -8,16 +8,20 @@ figures are medians over the repetitions, and each ratio is the median of the ra
 measured in the same time slot.
 
 ssh-agent runs twice: empty (a 9-byte answer) and holding one RSA-4096 key (a
-~560-byte answer, about the size of the daemon's ~700-byte token answer).
+~560-byte answer, about the size of the daemon's ~700-byte token answer). With
+`baseline`, the daemon of that git revision (exported with `git archive`) runs in the
+same slots too, so before and after are compared side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Any
 
 from .fleet import fleet
 from .loadgen import broker_token_request, run_load, ssh_agent, ssh_agent_request
+from .metrics_cost import exported
 
 CONNECTIONS = (1, 8, 64, 512)
 
@@ -26,14 +30,24 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
-def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str, Any]:
+def run(
+    repeat: int = 3, duration: float = 2.0, warmup: float = 0.5, baseline: str | None = None
+) -> dict[str, Any]:
     servers: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    with fleet(1) as daemon, ssh_agent() as empty, ssh_agent(with_key="rsa") as keyed:
-        targets = {
-            "geins-broker": (str(daemon.socket), broker_token_request(), daemon.pid),
-            "ssh-agent": (empty.socket_path, ssh_agent_request(), empty.pid),
-            "ssh-agent (RSA key)": (keyed.socket_path, ssh_agent_request(), keyed.pid),
-        }
+    with contextlib.ExitStack() as stack:
+        daemon = stack.enter_context(fleet(1))
+        targets = {"geins-broker": (str(daemon.socket), broker_token_request(), daemon.pid)}
+        if baseline is not None:
+            before = stack.enter_context(fleet(1, source=stack.enter_context(exported(baseline))))
+            targets[f"geins-broker {baseline}"] = (
+                str(before.socket),
+                broker_token_request(),
+                before.pid,
+            )
+        empty = stack.enter_context(ssh_agent())
+        keyed = stack.enter_context(ssh_agent(with_key="rsa"))
+        targets["ssh-agent"] = (empty.socket_path, ssh_agent_request(), empty.pid)
+        targets["ssh-agent (RSA key)"] = (keyed.socket_path, ssh_agent_request(), keyed.pid)
         for _ in range(repeat):
             for connections in CONNECTIONS:
                 for name, (path, request, pid) in targets.items():
@@ -59,6 +73,10 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str
                 "p50_us": _median(runs[connections], "p50_us"),
                 "p99_us": _median(runs[connections], "p99_us"),
                 "server_cpu": _median(runs[connections], "server_cpu"),
+                # CPU time per answer: steadier on a shared VM than throughput.
+                "cpu_us": statistics.median(
+                    r["server_cpu"] * 1e6 / r["rps"] for r in runs[connections]
+                ),
             }
         for name in ("ssh-agent", "ssh-agent (RSA key)"):
             paired = [
@@ -67,20 +85,39 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> dict[str
             row[f"ratio vs {name}"] = statistics.median(paired)
             row[f"ratio vs {name} (range)"] = [min(paired), max(paired)]
         rows.append(row)
-    return {"repeat": repeat, "duration": duration, "rows": rows}
+    return {"repeat": repeat, "duration": duration, "baseline": baseline, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| connections | geins-broker req/s | p50 / p99 µs | ssh-agent req/s | p50 / p99 µs | ratio | "
-        "ssh-agent + RSA key req/s | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| connections | geins-broker req/s | p50 / p99 µs | CPU µs/req | ssh-agent req/s "
+        "| p50 / p99 µs | CPU µs/req | ratio (range) | ssh-agent + RSA key req/s | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         b, a, k = row["geins-broker"], row["ssh-agent"], row["ssh-agent (RSA key)"]
+        low, high = row["ratio vs ssh-agent (range)"]
         lines.append(
-            f"| {row['connections']} | {b['rps']:,.0f} | {b['p50_us']:.0f} / {b['p99_us']:.0f} "
-            f"| {a['rps']:,.0f} | {a['p50_us']:.0f} / {a['p99_us']:.0f} | {row['ratio vs ssh-agent']:.2f} "
+            f"| {row['connections']} | {b['rps']:,.0f} | {b['p50_us']:.0f} / {b['p99_us']:,.0f} "
+            f"| {b['cpu_us']:.2f} | {a['rps']:,.0f} | {a['p50_us']:.0f} / {a['p99_us']:,.0f} "
+            f"| {a['cpu_us']:.2f} | {row['ratio vs ssh-agent']:.2f} ({low:.2f}-{high:.2f}) "
             f"| {k['rps']:,.0f} | {row['ratio vs ssh-agent (RSA key)']:.2f} |"
+        )
+    baseline = result.get("baseline")
+    if baseline is None:
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"| connections | {baseline} req/s | p50 / p99 µs | CPU µs/req | ratio to ssh-agent "
+        f"| now / {baseline} req/s | CPU µs/req, now / {baseline} |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        then, now = row[f"geins-broker {baseline}"], row["geins-broker"]
+        lines.append(
+            f"| {row['connections']} | {then['rps']:,.0f} | {then['p50_us']:.0f} / "
+            f"{then['p99_us']:,.0f} | {then['cpu_us']:.2f} "
+            f"| {then['rps'] / row['ssh-agent']['rps']:.2f} | {now['rps'] / then['rps']:.2f} "
+            f"| {now['cpu_us'] / then['cpu_us']:.2f} |"
         )
     return "\n".join(lines)

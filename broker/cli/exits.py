@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import sys
 
+from broker.cli.output import terminal_safe
 from geins_broker_client import errors as client_errors
+
+TYPE_CHECKING = False  # not even typing at run time: `geins-broker token` loads this
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from geins_broker_client.results import ProfileStatus
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -57,8 +64,6 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
 def report(message: str, code: int) -> int:
     """Print one failure line on stderr and give back `code`. Messages may repeat the
     daemon's, which repeat Geins' or the store's: escaped (broker.cli.output)."""
-    from broker.cli.output import terminal_safe
-
     print(f"geins-broker: {terminal_safe(message)}", file=sys.stderr)
     return code
 
@@ -67,3 +72,17 @@ def report_broker_error(exc: client_errors.BrokerError) -> int:
     """The failure line and exit code for an error the client raised."""
     code = next((c for cls, c in EXIT_CODES if isinstance(exc, cls)), EXIT_INTERNAL)
     return report(f"{exc.code.replace('_', ' ')}: {exc.message}", code)
+
+
+def check_health(profiles: Sequence[ProfileStatus], name: str | None) -> int:
+    """`status --check`: one line and the verdict's exit code, for ExecCondition= and
+    monitoring."""
+    import time
+
+    from geins_broker_client.health import judge
+
+    if name is not None and not profiles:
+        return report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
+    health = judge(profiles, time.time())
+    print(terminal_safe(health.line()))
+    return health.code

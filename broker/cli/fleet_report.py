@@ -30,7 +30,7 @@ def profile_table(profiles: list[dict[str, Any]]) -> str:
                 str(p.get("profile")),
                 str(fleet.get("generation")),
                 str(fleet.get("committed_by") or "-"),
-                str(fleet.get("lease_holder") or "-"),
+                _lease(fleet),
             )
         )
     safe = [tuple(terminal_safe(cell) for cell in row) for row in rows]
@@ -38,6 +38,13 @@ def profile_table(profiles: list[dict[str, Any]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in safe
     )
+
+
+def _lease(fleet: dict[str, Any]) -> str:
+    holder = str(fleet.get("lease_holder") or "-")
+    if fleet.get("lease") == "held_without_expiry":
+        return f"{holder} (NO EXPIRY: not a node's; rotation waits)"
+    return holder
 
 
 def fleet_summary(profiles: list[dict[str, Any]]) -> str:
@@ -77,4 +84,4 @@ def cluster_json(server: str, profiles: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _profile_fleet(fleet: dict[str, Any]) -> dict[str, Any]:
-    return {k: fleet.get(k) for k in ("generation", "committed_by", "lease_holder")}
+    return {k: fleet.get(k) for k in ("generation", "committed_by", "lease_holder", "lease")}

@@ -22,11 +22,11 @@ from broker.cli.exits import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    check_health,
     report_broker_error,
 )
 from broker.cli.exits import report as _report
-from broker.cli.output import terminal_safe
-from broker.cli.quick import check_health, print_token, token_fields
+from broker.cli.output import print_token, terminal_safe, token_fields
 from geins_broker_client import Client
 from geins_broker_client import errors as client_errors
 

@@ -13,6 +13,10 @@ is. It is pure and imports nothing, so `geins-broker token` pays nothing for it.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # not even typing at run time: `geins-broker token` loads this
+if TYPE_CHECKING:
+    from geins_broker_client.results import Token
+
 _CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
 _ESCAPED = {code: f"\\x{code:02x}" for code in _CONTROLS}
 #: The same, keeping line breaks: for multi-line text such as the metrics exposition.
@@ -23,3 +27,18 @@ def terminal_safe(value: object, *, keep_newlines: bool = False) -> str:
     """`str(value)` with each control character written as `\\xNN` (a newline kept
     when `keep_newlines`), so that printing it moves, colours or retitles nothing."""
     return str(value).translate(_ESCAPED_KEEPING_LINES if keep_newlines else _ESCAPED)
+
+
+def print_token(token: Token, *, as_json: bool) -> None:
+    """`geins-broker token`'s output: the bare token, or one JSON object."""
+    if as_json:
+        import json
+
+        print(json.dumps(token_fields(token), separators=(",", ":"), sort_keys=True))
+    else:
+        print(terminal_safe(token.token))
+
+
+def token_fields(token: Token) -> dict[str, object]:
+    """A token as the CLI's JSON shows it (`token --json`, `watch --json`)."""
+    return {"profile": token.profile, "token": token.token, "expires_at": token.expires_at}

@@ -18,10 +18,7 @@ import sys
 
 TYPE_CHECKING = False  # not even typing is imported at run time on this path
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from geins_broker_client import Client
-    from geins_broker_client.results import ProfileStatus, Token
 
 #: The options each fast command takes, with whether each takes a value.
 _OPTIONS: dict[str, dict[str, bool]] = {
@@ -127,46 +124,16 @@ def _token(options: dict[str, str | bool]) -> int:
         token = client.token(
             _profile(options), min_valid=float(str(options.get("--min-valid", 0.0)))
         )
+    from broker.cli.output import print_token
+
     print_token(token, as_json=bool(options.get("--json")))
     return 0
 
 
-def print_token(token: Token, *, as_json: bool) -> None:
-    """`geins-broker token`'s output: the bare token, or one JSON object."""
-    if as_json:
-        import json
-
-        print(json.dumps(token_fields(token), separators=(",", ":"), sort_keys=True))
-    else:
-        from broker.cli.output import terminal_safe
-
-        print(terminal_safe(token.token))
-
-
 def _check(options: dict[str, str | bool]) -> int:
     name = _profile(options)
+    from broker.cli.exits import check_health
+
     with _client(options) as client:
         status = client.status()
     return check_health([p for p in status.profiles if name in (None, p.profile)], name)
-
-
-def token_fields(token: Token) -> dict[str, object]:
-    """A token as the CLI's JSON shows it (`token --json`, `watch --json`)."""
-    return {"profile": token.profile, "token": token.token, "expires_at": token.expires_at}
-
-
-def check_health(profiles: Sequence[ProfileStatus], name: str | None) -> int:
-    """`status --check`: one line and the verdict's exit code, for ExecCondition= and
-    monitoring."""
-    import time
-
-    from broker.cli.exits import EXIT_UNKNOWN_PROFILE, report
-    from geins_broker_client.health import judge
-
-    if name is not None and not profiles:
-        return report(f"unknown profile: no profile {name!r} is configured", EXIT_UNKNOWN_PROFILE)
-    from broker.cli.output import terminal_safe
-
-    health = judge(profiles, time.time())
-    print(terminal_safe(health.line()))
-    return health.code

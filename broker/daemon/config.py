@@ -149,6 +149,9 @@ class BrokerConfig:
     key_file: Path | None = None
     #: A key that still opens what it sealed, while sessions move to `key_file`'s.
     previous_key_file: Path | None = None
+    #: A session file in clear while a key is set: "after_rekey" (refused once
+    #: `rekey` has run), "refuse" or "accept" (store.py, docs/configuration.md).
+    clear_sessions: str = "after_rekey"
 
 
 # -- where things are ------------------------------------------------------------------------
@@ -324,9 +327,17 @@ def parse(
         cluster=cluster,
         key_file=_file(broker, "key_file"),
         previous_key_file=_file(broker, "previous_key_file"),
+        clear_sessions=_choice(broker, "clear_sessions", ("after_rekey", "refuse", "accept")),
     )
     broker.check_unknown()
     return config
+
+
+def _choice(r: TableReader, key: str, choices: tuple[str, ...]) -> str:
+    value = r.text(key, choices[0])
+    if value not in choices:
+        raise r.error(key, f"is one of {', '.join(repr(c) for c in choices)}")
+    return value
 
 
 def _file(r: TableReader, key: str) -> Path | None:

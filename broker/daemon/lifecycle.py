@@ -80,7 +80,7 @@ class Daemon:
             keyring, key_source = load_keyring(config)
         self.wall = wall or SystemClock()
         self.notifier = notifier or Notifier()
-        store = Store(config.state_dir, keyring)
+        store = Store(config.state_dir, keyring, config.clear_sessions)
         stats = DaemonStats()
         self.roster = Roster(
             config,

@@ -67,7 +67,7 @@ class Fleet:
         only if the store turns out to have nothing better."""
         link = SharedLink(self, profile)
         if record is not None:
-            link.blob = link.seal(record)
+            link.hold_from_disk(record)
         self.links[profile.name] = link
         profile.fleet = link
         return link
@@ -140,7 +140,7 @@ class Fleet:
         for name, seen in polled.items():
             link = self.links.get(name)
             if link is not None:
-                link.polled(seen.generation, seen.lease_node)
+                link.polled(seen)
 
     async def _subscriber(self) -> None:
         delay = 0.1

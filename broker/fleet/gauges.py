@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from broker.fleet.coordinator import Fleet
+from broker.fleet.redis_store import LeaseState
 from broker.observe.metrics import PREFIX
 
 
@@ -39,6 +40,15 @@ def source(fleet: Fleet, per_profile: Callable[[], bool]) -> Callable[[], Iterab
         )
         held.add_metric([], float(sum(link.lease_node == fleet.config.node for link in links)))
         yield held
+        unexpiring = GaugeMetricFamily(
+            PREFIX + "fleet_leases_without_expiry",
+            "Shared profiles whose refresh lease is held by a key with no expiry (no node "
+            "sets one: someone wrote it to the store; rotation waits while it exists).",
+        )
+        unexpiring.add_metric(
+            [], float(sum(link.lease_state is LeaseState.HELD_WITHOUT_EXPIRY for link in links))
+        )
+        yield unexpiring
         if not per_profile():
             return
         generation = GaugeMetricFamily(

@@ -7,7 +7,8 @@ own clock stamps commits and heartbeats, so the nodes' clocks never need to agre
 
 Keys (the `{profile}` hash tag keeps a profile's keys in one slot):
   <prefix>:{<profile>}:record  hash: gen, node, at (committer's wall time), ts/tus
-                               (Redis TIME at commit), blob (the sealed session)
+                               (Redis TIME at commit), blob (the sealed session,
+                               its generation and commit time: envelope.py)
   <prefix>:{<profile>}:lease   string: "<node> <random>", with a PX expiry
   <prefix>:nodes               hash: node -> Redis time (s) of its last heartbeat
   <prefix>:generations         pub/sub channel, one message per commit:
@@ -15,6 +16,9 @@ Keys (the `{profile}` hash tag keeps a profile's keys in one slot):
                                node adopts a commit without reading the record back
 
 Nothing here knows a token: records arrive sealed, and errors name the store only.
+Every plain field is writable by whoever reaches Redis: a value that does not parse
+raises `StoreCorrupt` (a `StoreFailure`), and results are named (`Acquired`, `Held`,
+`HeldWithoutExpiry`; `Written`), never sign-coded.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 
 import coredis
@@ -29,33 +34,48 @@ from coredis.retry import NoRetryPolicy
 
 from broker.fleet.settings import ClusterConfig
 
-_WRITE: Final = """
-local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
-local mode = ARGV[1]
+#: Reads a generation field: nil, or an error reply naming the key, for anything but a
+#: decimal integer of at most 15 digits. Lua numbers are doubles: every integer up to
+#: 2**53 is exact and `tostring` writes it as digits, while a larger one would come
+#: back as `1e+20`; a generation of 15 digits never gets there.
+_GENERATION_LUA: Final = """
+local function generation(key, value)
+  if not value then return 0 end
+  if not string.match(value, '^%d+$') or #value > 15 then
+    return nil, redis.error_reply('corrupt generation in ' .. key)
+  end
+  return tonumber(value)
+end
+"""
+_WRITE: Final = (
+    _GENERATION_LUA
+    + """
+local g, bad = generation(KEYS[1], redis.call('HGET', KEYS[1], 'gen'))
+if not g then return bad end
 local new = tonumber(ARGV[2])
-if mode == 'cas' then
+if ARGV[1] == 'if' then
   if g ~= tonumber(ARGV[3]) then return {0, g} end
-elseif mode == 'higher' then
-  if g >= new then return {0, g} end
-else
-  new = math.max(g, new - 1) + 1
+elseif g >= new then
+  return {0, g}
 end
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'gen', tostring(new), 'node', ARGV[4], 'at', ARGV[5],
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'node', ARGV[4], 'at', ARGV[5],
   'ts', t[1], 'tus', t[2], 'blob', ARGV[6])
-redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. tostring(new) .. ' ' .. t[1] .. ' ' .. t[2]
+redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. ARGV[2] .. ' ' .. t[1] .. ' ' .. t[2]
   .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. '\\n' .. ARGV[6])
 return {1, new}
 """
+)
 _READ: Final = """
 local r = redis.call('HMGET', KEYS[1], 'gen', 'node', 'at', 'ts', 'tus', 'blob')
 local t = redis.call('TIME')
 table.insert(r, t[1]); table.insert(r, t[2])
 return r
 """
+#: {1} when the lease is now ours; otherwise {0, its PTTL (-1: no expiry), its value}.
 _ACQUIRE: Final = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return -math.max(redis.call('PTTL', KEYS[1]), 1)
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
+return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
 """
 _EXTEND: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -70,6 +90,7 @@ local out = {}
 for i = 1, #KEYS, 2 do
   table.insert(out, redis.call('HGET', KEYS[i], 'gen') or '0')
   table.insert(out, redis.call('GET', KEYS[i + 1]) or '')
+  table.insert(out, redis.call('PTTL', KEYS[i + 1]))
 end
 return out
 """
@@ -84,9 +105,24 @@ return all
 _POLL_CHUNK: Final = 500
 
 
+#: The highest generation written: 15 decimal digits, far below 2**53, so the write
+#: script's Lua (double) numbers hold it exactly. A rotation a second would take
+#: thirty million years to get there; a store claiming more is corrupt.
+MAX_GENERATION: Final = 10**15 - 1
+#: The longest node name believed from the store (the `[cluster]` node setting's bound).
+_MAX_NODE: Final = 200
+
+
 class PoolDown(Exception):
     """The connection pool died and is being renewed (see `Fleet._keep_pool`), or a
     command failed with a group of errors from coredis's tasks."""
+
+
+class StoreCorrupt(Exception):
+    """A value read from the store that does not parse (a generation that is not a
+    number, a missing field, a time that is not one). Anyone who can write to Redis can
+    put one there: it is the store's failure, handled as one being unreachable, never
+    an error that ends the daemon. The message shows the value escaped and bounded."""
 
 
 def first_leaf(exc: BaseException) -> BaseException:
@@ -96,28 +132,115 @@ def first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-#: What a lost or refused connection raises, from coredis or the socket under it.
-StoreFailure: Final = (coredis.exceptions.RedisError, OSError, TimeoutError, PoolDown)
+#: What a lost or refused connection raises, from coredis or the socket under it, and
+#: what a value that does not parse raises.
+StoreFailure: Final = (
+    coredis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    PoolDown,
+    StoreCorrupt,
+)
+
+
+def escaped(value: object, limit: int = 80) -> str:
+    """`value` as text safe for a log line or a terminal: control characters escaped
+    (the store is writable by whoever reaches Redis), at most `limit` characters."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return repr(text[:limit])[1:-1]
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
     generation: int
     node: str
+    #: The committer's wall time at commit, as the store's plain field says it (the
+    #: sealed record carries its own, which is the one believed).
     committed_at: float
     store_committed_ms: int
     store_now_ms: int
     blob: bytes
 
 
+class LeaseState(StrEnum):
+    FREE = "free"
+    HELD = "held"
+    #: Held by a value with no expiry (PTTL -1): no node ever set one so, as every
+    #: lease is taken with PX. Treated as held for a full lease time at each look.
+    HELD_WITHOUT_EXPIRY = "held_without_expiry"
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """The lease is ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Another holder has the lease for `ttl` more seconds (0: it was just released)."""
+
+    by: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class HeldWithoutExpiry:
+    """The lease key exists with no expiry: wait as for a full lease, then look again."""
+
+    by: str
+
+
+Acquisition = Acquired | Held | HeldWithoutExpiry
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A write's outcome: whether it wrote, and the generation the store holds now."""
+
+    written: bool
+    generation: int
+
+
 @dataclass(frozen=True, slots=True)
 class Polled:
     generation: int
     lease_node: str | None
+    lease: LeaseState = LeaseState.FREE
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_generation(value: Any, where: str) -> int:
+    """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt."""
+    text = _text(value)
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_GENERATION:
+        raise StoreCorrupt(f"{where}: generation {escaped(text)!r} is not a generation")
+    return int(text)
+
+
+def _integer(value: Any, what: str) -> int:
+    text = _text(value)
+    if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:
+        raise StoreCorrupt(f"{what} {escaped(text)!r} is not an integer")
+    return int(text)
+
+
+def _time(value: Any, what: str) -> float:
+    try:
+        seconds = float(_text(value))
+    except ValueError:
+        seconds = float("nan")
+    if not 0.0 <= seconds < 1e11:  # NaN fails too
+        raise StoreCorrupt(f"{what} {escaped(_text(value))!r} is not a time")
+    return seconds
+
+
+def lease_holder(value: Any) -> str | None:
+    """The node named by a lease's value ("<node> <random>"), bounded; None if free."""
+    node = _text(value).split(" ")[0]
+    return node[:_MAX_NODE] or None
 
 
 class RedisStore:
@@ -191,9 +314,16 @@ class RedisStore:
         except ExceptionGroup as group:
             raise PoolDown(str(first_leaf(group))[:200]) from None
 
-    async def acquire(self, profile: str, value: str, ttl: float) -> int:
-        """1 if the lease is now ours; otherwise minus the holder's remaining ms."""
-        return int(await self._run("acquire", [self.lease_key(profile)], [value, _ms(ttl)]))
+    async def acquire(self, profile: str, value: str, ttl: float) -> Acquisition:
+        """Take the lease if it is free; otherwise who holds it and for how long."""
+        reply = await self._run("acquire", [self.lease_key(profile)], [value, _ms(ttl)])
+        if _integer(reply[0], "acquire's answer") == 1:
+            return Acquired()
+        pttl, by = _integer(reply[1], "the lease's PTTL"), _text(reply[2])
+        holder = lease_holder(by) or "?"
+        if pttl == -1:
+            return HeldWithoutExpiry(holder)
+        return Held(holder, max(pttl, 0) / 1000.0)
 
     async def extend(self, profile: str, value: str, ttl: float) -> bool:
         return bool(await self._run("extend", [self.lease_key(profile)], [value, _ms(ttl)]))
@@ -202,42 +332,52 @@ class RedisStore:
         return bool(await self._run("release", [self.lease_key(profile)], [value]))
 
     async def read(self, profile: str) -> Stored:
-        """The record (generation 0 and no blob when there is none) and the store time."""
-        gen, node, at, ts, tus, blob, now_s, now_us = await self._run(
-            "read", [self.record_key(profile)], []
-        )
-        store_now = int(now_s) * 1000 + int(now_us) // 1000
-        if gen is None or blob is None:
+        """The record (generation 0 and no blob when there is none) and the store time.
+        Raises StoreCorrupt for a record whose plain fields do not parse."""
+        key = self.record_key(profile)
+        gen, node, at, ts, tus, blob, now_s, now_us = await self._run("read", [key], [])
+        store_now = _integer(now_s, "TIME") * 1000 + _integer(now_us, "TIME") // 1000
+        if gen is None and blob is None:
             return Stored(0, "", 0.0, store_now, store_now, b"")
+        if gen is None or blob is None or node is None or ts is None or tus is None:
+            raise StoreCorrupt(f"{escaped(key)}: a record with a field missing")
         return Stored(
-            generation=int(gen),
-            node=_text(node),
-            committed_at=float(at),
-            store_committed_ms=int(ts) * 1000 + int(tus) // 1000,
+            generation=parse_generation(gen, escaped(key)),
+            node=_text(node)[:_MAX_NODE],
+            committed_at=0.0 if at is None else _time(at, "commit time"),
+            store_committed_ms=_integer(ts, "ts") * 1000 + _integer(tus, "tus") // 1000,
             store_now_ms=store_now,
             blob=bytes(blob),
         )
 
-    async def write(
-        self,
-        profile: str,
-        mode: str,
-        *,
-        new: int,
-        expected: int,
-        committed_at: float,
-        blob: bytes,
-    ) -> tuple[bool, int]:
-        """`cas`: write `new` if the store holds `expected`; `higher`: write `new` if the
-        store holds less; `force`: write max(store, new - 1) + 1. Publishes what it
-        wrote. Returns (written, the generation the store holds now)."""
+    async def write_if(
+        self, profile: str, *, expected: int, new: int, committed_at: float, blob: bytes
+    ) -> Written:
+        """Compare-and-set: write generation `new` only if the store holds `expected`."""
+        return await self._write(
+            profile, "if", new=new, expected=expected, committed_at=committed_at, blob=blob
+        )
+
+    async def write_if_higher(
+        self, profile: str, *, new: int, committed_at: float, blob: bytes
+    ) -> Written:
+        """Write generation `new` only if the store holds less (the highest wins)."""
+        return await self._write(
+            profile, "higher", new=new, expected=0, committed_at=committed_at, blob=blob
+        )
+
+    async def _write(
+        self, profile: str, mode: str, *, new: int, expected: int, committed_at: float, blob: bytes
+    ) -> Written:
+        if not 0 < new <= MAX_GENERATION:
+            raise StoreCorrupt(f"generation {new} is past the highest one written")
         written, generation = await self._run(
             "write",
             [self.record_key(profile)],
             [
                 mode,
-                new,
-                expected,
+                str(new),
+                str(expected),
                 self.config.node,
                 repr(committed_at),
                 blob,
@@ -245,26 +385,45 @@ class RedisStore:
                 profile,
             ],
         )
-        return bool(written), int(generation)
+        return Written(bool(written), _integer(generation, "the written generation"))
 
     async def poll(self, profiles: Sequence[str]) -> dict[str, Polled]:
-        """Every profile's generation and lease holder, a few round trips for all."""
+        """Every profile's generation and lease, a few round trips for all. Raises
+        StoreCorrupt if any generation does not parse."""
         result: dict[str, Polled] = {}
         for start in range(0, len(profiles), _POLL_CHUNK):
             chunk = profiles[start : start + _POLL_CHUNK]
             keys = [k for p in chunk for k in (self.record_key(p), self.lease_key(p))]
             flat = await self._run("poll", keys, [])
             for i, profile in enumerate(chunk):
-                lease = _text(flat[2 * i + 1])
-                result[profile] = Polled(int(flat[2 * i]), lease.split(" ")[0] or None)
+                gen, value, pttl = flat[3 * i : 3 * i + 3]
+                holder = lease_holder(value)
+                state = LeaseState.FREE
+                if holder is not None:
+                    state = LeaseState.HELD
+                    if _integer(pttl, "the lease's PTTL") == -1:
+                        state = LeaseState.HELD_WITHOUT_EXPIRY
+                generation = parse_generation(gen, escaped(self.record_key(profile)))
+                result[profile] = Polled(generation, holder, state)
         return result
 
     async def heartbeat(self) -> tuple[dict[str, float], float]:
-        """Mark this node alive; every node's last heartbeat and the store's time (s)."""
+        """Mark this node alive; every node's last heartbeat and the store's time (s).
+        An entry that does not parse (a name too long, a time that is not one) is
+        left out: it is no node's."""
         flat = await self._run("heartbeat", [self.nodes_key], [self.config.node])
-        now = float(flat[-1])
+        now = _time(flat[-1], "TIME")
         pairs = flat[:-1]
-        return {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}, now
+        nodes: dict[str, float] = {}
+        for i in range(0, len(pairs) - 1, 2):
+            name = _text(pairs[i])
+            try:
+                at = _time(pairs[i + 1], "heartbeat")
+            except StoreCorrupt:
+                continue
+            if 0 < len(name) <= _MAX_NODE:
+                nodes[name] = at
+        return nodes, now
 
 
 def announcement(data: bytes) -> tuple[str, Stored] | None:
@@ -276,10 +435,18 @@ def announcement(data: bytes) -> tuple[str, Stored] | None:
         return None
     profile, generation, ts, tus, node, at = fields
     try:
-        committed_ms = int(ts) * 1000 + int(tus) // 1000
-        return profile, Stored(int(generation), node, float(at), committed_ms, committed_ms, blob)
-    except ValueError:
+        committed_ms = _integer(ts, "ts") * 1000 + _integer(tus, "tus") // 1000
+        stored = Stored(
+            parse_generation(generation, "announcement"),
+            node[:_MAX_NODE],
+            _time(at, "commit time"),
+            committed_ms,
+            committed_ms,
+            blob,
+        )
+    except StoreCorrupt:
         return None
+    return profile, stored
 
 
 def _ms(seconds: float) -> int:

@@ -9,24 +9,36 @@ connection and the tasks; this holds one profile's generation and decisions.
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
+from broker.core.clock import WallClock
 from broker.core.errors import FleetUnavailable
-from broker.core.sealing import SealError, is_sealed
-from broker.fleet.redis_store import Stored, StoreFailure
+from broker.core.sealing import Keyring, SealError
+from broker.fleet import envelope
+from broker.fleet.redis_store import (
+    Acquired,
+    HeldWithoutExpiry,
+    LeaseState,
+    Polled,
+    RedisStore,
+    StoreCorrupt,
+    Stored,
+    StoreFailure,
+    Written,
+    escaped,
+)
+from broker.fleet.settings import ClusterConfig
 from broker.observe.log import events
 from broker.policy import rotation
 from broker.storage.store import Record
 
 if TYPE_CHECKING:
-    from broker.fleet.coordinator import Fleet
     from broker.sessions.profile import Profile
 
 log = events("broker.fleet")
@@ -36,10 +48,33 @@ log = events("broker.fleet")
 _DISK_REPUBLISH_POLLS: Final = 2
 
 
+#: Attempts of a write that must land above whatever the store holds (a login, a
+#: write-back of the live session): each one loses only to another node's write.
+_FORCE_ATTEMPTS: Final = 5
+
+
 def reason(exc: BaseException) -> str:
-    """What to log or show about a failure: its message, bounded."""
-    text = str(exc) or type(exc).__name__
-    return text[:200]
+    """What to log or show about a failure: its message, escaped and bounded."""
+    return escaped(str(exc) or type(exc).__name__, 200)
+
+
+class FleetContext(Protocol):
+    """What a `SharedLink` needs from the daemon's fleet (`coordinator.Fleet` is one):
+    the store, the settings, the keys and clock of the moment, a nursery, and where to
+    report the store's health."""
+
+    config: ClusterConfig
+    store: RedisStore
+    wall: WallClock
+    keys: Callable[[], Keyring]
+
+    def spawn(self, fn: Any, *args: Any) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
+
+    def unavailable(self, exc: BaseException) -> FleetUnavailable: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 class SharedLink:
@@ -47,16 +82,19 @@ class SharedLink:
 
     shared = True
 
-    def __init__(self, fleet: Fleet, profile: Profile) -> None:
+    def __init__(self, fleet: FleetContext, profile: Profile) -> None:
         self.fleet = fleet
         self.profile = profile
         self.name = profile.name
         #: The generation of the session this node serves; 0: none from the store yet.
         self.generation = 0
-        #: What this node serves, sealed: republished if the store loses it.
-        self.blob: bytes | None = None
+        #: What this node serves (None: logged out), republished if the store loses it;
+        #: `holding` is False until there is something to republish.
+        self.record: Record | None = None
+        self.holding = False
         self.committed_by: str | None = None
         self.lease_node: str | None = None
+        self.lease_state = LeaseState.FREE
         self._seen = 0
         self._changed = trio.Event()
         self._fetching = trio.Lock()
@@ -71,19 +109,16 @@ class SharedLink:
     def __repr__(self) -> str:
         return f"SharedLink({self.name!r}, generation={self.generation})"
 
-    def seal(self, record: Record | None) -> bytes:
-        plain = json.dumps(None if record is None else record.to_json(self.name)).encode()
+    def hold_from_disk(self, record: Record) -> None:
+        """What this node's disk held at start: republished only if the store turns out
+        to have nothing better."""
+        self.record, self.holding = record, True
+
+    def seal(self, record: Record | None, generation: int) -> bytes:
         keyring = self.fleet.keys()
         if not keyring.sealing:  # the daemon refuses to start so; a reload must not either
             raise FleetUnavailable("no sealing key: a shared session is never stored in clear")
-        return keyring.seal(self.name, plain)
-
-    def open(self, blob: bytes) -> Record | None:
-        """The session in a record, which must be sealed (one in clear is refused)."""
-        if not is_sealed(blob):
-            raise SealError("the record in the store is not sealed; refusing it")
-        data = json.loads(self.fleet.keys().open(self.name, blob).data)
-        return None if data is None else Record.from_json(data, self.name)
+        return envelope.seal(keyring, self.name, generation, self.fleet.wall.now(), record)
 
     # -- the Link seam -------------------------------------------------------------------
 
@@ -113,9 +148,21 @@ class SharedLink:
                 stored = await self._read_under_lease()
                 decision = rotation.after_lease(self.generation, stored.generation)
             if decision is rotation.AfterLease.ADOPT:
-                self._adopt(stored)
-                yield False
-                return
+                if self._adopt(stored):
+                    yield False
+                    return
+                # Refused: ours goes back over it if ours is newer, then look again.
+                if self._unpublished:
+                    await self.republish(True)
+                stored = await self._read_under_lease()
+                if rotation.after_lease(self.generation, stored.generation) is not (
+                    rotation.AfterLease.REFRESH
+                ):
+                    raise FleetUnavailable(
+                        f"the fleet store {config.display_url} holds a record of "
+                        f"{self.name!r} that is refused; not rotating"
+                    )
+                decision = rotation.AfterLease.REFRESH
             if decision is rotation.AfterLease.SETTLE:
                 raise FleetUnavailable(
                     f"the fleet store {config.display_url} does not keep what is written to it"
@@ -149,8 +196,17 @@ class SharedLink:
                 got = await self.fleet.store.acquire(self.name, lease, config.lease_ttl)
             except StoreFailure as exc:
                 raise self.fleet.unavailable(exc) from None
-            if got == 1:
+            if isinstance(got, Acquired):
                 return True
+            if isinstance(got, HeldWithoutExpiry):
+                # Never a node's (every lease is taken with an expiry): wait as for a
+                # full lease, so it costs a command per lease time, not a hot loop.
+                if self.lease_state is not LeaseState.HELD_WITHOUT_EXPIRY:
+                    log.error("lease_without_expiry", profile=self.name, holder=escaped(got.by))
+                self.lease_node, self.lease_state = got.by, LeaseState.HELD_WITHOUT_EXPIRY
+                wait = rotation.lease_wait(None, config.lease_ttl)
+            else:
+                wait = rotation.lease_wait(got.ttl, config.lease_ttl)
             if self.generation != start:
                 return False
             if trio.current_time() >= deadline:
@@ -159,7 +215,7 @@ class SharedLink:
                     f"{2 * config.lease_ttl:g} s"
                 )
             changed = self._changed
-            with trio.move_on_after(rotation.lease_wait(-got, config.lease_ttl)):
+            with trio.move_on_after(min(wait, max(deadline - trio.current_time(), 0.0))):
                 await changed.wait()
             if self.generation != start:
                 return False
@@ -177,39 +233,55 @@ class SharedLink:
                     self.fleet.failed(exc)
 
     async def commit(self, record: Record | None) -> bool:
-        blob = self.seal(record)
         expected, new = rotation.commit_generations(self.generation, self._seen)
         try:
-            written, generation = await self.fleet.store.write(
+            result = await self.fleet.store.write_if(
                 self.name,
-                "cas",
-                new=new,
                 expected=expected,
+                new=new,
                 committed_at=self.fleet.wall.now(),
-                blob=blob,
+                blob=self.seal(record, new),
             )
         except StoreFailure as exc:
             # We hold the only copy of the live refresh token: keep serving it, and
             # write it back as soon as the store answers (the poll sees held > stored).
-            self.fleet.failed(exc)
-            self._hold(new, blob, self.fleet.config.node)
-            self._unpublished = True
-            log.warning("commit_deferred", profile=self.name, generation=new)
+            self._deferred(exc, new, record)
             return True
-        if written:
-            self._hold(generation, blob, self.fleet.config.node)
+        if result.written:
+            self._hold(result.generation, record, self.fleet.config.node)
             self._unpublished = False
-            log.info("committed", profile=self.name, generation=generation)
+            log.info("committed", profile=self.name, generation=result.generation)
             return True
         log.error(
             "commit_conflict",
             profile=self.name,
             ours=new,
-            store=generation,
+            store=result.generation,
             why="the lease lapsed and another node committed first; adopting its session",
         )
-        await self.fetch(generation)
+        await self.fetch(result.generation)
         return False
+
+    def _deferred(self, exc: BaseException, generation: int, record: Record | None) -> None:
+        self.fleet.failed(exc)
+        self._hold(generation, record, self.fleet.config.node)
+        self._unpublished = True
+        log.warning("commit_deferred", profile=self.name, generation=generation)
+
+    async def _write_above(self, record: Record | None, new: int) -> Written:
+        """Write `record` at `new` or, if the store holds that or more, just above it:
+        each record is sealed with the generation it is written under."""
+        for _ in range(_FORCE_ATTEMPTS):
+            result = await self.fleet.store.write_if_higher(
+                self.name,
+                new=new,
+                committed_at=self.fleet.wall.now(),
+                blob=self.seal(record, new),
+            )
+            if result.written:
+                return result
+            new = result.generation + 1
+        raise StoreCorrupt(f"{self.name!r}: outbid {_FORCE_ATTEMPTS} times in a row")
 
     async def rejected(self) -> bool:
         # Once at once, and once more after the nodes had time to write back a session
@@ -223,36 +295,26 @@ class SharedLink:
                 return False
             if rotation.after_rejection(self.generation, stored.generation):
                 log.info("stale_refresh_token", profile=self.name, adopting=stored.generation)
-                self._adopt(stored)
-                return True
+                if self._adopt(stored):
+                    return True
         return False
 
     async def replaced(self, record: Record | None) -> None:
-        blob = self.seal(record)
         new = max(self.generation, self._seen) + 1
         try:
-            _, generation = await self.fleet.store.write(
-                self.name,
-                "force",
-                new=new,
-                expected=0,
-                committed_at=self.fleet.wall.now(),
-                blob=blob,
-            )
+            result = await self._write_above(record, new)
         except StoreFailure as exc:
-            self.fleet.failed(exc)
-            self._hold(new, blob, self.fleet.config.node)
-            self._unpublished = True
-            log.warning("commit_deferred", profile=self.name, generation=new)
+            self._deferred(exc, new, record)
             return
-        self._hold(generation, blob, self.fleet.config.node)
+        self._hold(result.generation, record, self.fleet.config.node)
         self._unpublished = False
-        log.info("committed", profile=self.name, generation=generation)
+        log.info("committed", profile=self.name, generation=result.generation)
 
     def status(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
             "lease_holder": self.lease_node,
+            "lease": str(self.lease_state),
             "committed_by": self.committed_by,
             **self.fleet.health(),
         }
@@ -264,8 +326,9 @@ class SharedLink:
         wait = rotation.SETTLE_POLLS * self.fleet.config.poll_interval
         self._settle_until = max(self._settle_until, trio.current_time() + wait)
 
-    def _hold(self, generation: int, blob: bytes, node: str) -> None:
-        self.generation, self.blob, self.committed_by = generation, blob, node
+    def _hold(self, generation: int, record: Record | None, node: str) -> None:
+        self.generation, self.record, self.holding = generation, record, True
+        self.committed_by = node
         self._seen = max(self._seen, generation)
         self._empty_polls = 0
         self._changed.set()
@@ -276,17 +339,20 @@ class SharedLink:
         if rotation.should_fetch(self.generation, stored.generation):
             self._adopt(stored)
 
-    def polled(self, generation: int, lease_node: str | None) -> None:
-        self.lease_node = lease_node
+    def polled(self, seen: Polled) -> None:
+        if seen.lease is LeaseState.HELD_WITHOUT_EXPIRY and self.lease_state is not seen.lease:
+            log.error("lease_without_expiry", profile=self.name, holder=escaped(seen.lease_node))
+        self.lease_node, self.lease_state = seen.lease_node, seen.lease
+        generation = seen.generation
         if self._unpublished:
             self.settle()
             self.fleet.spawn(self.republish, True)
         elif rotation.should_fetch(self.generation, generation):
             self.fleet.spawn(self.fetch, generation)
-        elif rotation.should_republish(self.generation, generation) and self.blob is not None:
+        elif rotation.should_republish(self.generation, generation) and self.holding:
             self.settle()
             self.fleet.spawn(self.republish)
-        elif generation == 0 and self.blob is not None:
+        elif generation == 0 and self.holding:
             # Only our own disk's session: let nodes that hold store generations go first.
             self._empty_polls += 1
             self.settle()
@@ -308,41 +374,60 @@ class SharedLink:
     async def republish(self, over: bool = False) -> None:
         """Write back what we hold if the store has less; `over`: whatever it has (a
         session rotated here whose commit the store missed is the live one)."""
-        blob = self.blob
-        if blob is None:
+        if not self.holding:
             return
-        generation = max(self.generation, 1)
+        record, generation = self.record, max(self.generation, 1)
         try:
-            written, now = await self.fleet.store.write(
-                self.name,
-                "force" if over else "higher",
-                new=generation,
-                expected=0,
-                committed_at=self.fleet.wall.now(),
-                blob=blob,
-            )
+            if over:
+                result = await self._write_above(record, generation)
+            else:
+                result = await self.fleet.store.write_if_higher(
+                    self.name,
+                    new=generation,
+                    committed_at=self.fleet.wall.now(),
+                    blob=self.seal(record, generation),
+                )
         except StoreFailure as exc:
             self.fleet.failed(exc)
             return
-        if written:
-            log.info("republished", profile=self.name, generation=now)
-            self._hold(now, blob, self.committed_by or self.fleet.config.node)
+        if result.written:
+            log.info("republished", profile=self.name, generation=result.generation)
+            self._hold(result.generation, record, self.committed_by or self.fleet.config.node)
             self._unpublished = False
         else:
-            await self.fetch(now)
+            await self.fetch(result.generation)
 
-    def _adopt(self, stored: Stored) -> None:
-        """Serve the session `stored` holds, its times moved onto our clock."""
+    def _adopt(self, stored: Stored) -> bool:
+        """Serve the session `stored` holds, its times moved onto our clock. False if
+        it is refused: it does not open, its sealed generation is not the one it is
+        published under, or it is not newer than ours. A refused record is the store's
+        failure; if what we hold is newer than what the seal says, ours is written
+        back over it at the next poll, as a commit the store missed is.
+
+        Synchronous, so an adoption never waits for the profile's lock."""
         if stored.generation == 0:
-            return
+            return False
         try:
-            record = self.open(stored.blob)
+            opened = envelope.open_record(
+                self.fleet.keys(), self.name, stored.blob, stored.generation
+            )
+        except envelope.RecordRefused as exc:
+            self._refused(exc)
+            if exc.sealed_generation <= self.generation and self.holding:
+                self._unpublished = True
+            return False
         except (SealError, ValueError) as exc:
             log.error("fleet_record_unreadable", profile=self.name, reason=reason(exc))
-            return
+            return False
+        if not rotation.should_fetch(self.generation, opened.generation):
+            return False  # a newer one arrived while this one was read
+        record = opened.session
         if record is not None:
+            # The commit time is the sealed one; the store's own times (outside the
+            # seal) can only make a record look fresher, and a bearer is never served
+            # past its JWT's exp whatever its times say (`Tokens.within_exp`).
             shift = rotation.Rebase.between(
-                stored.committed_at,
+                opened.committed_at,
                 stored.store_committed_ms,
                 stored.store_now_ms,
                 self.fleet.wall.now(),
@@ -354,9 +439,16 @@ class SharedLink:
                 session_expires_at=shift(record.session_expires_at),
                 last_refresh_at=shift(record.last_refresh_at),
             )
-        self._hold(stored.generation, stored.blob, stored.node)
+        self._hold(opened.generation, record, stored.node)
         self.profile.adopt(record)
-        log.info("adopted", profile=self.name, generation=stored.generation, node=stored.node)
+        log.info(
+            "adopted", profile=self.name, generation=opened.generation, node=escaped(stored.node)
+        )
+        return True
+
+    def _refused(self, exc: envelope.RecordRefused) -> None:
+        log.error("fleet_record_refused", profile=self.name, reason=reason(exc))
+        self.fleet.failed(StoreCorrupt(f"the record of {self.name!r} is refused: {exc}"))
 
     def retry_soon(self, now: float) -> None:
         """The store is back: a profile backing off because of it retries now."""

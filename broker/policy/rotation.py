@@ -82,13 +82,20 @@ def should_republish(held: int, seen: int) -> bool:
     return held > seen
 
 
-def lease_wait(pttl_ms: int, lease_ttl: float) -> float:
-    """How long to wait for another node's lease before trying again: until it
-    expires (a holder killed mid-refresh never releases it), at most one full TTL.
+#: The shortest wait before looking at a lease again: one that was released between
+#: the failed take and the look at its expiry is taken at the next try, not in a loop.
+MIN_LEASE_WAIT: Final = 0.05
+
+
+def lease_wait(ttl: float | None, lease_ttl: float) -> float:
+    """How long to wait for another holder's lease before trying again: until it
+    expires (a holder killed mid-refresh never releases it), at least `MIN_LEASE_WAIT`,
+    at most one full TTL. `ttl` None: a lease without expiry, which no node sets;
+    waited on as a full lease, so it costs one look per lease time, never a hot loop.
     A commit announced meanwhile ends the wait early."""
-    if pttl_ms <= 0:
-        return 0.0
-    return min(pttl_ms / 1000.0, lease_ttl)
+    if ttl is None:
+        return lease_ttl
+    return min(max(ttl, MIN_LEASE_WAIT), lease_ttl)
 
 
 def extend_every(lease_ttl: float) -> float:

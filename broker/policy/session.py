@@ -30,6 +30,10 @@ _INF: Final = float("inf")
 #: skew does not matter to rotation; a day covers a host set to local time instead of
 #: UTC (at most 14 h) and refuses times that are no clock's at all (exp in 1970).
 MAX_CLOCK_SKEW: Final = 86400.0
+#: How far past its JWT's `exp` (on this host's clock) a bearer read back from a record
+#: may be served: the clock skew between hosts and Geins that a restored or adopted
+#: bearer tolerates without being cut short. Fleet nodes' clocks may disagree.
+EXP_ALLOWANCE: Final = 300.0
 #: The longest bearer lifetime believed (the SDK's "remember me" is 30 days).
 MAX_LIFETIME: Final = 366 * 86400
 #: 9999-12-31T23:59:59Z: no later time is a time (datetime cannot hold one).
@@ -77,6 +81,20 @@ class Tokens:
     @property
     def lifetime(self) -> float:
         return self.expires_at - self.obtained_at
+
+    def within_exp(self, allowance: float = EXP_ALLOWANCE) -> Tokens:
+        """These tokens with `expires_at` no later than the bearer's own `exp`, read on
+        this host's clock, plus `allowance` for a host whose clock runs ahead of Geins'.
+
+        For tokens read back from a record (a file, a fleet store) rather than just
+        received: their times are the record's word, and a record can be old and
+        rebased to look fresh (a replay), so the JWT's `exp`, which Geins signed, bounds
+        them. Fresh grants count their lifetime from receipt as before.
+        """
+        end = self.claims.exp + allowance
+        if self.expires_at <= end:
+            return self
+        return replace(self, obtained_at=min(self.obtained_at, end), expires_at=end)
 
     @classmethod
     def from_grant(cls, grant: Grant, now: float, max_skew: float = MAX_CLOCK_SKEW) -> Tokens:
@@ -492,8 +510,9 @@ class Session:
         self._bump()
 
     def restored(self, saved: Saved) -> None:
-        """The state saved on disk, as it was before a restart."""
-        tokens = saved.tokens
+        """The state saved on disk (or adopted from the fleet), as it was; a bearer is
+        never served past its JWT's exp, whatever the record's times say."""
+        tokens = None if saved.tokens is None else saved.tokens.within_exp()
         self._tokens = tokens
         self._username = saved.username
         self._remember = saved.remember

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = events("broker.server")
 
 _TOKEN: Final = Op.TOKEN
-_NUMBERS: Final = (int, float)
+_NUMBERS: Final = frozenset({int, float})
 
 
 def error_frame(request_id: int | None, exc: BrokerFault) -> bytes:
@@ -79,8 +79,28 @@ class Dispatcher:
             return self.error_frame(None, BadRequest("field 'id' must be an integer"))
         op = message.get("op")
         try:
-            if op == _TOKEN and (frame := self._token_from_memory(conn, request_id, message)):
-                return frame
+            if op == _TOKEN:
+                # The hot path, written out here rather than called: the token a
+                # profile holds, in its pre-encoded answer. Anything unusual (an
+                # unknown profile, a bad min_valid, a token that will not do) falls
+                # through to the long way: validation, or waiting for a refresh.
+                name = message.get("profile", DEFAULT_PROFILE)
+                min_valid = message.get("min_valid", 0)
+                profile = self._profiles.get(name) if type(name) is str else None
+                # (not >= also catches NaN)
+                if profile is not None and type(min_valid) in _NUMBERS and min_valid >= 0:
+                    cached = conn.acl_cache.get(name)
+                    if cached is not None and cached[0] is profile.config:
+                        allowed = cached[1]
+                    else:
+                        allowed = self.api.may_read(conn.peer, profile)
+                        conn.acl_cache[name] = (profile.config, allowed)
+                    if not allowed:
+                        profile.token_results.inc(Code.FORBIDDEN)
+                        raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
+                    frame = profile.token_frame(request_id, min_valid, self._now())
+                    if frame is not None:
+                        return frame
             if not isinstance(op, str):
                 raise BadRequest("field 'op' must be a string")
             if op not in SCHEMAS:
@@ -101,27 +121,6 @@ class Dispatcher:
         """An error answer, counted by its code (a fixed set: a bounded label)."""
         self.stats.errors.inc(exc.code)
         return error_frame(request_id, exc)
-
-    def _token_from_memory(
-        self, conn: Connection, request_id: int, message: Message
-    ) -> bytes | None:
-        """The hot path: the token a profile holds, in its pre-encoded answer. None
-        sends the request the long way (validation, waiting for a refresh)."""
-        name = message.get("profile", DEFAULT_PROFILE)
-        min_valid = message.get("min_valid", 0)
-        profile = self._profiles.get(name) if type(name) is str else None
-        if profile is None or type(min_valid) not in _NUMBERS or not min_valid >= 0:
-            return None  # (not >= also catches NaN)
-        cached = conn.acl_cache.get(name)
-        if cached is not None and cached[0] is profile.config:
-            allowed = cached[1]
-        else:
-            allowed = self.api.may_read(conn.peer, profile)
-            conn.acl_cache[name] = (profile.config, allowed)
-        if not allowed:
-            profile.token_results.inc(Code.FORBIDDEN)
-            raise Forbidden(f"uid {conn.peer.uid} may not read profile {name!r}")
-        return profile.token_frame(request_id, min_valid, self._now())
 
     def _start_waiting(
         self, conn: Connection, request_id: int, op: str, args: dict[str, Any]

@@ -13,6 +13,10 @@ Crash safety is that of every write (store.py): each file is replaced atomically
 kill -9 at any moment leaves each session either as it was (clear or under the previous
 key, which the config still names) or sealed with the current key; the temporary file
 of an interrupted write is swept at the next start. Run it again to finish.
+
+Once done it marks the state directory as rekeyed (freshness.py's sealed file): under
+the default `clear_sessions = "after_rekey"`, a session file in clear found there
+later is refused, since every one this daemon wrote is sealed.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def main(config_path: str | None = None) -> int:
             "no key configured (key_file, or the systemd credential): nothing to seal with",
             EXIT_USAGE,
         )
-    store = Store(config.state_dir, keyring)
+    store = Store(config.state_dir, keyring, config.clear_sessions)
     try:
         store.prepare()
     except StateDirError as exc:
@@ -57,6 +61,11 @@ def main(config_path: str | None = None) -> int:
                     current += 1
             except (SealedState, StoreError) as exc:
                 failed.append(str(exc))
+        try:
+            # From now on a session file in clear is not ours (`clear_sessions`).
+            store.mark_rekeyed()
+        except StoreError as exc:
+            failed.append(str(exc))
     finally:
         store.close()
     for reason in failed:

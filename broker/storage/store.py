@@ -15,6 +15,12 @@ JSON, under the same name, so a store moves from clear to sealed one write at a 
 A sealed file that does not open (its key missing, or the file changed) is the one
 exception to setting aside: it is left exactly as it is, byte for byte, and its profile
 reports `sealed` until the key comes back.
+
+Freshness (freshness.py): with a key, each file carries a generation inside its seal,
+one more at each write, and the directory's sealed high-water file keeps the highest;
+a sealed file below it (an older copy put back) is refused and set aside. A file in
+clear while a key is set is refused once `rekey` has run (`clear_sessions`, default
+`after_rekey`), and accepted with a warning before.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +39,20 @@ from typing import Any, Final
 from broker.core.errors import StateDirError, StoreError
 from broker.core.sealing import Keyring, SealError, sealed_key_id
 from broker.core.secret import Secret
+from broker.observe.log import events
+from broker.storage import freshness
+from broker.storage.freshness import Marks
 from broker.storage.statedir import lock, open_private_dir
+
+log = events("broker.store")
 
 FORMAT: Final = 1
 SUFFIX: Final = ".session.json"
 _TMP_PREFIX: Final = ".tmp-"
 #: A session is a few kilobytes; anything this big is not one.
 MAX_FILE_SIZE: Final = 1 << 20
+#: The `clear_sessions` setting: what a session file in clear is worth once a key is set.
+CLEAR_SESSIONS: Final = ("after_rekey", "refuse", "accept")
 
 
 class CorruptState(Exception):
@@ -144,10 +158,23 @@ class Store:
     and `delete` refuse that profile until a `load` with the right key succeeds.
     """
 
-    def __init__(self, directory: Path, keyring: Keyring | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keyring: Keyring | None = None,
+        clear_sessions: str = "after_rekey",
+    ) -> None:
         self.directory = directory
         #: Replaced on reload; a write uses the keyring of the moment.
         self.keyring = keyring or Keyring()
+        if clear_sessions not in CLEAR_SESSIONS:
+            raise ValueError(f"clear_sessions is one of {', '.join(CLEAR_SESSIONS)}")
+        self.clear_sessions = clear_sessions
+        #: The high-water marks, read at the first use with a key. Writes of different
+        #: profiles run in worker threads at once; the one marks file is not theirs
+        #: to race on, so reading and replacing it is serialised.
+        self._marks: Marks | None = None
+        self._marks_lock = threading.RLock()
         #: Profiles whose file would not open, and why: not to be overwritten.
         self.unopened: dict[str, str] = {}
         #: Profiles whose file is in clear or under a previous key, while a key is set.
@@ -215,15 +242,96 @@ class Store:
             self.unopened[profile] = reason
             raise SealedState(reason, sealed_key_id(raw)) from None
         self.unopened.pop(profile, None)
+        try:
+            data = json.loads(opened.data)
+            record = Record.from_json(data, profile)
+        except (ValueError, UnicodeDecodeError) as exc:
+            reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
+            raise CorruptState(f"{path}: {reason}", self._set_aside(path)) from None
+        if self.keyring.sealing:
+            self._check_fresh(profile, path, data, sealed=opened.key is not None)
         if opened.stale:
             self.stale.add(profile)
         else:
             self.stale.discard(profile)
+        return record
+
+    def _check_fresh(self, profile: str, path: Path, data: Any, *, sealed: bool) -> None:
+        """Refuse (set aside) a file in clear once clear files are refused, or a sealed
+        file older than the high-water mark; raise the mark to a newer one."""
+        marks = self.marks()
+        if not sealed:
+            if self._refuses_clear(marks):
+                log.error("session_in_clear_refused", profile=profile, path=path)
+                raise CorruptState(
+                    f"{path}: a session in clear while a key is set (clear_sessions = "
+                    f"{self.clear_sessions!r}); refused",
+                    self._set_aside(path),
+                )
+            log.warning(
+                "session_in_clear",
+                profile=profile,
+                path=path,
+                why="accepted while a key is set, until `geins-broker rekey` has run",
+            )
+            return
+        generation, highest = freshness.sealed_generation(data), marks.get(profile)
+        if highest is not None and (generation is None or generation < highest):
+            log.error(
+                "session_rolled_back", profile=profile, generation=generation, highest=highest
+            )
+            raise CorruptState(
+                f"{path}: generation {generation} is older than the {highest} this "
+                "directory has had (a copy put back); refused",
+                self._set_aside(path),
+            )
+        if generation is not None and (highest is None or generation > highest):
+            self._raise_mark(profile, generation)
+
+    def _refuses_clear(self, marks: Marks) -> bool:
+        if self.clear_sessions == "after_rekey":
+            return marks.rekeyed
+        return self.clear_sessions == "refuse"
+
+    def marks(self) -> Marks:
+        """The high-water marks (read once; sealed, so only this daemon's keys write
+        them). Missing: none yet. Unreadable: none, and clear files refused."""
+        with self._marks_lock:
+            return self._read_marks()
+
+    def _read_marks(self) -> Marks:
+        if self._marks is not None:
+            return self._marks
         try:
-            return Record.from_json(json.loads(opened.data), profile)
-        except (ValueError, UnicodeDecodeError) as exc:
-            reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
-            raise CorruptState(f"{path}: {reason}", self._set_aside(path)) from None
+            self._marks = freshness.decode(self.keyring, self._read(freshness.NAME))
+        except FileNotFoundError:
+            self._marks = Marks()
+        except (OSError, SealError, ValueError, UnicodeDecodeError) as exc:
+            log.error(
+                "high_water_unreadable",
+                path=self.directory / freshness.NAME,
+                reason=str(exc),
+                why="rolled-back files cannot be told until each profile is written again",
+            )
+            self._marks = Marks(rekeyed=True)
+        return self._marks
+
+    def _raise_mark(self, profile: str, generation: int) -> None:
+        with self._marks_lock:
+            self._write_marks(self._read_marks().raised(profile, generation))
+
+    def _write_marks(self, marks: Marks) -> None:
+        """Replace the marks file (the caller holds `_marks_lock`)."""
+        if marks == self._marks:
+            return
+        self._replace(self.directory / freshness.NAME, freshness.encode(self.keyring, marks))
+        self._marks = marks
+
+    def mark_rekeyed(self) -> None:
+        """`rekey` sealed every file: clear files are refused from now on (under the
+        default `clear_sessions`)."""
+        with self._marks_lock:
+            self._write_marks(Marks(self._read_marks().generations, rekeyed=True))
 
     def _read(self, name: str) -> bytes:
         """A regular file's bytes; a link, a FIFO or a device is an error (ELOOP or
@@ -253,10 +361,19 @@ class Store:
         return target
 
     def save(self, profile: str, record: Record) -> None:
+        """Replace the profile's file; with a key, one generation above the highest it
+        has had, and the high-water mark raised after the file is in place (a crash
+        between the two leaves a file above the mark, which is accepted)."""
         self._refuse_unopened(profile)
-        data = json.dumps(record.to_json(profile), indent=1).encode() + b"\n"
+        plain = record.to_json(profile)
+        marks = self.marks() if self.keyring.sealing else None
+        if marks is not None:
+            plain["generation"] = (marks.get(profile) or 0) + 1
+        data = json.dumps(plain, indent=1).encode() + b"\n"
         self._replace(self.path(profile), self.keyring.seal(profile, data))
         self.stale.discard(profile)
+        if marks is not None:
+            self._raise_mark(profile, plain["generation"])
 
     def reseal(self, profile: str) -> bool:
         """Seal the profile's file again with the current key if it is in clear or
@@ -278,8 +395,20 @@ class Store:
             raise SealedState(f"{path}: {exc}", sealed_key_id(raw)) from None
         if not opened.stale:
             return False
-        self._replace(path, self.keyring.seal(profile, opened.data))
+        data, generation = opened.data, None
+        marks = self.marks()
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            plain = json.loads(data)
+            generation = freshness.sealed_generation(plain)
+            if isinstance(plain, dict) and generation is None:
+                # Sealed for the first time (or before files had generations): from now
+                # on a copy without one is older than this.
+                generation = plain["generation"] = (marks.get(profile) or 0) + 1
+                data = json.dumps(plain, indent=1).encode() + b"\n"
+        self._replace(path, self.keyring.seal(profile, data))
         self.stale.discard(profile)
+        if generation is not None:
+            self._raise_mark(profile, generation)
         return True
 
     def profiles(self) -> list[str]:

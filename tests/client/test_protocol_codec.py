@@ -76,6 +76,35 @@ def test_unreadable_frames(data: bytes, reason: str) -> None:
     assert decoder.feed(good) == []  # out of step for good
 
 
+def test_one_takes_only_a_lone_whole_frame() -> None:
+    """`one` is the reactor's shortcut: it must decode exactly what `feed` would, and
+    take nothing it does not decode, or a pipelined or split request would be lost."""
+    message = {"id": 3, "op": "token"}
+    whole = encode(message)
+    assert FrameDecoder().one(whole) == message
+    for data in (whole + whole, whole[:-1], whole[:3], frame(b"\x80" * 10)[:-2]):
+        decoder = FrameDecoder()
+        assert decoder.one(data) is None
+        assert decoder.buffered == 0
+        assert decoder.error is None
+    decoder = FrameDecoder()
+    assert decoder.feed(whole[:5]) == []
+    assert decoder.one(whole) is None  # something is buffered: feed() must order it
+    assert decoder.feed(whole[5:]) == [message]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [frame(b"\x81\xc4\x01a\x01"), frame(msgpack.packb([1])), struct.pack(">I", 10**6) + b"x"],
+)
+def test_one_refuses_what_feed_refuses(data: bytes) -> None:
+    decoder = FrameDecoder(MAX_REQUEST_SIZE)
+    assert decoder.one(data) is None
+    decoder.feed(data)
+    assert decoder.error is not None
+    assert decoder.one(encode({"id": 1, "op": "hello"})) is None  # out of step for good
+
+
 def test_deep_nesting_is_refused_not_a_crash() -> None:
     body = b"\x81\xa1a" + b"\x81\xa1a" * 2000 + b"\xc0"
     with pytest.raises(FrameError):

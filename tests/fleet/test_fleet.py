@@ -477,6 +477,7 @@ def test_status_and_cluster_show_the_fleet(
                 "generation": 1,
                 "committed_by": "n0",
                 "lease_holder": None,
+                "lease": "free",
             }
         ]
         text = cli("status", "--socket", socket)

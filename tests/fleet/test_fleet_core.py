@@ -49,9 +49,13 @@ def test_fetch_and_republish() -> None:
 
 
 def test_lease_wait_is_bounded_by_one_ttl() -> None:
-    assert rotation.lease_wait(pttl_ms=1500, lease_ttl=15.0) == 1.5
-    assert rotation.lease_wait(pttl_ms=10**9, lease_ttl=15.0) == 15.0
-    assert rotation.lease_wait(pttl_ms=-2, lease_ttl=15.0) == 0.0
+    assert rotation.lease_wait(1.5, lease_ttl=15.0) == 1.5
+    assert rotation.lease_wait(10**6, lease_ttl=15.0) == 15.0
+    assert rotation.lease_wait(0.0, lease_ttl=15.0) == rotation.MIN_LEASE_WAIT
+
+
+def test_a_lease_without_expiry_is_waited_on_as_a_full_lease() -> None:
+    assert rotation.lease_wait(None, lease_ttl=15.0) == 15.0
     assert rotation.extend_every(15.0) == 5.0
 
 

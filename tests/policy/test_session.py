@@ -13,6 +13,7 @@ from broker.core.secret import Secret
 from broker.geins.protocol import Grant
 from broker.policy.session import (
     END_SESSION,
+    EXP_ALLOWANCE,
     REFRESH,
     WAIT,
     Policy,
@@ -355,3 +356,23 @@ def test_every_transition_bumps_the_revision() -> None:
     bumped()
     s.logged_out()
     bumped()
+
+
+def test_a_restored_bearer_is_never_served_past_its_jwts_exp() -> None:
+    """A record's times are its word (a replayed fleet record is rebased to look fresh):
+    the JWT's exp, which Geins signed, bounds them."""
+    fresh = Tokens.from_grant(grant(T0, lifetime=120), T0)
+    # The same tokens as a replay presents them an hour later: times shifted to now.
+    later = T0 + 3600
+    replayed = Tokens(
+        fresh.bearer,
+        fresh.refresh,
+        fresh.claims,
+        obtained_at=later,
+        expires_at=later + 120,
+        session_expires_at=None,
+    )
+    s = session()
+    s.restored(Saved(replayed, "u", False, False, None, 0))
+    assert not s.serves(later + 1)
+    assert s.tokens is not None and s.tokens.expires_at == T0 + 120 + EXP_ALLOWANCE

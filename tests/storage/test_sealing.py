@@ -319,7 +319,11 @@ def test_a_missing_key_leaves_the_file_byte_identical(state: Path, ring: Keyring
     with pytest.raises(StoreError, match="not overwritten"):
         store.delete(PROFILE)
     assert store.path(PROFILE).read_bytes() == before
-    assert sorted(p.name for p in state.iterdir()) == [".lock", "default.session.json"]
+    assert sorted(p.name for p in state.iterdir()) == [
+        ".high-water",
+        ".lock",
+        "default.session.json",
+    ]
     store.keyring = Keyring(KEY_A)  # the key is back (a reload)
     assert store.load(PROFILE) == RECORD
     store.save(PROFILE, RECORD)

@@ -137,17 +137,17 @@ class PreparedResponse:
     and each frame only packs its id in front of them.
     """
 
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_size", "_tail")
 
     def __init__(self, fields: Mapping[str, Any]) -> None:
         self._head: bytes = _packer.pack_map_header(len(fields) + 1) + _ID_KEY
         self._tail: bytes = b"".join(_packer.pack(k) + _packer.pack(v) for k, v in fields.items())
+        self._size = len(self._head) + len(self._tail)
 
     def frame(self, request_id: int | None) -> bytes:
         packed_id: bytes = _packer.pack(request_id)
-        head, tail = self._head, self._tail
         return b"".join(
-            (_HEADER.pack(len(head) + len(packed_id) + len(tail)), head, packed_id, tail)
+            (_HEADER.pack(self._size + len(packed_id)), self._head, packed_id, self._tail)
         )
 
 
@@ -166,6 +166,22 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._max_size = max_size
         self.error: FrameError | None = None
+
+    def one(self, data: bytes) -> Message | None:
+        """The message `data` holds when it is exactly one whole frame and nothing is
+        buffered: the usual read, decoded without `feed`'s bookkeeping. None otherwise,
+        with nothing taken: `feed` the same bytes then (a bad frame is recorded in
+        `error` here already, and `feed` returns nothing after it)."""
+        if self._buffer or self.error is not None or len(data) <= HEADER_SIZE:
+            return None
+        (size,) = _HEADER.unpack_from(data)
+        if size + HEADER_SIZE != len(data) or size > self._max_size:
+            return None
+        try:
+            return decode_body(data[HEADER_SIZE:])
+        except FrameError as exc:
+            self.error = exc
+            return None
 
     @property
     def buffered(self) -> int:

@@ -1,0 +1,147 @@
+"""Attacks on the fleet store: whoever reaches a password-less Redis writes its plain
+fields. Real redis-server, real daemons, one emulator; short tokens (6 s)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geins_broker_client.errors import BrokerError
+from tests.fleet.support import Fleet, RedisServer, fleet_env, wait_until
+from tests.support import EmulatorProcess
+
+TOKEN_TTL = 6.0
+RECORD = "geins-broker:{default}:record"
+LEASE = "geins-broker:{default}:lease"
+
+
+@pytest.fixture
+def redis(short_tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(short_tmp)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
+    with fleet_env(short_tmp, token_ttl=TOKEN_TTL) as emu:
+        yield emu
+
+
+def jwt_exp(bearer: str) -> float:
+    payload = bearer.split(".")[1]
+    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+
+
+def serving(fleet: Fleet, i: int) -> str | None:
+    """The bearer node `i` serves, None while it has none yet (adoption is under way)."""
+    try:
+        return fleet.tokens(i)["default"]
+    except BrokerError:
+        return None
+
+
+def alive(fleet: Fleet) -> bool:
+    return all(d.process.poll() is None for d in fleet.daemons.values())
+
+
+def test_a_replayed_record_under_a_higher_generation_is_refused(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess
+) -> None:
+    """A sealed record saved earlier, published again as generation 100 with its times
+    shifted to now after its bearer expired: no node serves that bearer, the session
+    carries on, and the store does not keep the replay as the newest."""
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2)
+    try:
+        fleet.login_all()
+        saved = wait_until(lambda: serving(fleet, 1), 5, "n1 serves the login")
+        assert redis.command("COPY", RECORD, "saved") == 1
+        # Wait for the saved bearer to expire (rotations happen meanwhile).
+        wait_until(lambda: time.time() > jwt_exp(saved) + 1, 2 * TOKEN_TTL, "the bearer expires")
+        assert redis.command("COPY", "saved", RECORD, "REPLACE") == 1
+        now_s, now_us = redis.command("TIME")
+        redis.command(
+            "HSET", RECORD, "gen", "100", "at", repr(time.time()), "ts", now_s, "tus", now_us
+        )
+        replayed_blob = redis.command("HGET", RECORD, "blob")
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            for i in (0, 1):
+                bearer = fleet.tokens(i)["default"]
+                assert bearer != saved, f"n{i} serves the replayed, expired bearer"
+                assert jwt_exp(bearer) > time.time(), f"n{i} serves an expired bearer"
+            time.sleep(0.2)
+        assert redis.command("HGET", RECORD, "blob") != replayed_blob, "the replay stayed newest"
+        for i in (0, 1):
+            states = {p["profile"]: p["state"] for p in fleet.status(i)}
+            assert states["default"] != "login_required", fleet.logs()
+        assert "fleet_record_refused" in fleet.logs()
+        assert alive(fleet)
+    finally:
+        fleet.close()
+
+
+@pytest.mark.parametrize("garbage", ["x", "1e+20", "-1", "99999999999999999999"])
+def test_a_generation_that_does_not_parse_leaves_every_node_alive(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess, garbage: str
+) -> None:
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2)
+    try:
+        fleet.login_all()
+        wait_until(lambda: serving(fleet, 1), 5, "n1 serves the login")
+        redis.command("HSET", RECORD, "gen", garbage)
+        for i in (0, 1):
+            wait_until(
+                lambda i=i: fleet.status(i)[0]["fleet"]["healthy"] is False,
+                5,
+                f"n{i} marks the store unhealthy",
+            )
+        time.sleep(1.0)
+        assert alive(fleet), fleet.logs()
+        for i in (0, 1):
+            assert fleet.tokens(i)["default"]
+            assert "generation" in str(fleet.status(i)[0]["fleet"]["last_error"])
+        # A restart does not crash on its first poll either.
+        fleet.kill(1)
+        fleet.start(1)
+        time.sleep(1.0)
+        assert alive(fleet), fleet.logs()
+    finally:
+        fleet.close()
+
+
+def test_a_lease_without_expiry_is_a_few_commands_a_second(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess
+) -> None:
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=1, poll_interval=1.0)
+    try:
+        fleet.login_all()
+        redis.command("SET", LEASE, "evil x")
+        redis.command("CONFIG", "RESETSTAT")
+        window = 8.0
+        time.sleep(window)  # a rotation falls due within the window (at half of 6 s)
+        stats = redis.command("INFO", "commandstats")
+        calls = sum(
+            int(part.split("=")[1])
+            for line in stats.splitlines()
+            if line.startswith("cmdstat_")
+            for part in line.split(":")[1].split(",")
+            if part.startswith("calls=")
+        )
+        # The steady cost of one node, the commands inside its scripts counted: a
+        # heartbeat (4) and a poll (4) a second. The lease adds one try per lease_ttl.
+        print(f"{calls} Redis commands in {window} s under an unexpiring lease")
+        assert calls / window < 20, f"{calls} Redis commands in {window} s"
+        fleet_table = fleet.status(0)[0]["fleet"]
+        assert fleet_table["lease"] == "held_without_expiry"
+        assert fleet_table["lease_holder"] == "evil"
+        assert alive(fleet)
+    finally:
+        fleet.close()
