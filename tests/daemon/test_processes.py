@@ -26,9 +26,11 @@ from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     call,
+    python_as,
     write_config,
 )
 
@@ -230,7 +232,6 @@ def test_stale_socket_from_a_crash_is_replaced(emulator: EmulatorProcess, short_
 
 # -- who may connect: SO_PEERCRED -------------------------------------------------------
 
-NOBODY = 65534
 _AS_NOBODY = """
 import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -248,20 +249,12 @@ sys.stdout.write(data.hex())
 
 
 def as_nobody(sock: Path, groups: str | None = None, **message: Any) -> dict[str, Any]:
-    """A request from uid 65534 (a plain stdlib Python: the venv lives under /root),
-    in the supplementary `groups` given (comma-separated gids), else in none."""
+    """A request from uid 65534, in the supplementary `groups` given (comma-separated
+    gids), else in none."""
     result = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups" if groups is None else f"--groups={groups}",
-            "/usr/bin/python3",
-            "-c",
-            _AS_NOBODY,
-            str(sock),
-            encode({"id": 1, **message}).hex(),
-        ],
+        python_as(
+            NOBODY, "-c", _AS_NOBODY, str(sock), encode({"id": 1, **message}).hex(), groups=groups
+        ),
         capture_output=True,
         text=True,
         check=True,

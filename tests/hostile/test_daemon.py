@@ -39,12 +39,15 @@ from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    NOBODY,
+    READER,
     Broker,
     DaemonProcess,
     EmulatorProcess,
     RawConnection,
     call,
     exact_broker,
+    python_as,
     refreshes,
     start_broker,
     write_config,
@@ -350,8 +353,7 @@ async def test_pipelined_big_answers_are_written_in_parts(
 
 # -- defect 7: a stranger's flood of connections, with real uids ------------------------------
 
-STRANGER, READER = 65534, 65533
-#: Run as another uid with the system's Python (the venv lives under /root): open
+#: Run as another uid: open
 #: argv[2] connections, report how many the daemon kept, hold them until stdin closes,
 #: then report how many the daemon has closed meanwhile (bounded wait).
 _FLOOD = """
@@ -399,12 +401,9 @@ sys.stdout.write(sock.recv(65536).hex())
 """
 
 
-_SETPRIV = ("setpriv", "--clear-groups")
-
-
-def as_uid(uid: int, script: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+def script_as(uid: int, script: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*_SETPRIV, f"--reuid={uid}", f"--regid={uid}", "/usr/bin/python3", "-c", script, *args],
+        python_as(uid, "-c", script, *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -452,7 +451,7 @@ def test_a_strangers_flood_locks_out_neither_root_nor_a_reader(
     )
     daemon = DaemonProcess(config, open_tmp)
     hello = encode({"id": 1, "op": "hello"}).hex()
-    flood = as_uid(STRANGER, _FLOOD, str(sock), "16", hello)
+    flood = script_as(NOBODY, _FLOOD, str(sock), "16", hello)
     try:
         login = call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD)
         assert login["ok"], login
@@ -460,7 +459,7 @@ def test_a_strangers_flood_locks_out_neither_root_nor_a_reader(
         kept, refused = map(int, flood.stdout.readline().split())
         assert (kept, refused) == (8, 8)
         assert call(sock, op="status")["ok"]  # root
-        reader = as_uid(READER, _AS_READER, str(sock), encode({"id": 1, "op": "token"}).hex())
+        reader = script_as(READER, _AS_READER, str(sock), encode({"id": 1, "op": "token"}).hex())
         out, _ = reader.communicate(timeout=20)
         (answer,) = FrameDecoder(MAX_RESPONSE_SIZE).feed(bytes.fromhex(out))
         assert answer["ok"] and answer["token"] == call(sock, op="token")["token"]

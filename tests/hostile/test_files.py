@@ -19,9 +19,7 @@ import pytest
 from geins_broker_client import Client
 from tests.fleet.support import wait_until
 from tests.hostile.test_storage import UNUSED_URL, as_nobody, assert_refused, serve_once
-from tests.support import DaemonProcess, Scrape, write_config
-
-NOBODY = 65534
+from tests.support import NOBODY, DaemonProcess, Scrape, write_config
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import pytest
 import trio
 
@@ -25,21 +24,21 @@ from broker.proxy import peers
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    NOBODY,
+    READER,
     DaemonProcess,
     EmulatorProcess,
+    as_uid,
     call,
     free_port,
+    node_client_for_other_uids,
+    python_as,
     running,
     write_config,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
-NOBODY = 65534
-READER = 65533
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
-AS_READER = ["setpriv", "--reuid", str(READER), "--regid", str(READER), "--clear-groups"]
 GET_USER = json.dumps({"query": "{ getUser { email } }"})
-PYTHON = "/usr/bin/python3"
 
 
 def _no_netlink(*args: object) -> None:
@@ -64,7 +63,7 @@ def accepted_from_sources(sources: list[str]) -> Iterator[list[socket.socket]]:
             "    held.append(s)\n"
             "sys.stdin.read()\n"
         )
-        client = subprocess.Popen([*AS_NOBODY, PYTHON, "-c", script], stdin=subprocess.PIPE)
+        client = subprocess.Popen(python_as(NOBODY, "-c", script), stdin=subprocess.PIPE)
         accepted: list[socket.socket] = []
         try:
             server.settimeout(10)
@@ -187,7 +186,7 @@ def curl_status(
 
 
 @contextlib.contextmanager
-def held_connections(as_user: list[str], count: int, target: str) -> Iterator[None]:
+def held_connections(uid: int, count: int, target: str) -> Iterator[None]:
     """`count` connections to the proxy (`target`: "tcp:PORT" or a socket path) made
     and held open, silent, by a process of another uid."""
     if target.startswith("tcp:"):
@@ -204,7 +203,7 @@ def held_connections(as_user: list[str], count: int, target: str) -> Iterator[No
         "sys.stdin.read()\n"
     )
     attacker = subprocess.Popen(
-        [*as_user, PYTHON, "-c", script],
+        python_as(uid, "-c", script),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -228,15 +227,15 @@ def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(stack: Stack, v
     until it let go. The broker's socket had per-uid limits since issue 9; the proxy
     did not."""
     target = f"tcp:{stack.port}" if via == "tcp" else str(stack.proxy_socket)
-    with held_connections(AS_NOBODY, 32, target):
+    with held_connections(NOBODY, 32, target):
         assert curl_status(stack, via=via) == 200
         shared = ("-H", "Geins-Broker-Profile: shared")
-        assert curl_status(stack, *shared, as_user=AS_READER, via=via) == 200
+        assert curl_status(stack, *shared, as_user=as_uid(READER), via=via) == 200
 
 
 def test_a_readers_flood_of_proxy_connections_locks_out_no_admin(stack: Stack) -> None:
     """A reader may hold connections, but not the admins' reserve."""
-    with held_connections(AS_READER, 32, f"tcp:{stack.port}"):
+    with held_connections(READER, 32, f"tcp:{stack.port}"):
         assert curl_status(stack) == 200
 
 
@@ -261,7 +260,7 @@ def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: S
         time.sleep(10.5)  # the bearer is old enough to be rotated on a 401
         out = subprocess.run(
             [
-                *AS_READER,
+                *as_uid(READER),
                 "curl",
                 "-sS",
                 "-o",
@@ -295,7 +294,7 @@ def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: Stack) ->
         "    s.recv(4096)\n"
         "    s.close()\n"
     )
-    subprocess.run([*AS_NOBODY, PYTHON, "-c", script], timeout=30, check=True)
+    subprocess.run(python_as(NOBODY, "-c", script), timeout=30, check=True)
     assert curl_status(stack) == 200
     assert stack.daemon.log().count("connection_refused") <= 2
 
@@ -354,7 +353,7 @@ async def test_a_long_proc_net_tcp_does_not_stall_the_daemon(
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)
             attacker = await nursery.start(
-                functools.partial(trio.run_process, [*AS_NOBODY, PYTHON, "-c", script])
+                functools.partial(trio.run_process, python_as(NOBODY, "-c", script))
             )
             while attacker.returncode is None and len(lags) < 2000:
                 before = trio.current_time()
@@ -378,15 +377,13 @@ def test_a_head_request_is_answered_not_logged_as_a_failure(stack: Stack) -> Non
         "print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
     )
     out = subprocess.run(
-        [*AS_READER, PYTHON, "-c", script], capture_output=True, text=True, timeout=20, check=True
+        python_as(READER, "-c", script), capture_output=True, text=True, timeout=20, check=True
     )
     assert out.stdout.strip() == "HTTP/1.1 405 Method Not Allowed"
     assert "connection_failed" not in stack.daemon.log()
 
 
 # -- the Node client's trust rule --------------------------------------------------------
-
-NODE_DIST = Path(__file__).resolve().parents[2] / "clients" / "node" / "dist" / "index.js"
 
 FLIPPER = """
 import ctypes, os, socket, sys, threading, time
@@ -435,8 +432,7 @@ for (let i = 0; i < 20000 && Date.now() < end; i++) {
 
 
 PYTHON_VICTIM = """
-import sys, time
-sys.path[:0] = sys.argv[1:3]
+import time
 from geins_broker_client import Client
 end = time.monotonic() + 4
 for _ in range(20000):
@@ -450,16 +446,12 @@ for _ in range(20000):
 """
 
 
-def _victim_command(victim: str, base: Path) -> list[str]:
+def _victim_command(victim: str) -> list[str]:
+    """The victim, a client of READER's looking for the system service's socket."""
     if victim == "node":
-        return ["node", "--input-type=module", "-e", VICTIM, str(NODE_DIST)]
-    # The system interpreter, with the repository's client and a copy of msgpack.
-    lib = base.parent / "lib"
-    shutil.copytree(Path(msgpack.__file__).parent, lib / "msgpack")
-    for path in [lib, *lib.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    client = Path(__file__).resolve().parents[2] / "clients" / "python"
-    return [PYTHON, "-c", PYTHON_VICTIM, str(client), str(lib)]
+        client = node_client_for_other_uids()
+        return as_uid(READER, "node", "--input-type=module", "-e", VICTIM, str(client))
+    return python_as(READER, "-c", PYTHON_VICTIM)
 
 
 @pytest.mark.parametrize(
@@ -485,8 +477,6 @@ def test_no_client_talks_to_a_socket_behind_a_swapped_directory(
     now resolves the socket's directory, requires every directory above to be a trusted
     uid's and not writable by others (unless sticky), and connects to the resolved path.
     The Python client held already: SO_PEERCRED names the other uid (rule 3)."""
-    if victim == "node":
-        assert NODE_DIST.exists(), "build the Node client first (scripts/test does)"
     short_tmp.chmod(0o755)
     base = short_tmp / "tmp"
     base.mkdir()
@@ -499,16 +489,15 @@ def test_no_client_talks_to_a_socket_behind_a_swapped_directory(
         trusted.bind(str(legit / "broker.sock"))
         (legit / "broker.sock").chmod(0o666)  # the system service's socket, open to all
         flipper = subprocess.Popen(
-            [*AS_NOBODY, PYTHON, "-c", FLIPPER, str(base), "15"],
+            python_as(NOBODY, "-c", FLIPPER, str(base), "15"),
             stdout=subprocess.PIPE,
             text=True,
         )
         assert flipper.stdout is not None
         assert flipper.stdout.readline().strip() == "flipping"
         env = {"PATH": os.environ["PATH"], "TMPDIR": str(base), "HOME": "/nonexistent"}
-        command = _victim_command(victim, base)
         ran = subprocess.run(
-            [*AS_READER, *command],
+            _victim_command(victim),
             env=env,
             capture_output=True,
             text=True,

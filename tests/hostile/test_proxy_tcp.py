@@ -21,18 +21,17 @@ from tests.fleet.support import wait_until
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     call,
     free_port,
+    python_as,
     running,
     write_config,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
-NOBODY = 65534
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
-PYTHON = "/usr/bin/python3"
 #: Connections queued ahead of the attack, so the daemon's accept-and-identify falls behind.
 QUEUED = 900
 
@@ -108,10 +107,7 @@ def test_a_request_from_a_closed_socket_does_not_run_as_root(proxy: Proxy) -> No
     before = graphql_calls(proxy.emulator)
     attack = subprocess.run(
         [
-            *AS_NOBODY,
-            PYTHON,
-            "-c",
-            ATTACK,
+            *python_as(NOBODY, "-c", ATTACK),
             str(int(proxy.family)),
             proxy.host,
             str(proxy.port),

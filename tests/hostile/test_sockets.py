@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,13 +21,14 @@ from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
+    as_uid,
+    python_as,
     write_config,
 )
 
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 SECRET = "roots-secret-password"
 
 
@@ -85,7 +85,7 @@ class FakeBroker:
         log.chmod(0o666)
         self.log = log
         self.process = subprocess.Popen(
-            [*AS_NOBODY, sys.executable, "-c", _RECORDER, where, str(log)],
+            python_as(NOBODY, "-c", _RECORDER, where, str(log)),
             stdout=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
@@ -118,7 +118,7 @@ def plant(fake_brokers: list[FakeBroker], where: Path | str, log: Path, **kw: ob
 
 
 def nobody_mkdir(path: Path, mode: str = "0777") -> None:
-    subprocess.run([*AS_NOBODY, "mkdir", "-m", mode, str(path)], check=True)
+    subprocess.run(as_uid(NOBODY, "mkdir", "-m", mode, str(path)), check=True)
 
 
 def login_cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -279,7 +279,7 @@ def test_the_clients_own_and_roots_daemon_are_trusted(base: Path) -> None:
             "print(Client(sys.argv[1]).token().token)"
         )
         result = subprocess.run(
-            [*AS_NOBODY, sys.executable, "-c", probe, str(sock)],
+            python_as(NOBODY, "-c", probe, str(sock)),
             check=False,
             capture_output=True,
             text=True,

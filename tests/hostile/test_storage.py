@@ -21,19 +21,20 @@ from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
+    as_uid,
     call,
     write_config,
 )
 
-NOBODY = 65534
 UNUSED_URL = "http://127.0.0.1:9"
 
 
 def as_nobody(*command: str) -> None:
     subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command],
+        as_uid(NOBODY, *command),
         check=True,
         timeout=20,
     )
