@@ -52,17 +52,39 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def loaded_in_fresh_interpreter(code: str, watched: tuple[str, ...]) -> list[str]:
-    """Run `code` in a fresh, isolated interpreter on this one's path, and say which of
-    the `watched` top-level modules it left loaded (this interpreter has long loaded
-    everything, so only a fresh one can tell what an import pulls in)."""
-    probe = f"import sys; {code}; print(' '.join(m for m in {watched!r} if m in sys.modules))"
+    """Run `code` (statements, lines allowed) in a fresh, isolated interpreter on this
+    one's path, and say which of the `watched` top-level modules it left loaded (this
+    interpreter has long loaded everything, so only a fresh one can tell what an import
+    pulls in). An exception in `code` fails the call."""
+    probe = "\n".join(
+        [
+            "import sys",
+            f"sys.path[:0] = {sys.path!r}",
+            code,
+            f"print(' '.join(m for m in {watched!r} if m in sys.modules))",
+        ]
+    )
     # -I: no environment, no user site; the path is ours.
     return subprocess.run(
-        [sys.executable, "-I", "-c", f"import sys; sys.path[:0] = {sys.path!r}; {probe}"],
+        [sys.executable, "-I", "-c", probe],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """`check()`'s first truthy value, polled every `every` s in real time; an
+    AssertionError naming `what` after `timeout` s. For processes, files and logs that
+    change on their own: one bounded wait for every such test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(every)
 
 
 class EmulatorProcess:
@@ -441,12 +463,22 @@ EXACT = {"jitter": 0}
 
 
 async def exact_broker(
-    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    tmp: Path,
+    **settings: Any,
 ) -> Broker:
     """A broker whose rotation and backoff land on exact virtual times (no jitter; the
     random source always picks the top of its range)."""
     return await start_broker(
-        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
+        nursery,
+        emulator,
+        wall,
+        tmp,
+        rng=Fraction(1.0),
+        profile_settings=EXACT,
+        **settings,
     )
 
 

@@ -21,7 +21,6 @@ import msgpack
 import pytest
 
 from geins_broker_client.protocol import encode
-from tests.fleet.support import wait_until
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -31,6 +30,7 @@ from tests.support import (
     EmulatorProcess,
     call,
     python_as,
+    wait_until,
     write_config,
 )
 
@@ -393,10 +393,7 @@ def test_systemd_socket_activation(emulator: EmulatorProcess, short_tmp: Path) -
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not bind"
-            time.sleep(0.02)
+        wait_until(sock.exists, 15, "systemd-socket-activate binds", every=0.02)
         # The first connection starts the daemon, which then answers on the passed socket.
         assert call(sock, timeout=20, op="hello")["ok"]
         assert "READY=1" in receiver.recv(4096).decode().split("\n")

@@ -42,6 +42,7 @@ from tests.support import (
     inline,
     python_as,
     start_broker,
+    wait_until,
     write_config,
 )
 
@@ -183,12 +184,12 @@ def emulator_process() -> Iterator[EmulatorProcess]:
 def reload(daemon: DaemonProcess, sock: Path, done: Any) -> dict[str, Any]:
     """SIGHUP, then the status once `done(status)` holds (bounded by 10 s)."""
     daemon.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while True:
-        status = call(sock, op="status")
-        if done(status) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.05)
+    status: dict[str, Any] = wait_until(
+        lambda: answer if done(answer := call(sock, op="status")) else None,
+        10,
+        "the reload's outcome",
+    )
+    return status
 
 
 def states(status: dict[str, Any]) -> dict[str, str]:
@@ -452,11 +453,12 @@ def test_another_process_of_the_daemons_uid_cannot_read_its_memory(short_tmp: Pa
         cwd="/",
     )
     try:
-        deadline = time.monotonic() + 20
-        while not (run / "b.sock").exists():
-            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
-            assert time.monotonic() < deadline, "the daemon did not bind its socket"
-            time.sleep(0.05)
+        wait_until(
+            lambda: daemon.poll() is not None or (run / "b.sock").exists(),
+            20,
+            "the daemon binds its socket",
+        )
+        assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
         if probe(control.pid) != ["mem:read", "ptrace:attached"]:
             pytest.skip("this kernel keeps even a dumpable process from its own uid (Yama?)")
         assert probe(daemon.pid) == ["mem:refused", "ptrace:refused"]
