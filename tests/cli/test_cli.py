@@ -21,13 +21,14 @@ import pytest
 
 from broker.cli import exits, quick
 from broker.cli import main as cli
-from geins_broker_client import errors
+from geins_broker_client import Client, errors
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
     DaemonProcess,
     EmulatorProcess,
+    loaded_in_fresh_interpreter,
     write_config,
 )
 
@@ -231,7 +232,7 @@ def test_exit_code_per_error_family(
     def failing(self: object, *args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(cli.Client, "token", failing)
+    monkeypatch.setattr(Client, "token", failing)
     assert cli.main(["token", "--socket", "/nowhere"]) == code
     assert (
         capsys.readouterr().err
@@ -323,18 +324,14 @@ def test_the_fast_commands_import_only_the_client(setup: Setup, argv: list[str])
     login(setup)
     # json needs re: a price --json pays, not the bare token.
     heavy = tuple(m for m in HEAVY if not (m == "re" and "--json" in argv))
-    probe = (
-        "import sys, contextlib, io\n"
+    code = (
+        "import contextlib, io\n"
         "from broker.cli.quick import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    code = main({[*argv, '--socket', str(setup.socket)]!r})\n"
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))\n"
-        "print(code, heavy)\n"
+        "assert code == 0, code"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.splitlines()[-1] == "0 []"
+    assert loaded_in_fresh_interpreter(code, heavy) == []
 
 
 def both_ways(

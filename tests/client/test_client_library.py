@@ -32,7 +32,14 @@ from geins_broker_client import (
     Unavailable,
     find_socket,
 )
-from tests.support import DEMO_PASSWORD, DEMO_USER, DaemonProcess, EmulatorProcess, write_config
+from tests.support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    DaemonProcess,
+    EmulatorProcess,
+    loaded_in_fresh_interpreter,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,15 +77,8 @@ def running(short_tmp: Path) -> Iterator[Running]:
 
 
 def test_importing_the_client_pulls_in_nothing_heavy() -> None:
-    probe = (
-        "import sys, geins_broker_client\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules}"
-        " & {'trio', 'httpx', 'asyncio', 'broker', 'platformdirs', 'h11', 'anyio'}))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    heavy = ("trio", "httpx", "asyncio", "broker", "platformdirs", "h11", "anyio")
+    assert loaded_in_fresh_interpreter("import geins_broker_client", heavy) == []
 
 
 def test_the_client_installs_on_its_own_with_only_msgpack(tmp_path: Path) -> None:

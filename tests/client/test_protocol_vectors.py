@@ -10,8 +10,6 @@ clients agree again.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import stat
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from geins_broker_client import calls, errors, paths
+from geins_broker_client import calls, errors, paths, trust
 from geins_broker_client.protocol import FrameDecoder, encode
 
 VECTORS: dict[str, Any] = json.loads(
@@ -130,19 +128,10 @@ def _stat_result(entry: dict[str, Any] | None) -> os.stat_result | None:
 
 
 def _python_verdict(case: dict[str, Any], trusted: frozenset[int]) -> bool:
-    """Whether the Python client's trust rule accepts the case's lstat results.
-
-    The rule lands with issue 9 as `geins_broker_client.trust` (`directory_problem`,
-    `socket_problem`: an lstat result and the trusted uids in, a reason or None out);
-    `paths.check_trusted(directory, socket, trusted)` is the name the vectors first
-    expected. Either is used when present; with neither, these cases are xfail.
-    """
+    """Whether the Python client's trust rule (`geins_broker_client.trust`: an lstat
+    result and the trusted uids in, a reason or None out) accepts the case's lstat
+    results."""
     directory, sock = _stat_result(case["directory"]), _stat_result(case["socket"])
-    try:
-        trust: Any = importlib.import_module("geins_broker_client.trust")
-    except ImportError:
-        verdict = paths.check_trusted(directory, sock, trusted)  # type: ignore[attr-defined]
-        return verdict is None or verdict is True
     if directory is None:
         return True
     if trust.directory_problem(directory, trusted) is not None:
@@ -150,18 +139,6 @@ def _python_verdict(case: dict[str, Any], trusted: frozenset[int]) -> bool:
     return sock is None or trust.socket_problem(sock, trusted) is None
 
 
-def _trust_rule_present() -> bool:
-    return importlib.util.find_spec("geins_broker_client.trust") is not None or hasattr(
-        paths, "check_trusted"
-    )
-
-
-_TRUST_PENDING = pytest.mark.xfail(
-    not _trust_rule_present(), strict=True, reason="trust check lands with issue 9"
-)
-
-
-@_TRUST_PENDING
 @pytest.mark.parametrize(
     "case", VECTORS["trust"]["cases"], ids=_ids(VECTORS["trust"]["cases"], "name")
 )

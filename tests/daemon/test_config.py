@@ -101,7 +101,7 @@ allow_groups = [0]
         (GOOD + "[broker]\nsocket_mode = '0066'\n", "broker.socket_mode", "owner"),
         (GOOD + "[broker]\nsocket = '/" + "x" * 120 + "'\n", "broker.socket", "at most 107"),
         ("[profiles]\n", "profiles", "at least one profile"),
-        # Issue 9, defect 11: TOML's nan and inf are numbers, but no duration.
+        # TOML's nan and inf are numbers, but no duration.
         (GOOD + "[broker]\ntoken_wait = nan\n", "broker.token_wait", "finite"),
         (GOOD + "[broker]\ntoken_wait = inf\n", "broker.token_wait", "finite"),
         (GOOD + "[broker]\nidle_timeout = -inf\n", "broker.idle_timeout", "finite"),

@@ -37,7 +37,7 @@ from ..trust import path_problem, peer_problem, trusted_uids
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncGenerator, Callable, Mapping
     from typing import Any, Self, TypeVar
 
     from .._backends.base import AsyncBackend, AsyncStream
@@ -238,7 +238,7 @@ class AsyncClient:
             calls.register(username, password, profile, remember, user), calls.parse_session
         )
 
-    async def watch(self, profile: str | None = None) -> AsyncIterator[WatchEvent]:
+    async def watch(self, profile: str | None = None) -> AsyncGenerator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
 
         Runs on a connection of its own, so the client stays usable meanwhile. Ends

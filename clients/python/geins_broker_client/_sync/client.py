@@ -38,7 +38,7 @@ from ..trust import path_problem, peer_problem, trusted_uids
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Callable, Mapping
+    from collections.abc import Generator, Callable, Mapping
     from typing import Any, Self, TypeVar
 
     from .._backends.base import Backend, Stream
@@ -239,7 +239,7 @@ class Client:
             calls.register(username, password, profile, remember, user), calls.parse_session
         )
 
-    def watch(self, profile: str | None = None) -> Iterator[WatchEvent]:
+    def watch(self, profile: str | None = None) -> Generator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
 
         Runs on a connection of its own, so the client stays usable meanwhile. Ends
