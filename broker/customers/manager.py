@@ -22,14 +22,22 @@ import httpx
 import trio
 
 from broker.core.clock import SystemClock, WallClock
-from broker.core.errors import BadRequest, GeinsError, MalformedAnswer, Transient, UnknownProfile
+from broker.core.errors import (
+    BadRequest,
+    GeinsError,
+    MalformedAnswer,
+    RateLimited,
+    Transient,
+    UnknownApp,
+    UnknownSession,
+)
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
 from broker.customers.live import Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
 from broker.customers.model.app import AppSettings
-from broker.customers.model.errors import RateLimited, RecordUnreadable, UnknownSession
+from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id, new_handle, session_key, well_formed
 from broker.customers.model.lifetime import EndReason, over_limit
 from broker.customers.model.ratelimit import LoginLimiter
@@ -453,7 +461,7 @@ class CustomerSessions:
     def _app(self, app: str) -> AppSettings:
         settings = self.apps.get(app)
         if settings is None:
-            raise UnknownProfile(f"no app named {app!r}")
+            raise UnknownApp(f"no app {app!r} is configured")
         return settings
 
     def status(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from broker.core.errors import (
     RefreshTokenRejected,
     Relayed,
     StoreError,
+    UnknownSession,
     UnusableGrant,
 )
 from broker.core.sealing import Keyring
@@ -47,7 +48,7 @@ from broker.customers.live import Flight, Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
 from broker.customers.model.app import AppSettings
-from broker.customers.model.errors import RecordUnreadable, UnknownSession
+from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id
 from broker.customers.model.lifetime import EndReason
 from broker.customers.model.record import SessionRecord

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
-from broker.core.errors import BadRequest, BrokerFault, Busy, Forbidden, Internal, UnknownOp
+from broker.core.errors import (
+    BadRequest,
+    BrokerFault,
+    Busy,
+    Forbidden,
+    Internal,
+    RateLimited,
+    UnknownOp,
+)
 from broker.core.stats import ServerStats
 from broker.observe.log import events
 from broker.policy.schemas import SCHEMAS, arguments
@@ -32,7 +40,8 @@ _NUMBERS: Final = (int, float)
 
 
 def error_frame(request_id: int | None, exc: BrokerFault) -> bytes:
-    return encode({"id": request_id, **error_body(exc.code, str(exc))})
+    retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+    return encode({"id": request_id, **error_body(exc.code, str(exc), retry_after)})
 
 
 class Outbox(Protocol):

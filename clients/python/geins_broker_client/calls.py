@@ -198,7 +198,7 @@ def outcome(message: Message) -> Message:
         return message
     error = message.get("error")
     if message.get("ok") is False and isinstance(error, dict):
-        raise error_from_wire(error.get("code"), error.get("message"))
+        raise error_from_wire(error.get("code"), error.get("message"), error.get("retry_after"))
     raise ProtocolError("response has neither ok: true nor an error map")
 
 
