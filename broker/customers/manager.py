@@ -170,12 +170,21 @@ class CustomerSessions:
         return created
 
     async def register(
-        self, app: str, uid: int, username: str, password: Secret, *, remember: bool
+        self,
+        app: str,
+        uid: int,
+        username: str,
+        password: Secret,
+        *,
+        remember: bool,
+        user: Mapping[str, Any] | None = None,
     ) -> Created:
+        """Create the customer's account at Geins (`user`: Geins' UserInputType, the
+        SDK's default when None) and a session for it."""
         settings = self._app(app)
         self._limit(app, username, uid)
         try:
-            grant = await self._clients[app].register(username, password)
+            grant = await self._clients[app].register(username, password, user)
         except GeinsError as exc:
             self.stats.registrations[app, exc.code] += 1
             raise
@@ -289,6 +298,31 @@ class CustomerSessions:
             await self.refresher.refresh(live)
         raise BadRequest(f"min_valid {min_valid:g} s is longer than Geins' bearers last")
 
+    def token_from_memory(self, app: str, handle: str, min_valid: float) -> Served | None:
+        """The hot path of `session_token`, answered without a task: the bearer of a
+        session held in memory that has `min_valid` seconds left, its use noted. None
+        sends the request the long way (`token`), which loads, refreshes, ends or
+        refuses. `app` must name a configured app and the caller may use it."""
+        if not well_formed(handle):
+            return None
+        settings = self.apps[app]
+        live = self.lives.get(self.store.store_key.session_id(app, Secret(handle)))
+        if live is None or live.unsaved or live.ended:
+            return None
+        now = self._wall.now()
+        left = live.expires_at - now
+        if left <= 0 or left < min_valid:
+            return None
+        if settings.lifetime.ended(
+            remember=live.remember,
+            last_used_at=live.last_used_at,
+            session_ends_at=live.session_ends_at,
+            now=now,
+        ):
+            return None
+        self._used(live, now)
+        return Served(live.bearer, live.expires_at)
+
     async def info(self, app: str, handle: Secret) -> Info:
         live = await self._use(app, handle)
         lifetime = self.apps[app].lifetime
@@ -306,9 +340,10 @@ class CustomerSessions:
 
     async def passwd(
         self, app: str, uid: int, handle: Secret, password: Secret, new_password: Secret
-    ) -> None:
+    ) -> float:
         """Change the customer's password at Geins; the session carries on with the
-        tokens Geins answers with (Geins ends the customer's other sessions)."""
+        tokens Geins answers with (Geins ends the customer's other sessions). Returns
+        the new bearer's expiry."""
         live = await self._use(app, handle)
         self._limit(app, live.username, uid)
         client = self._clients[app]
@@ -319,6 +354,7 @@ class CustomerSessions:
             )
 
         await self.refresher.refresh(live, change)
+        return live.expires_at
 
     async def logout(self, app: str, handle: Secret) -> None:
         """Log out at Geins (whatever it answers), then forget the session."""
@@ -345,12 +381,17 @@ class CustomerSessions:
         if reason is not None:
             await self.refresher.end(live, reason, purge=True)
             raise UnknownSession()
+        self._used(live, now)
+        return live
+
+    def _used(self, live: Live, now: float) -> None:
+        """Note a use: exactly in memory, coarsely in the store; a session in use is
+        refreshed ahead of expiry."""
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every:
             live.saved_use_at = now
             self.store.touch(live.session_id, now)
         self.refresher.consider(live, now)
-        return live
 
     async def _live(self, app: str, handle: Secret) -> Live:
         """The session `handle` names in `app`, from memory or from the store."""

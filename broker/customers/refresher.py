@@ -27,7 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -71,7 +71,9 @@ class GeinsApi(Protocol):
     async def change_password(
         self, refresh_token: Secret, username: str, password: Secret, new_password: Secret
     ) -> Grant: ...
-    async def register(self, username: str, password: Secret) -> Grant: ...
+    async def register(
+        self, username: str, password: Secret, user: Mapping[str, Any] | None = None
+    ) -> Grant: ...
     async def logout(self, refresh_token: Secret) -> None: ...
 
 
