@@ -153,6 +153,14 @@ class CustomerSessions:
             nursery.start_soon(self._sweep_loop)
             task_status.started()
 
+    async def drain(self) -> None:
+        """For a shutdown: start no proactive refresh, wait for the flights under way
+        (a rotated refresh token is committed before the daemon exits) and for every
+        queued write. The caller bounds the wait."""
+        self.refresher.draining = True
+        await self.refresher.drained()
+        await self.store.flush()
+
     # -- creating sessions ---------------------------------------------------------------------
 
     async def login(

@@ -124,6 +124,17 @@ class Refresher:
         self._purge_in = {name: pair[0] for name, pair in channels.items()}
         self._purge_out = {name: pair[1] for name, pair in channels.items()}
         self._nursery: trio.Nursery | None = None
+        #: Flights under way, and set when none is (what a shutdown waits for).
+        self.in_flight = 0
+        self._landed = trio.Event()
+        #: Set by `drain`: no proactive refresh starts any more.
+        self.draining = False
+
+    async def drained(self) -> None:
+        """Return once no flight is under way (their commits included)."""
+        while self.in_flight:
+            self._landed = trio.Event()
+            await self._landed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -175,6 +186,7 @@ class Refresher:
     async def _fly(self, live: Live, flight: Flight, rotation: Rotation | None) -> None:
         app = self._apps[live.app]
         outcome = "error"
+        self.in_flight += 1
         try:
             async with self._limiters[live.app]:
                 if live.ended:
@@ -202,6 +214,9 @@ class Refresher:
                 self.stats.refreshes[live.app, outcome] += 1
             live.flight = None
             flight.done.set()
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._landed.set()
             self.consider(live, self._wall.now())
 
     async def _took_grant(self, live: Live, grant: Grant, app: AppSettings) -> str:
@@ -346,7 +361,7 @@ class Refresher:
             next_at = live.retry_at if live.failures else live.next_refresh_at
             if next_at is not None and next_at > now:
                 self.consider(live, now)
-            elif self._apps[live.app].lifetime.active(live.last_used_at, now):
+            elif not self.draining and self._apps[live.app].lifetime.active(live.last_used_at, now):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._proactive, live)
 

@@ -121,7 +121,12 @@ class _Touch:
     at: float
 
 
-_Write = _Put | _Delete | _Touch
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """Writes nothing: its waiter wakes once everything queued before it is on disk."""
+
+
+_Write = _Put | _Delete | _Touch | _Mark
 
 
 class _Waiter:
@@ -265,6 +270,13 @@ class CustomerStore:
             raise waiter.error
         return waiter.changed
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is on disk (or failed)."""
+        waiter = _Waiter()
+        self._queue(_Mark(), waiter)
+        self._wake.set()
+        await waiter.done.wait()
+
     def touch(self, session_id: bytes, at: float) -> None:
         """Note a last use, with the next group (never moves the time back)."""
         self._queue(_Touch(session_id, at), None)
@@ -314,11 +326,14 @@ class CustomerStore:
                     cursor = conn.execute(_UPSERT, write.row.values())
                 elif isinstance(write, _Delete):
                     cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (write.session_id,))
-                else:
+                elif isinstance(write, _Touch):
                     cursor = conn.execute(
                         "UPDATE sessions SET last_used_at = max(last_used_at, ?) WHERE id = ?",
                         (write.at, write.session_id),
                     )
+                else:
+                    changed.append(0)
+                    continue
                 changed.append(cursor.rowcount)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
