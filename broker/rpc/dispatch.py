@@ -169,17 +169,7 @@ class Dispatcher:
             conn.acl_cache[cache_key] = (app, allowed)
         if not allowed:
             raise Forbidden(f"uid {conn.peer.uid} may not use app {name!r}")
-        served = customers.token_from_memory(name, handle, min_valid)
-        if served is None:
-            return None
-        return encode(
-            {
-                "id": request_id,
-                "ok": True,
-                "token": served.token.reveal(),
-                "expires_at": served.expires_at,
-            }
-        )
+        return customers.token_frame(request_id, name, handle, min_valid)
 
     def _start_waiting(
         self, conn: Connection, request_id: int, op: str, args: dict[str, Any]

@@ -271,3 +271,24 @@ async def test_an_apps_users_may_not_list_or_end_sessions(
         ops.usable(stranger, "shop")
     assert refused.value.code == Forbidden.code
     assert ops.usable(user, "shop") is broker.daemon.customers
+
+
+async def test_the_hot_path_serves_no_session_past_its_idle_end(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> None:
+    """The bearer still has 14 minutes; the session's idle end (60 s) has passed."""
+    apps = {"shop": {**SHOP, "idle_short": 60, "active_for": 30}}
+    broker = await shop_broker(nursery, emulator, wall, short_tmp, apps)
+    async with broker.client() as client:
+        handle = (await client.session_login("shop", DEMO_USER, DEMO_PASSWORD)).handle
+        await trio.sleep(59)
+        assert await client.session_token("shop", handle)  # used: idle from now on
+        await trio.sleep(60)
+        with pytest.raises(UnknownSession):
+            await client.session_token("shop", handle)
+    assert broker.daemon.customers is not None
+    assert broker.daemon.customers.stats.ends["shop", "idle"] == 1
