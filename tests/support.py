@@ -131,7 +131,10 @@ def write_config(
     broker: Mapping[str, Any] | None = None,
     profile: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    apps: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
+    """A config file; each of `apps` an `[apps.NAME]` on the emulator with its settings."""
+
     def toml_value(value: Any) -> str:
         return json.dumps(value)  # TOML strings, numbers, booleans and arrays read the same
 
@@ -152,6 +155,15 @@ def write_config(
             f"merchant_api_url = {toml_value(emulator_url)}",
         ]
         lines += [f"{k} = {toml_value(v)}" for k, v in (profile or {}).items()]
+    for name, settings in (apps or {}).items():
+        lines += [
+            f"[apps.{name}]",
+            'account = "demo"',
+            'api_key = "demo-api-key"',
+            f"auth_service_url = {toml_value(emulator_url)}",
+            f"merchant_api_url = {toml_value(emulator_url)}",
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -329,25 +341,26 @@ def broker_config(
     profile_settings: dict[str, object] | None = None,
     metrics: dict[str, object] | None = None,
     proxy: dict[str, object] | None = None,
+    apps: Mapping[str, Mapping[str, object]] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
+    """A daemon's config on the emulator: `profiles`, and each of `apps` as an
+    `[apps.NAME]` with its settings."""
     endpoint = emulator.endpoint()
+    geins = {
+        "account": endpoint.account,
+        "api_key": endpoint.api_key,
+        "auth_service_url": emulator.url,
+        "merchant_api_url": emulator.url,
+        "channel_id": "1|se",
+        "language_id": "sv-SE",
+        "market_id": "se",
+    }
     data: dict[str, object] = {
         "metrics": metrics or {},
         "broker": {"socket": str(socket), "state_dir": str(state_dir), **broker_settings},
-        "profiles": {
-            name: {
-                "account": endpoint.account,
-                "api_key": endpoint.api_key,
-                "auth_service_url": emulator.url,
-                "merchant_api_url": emulator.url,
-                "channel_id": "1|se",
-                "language_id": "sv-SE",
-                "market_id": "se",
-                **(profile_settings or {}),
-            }
-            for name in profiles
-        },
+        "profiles": {name: {**geins, **(profile_settings or {})} for name in profiles},
+        "apps": {name: {**geins, **settings} for name, settings in (apps or {}).items()},
     }
     if proxy is not None:
         data["proxy"] = proxy

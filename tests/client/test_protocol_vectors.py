@@ -67,6 +67,36 @@ def test_error_codes_cover_the_protocol() -> None:
     assert [c["code"] for c in VECTORS["error_codes"]] == list(Code.ALL)
 
 
+def _answer(name: str) -> dict[str, Any]:
+    (case,) = [a for a in VECTORS["answers"] if a["name"] == name]
+    message: dict[str, Any] = case["message"]
+    return message
+
+
+def test_session_answers_read_as_their_results() -> None:
+    created = calls.answer(calls.parse_customer_session, _answer("session_login"))
+    assert (created.app, created.remember, created.session_ends_at) == ("shop", True, 1800604800.0)
+    assert created.handle not in repr(created)
+    assert calls.answer(calls.parse_customer_session, _answer("session_login, no absolute end"))
+    token = calls.answer(calls.parse_session_token, _answer("session_token"))
+    assert token.token not in repr(token)
+    assert calls.answer(calls.parse_session_info, _answer("session_info")).customer_type == "PERSON"
+    assert calls.answer(calls.parse_expires_at, _answer("session_passwd")) == 1800000900.5
+    assert calls.answer(calls.parse_nothing, _answer("session_logout")) is None
+    listed = calls.answer(calls.parse_sessions, _answer("sessions"))
+    assert [entry.session for entry in listed] == ["9f86d081", "2c26b46b"]
+    assert calls.answer(calls.parse_ended, _answer("session_end")) == 3
+    status = calls.answer(calls.parse_status, _answer("status with apps"))
+    assert [(a.app, a.sessions, a.in_memory) for a in status.apps] == [("shop", 1200, 310)]
+    assert calls.answer(calls.parse_status, _answer("status")).apps == ()
+
+
+def test_rate_limited_carries_retry_after() -> None:
+    with pytest.raises(errors.RateLimited) as raised:
+        calls.answer(calls.parse_customer_session, _answer("rate_limited with retry_after"))
+    assert raised.value.retry_after == 41.5
+
+
 @pytest.mark.parametrize("case", VECTORS["bad_frames"], ids=_ids(VECTORS["bad_frames"], "name"))
 def test_bad_frames_stop_the_decoder(case: dict[str, Any]) -> None:
     decoder = FrameDecoder(case["max_size"])

@@ -9,9 +9,8 @@ import pytest
 import trio
 import trio.lowlevel
 
-from broker.core.errors import InvalidCredentials, Relayed
+from broker.core.errors import InvalidCredentials, RateLimited, Relayed, UnknownSession
 from broker.core.secret import Secret
-from broker.customers.model.errors import RateLimited, UnknownSession
 from broker.customers.model.handles import new_handle
 from broker.customers.model.lifetime import Lifetime
 from broker.customers.model.ratelimit import LoginRates, Rate
