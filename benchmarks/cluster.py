@@ -24,8 +24,8 @@ import trio
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from geins_broker_client._sync.client import Client as BlockingClient
 from geins_broker_client.trio_client import TrioClient
-from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations, wait_until
-from tests.support import DaemonProcess, write_config
+from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations
+from tests.support import DaemonProcess, wait_until, write_config
 
 from .loadgen import broker_token_request, run_load
 

@@ -11,7 +11,7 @@ tokens.py:
   1 s scrape interval, fifteen times the usual rate) and writing the textfile every
   second.
 
-The goal (issue 15) is `on` within 3 % of `off`-without-metrics, i.e. of `before`.
+The goal is `on` within 3 % of `off`-without-metrics, i.e. of `before`.
 Ratios are medians of the per-repetition ratios. On a shared machine throughput swings
 by tens of per cent from one second to the next; the daemon's CPU time per answered
 request (from /proc, over the same window) moves much less, so it is reported too and

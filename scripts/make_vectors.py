@@ -28,6 +28,8 @@ VECTORS = Path(__file__).resolve().parent.parent / "docs" / "protocol-vectors.js
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJl"  # noqa: S105 - a made-up JWT
 EXPIRES = 1800000900.5
+#: A made-up customer session handle: 43 characters of base64url.
+HANDLE = "q4Vz0kJH3m2R9xT7bWcL1sNpYfAeGdUiO5_8-hKjMvE"
 
 #: Each request as a Python `calls` builder name and its keyword arguments.
 REQUESTS: list[tuple[str, dict[str, Any]]] = [
@@ -54,6 +56,31 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("watch", {"profile": "shop"}),
+    (
+        "session_login",
+        {"app": "shop", "username": "demo@example.com", "password": "pässword", "remember": True},
+    ),
+    ("session_login", {"app": "shop", "username": "demo@example.com", "password": "pw"}),
+    (
+        "session_register",
+        {
+            "app": "shop",
+            "username": "new@example.com",
+            "password": "pw",
+            "user": {"newsletter": True, "customerType": "PERSON"},
+        },
+    ),
+    ("session_token", {"app": "shop", "handle": HANDLE}),
+    ("session_token", {"app": "shop", "handle": HANDLE, "min_valid": 60}),
+    ("session_info", {"app": "shop", "handle": HANDLE}),
+    (
+        "session_passwd",
+        {"app": "shop", "handle": HANDLE, "password": "old", "new_password": "new"},
+    ),
+    ("session_logout", {"app": "shop", "handle": HANDLE}),
+    ("sessions", {"app": "shop"}),
+    ("sessions", {"app": "shop", "username": "demo@example.com"}),
+    ("session_end", {"app": "shop", "username": "demo@example.com"}),
 ]
 
 ANSWERS: list[tuple[str, dict[str, Any]]] = [
@@ -134,6 +161,94 @@ ANSWERS: list[tuple[str, dict[str, Any]]] = [
             "# TYPE geins_broker_connections gauge\ngeins_broker_connections 1.0\n"
             'geins_broker_session_state{profile="default",state="active"} 1.0\n',
             "content_type": "text/plain; version=0.0.4; charset=utf-8",
+        },
+    ),
+    (
+        "session_login",
+        {
+            "id": 10,
+            "ok": True,
+            "app": "shop",
+            "handle": HANDLE,
+            "username": "demo@example.com",
+            "expires_at": EXPIRES,
+            "session_ends_at": 1800604800.0,
+            "remember": True,
+        },
+    ),
+    (
+        "session_login, no absolute end",
+        {
+            "id": 11,
+            "ok": True,
+            "app": "shop",
+            "handle": HANDLE,
+            "username": "demo@example.com",
+            "expires_at": EXPIRES,
+            "session_ends_at": None,
+            "remember": False,
+        },
+    ),
+    ("session_token", {"id": 12, "ok": True, "token": TOKEN, "expires_at": EXPIRES}),
+    (
+        "session_info",
+        {
+            "id": 13,
+            "ok": True,
+            "username": "demo@example.com",
+            "customer_type": "PERSON",
+            "expires_at": EXPIRES,
+            "session_ends_at": 1800001800.0,
+            "remember": False,
+        },
+    ),
+    ("session_passwd", {"id": 14, "ok": True, "expires_at": EXPIRES}),
+    ("session_logout", {"id": 15, "ok": True}),
+    (
+        "sessions",
+        {
+            "id": 16,
+            "ok": True,
+            "sessions": [
+                {
+                    "session": "9f86d081",
+                    "username": "demo@example.com",
+                    "created_at": 1800000000.0,
+                    "last_used_at": 1800000600.25,
+                    "ends_at": 1800604800.0,
+                },
+                {
+                    "session": "2c26b46b",
+                    "username": None,
+                    "created_at": 1800000000.0,
+                    "last_used_at": 1800000000.0,
+                    "ends_at": 1800001800.0,
+                },
+            ],
+        },
+    ),
+    ("session_end", {"id": 17, "ok": True, "ended": 3}),
+    (
+        "status with apps",
+        {
+            "id": 18,
+            "ok": True,
+            "server": "geins-broker/0.1.0",
+            "uptime": 12.25,
+            "profiles": [],
+            "apps": [{"app": "shop", "sessions": 1200, "in_memory": 310}],
+        },
+    ),
+    (
+        "rate_limited with retry_after",
+        {
+            "id": 19,
+            "ok": False,
+            "error": {
+                "code": "rate_limited",
+                "message": "too many login attempts; retry in 42 s",
+                "retry_after": 41.5,
+            },
         },
     ),
     (

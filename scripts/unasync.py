@@ -31,7 +31,6 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
         r"\bfrom \.\._backends\.auto import default_backend\b",
         "from .._backends.sync import default_backend",
     ),
-    (r"\bAsyncIterator\b", "Iterator"),
     # AsyncClient, AsyncStream, ... and _AsyncConnection: an underscore may come before.
     (r"(?<![A-Za-z0-9])Async([A-Z]\w*)\b", r"\1"),
     (r"\basync def\b", "def"),

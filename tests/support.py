@@ -8,22 +8,30 @@ daemon in-process against the in-process emulator under MockClock (`start_broker
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import importlib.metadata
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import trio
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from broker.core.clock import TrioWallClock
 from broker.daemon import config as config_module
@@ -44,17 +52,39 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def loaded_in_fresh_interpreter(code: str, watched: tuple[str, ...]) -> list[str]:
-    """Run `code` in a fresh, isolated interpreter on this one's path, and say which of
-    the `watched` top-level modules it left loaded (this interpreter has long loaded
-    everything, so only a fresh one can tell what an import pulls in)."""
-    probe = f"import sys; {code}; print(' '.join(m for m in {watched!r} if m in sys.modules))"
+    """Run `code` (statements, lines allowed) in a fresh, isolated interpreter on this
+    one's path, and say which of the `watched` top-level modules it left loaded (this
+    interpreter has long loaded everything, so only a fresh one can tell what an import
+    pulls in). An exception in `code` fails the call."""
+    probe = "\n".join(
+        [
+            "import sys",
+            f"sys.path[:0] = {sys.path!r}",
+            code,
+            f"print(' '.join(m for m in {watched!r} if m in sys.modules))",
+        ]
+    )
     # -I: no environment, no user site; the path is ours.
     return subprocess.run(
-        [sys.executable, "-I", "-c", f"import sys; sys.path[:0] = {sys.path!r}; {probe}"],
+        [sys.executable, "-I", "-c", probe],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """`check()`'s first truthy value, polled every `every` s in real time; an
+    AssertionError naming `what` after `timeout` s. For processes, files and logs that
+    change on their own: one bounded wait for every such test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(every)
 
 
 class EmulatorProcess:
@@ -101,7 +131,10 @@ def write_config(
     broker: Mapping[str, Any] | None = None,
     profile: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    apps: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
+    """A config file; each of `apps` an `[apps.NAME]` on the emulator with its settings."""
+
     def toml_value(value: Any) -> str:
         return json.dumps(value)  # TOML strings, numbers, booleans and arrays read the same
 
@@ -122,6 +155,15 @@ def write_config(
             f"merchant_api_url = {toml_value(emulator_url)}",
         ]
         lines += [f"{k} = {toml_value(v)}" for k, v in (profile or {}).items()]
+    for name, settings in (apps or {}).items():
+        lines += [
+            f"[apps.{name}]",
+            'account = "demo"',
+            'api_key = "demo-api-key"',
+            f"auth_service_url = {toml_value(emulator_url)}",
+            f"merchant_api_url = {toml_value(emulator_url)}",
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -299,25 +341,26 @@ def broker_config(
     profile_settings: dict[str, object] | None = None,
     metrics: dict[str, object] | None = None,
     proxy: dict[str, object] | None = None,
+    apps: Mapping[str, Mapping[str, object]] | None = None,
     **broker_settings: object,
 ) -> BrokerConfig:
+    """A daemon's config on the emulator: `profiles`, and each of `apps` as an
+    `[apps.NAME]` with its settings."""
     endpoint = emulator.endpoint()
+    geins = {
+        "account": endpoint.account,
+        "api_key": endpoint.api_key,
+        "auth_service_url": emulator.url,
+        "merchant_api_url": emulator.url,
+        "channel_id": "1|se",
+        "language_id": "sv-SE",
+        "market_id": "se",
+    }
     data: dict[str, object] = {
         "metrics": metrics or {},
         "broker": {"socket": str(socket), "state_dir": str(state_dir), **broker_settings},
-        "profiles": {
-            name: {
-                "account": endpoint.account,
-                "api_key": endpoint.api_key,
-                "auth_service_url": emulator.url,
-                "merchant_api_url": emulator.url,
-                "channel_id": "1|se",
-                "language_id": "sv-SE",
-                "market_id": "se",
-                **(profile_settings or {}),
-            }
-            for name in profiles
-        },
+        "profiles": {name: {**geins, **(profile_settings or {})} for name in profiles},
+        "apps": {name: {**geins, **settings} for name, settings in (apps or {}).items()},
     }
     if proxy is not None:
         data["proxy"] = proxy
@@ -433,12 +476,22 @@ EXACT = {"jitter": 0}
 
 
 async def exact_broker(
-    nursery: trio.Nursery, emulator: Emulator, wall: TrioWallClock, tmp: Path, **settings: object
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    tmp: Path,
+    **settings: Any,
 ) -> Broker:
     """A broker whose rotation and backoff land on exact virtual times (no jitter; the
     random source always picks the top of its range)."""
     return await start_broker(
-        nursery, emulator, wall, tmp, rng=Fraction(1.0), profile_settings=EXACT, **settings
+        nursery,
+        emulator,
+        wall,
+        tmp,
+        rng=Fraction(1.0),
+        profile_settings=EXACT,
+        **settings,
     )
 
 
@@ -452,3 +505,155 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# -- other uids --------------------------------------------------------------------------
+
+#: The uids the tests act as when another local user is the point: a stranger, and a
+#: second unprivileged user (a reader the daemon may be told to serve).
+NOBODY = 65534
+READER = 65533
+
+
+def as_uid(uid: int, *command: str, groups: str | None = None) -> list[str]:
+    """`command` run as `uid` with that uid as its group, in the supplementary `groups`
+    given (comma-separated gids), else in none. Needs root."""
+    membership = "--clear-groups" if groups is None else f"--groups={groups}"
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", membership, *command]
+
+
+def python_as(uid: int, *args: str, groups: str | None = None) -> list[str]:
+    """A Python of `uid`'s running `args`, able to import `broker`, `geins_broker_client`
+    and their third-party packages from wherever the checkout sits.
+
+    Another uid cannot read a checkout under a directory it may not traverse (root's home
+    is 0700), nor a venv whose interpreter lives there; and a venv whose target it cannot
+    read may run some other Python without a word. So the code is a copy in a
+    world-traversable temporary directory (`_for_other_uids`) and the interpreter one
+    checked to run as another uid, named by its full path."""
+    copy = _for_other_uids()
+    return _python_command(uid, copy.python, copy.root / "python", *args, groups=groups)
+
+
+def _python_command(
+    uid: int, python: str, path: Path, *args: str, groups: str | None = None
+) -> list[str]:
+    # Through env(1): setpriv, when it may not execute a path, has been seen to run
+    # another Python (and that one to report the path asked for as sys.executable);
+    # env says "Permission denied" instead.
+    environment = [f"PYTHONPATH={path}", "PYTHONDONTWRITEBYTECODE=1"]
+    return as_uid(uid, "/usr/bin/env", *environment, python, "-s", *args, groups=groups)
+
+
+def node_client_for_other_uids() -> Path:
+    """The built Node client's entry point (dist/index.js), copied with its dependency
+    where another uid can import it (see `python_as` for why a copy)."""
+    node = _for_other_uids().root / "node"
+    if not node.exists():
+        built = REPO / "clients" / "node"
+        assert (built / "dist" / "index.js").exists(), (
+            "build the Node client first (scripts/test does)"
+        )
+        staging = node.with_name("node.partial")
+        _copy_tree(built / "dist", staging / "dist")
+        shutil.copy2(built / "package.json", staging / "package.json")
+        for package in ("@msgpack/msgpack",):
+            _copy_tree(built / "node_modules" / package, staging / "node_modules" / package)
+        staging.rename(node)
+    return node / "dist" / "index.js"
+
+
+@dataclass(frozen=True)
+class _OtherUidsCopy:
+    root: Path
+    python: str
+
+
+@functools.cache
+def _for_other_uids() -> _OtherUidsCopy:
+    """Once per test run: the project's Python packages and their runtime dependencies
+    (as installed here, the dev tools left out) under a fresh 0755 directory in the
+    system's temporary directory, removed when the run ends."""
+    root = Path(tempfile.mkdtemp(prefix="gb-others-", dir="/tmp"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    root.chmod(0o755)
+    python = root / "python"
+    _copy_tree(REPO / "broker", python / "broker")
+    _copy_tree(REPO / "clients" / "python" / "geins_broker_client", python / "geins_broker_client")
+    for distribution in _runtime_distributions():
+        for file in distribution.files or ():
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue  # scripts outside site-packages; bytecode
+            target = python / file
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _link_or_copy(Path(str(distribution.locate_file(file))), target)
+    return _OtherUidsCopy(root, _interpreter_for_other_uids())
+
+
+def _runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """The installed distributions the daemon and the client need: both pyproject.toml
+    files' dependencies and theirs, transitively, markers evaluated here."""
+    wanted: list[tuple[str, frozenset[str]]] = []
+    for pyproject in (REPO / "pyproject.toml", REPO / "clients" / "python" / "pyproject.toml"):
+        for line in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+            wanted.append((line, frozenset({""})))
+    found: dict[str, importlib.metadata.Distribution] = {}
+    while wanted:
+        line, extras = wanted.pop()
+        requirement = Requirement(line)
+        if requirement.marker is not None and not any(
+            requirement.marker.evaluate({"extra": extra}) for extra in extras
+        ):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        found[name] = importlib.metadata.distribution(requirement.name)
+        asked = frozenset({"", *requirement.extras})
+        wanted += [(line, asked) for line in found[name].requires or ()]
+    return list(found.values())
+
+
+def _interpreter_for_other_uids() -> str:
+    """A Python of this one's version (the copied extension modules are built for it)
+    that another uid can execute, by its resolved path: no venv in between."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [
+        os.path.realpath(Path(sys.base_prefix) / "bin" / f"python{version}"),
+        *(str(Path(d) / f"python{version}") for d in ("/usr/local/bin", "/usr/bin")),
+    ]
+    report = "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')"
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            continue
+        ran = subprocess.run(
+            _python_command(NOBODY, candidate, Path("/nonexistent"), "-c", report),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        if ran.returncode == 0 and ran.stdout.strip() == version:
+            return candidate
+    raise AssertionError(f"no Python {version} another uid can run among {candidates}")
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(
+        source,
+        target,
+        ignore=shutil.ignore_patterns("__pycache__"),
+        copy_function=_link_or_copy,
+        dirs_exist_ok=True,
+    )
+    for directory in [target, *(p for p in target.rglob("*") if p.is_dir())]:
+        directory.chmod(0o755)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link where the file system allows (the files are root's and not writable
+    by others, so the link gives nothing away), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from broker.emulator.model.service import (
     DEMO_USER,
     AuthService,
     Family,
-    HttpResponse,
 )
+from broker.emulator.model.values import HttpResponse
 from broker.geins.protocol import password_digest
 from broker.observe import log as broker_log
 from geins_broker_client import BrokerError
@@ -45,7 +46,7 @@ def issued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def log_text() -> io.StringIO:
+def log_text() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     broker_log.setup("debug", stream)
     yield stream

@@ -37,12 +37,12 @@ EXIT_MEANINGS: dict[int, str] = {
     EXIT_USAGE: "bad input",
     EXIT_NOT_RUNNING: "broker not running (or its socket not to be trusted)",
     EXIT_NOT_LOGGED_IN: "not logged in",
-    EXIT_LOGIN_REQUIRED: "login required",
+    EXIT_LOGIN_REQUIRED: "login required (or the customer session is gone)",
     EXIT_FORBIDDEN: "forbidden",
-    EXIT_UNAVAILABLE: "Geins unavailable or timeout",
+    EXIT_UNAVAILABLE: "Geins unavailable, timeout or rate limited",
     EXIT_INVALID_CREDENTIALS: "invalid credentials",
     EXIT_UPSTREAM_ERROR: "Geins error",
-    EXIT_UNKNOWN_PROFILE: "unknown profile",
+    EXIT_UNKNOWN_PROFILE: "unknown profile or app",
 }
 
 #: Exit code per client error family; the most specific class wins.
@@ -57,6 +57,9 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
     (client_errors.InvalidCredentials, EXIT_INVALID_CREDENTIALS),
     (client_errors.UpstreamError, EXIT_UPSTREAM_ERROR),
     (client_errors.UnknownProfile, EXIT_UNKNOWN_PROFILE),
+    (client_errors.UnknownApp, EXIT_UNKNOWN_PROFILE),
+    (client_errors.UnknownSession, EXIT_LOGIN_REQUIRED),
+    (client_errors.RateLimited, EXIT_UNAVAILABLE),
     (client_errors.ProtocolError, EXIT_USAGE),
 )
 

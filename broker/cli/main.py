@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-    from geins_broker_client.results import ProfileStatus, Session
+    from geins_broker_client.results import AppStatus, ProfileStatus, Session
 
     Handler = Callable[[argparse.Namespace], int]
     Options = Callable[[argparse.ArgumentParser], None]
@@ -167,19 +167,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         return check_health(profiles, args.profile)
     fleet = {t.get("profile"): t["fleet"] for t in tables if isinstance(t.get("fleet"), dict)}
     if args.json:
-        _print_json(
-            {
-                "server": status.server,
-                "uptime": status.uptime,
-                "profiles": [
-                    {**p._asdict(), **({"fleet": fleet[p.profile]} if p.profile in fleet else {})}
-                    for p in profiles
-                ],
-            }
-        )
+        answer: dict[str, Any] = {
+            "server": status.server,
+            "uptime": status.uptime,
+            "profiles": [
+                {**p._asdict(), **({"fleet": fleet[p.profile]} if p.profile in fleet else {})}
+                for p in profiles
+            ],
+        }
+        if status.apps:
+            answer["apps"] = [a._asdict() for a in status.apps]
+        _print_json(answer)
     else:
         print(f"{terminal_safe(status.server)}, up {_in(status.uptime, 0)}")
         print(_status_table(profiles, time.time()))
+        if status.apps:
+            print()
+            print(_apps_table(status.apps))
         shown = [t for t in tables if t.get("profile") in {p.profile for p in profiles}]
         if any(t.get("profile") in fleet for t in shown):
             from broker.cli import fleet_report as report
@@ -188,6 +192,53 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(report.fleet_summary(shown))
             print(report.profile_table(shown))
     return EXIT_LOGIN_REQUIRED if any(p.state == "login_required" for p in profiles) else EXIT_OK
+
+
+def _apps_table(apps: Sequence[AppStatus]) -> str:
+    rows = [("APP", "SESSIONS", "IN MEMORY")]
+    rows += [(a.app, str(a.sessions), str(a.in_memory)) for a in apps]
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, every cell escaped for the terminal."""
+    safe = [[terminal_safe(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in safe) for i in range(len(safe[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in safe
+    )
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """An app's customer sessions (`--username`: one customer's), or `--end USERNAME`:
+    end every session of that customer ("log out everywhere"). Admins only."""
+    with _client(args) as client:
+        if args.end is not None:
+            ended = client.session_end(args.app, args.end)
+            if args.json:
+                _print_json({"app": args.app, "username": args.end, "ended": ended})
+            else:
+                print(terminal_safe(f"ended {ended} session(s) of {args.end} in app {args.app}"))
+            return EXIT_OK
+        listed = client.sessions(args.app, username=args.username)
+    if args.json:
+        _print_json({"app": args.app, "sessions": [s._asdict() for s in listed]})
+        return EXIT_OK
+    now = time.time()
+    rows = [("SESSION", "USER", "CREATED", "LAST USED", "ENDS IN")]
+    rows += [
+        (
+            s.session,
+            s.username or "-",
+            _iso(s.created_at),
+            _iso(s.last_used_at),
+            _in(s.ends_at, now),
+        )
+        for s in listed
+    ]
+    print(_table(rows))
+    return EXIT_OK
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -460,6 +511,18 @@ def _status_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sessions_options(parser: argparse.ArgumentParser) -> None:
+    _cluster_options(parser)
+    parser.add_argument("app", help="the app, as in the config's [apps.NAME]")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--username", help="list only this customer's sessions")
+    which.add_argument(
+        "--end",
+        metavar="USERNAME",
+        help="end every session of this customer (log out everywhere)",
+    )
+
+
 def _metrics_options(parser: argparse.ArgumentParser) -> None:
     _socket_option(parser)
     parser.add_argument(
@@ -597,6 +660,11 @@ COMMANDS: dict[str, tuple[str, Handler, Options]] = {
         "print each token rotation until interrupted",
         cmd_watch,
         lambda p: _client_options(p, json=True),
+    ),
+    "sessions": (
+        "list an app's customer sessions, or end a customer's (--end)",
+        cmd_sessions,
+        _sessions_options,
     ),
     "serve": ("run the broker daemon", cmd_serve, _serve_options),
     "emulator": ("run the Geins auth emulator", cmd_emulator, _emulator_options),

@@ -120,6 +120,31 @@ class SessionSealed(BrokerFault):
     code = Code.NOT_LOGGED_IN
 
 
+class UnknownApp(BrokerFault):
+    code = Code.UNKNOWN_APP
+
+
+class UnknownSession(BrokerFault):
+    """No live customer session has this handle in this app. An unknown handle, an
+    ended session and another app's handle all raise this, with the same message."""
+
+    code = Code.UNKNOWN_SESSION
+
+    def __init__(self) -> None:
+        super().__init__("no such session; log in again")
+
+
+class RateLimited(BrokerFault):
+    """Too many login attempts for this username or from this uid just now; the wire's
+    error map carries `retry_after`."""
+
+    code = Code.RATE_LIMITED
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many login attempts; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
 class Busy(BrokerFault):
     code = Code.BUSY
 

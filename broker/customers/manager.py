@@ -22,14 +22,22 @@ import httpx
 import trio
 
 from broker.core.clock import SystemClock, WallClock
-from broker.core.errors import BadRequest, GeinsError, MalformedAnswer, Transient, UnknownProfile
+from broker.core.errors import (
+    BadRequest,
+    GeinsError,
+    MalformedAnswer,
+    RateLimited,
+    Transient,
+    UnknownApp,
+    UnknownSession,
+)
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
 from broker.customers.live import Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
 from broker.customers.model.app import AppSettings
-from broker.customers.model.errors import RateLimited, RecordUnreadable, UnknownSession
+from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id, new_handle, session_key, well_formed
 from broker.customers.model.lifetime import EndReason, over_limit
 from broker.customers.model.ratelimit import LoginLimiter
@@ -40,6 +48,7 @@ from broker.geins import claims
 from broker.geins.protocol import Grant
 from broker.policy.session import Tokens
 from broker.sessions.geins_client import GeinsClient
+from geins_broker_client.protocol import PreparedResponse
 
 #: Sessions held in memory at most (all apps); others wait, sealed, for their handle.
 DEFAULT_LIVE_CAPACITY: Final = 200_000
@@ -50,6 +59,8 @@ SWEEP_EVERY: Final = 60.0
 SWEEP_BATCH: Final = 1000
 #: Extra candidates read when an app is full (see _make_room).
 EVICTION_WINDOW: Final = 64
+#: Encoded `session_token` answers kept (about 1 KiB each) for the sessions in use.
+PREPARED_FRAMES: Final = 4096
 #: The most sessions one listing returns.
 MAX_LISTING: Final = 1000
 
@@ -120,6 +131,15 @@ class CustomerSessions:
         self.lives = LiveMap(live_capacity)
         self._limiters = {name: LoginLimiter(app.rates) for name, app in apps.items()}
         self._loading: dict[bytes, trio.Event] = {}
+        #: Sessions by (app, handle) for `token_frame`, as their handles were last
+        #: seen. Memory only, like the session key the `Live` holds; an entry is
+        #: believed only while its `Live` is the one in `lives` and not ended, and the
+        #: whole map is dropped when it outgrows `lives` (stale entries pile up there).
+        self._recent: dict[tuple[str, str], Live] = {}
+        #: The encoded `session_token` answers of sessions in use, by session id, with
+        #: the generation each was encoded from: a rotation makes a new one. Bounded
+        #: (a bearer's worth each): dropped whole when full, rebuilt on the next use.
+        self._frames: dict[bytes, tuple[int, PreparedResponse]] = {}
         self._creating: dict[bytes, trio.Lock] = {}
         self.refresher = Refresher(
             self.apps,
@@ -145,6 +165,14 @@ class CustomerSessions:
             nursery.start_soon(self._sweep_loop)
             task_status.started()
 
+    async def drain(self) -> None:
+        """For a shutdown: start no proactive refresh, wait for the flights under way
+        (a rotated refresh token is committed before the daemon exits) and for every
+        queued write. The caller bounds the wait."""
+        self.refresher.draining = True
+        await self.refresher.drained()
+        await self.store.flush()
+
     # -- creating sessions ---------------------------------------------------------------------
 
     async def login(
@@ -162,12 +190,21 @@ class CustomerSessions:
         return created
 
     async def register(
-        self, app: str, uid: int, username: str, password: Secret, *, remember: bool
+        self,
+        app: str,
+        uid: int,
+        username: str,
+        password: Secret,
+        *,
+        remember: bool,
+        user: Mapping[str, Any] | None = None,
     ) -> Created:
+        """Create the customer's account at Geins (`user`: Geins' UserInputType, the
+        SDK's default when None) and a session for it."""
         settings = self._app(app)
         self._limit(app, username, uid)
         try:
-            grant = await self._clients[app].register(username, password)
+            grant = await self._clients[app].register(username, password, user)
         except GeinsError as exc:
             self.stats.registrations[app, exc.code] += 1
             raise
@@ -223,6 +260,7 @@ class CustomerSessions:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._creating.pop(customer_id, None)
         self.lives.put(live)
+        self._remember(app, handle, live)
         self.refresher.consider(live, now)
         log.info("customer_session_created", app=app, session=log_id(session_id), remember=remember)
         ends_at = settings.lifetime.ends_at(
@@ -258,6 +296,7 @@ class CustomerSessions:
         return [session_id for session_id, _ in sorted(candidates, key=last_use)[:count]]
 
     async def _end_by_id(self, app: str, session_id: bytes, reason: EndReason) -> None:
+        self._frames.pop(session_id, None)
         live = self.lives.peek(session_id)
         if live is not None:
             await self.refresher.end(live, reason, purge=True)
@@ -281,6 +320,38 @@ class CustomerSessions:
             await self.refresher.refresh(live)
         raise BadRequest(f"min_valid {min_valid:g} s is longer than Geins' bearers last")
 
+    def token_frame(self, request_id: int, app: str, handle: str, min_valid: float) -> bytes | None:
+        """The hot path of `session_token`, answered without a task: the encoded answer
+        with the bearer of a session held in memory that has `min_valid` seconds left,
+        its use noted. None sends the request the long way (`token`), which loads,
+        refreshes, ends or refuses. `app` must name a configured app the caller may use.
+
+        Found through `_recent`, not the session id: the id's HMAC would cost more than
+        the rest of the answer. A handle not there (unknown, another app's, not seen
+        since it was last dropped) goes the long way, which is the one path that
+        refuses, so a refusal takes the same time whichever way it came."""
+        live = self._recent.get((app, handle))
+        if live is None or live.unsaved or live.ended:
+            return None
+        now = self._wall.now()
+        left = live.expires_at - now
+        if left <= 0 or left < min_valid or self.lives.get(live.session_id) is not live:
+            return None
+        ends_at = live.session_ends_at
+        idle_end = min(live.last_used_at, now) + self.apps[app].lifetime.idle(live.remember)
+        if (ends_at is not None and now >= ends_at) or now >= idle_end:
+            return None  # over (lifetime.ended's rule): the long way ends it
+        live.last_used_at = max(live.last_used_at, now)
+        if now - live.saved_use_at >= self.touch_every or not live.scheduled:
+            self._used(live, now)  # the store's coarse last use, the refresh schedule
+        prepared = self._frames.get(live.session_id)
+        if prepared is None or prepared[0] != live.generation:
+            if len(self._frames) >= PREPARED_FRAMES:
+                self._frames.clear()
+            fields = {"ok": True, "token": live.bearer.reveal(), "expires_at": live.expires_at}
+            prepared = self._frames[live.session_id] = (live.generation, PreparedResponse(fields))
+        return prepared[1].frame(request_id)
+
     async def info(self, app: str, handle: Secret) -> Info:
         live = await self._use(app, handle)
         lifetime = self.apps[app].lifetime
@@ -298,9 +369,10 @@ class CustomerSessions:
 
     async def passwd(
         self, app: str, uid: int, handle: Secret, password: Secret, new_password: Secret
-    ) -> None:
+    ) -> float:
         """Change the customer's password at Geins; the session carries on with the
-        tokens Geins answers with (Geins ends the customer's other sessions)."""
+        tokens Geins answers with (Geins ends the customer's other sessions). Returns
+        the new bearer's expiry."""
         live = await self._use(app, handle)
         self._limit(app, live.username, uid)
         client = self._clients[app]
@@ -311,12 +383,14 @@ class CustomerSessions:
             )
 
         await self.refresher.refresh(live, change)
+        return live.expires_at
 
     async def logout(self, app: str, handle: Secret) -> None:
         """Log out at Geins (whatever it answers), then forget the session."""
         live = await self._live(app, handle)
         live.ended = True
         self.lives.pop(live.session_id)
+        self._frames.pop(live.session_id, None)
         if live.flight is not None:
             await live.flight.done.wait()
         try:
@@ -337,12 +411,17 @@ class CustomerSessions:
         if reason is not None:
             await self.refresher.end(live, reason, purge=True)
             raise UnknownSession()
+        self._used(live, now)
+        return live
+
+    def _used(self, live: Live, now: float) -> None:
+        """Note a use: exactly in memory, coarsely in the store; a session in use is
+        refreshed ahead of expiry."""
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every:
             live.saved_use_at = now
             self.store.touch(live.session_id, now)
         self.refresher.consider(live, now)
-        return live
 
     async def _live(self, app: str, handle: Secret) -> Live:
         """The session `handle` names in `app`, from memory or from the store."""
@@ -353,6 +432,7 @@ class CustomerSessions:
         while True:
             live = self.lives.get(session_id)
             if live is not None:
+                self._remember(app, handle, live)
                 return live
             loading = self._loading.get(session_id)
             if loading is None:
@@ -360,10 +440,17 @@ class CustomerSessions:
             await loading.wait()
         self._loading[session_id] = done = trio.Event()
         try:
-            return await self._load(app, handle, session_id)
+            live = await self._load(app, handle, session_id)
         finally:
             del self._loading[session_id]
             done.set()
+        self._remember(app, handle, live)
+        return live
+
+    def _remember(self, app: str, handle: Secret, live: Live) -> None:
+        if len(self._recent) >= 2 * self.lives.capacity:
+            self._recent.clear()
+        self._recent[app, handle.reveal()] = live
 
     async def _load(self, app: str, handle: Secret, session_id: bytes) -> Live:
         row = await self.store.get(session_id)
@@ -453,7 +540,7 @@ class CustomerSessions:
     def _app(self, app: str) -> AppSettings:
         settings = self.apps.get(app)
         if settings is None:
-            raise UnknownProfile(f"no app named {app!r}")
+            raise UnknownApp(f"no app {app!r} is configured")
         return settings
 
     def status(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -39,6 +39,7 @@ from broker.core.errors import (
     RefreshTokenRejected,
     Relayed,
     StoreError,
+    UnknownSession,
     UnusableGrant,
 )
 from broker.core.sealing import Keyring
@@ -47,7 +48,7 @@ from broker.customers.live import Flight, Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
 from broker.customers.model.app import AppSettings
-from broker.customers.model.errors import RecordUnreadable, UnknownSession
+from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id
 from broker.customers.model.lifetime import EndReason
 from broker.customers.model.record import SessionRecord
@@ -70,7 +71,9 @@ class GeinsApi(Protocol):
     async def change_password(
         self, refresh_token: Secret, username: str, password: Secret, new_password: Secret
     ) -> Grant: ...
-    async def register(self, username: str, password: Secret) -> Grant: ...
+    async def register(
+        self, username: str, password: Secret, user: Mapping[str, Any] | None = None
+    ) -> Grant: ...
     async def logout(self, refresh_token: Secret) -> None: ...
 
 
@@ -121,6 +124,17 @@ class Refresher:
         self._purge_in = {name: pair[0] for name, pair in channels.items()}
         self._purge_out = {name: pair[1] for name, pair in channels.items()}
         self._nursery: trio.Nursery | None = None
+        #: Flights under way, and set when none is (what a shutdown waits for).
+        self.in_flight = 0
+        self._landed = trio.Event()
+        #: Set by `drain`: no proactive refresh starts any more.
+        self.draining = False
+
+    async def drained(self) -> None:
+        """Return once no flight is under way (their commits included)."""
+        while self.in_flight:
+            self._landed = trio.Event()
+            await self._landed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -172,6 +186,7 @@ class Refresher:
     async def _fly(self, live: Live, flight: Flight, rotation: Rotation | None) -> None:
         app = self._apps[live.app]
         outcome = "error"
+        self.in_flight += 1
         try:
             async with self._limiters[live.app]:
                 if live.ended:
@@ -199,6 +214,9 @@ class Refresher:
                 self.stats.refreshes[live.app, outcome] += 1
             live.flight = None
             flight.done.set()
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._landed.set()
             self.consider(live, self._wall.now())
 
     async def _took_grant(self, live: Live, grant: Grant, app: AppSettings) -> str:
@@ -343,7 +361,7 @@ class Refresher:
             next_at = live.retry_at if live.failures else live.next_refresh_at
             if next_at is not None and next_at > now:
                 self.consider(live, now)
-            elif self._apps[live.app].lifetime.active(live.last_used_at, now):
+            elif not self.draining and self._apps[live.app].lifetime.active(live.last_used_at, now):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._proactive, live)
 

@@ -38,6 +38,7 @@ import trio
 from broker.core.errors import StoreError
 from broker.core.sealing import Keyring, SealError
 from broker.customers.model.handles import STORE_KEY_SIZE, StoreKey
+from broker.storage.statedir import open_private_dir
 
 Offload = Callable[..., Awaitable[Any]]
 FILENAME: Final = "customers.sqlite"
@@ -120,7 +121,12 @@ class _Touch:
     at: float
 
 
-_Write = _Put | _Delete | _Touch
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """Writes nothing: its waiter wakes once everything queued before it is on disk."""
+
+
+_Write = _Put | _Delete | _Touch | _Mark
 
 
 class _Waiter:
@@ -153,10 +159,12 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _create_private(path: Path) -> None:
-    """The database file, created 0600 if absent; never a link, never another uid's."""
+def _create_private(path: Path, dir_fd: int | None = None) -> None:
+    """The database file, created 0600 if absent; never a link, never another uid's.
+    With `dir_fd`, `path`'s name is opened relative to that directory."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path if dir_fd is None else path.name, flags, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror}") from None
     try:
@@ -170,12 +178,20 @@ def _create_private(path: Path) -> None:
 
 
 class CustomerStore:
-    def __init__(self, path: Path, keyring: Keyring, *, offload: Offload | None = None) -> None:
-        """Open (or create) the store; blocking, call before serving (a few ms)."""
+    def __init__(
+        self,
+        path: Path,
+        keyring: Keyring,
+        *,
+        offload: Offload | None = None,
+        dir_fd: int | None = None,
+    ) -> None:
+        """Open (or create) the store; blocking, call before serving (a few ms). With
+        `dir_fd` (the directory holding `path`), the file is created relative to it."""
         self.path = path
         self._keyring = keyring
         self._offload: Offload = offload or trio.to_thread.run_sync
-        _create_private(path)
+        _create_private(path, dir_fd)
         try:
             self._writer = _connect(path)
             self._writer.executescript(_SCHEMA)
@@ -187,6 +203,21 @@ class CustomerStore:
         self._pending: list[tuple[_Write, _Waiter | None]] = []
         self._wake = trio.Event()
         self.stats = StoreStats()
+
+    @classmethod
+    def in_state_dir(
+        cls, state_dir: Path, keyring: Keyring, *, offload: Offload | None = None
+    ) -> CustomerStore:
+        """`customers.sqlite` in the daemon's state directory, reached by statedir.py's
+        walk (no link, no directory another uid could swap on the way) and created
+        relative to the directory's fd. SQLite then opens it and its -wal and -shm by
+        that path, whose every component the walk proved is root's or the daemon's and
+        writable by nobody else: no one can redirect it afterwards either."""
+        fd = open_private_dir(state_dir)
+        try:
+            return cls(state_dir / FILENAME, keyring, offload=offload, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def _store_key(self) -> StoreKey:
         found = self._writer.execute("SELECT value FROM meta WHERE name = 'store_key'").fetchone()
@@ -239,6 +270,13 @@ class CustomerStore:
             raise waiter.error
         return waiter.changed
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is on disk (or failed)."""
+        waiter = _Waiter()
+        self._queue(_Mark(), waiter)
+        self._wake.set()
+        await waiter.done.wait()
+
     def touch(self, session_id: bytes, at: float) -> None:
         """Note a last use, with the next group (never moves the time back)."""
         self._queue(_Touch(session_id, at), None)
@@ -288,11 +326,14 @@ class CustomerStore:
                     cursor = conn.execute(_UPSERT, write.row.values())
                 elif isinstance(write, _Delete):
                     cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (write.session_id,))
-                else:
+                elif isinstance(write, _Touch):
                     cursor = conn.execute(
                         "UPDATE sessions SET last_used_at = max(last_used_at, ?) WHERE id = ?",
                         (write.at, write.session_id),
                     )
+                else:
+                    changed.append(0)
+                    continue
                 changed.append(cursor.rowcount)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -24,6 +24,9 @@ import platformdirs
 # ConfigError is re-exported: callers of `load` catch it from here.
 from broker.core.tables import ConfigError as ConfigError  # noqa: PLC0414
 from broker.core.tables import TableReader
+from broker.customers.model.app import AppSettings
+from broker.customers.model.lifetime import Lifetime
+from broker.customers.model.ratelimit import LoginRates, Rate
 from broker.geins.protocol import (
     DEFAULT_AUTH_SERVICE_URL,
     DEFAULT_MERCHANT_API_URL,
@@ -66,6 +69,22 @@ class ProfileConfig:
     #: Fleet mode: the session lives in the cluster's store, rotated once fleet-wide.
     #: None (not said): as `[cluster] shared` says; resolved to a bool by the parser.
     shared: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """`[apps.NAME]`: one storefront whose customers log in at run time
+    (docs/sessions.md). `settings` is what the customer-session manager runs on; who
+    may create, use and end its sessions is the server's check."""
+
+    settings: AppSettings
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+    request_timeout: float = REQUEST_TIMEOUT
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +134,8 @@ class BrokerConfig:
     socket: Path
     state_dir: Path
     profiles: Mapping[str, ProfileConfig]
+    #: Storefront apps with customer sessions (`[apps.NAME]`); none: no session store.
+    apps: Mapping[str, AppConfig] = field(default_factory=dict)
     socket_mode: int | None = None
     socket_group: int | None = None
     max_connections: int = 1024
@@ -274,12 +295,16 @@ def parse(
     broker = TableReader(source, top.get("broker", dict, {}), "broker.")
     proxy = TableReader(source, top.get("proxy", dict, {}), "proxy.")
     profiles_table = top.get("profiles", dict, {})
+    apps_table = top.get("apps", dict, {})
     cluster_table = top.get("cluster", dict)
     metrics = _metrics(TableReader(source, top.get("metrics", dict, {}), "metrics."))
     top.check_unknown()
-    if not profiles_table:
-        raise top.error("profiles", "configure at least one profile, e.g. [profiles.default]")
+    if not profiles_table and not apps_table:
+        raise top.error(
+            "profiles", "configure at least one profile or app, e.g. [profiles.default]"
+        )
     profiles = {name: _profile(source, name, table) for name, table in profiles_table.items()}
+    apps = {name: _app(source, name, table) for name, table in apps_table.items()}
     cluster = None
     if cluster_table is not None:
         from broker.fleet.settings import parse_cluster
@@ -306,6 +331,7 @@ def parse(
         socket=socket,
         state_dir=state_dir,
         profiles=profiles,
+        apps=apps,
         socket_mode=None if mode is None else _mode(broker, mode),
         socket_group=None if group is None else _gid(broker, "socket_group", group),
         max_connections=broker.count("max_connections", 1024),
@@ -421,15 +447,84 @@ def _loopback(r: TableReader, value: str) -> tuple[str, int]:
 
 
 def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
-    prefix = f"profiles.{name}."
+    r = _named_table(source, "profiles", name, table)
+    profile = ProfileConfig(
+        name=name,
+        endpoint=_endpoint(r),
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
+        policy=_policy(
+            r,
+            reader_refresh_interval=r.seconds(
+                "reader_refresh_interval", 30.0, most=_DAY, zero_ok=True
+            ),
+        ),
+        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
+        shared=r.get("shared", bool),
+    )
+    r.check_unknown()
+    return profile
+
+
+def _app(source: Path, name: str, table: Any) -> AppConfig:
+    """`[apps.NAME]`: the Geins keys as a profile has them, who may use the app, and
+    its lifetime policy and limits (defaults: model/lifetime.py, model/ratelimit.py)."""
+    r = _named_table(source, "apps", name, table)
+    life, rates = Lifetime(), LoginRates()
+    try:
+        lifetime = Lifetime(
+            idle_remembered=r.seconds("idle_remembered", life.idle_remembered, most=400 * _DAY),
+            idle_short=r.seconds("idle_short", life.idle_short, most=30 * _DAY),
+            max_sessions=r.count("max_sessions", life.max_sessions),
+            max_per_customer=r.count("max_per_customer", life.max_per_customer),
+            active_for=r.seconds("active_for", life.active_for, most=_DAY),
+        )
+        login_rates = LoginRates(
+            per_username=_rate(r, "username", rates.per_username),
+            per_uid=_rate(r, "uid", rates.per_uid),
+        )
+    except ValueError as exc:  # the models' own checks, should one be stricter than these
+        raise ConfigError(f"{source}: apps.{name}: {exc}") from None
+    defaults = AppSettings(name, _endpoint(r))
+    app = AppConfig(
+        settings=AppSettings(
+            name=name,
+            endpoint=defaults.endpoint,
+            lifetime=lifetime,
+            policy=_policy(r),
+            rates=login_rates,
+            max_refreshes=r.count("max_refreshes", defaults.max_refreshes),
+            max_purges=r.count("max_purges", defaults.max_purges),
+        ),
+        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
+        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
+        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
+    )
+    r.check_unknown()
+    return app
+
+
+def _rate(r: TableReader, who: str, default: Rate) -> Rate:
+    """`login_burst_per_<who>` attempts at once, then one every `login_interval_per_<who>`
+    seconds."""
+    return Rate(
+        per_second=1 / r.seconds(f"login_interval_per_{who}", 1 / default.per_second, most=_DAY),
+        burst=r.count(f"login_burst_per_{who}", int(default.burst)),
+    )
+
+
+def _named_table(source: Path, kind: str, name: str, table: Any) -> TableReader:
     if not isinstance(table, dict):
-        raise ConfigError(f"{source}: profiles.{name}: expected a table")
+        raise ConfigError(f"{source}: {kind}.{name}: expected a table")
     if not _PROFILE_NAME.fullmatch(name):
         raise ConfigError(
-            f"{source}: profiles.{name}: a profile name is 1-64 letters, digits, '_', '.', '-'"
+            f"{source}: {kind}.{name}: a {kind[:-1]} name is 1-64 letters, digits, '_', '.', '-'"
         )
-    r = TableReader(source, table, prefix)
-    endpoint = Endpoint(
+    return TableReader(source, table, f"{kind}.{name}.")
+
+
+def _endpoint(r: TableReader) -> Endpoint:
+    return Endpoint(
         account=r.text("account"),
         api_key=r.text("api_key"),
         environment=r.text("environment", "prod"),
@@ -439,30 +534,21 @@ def _profile(source: Path, name: str, table: Any) -> ProfileConfig:
         language_id=r.get("language_id", str),
         market_id=r.get("market_id", str),
     )
+
+
+def _policy(r: TableReader, **more: float) -> Policy:
     refresh_at = float(r.get("refresh_at", (int, float), 0.75))
     if not 0.1 <= refresh_at <= 0.9:
         raise r.error("refresh_at", "must be between 0.1 and 0.9 (a share of the token's lifetime)")
     jitter = float(r.get("jitter", (int, float), 0.05))
     if not 0 <= jitter <= 0.2:
         raise r.error("jitter", "must be between 0 and 0.2")
-    profile = ProfileConfig(
-        name=name,
-        endpoint=endpoint,
-        allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
-        allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
-        policy=Policy(
-            refresh_at=refresh_at,
-            jitter=jitter,
-            reader_refresh_interval=r.seconds(
-                "reader_refresh_interval", 30.0, most=_DAY, zero_ok=True
-            ),
-            max_clock_skew=r.seconds("max_clock_skew", MAX_CLOCK_SKEW, most=30 * _DAY),
-        ),
-        request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
-        shared=r.get("shared", bool),
+    return Policy(
+        refresh_at=refresh_at,
+        jitter=jitter,
+        max_clock_skew=r.seconds("max_clock_skew", MAX_CLOCK_SKEW, most=30 * _DAY),
+        **more,
     )
-    r.check_unknown()
-    return profile
 
 
 def _url(r: TableReader, key: str, default: str) -> str:

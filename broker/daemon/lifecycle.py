@@ -15,6 +15,7 @@ This module is the lifecycle; the profile table and what a reload does to it are
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import random
@@ -32,6 +33,9 @@ from broker.core.clock import OffsetClock, SystemClock, WallClock
 from broker.core.errors import StateDirError, StoreError
 from broker.core.sealing import Keyring
 from broker.core.stats import DaemonStats
+from broker.customers import gauges as customer_gauges
+from broker.customers.manager import CustomerSessions
+from broker.customers.store import CustomerStore
 from broker.daemon import fault_injection
 from broker.daemon.config import BrokerConfig, ConfigError, find_config, load
 from broker.daemon.hardening import keep_memory_private
@@ -44,6 +48,7 @@ from broker.proxy.service import Proxy
 from broker.rpc.listener import Listener, ListenerError, UnsafeDirectory, bind, from_systemd
 from broker.rpc.ops import Api
 from broker.rpc.reactor import Server
+from broker.sessions.geins_client import GeinsClient
 from broker.sessions.profile import Offload, Profile
 from broker.storage.keys import load_keyring
 from broker.storage.store import Store
@@ -82,11 +87,12 @@ class Daemon:
         self.notifier = notifier or Notifier()
         store = Store(config.state_dir, keyring, config.clear_sessions)
         stats = DaemonStats()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.roster = Roster(
             config,
             store,
             wall=self.wall,
-            rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
+            rng=self._rng,
             stats=stats,
             offload=offload,
             key_source=key_source,
@@ -105,6 +111,8 @@ class Daemon:
         self.listener: Listener | None = None
         #: The Merchant API proxy, when [proxy] enables a listener.
         self.proxy: Proxy | None = None
+        #: Customer sessions, when `[apps]` configures any (made once serving starts).
+        self.customers: CustomerSessions | None = None
         self._transport = transport
         self._offload = offload
         # Reading the config may be abandoned (nothing half-done is left behind), unlike
@@ -193,6 +201,10 @@ class Daemon:
                     sealing=roster.sealing_status,
                 )
                 api.metrics_readers = _metrics_readers(config)
+                if config.apps:
+                    self.customers = await self._open_customers(config, http)
+                    api.session_ops.customers = self.customers
+                    api.session_ops.apps = dict(config.apps)
                 self.server = server = Server(api, config, self.wall, self.telemetry.stats.server)
                 if config.proxy.enabled:
                     self.proxy = Proxy(
@@ -214,6 +226,35 @@ class Daemon:
             listener.close()
             if self.proxy is not None:
                 self.proxy.close()
+            if self.customers is not None:
+                self.customers.store.close()
+
+    async def _open_customers(
+        self, config: BrokerConfig, http: httpx.AsyncClient
+    ) -> CustomerSessions:
+        """The customer sessions of `[apps]`: their store in the state directory
+        (`customers.sqlite`, opened only when an app is configured), one Geins client
+        per app, their metrics."""
+        keyring = self.roster.store.keyring
+        store = await self._offload(
+            functools.partial(CustomerStore.in_state_dir, offload=self._offload),
+            config.state_dir,
+            keyring,
+        )
+        upstream = self.telemetry.stats.upstream
+        customers = CustomerSessions(
+            {name: app.settings for name, app in config.apps.items()},
+            store,
+            keyring,
+            clients={
+                name: GeinsClient(app.settings.endpoint, http, app.request_timeout, stats=upstream)
+                for name, app in config.apps.items()
+            },
+            wall=self.wall,
+            rng=self._rng,
+        )
+        self.telemetry.metrics.add_source(customer_gauges.source(customers))
+        return customers
 
     async def _start(
         self,
@@ -227,6 +268,8 @@ class Daemon:
             await nursery.start(self.roster.fleet.run)
         await nursery.start(self.roster.scheduler.run)
         self.roster.plan()
+        if self.customers is not None:
+            await nursery.start(self.customers.run)
         await nursery.start(server.serve, listener.sock)
         if self.proxy is not None:
             await nursery.start(self.proxy.run)
@@ -269,6 +312,8 @@ class Daemon:
                 await self.proxy.drained()
             for profile in self.profiles.values():
                 await profile.flush()
+            if self.customers is not None:
+                await self.customers.drain()
         if grace.cancelled_caught:
             log.warning("shutdown_grace_over", in_flight=server.in_flight)
 
@@ -318,6 +363,8 @@ class Daemon:
         if self.server is not None:
             self.server.configure(new)
             self.server.api.metrics_readers = _metrics_readers(new)
+            if self.customers is not None:
+                self.server.api.session_ops.apps = dict(self.roster.config.apps)
         if self.proxy is not None:
             self.proxy.configure(new)
         self.config = self.roster.config

@@ -8,14 +8,16 @@ way, and its session is newer than the file); a new one is built from its file; 
 others are reconfigured in place and keep their sessions. Keys from a reload replace
 the store's keyring, and profiles whose session did not open try again.
 
-What a reload cannot change (the socket, the state directory, fleet membership) is kept
-from the running configuration, with a warning that it needs a restart.
+What a reload cannot change (the socket, the state directory, fleet membership, an
+app's settings, a new app) is kept from the running configuration, with a warning that
+it needs a restart. Who may use an app changes at once; a removed app is refused at
+once (its sessions stay in the store for a restart that brings it back).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,7 +28,7 @@ from broker.core.clock import WallClock
 from broker.core.errors import StoreError
 from broker.core.sealing import Keyring
 from broker.core.stats import DaemonStats
-from broker.daemon.config import BrokerConfig, ConfigError, ProfileConfig, load
+from broker.daemon.config import AppConfig, BrokerConfig, ConfigError, ProfileConfig, load
 from broker.observe.log import events
 from broker.sessions.profile import Offload, Profile
 from broker.sessions.scheduler import Scheduler
@@ -66,6 +68,9 @@ class Roster:
         #: The configuration the table was last built from (the token wait and the
         #: start-up spread of new profiles).
         self.config = config
+        #: The apps the customer sessions were started with: a reload changes who may
+        #: use them, removes them, never adds one or changes its settings.
+        self.started_apps = dict(config.apps)
         self.store = store
         #: Where the store's current keys came from (for the sealing log line).
         self.key_source = key_source
@@ -197,12 +202,20 @@ class Roster:
         for name in new.profiles.keys() & self.profiles.keys():
             if new.profiles[name].shared != self.profiles[name].config.shared:
                 keys.append(f"profiles.{name}.shared")
+        for name, app in new.apps.items():
+            running = self.started_apps.get(name)
+            if running is None or app_settings(app) != app_settings(running):
+                keys.append(f"apps.{name}")
         return keys
 
     async def apply(self, new: BrokerConfig) -> None:
         """Profiles come and go as `new` says; the others are reconfigured and keep
         their sessions."""
-        self.config = kept_across_reload(new, self.config)
+        self.config = replace(
+            kept_across_reload(new, self.config), apps=kept_apps(new, self.started_apps)
+        )
+        for name in [n for n in self.started_apps if n not in new.apps]:
+            log.info("app_removed", app=name)
         for name in [n for n in self.profiles if n not in new.profiles]:
             retired = self.retired[name] = self.profiles.pop(name)
             retired.retire()
@@ -247,6 +260,25 @@ async def read_config(
 async def abandonable(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a blocking read in a thread that a cancellation may leave behind."""
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+def app_settings(app: AppConfig) -> tuple[object, ...]:
+    """What only a restart changes of an app: everything but who may use it."""
+    return (app.settings, app.request_timeout)
+
+
+def kept_apps(new: BrokerConfig, started: Mapping[str, AppConfig]) -> dict[str, AppConfig]:
+    """The apps after a reload: those `new` keeps of the ones the daemon started with,
+    each with `new`'s allow lists and its running settings. An app `new` removes is
+    refused at once (`unknown_app`; its sessions stay stored); one it adds waits for a
+    restart."""
+    return {
+        name: replace(
+            app, settings=started[name].settings, request_timeout=started[name].request_timeout
+        )
+        for name, app in new.apps.items()
+        if name in started
+    }
 
 
 def kept_across_reload(new: BrokerConfig, old: BrokerConfig) -> BrokerConfig:

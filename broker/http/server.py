@@ -217,7 +217,7 @@ class Exchange:
         self, status: int, headers: Headers, body: bytes = b"", *, close: bool = False
     ) -> None:
         """The whole answer in one write. To a HEAD, the same head without the body
-        (h11 refuses body bytes there, which used to end the connection unanswered)."""
+        (h11 refuses body bytes there: written, they would end the connection unanswered)."""
         conn = self._conn
         headers = [*headers, ("content-length", str(len(body)))]
         data = self._head(status, headers, close)

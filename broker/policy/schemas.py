@@ -34,6 +34,14 @@ def _secret(name: str, value: Any) -> Secret:
     return Secret(value)
 
 
+def _handle(name: str, value: Any) -> Secret:
+    """A session handle, kept secret from here on. Its shape is not checked here: a
+    malformed handle is an unknown session (`unknown_session`), like any other."""
+    if not isinstance(value, str) or len(value) > _MAX_TEXT:
+        raise BadRequest(f"field {name!r} must be a string of at most {_MAX_TEXT} characters")
+    return Secret(value)
+
+
 def _seconds(name: str, value: Any) -> float:
     if not is_number(value) or not math.isfinite(value) or value < 0:
         raise BadRequest(f"field {name!r} must be a number of seconds, 0 or more")
@@ -77,6 +85,13 @@ class Field:
 
 
 _PROFILE = Field("profile", _text, default=DEFAULT_PROFILE)
+_APP = Field("app", _text, required=True)
+_HANDLE = Field("handle", _handle, required=True)
+_CREDENTIALS = (
+    Field("username", _text, required=True),
+    Field("password", _secret, required=True),
+    Field("remember", _flag, default=False),
+)
 
 SCHEMAS: Final[Mapping[str, tuple[Field, ...]]] = {
     Op.HELLO: (Field("v", _int, default=1), Field("client", _text)),
@@ -105,6 +120,19 @@ SCHEMAS: Final[Mapping[str, tuple[Field, ...]]] = {
     ),
     Op.WATCH: (_PROFILE,),
     Op.METRICS: (),
+    Op.SESSION_LOGIN: (_APP, *_CREDENTIALS),
+    Op.SESSION_REGISTER: (_APP, *_CREDENTIALS, Field("user", _user_map)),
+    Op.SESSION_TOKEN: (_APP, _HANDLE, Field("min_valid", _seconds, default=0.0)),
+    Op.SESSION_INFO: (_APP, _HANDLE),
+    Op.SESSION_PASSWD: (
+        _APP,
+        _HANDLE,
+        Field("password", _secret, required=True),
+        Field("new_password", _secret, required=True),
+    ),
+    Op.SESSION_LOGOUT: (_APP, _HANDLE),
+    Op.SESSIONS: (_APP, Field("username", _text)),
+    Op.SESSION_END: (_APP, Field("username", _text, required=True)),
 }
 
 

@@ -5,7 +5,7 @@ here, and does the closing itself. Limits, all from `[broker]` and replaced at e
 reload: `max_connections`, of which the last `admin_reserved_connections` are for root
 and the daemon's user, and at most `max_connections_per_uid` for any other uid (a
 stranger's flood of idle connections locks out no one); a peer that may read no profile
-is closed after `stranger_idle_timeout` idle; unread answers of at most
+and use no app is closed after `stranger_idle_timeout` idle; unread answers of at most
 `max_unread_bytes` per connection (beyond one answer) and `max_unread_total` in all.
 """
 
@@ -102,13 +102,17 @@ class Admission:
             self._per_uid.pop(uid, None)
 
     def is_stranger(self, peer: Peer) -> bool:
-        """Whether `peer` may read no profile (so may do nothing but say hello)."""
+        """Whether `peer` may read no profile and use no app (so may do nothing but
+        say hello)."""
         key = (peer.uid, peer.gid, peer.groups)
         stranger = self._strangers.get(key)
         if stranger is None:
             api = self._api
-            stranger = not api.is_admin(peer) and not any(
-                api.may_read(peer, profile) for profile in self._profiles.values()
+            sessions = api.session_ops
+            stranger = (
+                not api.is_admin(peer)
+                and not any(api.may_read(peer, profile) for profile in self._profiles.values())
+                and not any(sessions.may_use(peer, app) for app in sessions.apps.values())
             )
             if len(self._strangers) >= _STRANGERS_KEPT:
                 self._strangers.clear()

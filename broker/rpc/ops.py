@@ -1,8 +1,9 @@
 """The operations of protocol v1, with who may call them.
 
 The daemon's own uid and root may do everything. A profile's `allow_users` and
-`allow_groups` may read it: token, user, watch, and its line in status. Everyone may say
-hello. Everything else is refused with `forbidden`, `metrics` included: it names every
+`allow_groups` may read it: token, user, watch, and its line in status. An app's may
+create, use and end its customers' sessions (session_ops.py). Everyone may say hello.
+Everything else is refused with `forbidden`, `metrics` included: it names every
 profile with its state and timings, which `status` shows a reader only for the profiles
 it may read (monitoring that runs as another user reads the textfile or `/metrics`).
 
@@ -21,6 +22,7 @@ import trio
 from broker import __version__
 from broker.core.errors import BrokerFault, Forbidden, UnknownOp, UnknownProfile
 from broker.rpc.peercred import Peer
+from broker.rpc.session_ops import SessionOps
 from broker.sessions.profile import Profile, WatchEvent
 from geins_broker_client.protocol import VERSION, Op
 
@@ -65,6 +67,9 @@ class Api:
             Op.REGISTER: self.register,
             Op.METRICS: self.metrics,
         }
+        #: Customer sessions' ops; their manager is attached when apps are configured.
+        self.session_ops = SessionOps(None, {}, self.is_admin)
+        self.waiting.update(self.session_ops.waiting)
 
     # -- access --------------------------------------------------------------------------
 
@@ -123,6 +128,8 @@ class Api:
         }
         if self.sealing is not None:
             answer["sealing"] = self.sealing()
+        if self.session_ops.customers is not None:
+            answer["apps"] = self.session_ops.status(peer)
         return answer
 
     def user(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:

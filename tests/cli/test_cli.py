@@ -21,13 +21,14 @@ import pytest
 
 from broker.cli import exits, quick
 from broker.cli import main as cli
-from geins_broker_client import errors
+from geins_broker_client import Client, errors
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
     DaemonProcess,
     EmulatorProcess,
+    loaded_in_fresh_interpreter,
     write_config,
 )
 
@@ -220,6 +221,9 @@ def test_not_running(tmp_path: Path) -> None:
         (errors.UpstreamError("Geins refused"), exits.EXIT_UPSTREAM_ERROR),
         (errors.ProtocolError("bad"), exits.EXIT_USAGE),
         (errors.InternalError("bug"), exits.EXIT_INTERNAL),
+        (errors.UnknownApp("no app 'x' is configured"), exits.EXIT_UNKNOWN_PROFILE),
+        (errors.UnknownSession("no such session; log in again"), exits.EXIT_LOGIN_REQUIRED),
+        (errors.RateLimited("too many login attempts; retry in 9 s"), exits.EXIT_UNAVAILABLE),
     ],
 )
 def test_exit_code_per_error_family(
@@ -231,7 +235,7 @@ def test_exit_code_per_error_family(
     def failing(self: object, *args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(cli.Client, "token", failing)
+    monkeypatch.setattr(Client, "token", failing)
     assert cli.main(["token", "--socket", "/nowhere"]) == code
     assert (
         capsys.readouterr().err
@@ -323,18 +327,14 @@ def test_the_fast_commands_import_only_the_client(setup: Setup, argv: list[str])
     login(setup)
     # json needs re: a price --json pays, not the bare token.
     heavy = tuple(m for m in HEAVY if not (m == "re" and "--json" in argv))
-    probe = (
-        "import sys, contextlib, io\n"
+    code = (
+        "import contextlib, io\n"
         "from broker.cli.quick import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    code = main({[*argv, '--socket', str(setup.socket)]!r})\n"
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))\n"
-        "print(code, heavy)\n"
+        "assert code == 0, code"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.splitlines()[-1] == "0 []"
+    assert loaded_in_fresh_interpreter(code, heavy) == []
 
 
 def both_ways(
@@ -445,3 +445,43 @@ def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
     for code, meaning in exits.EXIT_MEANINGS.items():
         assert f"| {code} | {meaning} |" in readme
     assert "exit codes: 0 ok, 1 internal error" in cli._EPILOG
+
+
+def test_sessions_list_and_end_a_customer_everywhere(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emulator = EmulatorProcess()
+    socket = short_tmp / "b.sock"
+    config = write_config(
+        short_tmp / "c.toml", emulator.url, socket, short_tmp / "state", apps={"shop": {}}
+    )
+    setup = Setup(emulator, DaemonProcess(config, short_tmp), socket)
+    try:
+        with Client(socket) as client:
+            for _ in range(2):
+                client.session_login("shop", DEMO_USER, DEMO_PASSWORD)
+            client.session_register("shop", "new\x1b[2J@example.com", "pw-1234")
+        assert setup.main("sessions", "shop") == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["SESSION", "USER", "CREATED", "LAST", "USED", "ENDS", "IN"]
+        assert len(table) == 4
+        assert "\x1b" not in "".join(table)  # a customer's username, escaped
+        assert setup.main("sessions", "shop", "--username", DEMO_USER, "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [s["username"] for s in listed["sessions"]] == [DEMO_USER, DEMO_USER]
+        assert setup.main("sessions", "shop", "--end", DEMO_USER) == 0
+        assert capsys.readouterr().out == f"ended 2 session(s) of {DEMO_USER} in app shop\n"
+        assert setup.main("sessions", "shop", "--json") == 0
+        assert len(json.loads(capsys.readouterr().out)["sessions"]) == 1
+        assert setup.main("status") == 0
+        assert capsys.readouterr().out.splitlines()[-2:] == [
+            "APP   SESSIONS  IN MEMORY",
+            "shop  1         1",
+        ]
+        assert setup.main("status", "--check") != 0  # no profile logged in: as before
+        capsys.readouterr()
+        assert setup.main("sessions", "nowhere") == exits.EXIT_UNKNOWN_PROFILE
+        assert "unknown app" in capsys.readouterr().err
+    finally:
+        setup.daemon.stop()
+        emulator.stop()

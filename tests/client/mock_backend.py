@@ -43,7 +43,8 @@ class MockStream:
     def send_all(self, data: bytes, deadline: float | None) -> None:
         assert not self.closed, "sent on a closed stream"
         if self.script and self.script[0] is SEND_FAILS:
-            raise self.script.pop(0)
+            self.script.pop(0)
+            raise SEND_FAILS
         self.received += data
 
     def receive_some(self, deadline: float | None) -> bytes:
@@ -129,7 +130,7 @@ class AsyncMockBackend(MockBackend):
 
 def drive(awaitable: Awaitable[T]) -> T:
     """Run a coroutine that never suspends (the mock backend never waits)."""
-    steps: Generator[Any, None, T] = awaitable.__await__()  # type: ignore[assignment]
+    steps: Generator[Any, None, T] = awaitable.__await__()
     try:
         steps.send(None)
     except StopIteration as done:

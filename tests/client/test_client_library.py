@@ -26,13 +26,23 @@ from geins_broker_client import (
     BrokerNotRunning,
     Client,
     NotLoggedIn,
+    SessionAuth,
+    SessionInfo,
     Token,
     TokenCache,
     TrioClient,
     Unavailable,
+    UnknownSession,
     find_socket,
 )
-from tests.support import DEMO_PASSWORD, DEMO_USER, DaemonProcess, EmulatorProcess, write_config
+from tests.support import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    DaemonProcess,
+    EmulatorProcess,
+    loaded_in_fresh_interpreter,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,15 +80,8 @@ def running(short_tmp: Path) -> Iterator[Running]:
 
 
 def test_importing_the_client_pulls_in_nothing_heavy() -> None:
-    probe = (
-        "import sys, geins_broker_client\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules}"
-        " & {'trio', 'httpx', 'asyncio', 'broker', 'platformdirs', 'h11', 'anyio'}))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    heavy = ("trio", "httpx", "asyncio", "broker", "platformdirs", "h11", "anyio")
+    assert loaded_in_fresh_interpreter("import geins_broker_client", heavy) == []
 
 
 def test_the_client_installs_on_its_own_with_only_msgpack(tmp_path: Path) -> None:
@@ -295,3 +298,77 @@ async def test_httpx_auth_trio(running: Running) -> None:
         assert (await http.get("https://merchantapi.geins.io/graphql")).status_code == 200
     await auth.aclose()
     assert sent[0].startswith("Bearer ")
+
+
+# -- customer sessions ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def shop(short_tmp: Path) -> Iterator[Path]:
+    """A daemon with the app `shop`; its socket."""
+    emulator = EmulatorProcess()
+    sock = short_tmp / "b.sock"
+    config = write_config(
+        short_tmp / "c.toml", emulator.url, sock, short_tmp / "state", apps={"shop": {}}
+    )
+    daemon = DaemonProcess(config, short_tmp)
+    try:
+        yield sock
+    finally:
+        daemon.close()
+        emulator.stop()
+
+
+def test_session_ops_in_every_flavour(shop: Path) -> None:
+    with Client(shop) as client:
+        created = client.session_login("shop", DEMO_USER, DEMO_PASSWORD, remember=True)
+        bearer = client.session_token("shop", created.handle, min_valid=60)
+    assert created.handle not in repr(created) and bearer.token not in repr(bearer)
+
+    async def from_asyncio() -> SessionInfo:
+        async with AsyncioClient(shop) as client:
+            assert (await client.session_token("shop", created.handle)).token == bearer.token
+            return await client.session_info("shop", created.handle)
+
+    assert asyncio.run(from_asyncio()).username == DEMO_USER
+
+    async def from_trio() -> None:
+        async with TrioClient(shop) as client:
+            assert (await client.session_token("shop", created.handle)).token == bearer.token
+            await client.session_logout("shop", created.handle)
+            with pytest.raises(UnknownSession):
+                await client.session_info("shop", created.handle)
+
+    trio.run(from_trio)
+
+
+def test_session_auth_sync_asks_again_once_on_a_401(shop: Path) -> None:
+    sent: list[str] = []
+    with Client(shop) as client:
+        handle = client.session_login("shop", DEMO_USER, DEMO_PASSWORD).handle
+        bearer = client.session_token("shop", handle).token
+    auth = SessionAuth("shop", handle, socket_path=str(shop))
+    assert handle not in repr(auth)
+    with httpx.Client(transport=_api(sent, unauthorized_once=True), auth=auth) as http:
+        assert http.post("https://merchantapi.geins.io/graphql", json={}).status_code == 200
+    auth.close()
+    assert sent == [f"Bearer {bearer}"] * 2  # refused once, retried with the bearer asked again
+
+
+def test_session_auth_asyncio_and_trio(shop: Path) -> None:
+    sent: list[str] = []
+    with Client(shop) as client:
+        handle = client.session_login("shop", DEMO_USER, DEMO_PASSWORD).handle
+
+    async def get() -> int:
+        auth = SessionAuth("shop", handle, socket_path=str(shop))
+        async with httpx.AsyncClient(
+            transport=_api(sent, unauthorized_once=True), auth=auth
+        ) as http:
+            status = (await http.get("https://merchantapi.geins.io/graphql")).status_code
+        await auth.aclose()
+        return status
+
+    assert asyncio.run(get()) == 200
+    assert trio.run(get) == 200
+    assert len(sent) == 4 and len(set(sent)) == 1 and sent[0].startswith("Bearer ")

@@ -10,8 +10,6 @@ clients agree again.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import stat
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from geins_broker_client import calls, errors, paths
+from geins_broker_client import calls, errors, paths, trust
 from geins_broker_client.protocol import FrameDecoder, encode
 
 VECTORS: dict[str, Any] = json.loads(
@@ -67,6 +65,36 @@ def test_error_codes_cover_the_protocol() -> None:
     from geins_broker_client.protocol import Code
 
     assert [c["code"] for c in VECTORS["error_codes"]] == list(Code.ALL)
+
+
+def _answer(name: str) -> dict[str, Any]:
+    (case,) = [a for a in VECTORS["answers"] if a["name"] == name]
+    message: dict[str, Any] = case["message"]
+    return message
+
+
+def test_session_answers_read_as_their_results() -> None:
+    created = calls.answer(calls.parse_customer_session, _answer("session_login"))
+    assert (created.app, created.remember, created.session_ends_at) == ("shop", True, 1800604800.0)
+    assert created.handle not in repr(created)
+    assert calls.answer(calls.parse_customer_session, _answer("session_login, no absolute end"))
+    token = calls.answer(calls.parse_session_token, _answer("session_token"))
+    assert token.token not in repr(token)
+    assert calls.answer(calls.parse_session_info, _answer("session_info")).customer_type == "PERSON"
+    assert calls.answer(calls.parse_expires_at, _answer("session_passwd")) == 1800000900.5
+    assert calls.answer(calls.parse_nothing, _answer("session_logout")) is None
+    listed = calls.answer(calls.parse_sessions, _answer("sessions"))
+    assert [entry.session for entry in listed] == ["9f86d081", "2c26b46b"]
+    assert calls.answer(calls.parse_ended, _answer("session_end")) == 3
+    status = calls.answer(calls.parse_status, _answer("status with apps"))
+    assert [(a.app, a.sessions, a.in_memory) for a in status.apps] == [("shop", 1200, 310)]
+    assert calls.answer(calls.parse_status, _answer("status")).apps == ()
+
+
+def test_rate_limited_carries_retry_after() -> None:
+    with pytest.raises(errors.RateLimited) as raised:
+        calls.answer(calls.parse_customer_session, _answer("rate_limited with retry_after"))
+    assert raised.value.retry_after == 41.5
 
 
 @pytest.mark.parametrize("case", VECTORS["bad_frames"], ids=_ids(VECTORS["bad_frames"], "name"))
@@ -130,19 +158,10 @@ def _stat_result(entry: dict[str, Any] | None) -> os.stat_result | None:
 
 
 def _python_verdict(case: dict[str, Any], trusted: frozenset[int]) -> bool:
-    """Whether the Python client's trust rule accepts the case's lstat results.
-
-    The rule lands with issue 9 as `geins_broker_client.trust` (`directory_problem`,
-    `socket_problem`: an lstat result and the trusted uids in, a reason or None out);
-    `paths.check_trusted(directory, socket, trusted)` is the name the vectors first
-    expected. Either is used when present; with neither, these cases are xfail.
-    """
+    """Whether the Python client's trust rule (`geins_broker_client.trust`: an lstat
+    result and the trusted uids in, a reason or None out) accepts the case's lstat
+    results."""
     directory, sock = _stat_result(case["directory"]), _stat_result(case["socket"])
-    try:
-        trust: Any = importlib.import_module("geins_broker_client.trust")
-    except ImportError:
-        verdict = paths.check_trusted(directory, sock, trusted)  # type: ignore[attr-defined]
-        return verdict is None or verdict is True
     if directory is None:
         return True
     if trust.directory_problem(directory, trusted) is not None:
@@ -150,18 +169,6 @@ def _python_verdict(case: dict[str, Any], trusted: frozenset[int]) -> bool:
     return sock is None or trust.socket_problem(sock, trusted) is None
 
 
-def _trust_rule_present() -> bool:
-    return importlib.util.find_spec("geins_broker_client.trust") is not None or hasattr(
-        paths, "check_trusted"
-    )
-
-
-_TRUST_PENDING = pytest.mark.xfail(
-    not _trust_rule_present(), strict=True, reason="trust check lands with issue 9"
-)
-
-
-@_TRUST_PENDING
 @pytest.mark.parametrize(
     "case", VECTORS["trust"]["cases"], ids=_ids(VECTORS["trust"]["cases"], "name")
 )

@@ -3,13 +3,14 @@ and on-demand refresh, lifetimes, eviction, rate limits, apps kept apart, restar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 import trio.lowlevel
 
-from broker.core.errors import InvalidCredentials, Relayed
+from broker.core.errors import InvalidCredentials, RateLimited, Relayed, UnknownSession
 from broker.core.secret import Secret
-from broker.customers.model.errors import RateLimited, UnknownSession
 from broker.customers.model.handles import new_handle
 from broker.customers.model.lifetime import Lifetime
 from broker.customers.model.ratelimit import LoginRates, Rate
@@ -280,7 +281,10 @@ async def test_log_out_everywhere_and_listing(
 
 
 async def test_a_rotation_by_another_node_is_adopted(
-    autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start, short_tmp
+    autojump_clock: trio.testing.MockClock,
+    emulator: Emulator,
+    start_customers: Start,
+    short_tmp: Path,
 ) -> None:
     """Two managers on one store file: each a node. B's refresh token is spent by A's
     rotation; B adopts A's generation from the store instead of ending the session."""

@@ -23,6 +23,7 @@ from broker.customers.model.handles import (
 from broker.customers.model.lifetime import EndReason, Lifetime
 from broker.customers.model.ratelimit import LoginLimiter, LoginRates, Rate
 from broker.customers.model.record import SessionRecord
+from broker.geins import claims
 from broker.policy.session import Saved, Session, Tokens
 
 
@@ -118,7 +119,7 @@ def _jwt(payload: dict[str, int]) -> str:
 
 def test_demand_serves_exactly_as_session_does() -> None:
     bearer = Secret(_jwt({"exp": 2000, "iat": 1000}))
-    tokens = Tokens(bearer, Secret("r"), rules.claims.decode(bearer.reveal()), 1000, 2000, None)
+    tokens = Tokens(bearer, Secret("r"), claims.decode(bearer.reveal()), 1000, 2000, None)
     session = Session("p", rng=random.Random(0))
     session.restored(Saved(tokens, None, False, False, None, 0))
     for now in (999.0, 1500.0, 1999.0, 2000.0, 2500.0):

@@ -31,7 +31,10 @@ def _raw(path: Path) -> bytes:
 
 
 async def test_a_dump_of_the_store_with_the_daemons_key_opens_no_session(
-    autojump_clock: trio.testing.MockClock, start_customers: Start, keyring: Keyring, short_tmp
+    autojump_clock: trio.testing.MockClock,
+    start_customers: Start,
+    keyring: Keyring,
+    short_tmp: Path,
 ) -> None:
     path = short_tmp / "customers.sqlite"
     manager = await start_customers(path=path)
@@ -70,10 +73,10 @@ async def test_a_dump_of_the_store_with_the_daemons_key_opens_no_session(
             raise AssertionError("a record opened without its handle")
     # With the handles (which live only in customers' cookies) they do.
     for handle in handles:
-        row = await stolen.get(stolen.store_key.session_id("shop", handle))
-        assert row is not None
+        found = await stolen.get(stolen.store_key.session_id("shop", handle))
+        assert found is not None
         opened, _ = records.open_record(
-            row.record, keyring, "shop", row.session_id, session_key("shop", handle)
+            found.record, keyring, "shop", found.session_id, session_key("shop", handle)
         )
         assert opened.username == DEMO_USER
     stolen.close()

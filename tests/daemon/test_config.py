@@ -21,6 +21,13 @@ api_key = "key"
 """
 
 
+APP = """
+[apps.shop]
+account = "myshop"
+api_key = "key"
+"""
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(text)
@@ -101,7 +108,7 @@ allow_groups = [0]
         (GOOD + "[broker]\nsocket_mode = '0066'\n", "broker.socket_mode", "owner"),
         (GOOD + "[broker]\nsocket = '/" + "x" * 120 + "'\n", "broker.socket", "at most 107"),
         ("[profiles]\n", "profiles", "at least one profile"),
-        # Issue 9, defect 11: TOML's nan and inf are numbers, but no duration.
+        # TOML's nan and inf are numbers, but no duration.
         (GOOD + "[broker]\ntoken_wait = nan\n", "broker.token_wait", "finite"),
         (GOOD + "[broker]\ntoken_wait = inf\n", "broker.token_wait", "finite"),
         (GOOD + "[broker]\nidle_timeout = -inf\n", "broker.idle_timeout", "finite"),
@@ -115,6 +122,15 @@ allow_groups = [0]
         ("[metrics]\ntextfile_interval = 0.5\n" + GOOD, "metrics.textfile_interval", "at least 1"),
         ("[metrics]\nper_profile = 'no'\n" + GOOD, "metrics.per_profile", "expected bool"),
         ("[metrics]\nport = 9100\n" + GOOD, "metrics.port", "unknown key"),
+        (APP + "idle_short = 0\n", "apps.shop.idle_short", "more than 0"),
+        (APP + "idle_remembered = inf\n", "apps.shop.idle_remembered", "finite"),
+        (APP + "max_per_customer = 0\n", "apps.shop.max_per_customer", "at least 1"),
+        (APP + "login_burst_per_uid = 0\n", "apps.shop.login_burst_per_uid", "at least 1"),
+        (APP + "login_interval_per_username = 0\n", "apps.shop.login_interval", "more than 0"),
+        (APP + "allow_users = ['no-such-user-here']\n", "apps.shop.allow_users", "no such"),
+        (APP + "shared = true\n", "apps.shop.shared", "unknown key"),
+        ("[apps.shop]\naccount = 'a'\n", "apps.shop.api_key", "required"),
+        ("[apps.'a b']\naccount='a'\napi_key='k'\n", "apps.a b", "app name"),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -126,6 +142,44 @@ def test_errors_name_file_key_and_problem(
     message = str(info.value)
     assert message.startswith(f"{path}: {key}")
     assert problem in message
+
+
+def test_apps_with_their_defaults_and_settings(tmp_path: Path) -> None:
+    """An app alone is a whole config (a storefront's broker needs no profile)."""
+    loaded = load(write(tmp_path, APP))
+    assert loaded.profiles == {}
+    shop = loaded.apps["shop"]
+    assert shop.settings.endpoint.auth_base == "https://auth-service.geins.io/api/myshop_prod"
+    assert shop.settings.lifetime.idle_remembered == 7 * 86400
+    assert shop.settings.lifetime.idle_short == 1800
+    assert shop.settings.rates.per_username.per_second == 1 / 60
+    assert shop.settings.rates.per_uid.burst == 100
+    assert (shop.settings.max_refreshes, shop.settings.max_purges) == (32, 8)
+    assert shop.allow_uids == frozenset()
+    tuned = load(
+        write(
+            tmp_path,
+            GOOD
+            + APP
+            + "channel_id = '1|se'\nallow_users = [1234]\nallow_groups = [55]\n"
+            + "idle_short = 600\nidle_remembered = 86400\nactive_for = 120\n"
+            + "max_sessions = 5000\nmax_per_customer = 3\n"
+            + "login_burst_per_username = 3\nlogin_interval_per_username = 120\n"
+            + "login_burst_per_uid = 50\nlogin_interval_per_uid = 0.5\n"
+            + "max_refreshes = 4\nmax_purges = 2\nrefresh_at = 0.5\njitter = 0\n",
+        )
+    ).apps["shop"]
+    settings = tuned.settings
+    assert settings.endpoint.channel_id == "1|se"
+    assert (tuned.allow_uids, tuned.allow_gids) == (frozenset({1234}), frozenset({55}))
+    assert (settings.lifetime.idle_short, settings.lifetime.idle_remembered) == (600, 86400)
+    assert settings.lifetime.active_for == 120
+    assert (settings.lifetime.max_sessions, settings.lifetime.max_per_customer) == (5000, 3)
+    assert settings.rates.per_username.burst == 3
+    assert settings.rates.per_username.per_second == 1 / 120
+    assert settings.rates.per_uid.per_second == 2.0
+    assert (settings.max_refreshes, settings.max_purges) == (4, 2)
+    assert (settings.policy.refresh_at, settings.policy.jitter) == (0.5, 0)
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

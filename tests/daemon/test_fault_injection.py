@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from broker.daemon import fault_injection
-from tests.support import GEINS_BROKER, DaemonProcess, EmulatorProcess, write_config
+from tests.support import GEINS_BROKER, DaemonProcess, EmulatorProcess, wait_until, write_config
 
 
 def test_armed_parses_names_and_refuses_unknown_ones() -> None:
@@ -47,10 +47,7 @@ def test_hang_on_sigusr1_stops_the_watchdog_pings(short_tmp: Path) -> None:
     daemon = DaemonProcess(config, short_tmp, env=env)
     try:
         daemon.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while "event=test_fault" not in daemon.log():
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
+        wait_until(lambda: "event=test_fault" in daemon.log(), 10, "event=test_fault in the log")
         daemon.notify.drain()
         before = len(daemon.notify.messages)
         time.sleep(0.3)  # three ping intervals

@@ -21,14 +21,16 @@ import msgpack
 import pytest
 
 from geins_broker_client.protocol import encode
-from tests.fleet.support import wait_until
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     call,
+    python_as,
+    wait_until,
     write_config,
 )
 
@@ -230,7 +232,6 @@ def test_stale_socket_from_a_crash_is_replaced(emulator: EmulatorProcess, short_
 
 # -- who may connect: SO_PEERCRED -------------------------------------------------------
 
-NOBODY = 65534
 _AS_NOBODY = """
 import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -248,20 +249,12 @@ sys.stdout.write(data.hex())
 
 
 def as_nobody(sock: Path, groups: str | None = None, **message: Any) -> dict[str, Any]:
-    """A request from uid 65534 (a plain stdlib Python: the venv lives under /root),
-    in the supplementary `groups` given (comma-separated gids), else in none."""
+    """A request from uid 65534, in the supplementary `groups` given (comma-separated
+    gids), else in none."""
     result = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups" if groups is None else f"--groups={groups}",
-            "/usr/bin/python3",
-            "-c",
-            _AS_NOBODY,
-            str(sock),
-            encode({"id": 1, **message}).hex(),
-        ],
+        python_as(
+            NOBODY, "-c", _AS_NOBODY, str(sock), encode({"id": 1, **message}).hex(), groups=groups
+        ),
         capture_output=True,
         text=True,
         check=True,
@@ -400,10 +393,7 @@ def test_systemd_socket_activation(emulator: EmulatorProcess, short_tmp: Path) -
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not bind"
-            time.sleep(0.02)
+        wait_until(sock.exists, 15, "systemd-socket-activate binds", every=0.02)
         # The first connection starts the daemon, which then answers on the passed socket.
         assert call(sock, timeout=20, op="hello")["ok"]
         assert "READY=1" in receiver.recv(4096).decode().split("\n")

@@ -16,6 +16,7 @@ from tests.support import (
     DaemonProcess,
     EmulatorProcess,
     call,
+    wait_until,
     write_config,
 )
 
@@ -35,11 +36,12 @@ def test_ready_status_watchdog_and_stopping(short_tmp: Path) -> None:
         daemon.notify.wait_for(
             "STATUS=2 profiles (1 active, 1 logged_out); ", timeout=5, prefix=True
         )
-        started = time.monotonic()
-        pings = 0
-        while time.monotonic() - started < 0.6:
-            pings = sum(m == "WATCHDOG=1" for m in daemon.notify.drain())
-        assert pings >= 4  # every 0.1 s: half of WatchdogSec
+        wait_until(  # every 0.1 s: half of WatchdogSec
+            lambda: sum(m == "WATCHDOG=1" for m in daemon.notify.drain()) >= 4,
+            0.6,
+            "four watchdog pings",
+            every=0.01,
+        )
     finally:
         assert daemon.stop() == 0
         emulator.stop()
@@ -93,10 +95,7 @@ def test_journald_priority_prefixes(short_tmp: Path) -> None:
             [*GEINS_BROKER, "serve", "--config", str(config)], stderr=stderr, env=env
         )
         try:
-            deadline = time.monotonic() + 15
-            while "event=ready" not in log.read_text():
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda: "event=ready" in log.read_text(), 15, "event=ready in the log")
         finally:
             process.terminate()
             assert process.wait(timeout=10) == 0

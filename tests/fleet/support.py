@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.support import (
     DaemonProcess,
     EmulatorProcess,
     free_port,
+    wait_until,
     write_config,
 )
 
@@ -33,17 +33,6 @@ REDIS_MISSING = (
     "redis-server is not installed: `apt-get install -y redis-server` (Debian's package; "
     "scripts/test installs it when run as root)"
 )
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(every)
 
 
 class RedisServer:
@@ -124,7 +113,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            return self.command("PING") == "PONG"
+            return bool(self.command("PING") == "PONG")
         except OSError:
             return False
 

@@ -30,9 +30,8 @@ from tests.fleet.support import (
     fleet_env,
     jti_rotations,
     make_tls,
-    wait_until,
 )
-from tests.support import GEINS_BROKER, EmulatorProcess
+from tests.support import GEINS_BROKER, EmulatorProcess, wait_until
 
 TOKEN_TTL = 6.0
 LEASE_TTL = 2.0

@@ -4,8 +4,6 @@ of shared records, and a single host that never loads the Redis client."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from broker.daemon.config import ConfigError, load
 from broker.daemon.lifecycle import Daemon
 from broker.policy import rotation
 from broker.policy.rotation import AfterLease, Rebase
+from tests.support import loaded_in_fresh_interpreter
 
 # -- decisions --------------------------------------------------------------------------
 
@@ -165,14 +164,11 @@ def test_password_from_a_systemd_credential(
 
 
 def test_a_single_host_never_loads_the_redis_client() -> None:
-    probe = (
-        "import sys, broker.daemon.lifecycle, broker.sessions.profile, broker.daemon.config, broker.cli.main; "
-        "print('coredis' in sys.modules)"
+    code = (
+        "import broker.daemon.lifecycle, broker.sessions.profile, broker.daemon.config,"
+        " broker.cli.main"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "False"
+    assert loaded_in_fresh_interpreter(code, ("coredis",)) == []
 
 
 def test_a_shared_profile_without_a_sealing_key_refuses_to_start(tmp_path: Path) -> None:

@@ -46,5 +46,6 @@ def test_retry_after_forms() -> None:
     "raw", ["9" * 400, "\u00b2", "Fri, 31 Dec 99999 23:59:59 GMT", "Wed, 21 Oct 2015 99:99:99 GMT"]
 )
 def test_retry_after_that_is_no_time_is_ignored(raw: str) -> None:
-    """Issue 9, defect 5: a 400-digit value was float inf, and "²" raised ValueError."""
+    """A lying upstream's Retry-After: a 400-digit value is float inf, and "²" would raise
+    ValueError."""
     assert retry_after_seconds(raw, now=0.0) is None

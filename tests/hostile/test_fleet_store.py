@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from geins_broker_client.errors import BrokerError
-from tests.fleet.support import Fleet, RedisServer, fleet_env, wait_until
-from tests.support import EmulatorProcess
+from tests.fleet.support import Fleet, RedisServer, fleet_env
+from tests.support import EmulatorProcess, wait_until
 
 TOKEN_TTL = 6.0
 RECORD = "geins-broker:{default}:record"
@@ -98,8 +98,12 @@ def test_a_generation_that_does_not_parse_leaves_every_node_alive(
         wait_until(lambda: serving(fleet, 1), 5, "n1 serves the login")
         redis.command("HSET", RECORD, "gen", garbage)
         for i in (0, 1):
+
+            def unhealthy(i: int = i) -> bool:
+                return bool(fleet.status(i)[0]["fleet"]["healthy"] is False)
+
             wait_until(
-                lambda i=i: fleet.status(i)[0]["fleet"]["healthy"] is False,
+                unhealthy,
                 5,
                 f"n{i} marks the store unhealthy",
             )

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from broker.cli.output import terminal_safe
-from tests.fleet.support import Fleet, RedisServer, wait_until
-from tests.support import GEINS_BROKER, EmulatorProcess
+from tests.fleet.support import Fleet, RedisServer
+from tests.support import GEINS_BROKER, EmulatorProcess, wait_until
 
 #: Sets the window title, clears the screen, writes the clipboard.
 PLANTED = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;b3duZWQ=\x07\x9b31m"

@@ -8,7 +8,10 @@ behind, such a request ran as root, with any profile's bearer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import resource
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -16,23 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
-from tests.fleet.support import wait_until
+from broker.http.server import Exchange, HttpServer
+from broker.proxy import peers
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     call,
     free_port,
+    python_as,
     running,
+    wait_until,
     write_config,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
-NOBODY = 65534
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
-PYTHON = "/usr/bin/python3"
 #: Connections queued ahead of the attack, so the daemon's accept-and-identify falls behind.
 QUEUED = 900
 
@@ -108,10 +113,7 @@ def test_a_request_from_a_closed_socket_does_not_run_as_root(proxy: Proxy) -> No
     before = graphql_calls(proxy.emulator)
     attack = subprocess.run(
         [
-            *AS_NOBODY,
-            PYTHON,
-            "-c",
-            ATTACK,
+            *python_as(NOBODY, "-c", ATTACK),
             str(int(proxy.family)),
             proxy.host,
             str(proxy.port),
@@ -130,3 +132,127 @@ def test_a_request_from_a_closed_socket_does_not_run_as_root(proxy: Proxy) -> No
         wait_until(lambda: graphql_calls(proxy.emulator) > before, 1.0, "a forwarded request")
     requests = [line for line in proxy.daemon.log().splitlines() if "event=request " in line]
     assert not [line for line in requests if " uid=0" in line], requests
+
+
+# -- who is calling, without netlink -----------------------------------------------------
+
+
+def _no_netlink(*args: object) -> None:
+    raise OSError(97, "Address family not supported by protocol")  # EAFNOSUPPORT
+
+
+@contextlib.contextmanager
+def accepted_from_sources(sources: list[str]) -> Iterator[list[socket.socket]]:
+    """A listener on 127.0.0.1; uid 65534 connects to it once from each source address,
+    each time from the listener's own port number."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        script = (
+            "import socket,sys\n"
+            "held=[]\n"
+            f"for host in {sources!r}:\n"
+            "    s=socket.socket()\n"
+            f"    s.bind((host, {port}))\n"
+            f"    s.connect(('127.0.0.1', {port}))\n"
+            "    held.append(s)\n"
+            "sys.stdin.read()\n"
+        )
+        client = subprocess.Popen(python_as(NOBODY, "-c", script), stdin=subprocess.PIPE)
+        accepted: list[socket.socket] = []
+        try:
+            server.settimeout(10)
+            for _ in sources:
+                accepted.append(server.accept()[0])
+            yield accepted
+        finally:
+            for sock in accepted:
+                sock.close()
+            assert client.stdin is not None
+            client.stdin.close()
+            client.wait(timeout=10)
+
+
+def test_a_source_port_equal_to_the_listeners_is_not_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without netlink (a unit without AF_NETLINK), /proc/net/tcp was searched by ports alone.
+    A stranger who connects from 127.0.0.N:P to the proxy's 127.0.0.1:P matches two
+    lines: its own, and the daemon's accepted end (local port P, remote port P), owned
+    by the daemon's user, an admin. Whichever the kernel lists first won, so a few
+    source addresses were enough to be taken for the daemon and be served any profile."""
+    monkeypatch.setattr(peers, "_uid_by_sock_diag", _no_netlink)
+    sources = [f"127.0.0.{n}" for n in range(2, 6)]
+    uids = []
+    for _ in range(10):  # which line comes first depends on the port: a few listeners
+        with accepted_from_sources(sources) as accepted:
+            for sock in accepted:
+                peer = peers.tcp_peer(sock)
+                uids.append(None if peer is None else peer.uid)
+    assert uids == [NOBODY] * len(uids)
+
+
+@contextlib.contextmanager
+def many_tcp_sockets(pairs: int) -> Iterator[None]:
+    """`pairs` connected loopback pairs held open: a long /proc/net/tcp, as any local
+    user can make one (sockets, or TIME_WAIT entries that need no descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held: list[socket.socket] = []
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1024)
+            for _ in range(min(pairs, (hard - 200) // 2)):
+                client = socket.socket()
+                held.append(client)
+                client.connect(server.getsockname())
+                held.append(server.accept()[0])
+            yield
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_long_proc_net_tcp_does_not_stall_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without netlink, each TCP connection's uid came from reading /proc/net/tcp on the
+    event loop: with ~12,000 sockets on the machine that is tens of milliseconds per
+    connection, during which the daemon (broker socket included) answered nothing. A
+    stranger connecting in a loop stalled every client. The lookup now runs in a worker
+    thread; the event loop keeps its pace."""
+    monkeypatch.setattr(peers, "_uid_by_sock_diag", _no_netlink)
+
+    async def handler(exchange: Exchange) -> None:
+        await exchange.respond(200, [], b"ok")
+
+    server = HttpServer(handler, identify=peers.tcp_peer, identify_blocks=True, name="t")
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    script = (
+        "import socket,time\n"
+        "end=time.monotonic()+3\n"
+        "for _ in range(300):\n"
+        "    if time.monotonic()>end: break\n"
+        f"    s=socket.create_connection(('127.0.0.1', {port}))\n"
+        "    s.close()\n"
+    )
+    lags: list[float] = []
+    with many_tcp_sockets(6000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            attacker = await nursery.start(
+                functools.partial(trio.run_process, python_as(NOBODY, "-c", script))
+            )
+            while attacker.returncode is None and len(lags) < 2000:
+                before = trio.current_time()
+                await trio.sleep(0.005)
+                lags.append(trio.current_time() - before - 0.005)
+            nursery.cancel_scope.cancel()
+    listener.close()
+    assert max(lags) < 0.06, f"the event loop stalled for {max(lags) * 1000:.0f} ms"

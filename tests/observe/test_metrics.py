@@ -22,7 +22,7 @@ from broker.core.errors import Forbidden
 from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_USER
-from broker.observe.metrics import Snapshot
+from broker.observe.metrics import Snapshot, render
 from broker.observe.textfile import TextfileAccess, write_textfile
 from broker.rpc.ops import Api
 from broker.rpc.peercred import Peer
@@ -214,7 +214,7 @@ async def test_per_profile_off_sums_over_profiles(
         await client.token("b")
         await client.token("b")
     m = await scrape(broker)
-    assert all("profile" not in labels for _, labels in m.samples)
+    assert all(label != "profile" for _, labels in m.samples for label, _ in labels)
     assert m("geins_broker_sessions", state="active") == 2
     assert m("geins_broker_sessions", state="logged_out") == 1
     assert m("geins_broker_token_requests_total", result="memory") == 3
@@ -435,7 +435,7 @@ async def test_concurrent_scrapes_share_one_render(
     import broker.daemon.telemetry as daemon_module
 
     renders: list[int] = []
-    real = daemon_module.render
+    real = render
 
     def counted(snapshot: Snapshot) -> bytes:
         renders.append(1)

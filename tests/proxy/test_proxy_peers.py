@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from broker.proxy import peers
+from tests.support import NOBODY, python_as
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
-NOBODY = 65534
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 
 
 def connected_as_nobody(family: int, host: str) -> Iterator[socket.socket]:
@@ -27,7 +25,7 @@ def connected_as_nobody(family: int, host: str) -> Iterator[socket.socket]:
             f"import socket,sys; s=socket.socket({int(family)}); s.connect(({host!r},{port}));"
             " sys.stdin.read()"
         )
-        client = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", script], stdin=subprocess.PIPE)
+        client = subprocess.Popen(python_as(NOBODY, "-c", script), stdin=subprocess.PIPE)
         try:
             accepted, _ = server.accept()
             with accepted:

@@ -22,17 +22,17 @@ import pytest
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
+    as_uid,
     call,
     free_port,
     running,
     write_config,
 )
 
-NOBODY = 65534
 GET_USER = json.dumps({"query": "{ getUser { email } }"})
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 
 
 @dataclass
@@ -160,12 +160,12 @@ def test_python_httpx_reads_the_user_over_loopback_tcp(stack: Stack) -> None:
 def test_another_uid_gets_only_the_profiles_it_may_read(stack: Stack, via: str) -> None:
     stack.login()
     stack.login("shared")
-    status, body = curl(*graphql_args(stack, via), as_user=AS_NOBODY)
+    status, body = curl(*graphql_args(stack, via), as_user=as_uid(NOBODY))
     assert status == 403
     assert body["errors"][0]["extensions"]["code"] == "forbidden"
     assert str(NOBODY) in body["errors"][0]["message"]
     status, body = curl(
-        *graphql_args(stack, via, "-H", "Geins-Broker-Profile: shared"), as_user=AS_NOBODY
+        *graphql_args(stack, via, "-H", "Geins-Broker-Profile: shared"), as_user=as_uid(NOBODY)
     )
     assert status == 200
     assert body["data"]["getUser"]["email"] == DEMO_USER

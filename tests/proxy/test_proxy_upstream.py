@@ -29,7 +29,7 @@ async def answer_requests(stream: trio.abc.Stream, count: int, body: bytes = b'{
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
             elif isinstance(event, h11.EndOfMessage):
                 break
         headers = [("content-type", "application/json"), ("content-length", str(len(body)))]

@@ -153,7 +153,7 @@ async def test_error_codes(
     answer = await conn.call(**message)
     assert answer["id"] == (message["id"] if isinstance(message.get("id"), int) else None)
     assert error_code(answer) == code
-    assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]  # type: ignore[index]
+    assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
     assert (await conn.call(id=99, op="hello"))["ok"]  # the connection stays open
     conn.close()
 

@@ -119,7 +119,8 @@ async def test_transient_failures_back_off_exponentially(
         assert token.expires_in(wall.now()) > 200
     emulator.server.clear_faults()
     await trio.sleep(16)
-    assert session.state is State.ACTIVE
+    state_now: State = session.state  # read again: mypy keeps the earlier assert's narrowing
+    assert state_now is State.ACTIVE
     assert session.failures == 0
 
 
@@ -339,6 +340,7 @@ async def test_overdue_refreshes_after_a_restart_are_spread_and_bounded(
         max_concurrent_refreshes=3,
     )
     limiter = second.daemon.roster.limiter
+    assert limiter is not None
     start = trio.current_time()
     while any(p.session.refreshes == 0 for p in second.daemon.profiles.values()):
         peak = max(peak, limiter.borrowed_tokens)
@@ -398,6 +400,7 @@ async def test_full_disk_keeps_serving_and_retries_the_write(
         assert "No space left" in ((await client.status()).profiles[0].last_error or "")
     filler.unlink()
     await trio.sleep(64)  # write retries back off: 1, 2, 4, ... seconds
-    assert session.state is State.ACTIVE
+    state_now: State = session.state  # read again: mypy keeps the earlier assert's narrowing
+    assert state_now is State.ACTIVE
     on_disk = json.loads((tmpfs / "state" / "default.session.json").read_text())
     assert on_disk["refresh_token"] == session.tokens.refresh.reveal()  # type: ignore[union-attr]

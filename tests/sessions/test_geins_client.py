@@ -353,7 +353,8 @@ async def test_malformed_answers(
 async def test_an_unusable_answer_still_hands_over_the_rotated_refresh_token(
     autojump_clock: MockClock, body: bytes
 ) -> None:
-    """Issue 9, defects 6 and 8: the new refresh token in the header is never lost."""
+    """An answer whose body is unusable (garbage, absurd times, a giant bearer): the new
+    refresh token in its header is never lost, nor shown."""
     response = httpx.Response(200, headers={"x-auth-refresh-token": "new-refresh"}, content=body)
     geins = _mock_client(lambda request: response)
     with pytest.raises(UnusableGrant) as info:
@@ -363,7 +364,7 @@ async def test_an_unusable_answer_still_hands_over_the_rotated_refresh_token(
 
 
 async def test_an_answer_declared_over_a_megabyte_is_not_read(autojump_clock: MockClock) -> None:
-    """Issue 9: a hostile upstream's gigabyte answer is refused before it is read."""
+    """A hostile upstream's gigabyte answer is refused before it is read."""
     response = httpx.Response(
         200, headers={"x-auth-refresh-token": "r"}, content=b"x" * (1024 * 1024 + 1)
     )

@@ -83,7 +83,8 @@ async def test_transient_faults_degrade_serve_back_off_and_recover(
     assert (status.state, status.failures) == ("degraded", attempts)
     emulator.server.clear_faults()
     await trio.sleep(61)  # the next retry is at most 60 s away
-    assert session.state is State.ACTIVE
+    state_now: State = session.state  # read again: mypy keeps the earlier assert's narrowing
+    assert state_now is State.ACTIVE
     assert session.tokens.bearer.reveal() != first_token  # type: ignore[union-attr]
 
 
@@ -129,7 +130,8 @@ async def test_read_only_state_directory_keeps_serving_and_recovers(
         assert (await client.token()).token == session.tokens.bearer.reveal()  # type: ignore[union-attr]
     remount(tmpfs, "rw")
     await trio.sleep(64)
-    assert session.state is State.ACTIVE
+    state_now: State = session.state  # read again: mypy keeps the earlier assert's narrowing
+    assert state_now is State.ACTIVE
     saved = (tmpfs / "state" / "default.session.json").read_text()
     assert session.tokens.refresh.reveal() in saved  # type: ignore[union-attr]
 

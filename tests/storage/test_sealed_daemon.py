@@ -33,16 +33,19 @@ from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     RawConnection,
+    as_uid,
     call,
     inline,
+    python_as,
     start_broker,
+    wait_until,
     write_config,
 )
 
-NOBODY = 65534
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -181,12 +184,12 @@ def emulator_process() -> Iterator[EmulatorProcess]:
 def reload(daemon: DaemonProcess, sock: Path, done: Any) -> dict[str, Any]:
     """SIGHUP, then the status once `done(status)` holds (bounded by 10 s)."""
     daemon.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while True:
-        status = call(sock, op="status")
-        if done(status) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.05)
+    status: dict[str, Any] = wait_until(
+        lambda: answer if done(answer := call(sock, op="status")) else None,
+        10,
+        "the reload's outcome",
+    )
+    return status
 
 
 def states(status: dict[str, Any]) -> dict[str, str]:
@@ -415,13 +418,9 @@ else:
 """
 
 
-def as_nobody(*command: str) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
-
-
 def probe(pid: int) -> list[str]:
     result = subprocess.run(
-        as_nobody("/usr/bin/python3", "-c", _PROBE, str(pid)),
+        python_as(NOBODY, "-c", _PROBE, str(pid)),
         capture_output=True,
         text=True,
         timeout=20,
@@ -435,7 +434,6 @@ def test_another_process_of_the_daemons_uid_cannot_read_its_memory(short_tmp: Pa
     ptrace. As a control, the same probe reads an ordinary process of that uid."""
     if os.geteuid() != 0:
         pytest.skip("switching to another uid needs root (CI runs as root)")
-    site = next(p for p in sys.path if p.endswith("site-packages"))
     short_tmp.chmod(0o755)
     state = short_tmp / "state"
     state.mkdir(mode=0o700)
@@ -445,24 +443,22 @@ def test_another_process_of_the_daemons_uid_cannot_read_its_memory(short_tmp: Pa
     os.chown(run, NOBODY, NOBODY)
     config = write_config(short_tmp / "c.toml", "http://127.0.0.1:9", run / "b.sock", state)
     config.chmod(0o644)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": os.pathsep.join([site, str(REPO), str(REPO / "clients" / "python")]),
-    }
-    control = subprocess.Popen(as_nobody("sleep", "60"))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    control = subprocess.Popen(as_uid(NOBODY, "sleep", "60"))
     daemon = subprocess.Popen(
-        as_nobody("/usr/bin/python3", "-m", "broker", "serve", "--config", str(config)),
+        python_as(NOBODY, "-m", "broker", "serve", "--config", str(config)),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         cwd="/",
     )
     try:
-        deadline = time.monotonic() + 20
-        while not (run / "b.sock").exists():
-            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
-            assert time.monotonic() < deadline, "the daemon did not bind its socket"
-            time.sleep(0.05)
+        wait_until(
+            lambda: daemon.poll() is not None or (run / "b.sock").exists(),
+            20,
+            "the daemon binds its socket",
+        )
+        assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
         if probe(control.pid) != ["mem:read", "ptrace:attached"]:
             pytest.skip("this kernel keeps even a dumpable process from its own uid (Yama?)")
         assert probe(daemon.pid) == ["mem:refused", "ptrace:refused"]

@@ -13,10 +13,9 @@ import { createServer } from "node:net";
 
 import { BrokerClient, UntrustedSocket } from "../src/index.js";
 import { FrameDecoder, encode } from "../src/protocol.js";
-import { BUILD, NOBODY, asNobody, canSwitchUid, removeTmp, shortTmp, startBroker } from "./support.js";
+import { NOBODY, asNobody, canSwitchUid, forOtherUids, removeTmp, shortTmp, startBroker } from "./support.js";
 
 const skip = canSwitchUid() ? false : "switching to another uid needs root and setpriv (CI runs as root)";
-const CLIENT_URL = pathToFileURL(join(BUILD, "src", "index.js")).href;
 
 describe("another uid", { skip }, () => {
   let broker: Awaited<ReturnType<typeof startBroker>>;
@@ -27,8 +26,9 @@ describe("another uid", { skip }, () => {
   after(async () => broker.close());
 
   test("uid 65534 reaches the daemon, says hello, and is refused the token", async () => {
+    const clientUrl = pathToFileURL(join(forOtherUids(), "src", "index.js")).href;
     const script = `
-      const { BrokerClient } = await import(${JSON.stringify(CLIENT_URL)});
+      const { BrokerClient } = await import(${JSON.stringify(clientUrl)});
       const client = new BrokerClient({ socketPath: process.argv[1] });
       const out = { hello: (await client.hello()).version };
       try { await client.token(); out.token = "served"; }

@@ -3,7 +3,7 @@
 // asserts a timing.
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync, chmodSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, rmSync, writeFileSync, chmodSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -198,13 +198,35 @@ export function canSwitchUid(): boolean {
   return process.geteuid?.() === 0 && spawnSync("setpriv", ["--version"]).status === 0;
 }
 
-/** Run a Node script as uid 65534; its stdout, parsed as JSON. */
+let otherUidsCopy: string | undefined;
+
+/**
+ * The compiled client (src/ of build-test) with its package.json and its dependency, copied
+ * once per test file to a world-traversable temporary directory: another uid cannot read a
+ * checkout under a directory it may not traverse (root's home is 0700). Removed at exit.
+ */
+export function forOtherUids(): string {
+  if (otherUidsCopy !== undefined) return otherUidsCopy;
+  const copy = shortTmp(0o755);
+  process.once("exit", () => removeTmp(copy));
+  const packageRoot = resolve(BUILD, "..");
+  cpSync(join(BUILD, "src"), join(copy, "src"), { recursive: true });
+  cpSync(join(packageRoot, "package.json"), join(copy, "package.json"));
+  const msgpack = join("node_modules", "@msgpack", "msgpack");
+  cpSync(join(packageRoot, msgpack), join(copy, msgpack), { recursive: true });
+  const ran = spawnSync("setpriv", [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", process.execPath, "-e", ""]);
+  if (ran.status !== 0) throw new Error(`uid ${NOBODY} cannot run ${process.execPath}: ${ran.stderr}`);
+  otherUidsCopy = copy;
+  return copy;
+}
+
+/** Run a Node script as uid 65534 in the copy `forOtherUids` makes; its stdout, parsed as JSON. */
 export function asNobody(script: string, args: string[] = [], env: Record<string, string> = {}): Promise<unknown> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn(
       "setpriv",
       [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", process.execPath, "--input-type=module", "-e", script, "--", ...args],
-      { stdio: ["ignore", "pipe", "pipe"], cwd: BUILD, env: { PATH: process.env["PATH"] ?? "", ...env } },
+      { stdio: ["ignore", "pipe", "pipe"], cwd: forOtherUids(), env: { PATH: process.env["PATH"] ?? "", ...env } },
     );
     let out = "";
     let err = "";

@@ -21,13 +21,29 @@ from .errors import (
     LoginRequired,
     NotLoggedIn,
     ProtocolError,
+    RateLimited,
     Unavailable,
+    UnknownApp,
     UnknownProfile,
+    UnknownSession,
     UntrustedSocket,
     UpstreamError,
 )
 from .paths import find_socket
-from .results import Hello, ProfileStatus, Session, Status, Token, User, WatchEvent
+from .results import (
+    AppStatus,
+    CustomerSession,
+    Hello,
+    ListedSession,
+    ProfileStatus,
+    Session,
+    SessionInfo,
+    SessionToken,
+    Status,
+    Token,
+    User,
+    WatchEvent,
+)
 
 TYPE_CHECKING = False  # typing itself is not imported: start-up time, see calls.py
 if TYPE_CHECKING:
@@ -35,7 +51,7 @@ if TYPE_CHECKING:
 
     from .asyncio_client import AsyncioClient
     from .cache import AsyncTokenCache, TokenCache
-    from .httpx_auth import BrokerAuth
+    from .httpx_auth import BrokerAuth, SessionAuth
     from .trio_client import TrioClient
 
 __version__ = "0.1.0"
@@ -46,6 +62,7 @@ _LAZY = {
     "TrioClient": ".trio_client",
     "AsyncioClient": ".asyncio_client",
     "BrokerAuth": ".httpx_auth",
+    "SessionAuth": ".httpx_auth",
 }
 
 
@@ -58,27 +75,36 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AppStatus",
     "AsyncTokenCache",
     "AsyncioClient",
     "BrokerAuth",
     "BrokerError",
     "BrokerNotRunning",
     "Client",
+    "CustomerSession",
     "Forbidden",
     "Hello",
     "InternalError",
     "InvalidCredentials",
+    "ListedSession",
     "LoginRequired",
     "NotLoggedIn",
     "ProfileStatus",
     "ProtocolError",
+    "RateLimited",
     "Session",
+    "SessionAuth",
+    "SessionInfo",
+    "SessionToken",
     "Status",
     "Token",
     "TokenCache",
     "TrioClient",
     "Unavailable",
+    "UnknownApp",
     "UnknownProfile",
+    "UnknownSession",
     "UntrustedSocket",
     "UpstreamError",
     "User",

@@ -14,9 +14,14 @@ from __future__ import annotations
 from .errors import BrokerError, ProtocolError, error_from_wire
 from .protocol import MAX_RESPONSE_SIZE, FrameDecoder, Op, encode
 from .results import (
+    AppStatus,
+    CustomerSession,
     Hello,
+    ListedSession,
     ProfileStatus,
     Session,
+    SessionInfo,
+    SessionToken,
     Status,
     Token,
     User,
@@ -101,12 +106,76 @@ def parse_profile_status(entry: Any) -> ProfileStatus:
     )
 
 
+def parse_app_status(entry: Any) -> AppStatus:
+    if not isinstance(entry, dict):
+        raise ProtocolError("status app entry is not a map")
+    return AppStatus(
+        app=field_of(entry, "app", str),
+        sessions=field_of(entry, "sessions", int),
+        in_memory=field_of(entry, "in_memory", int),
+    )
+
+
 def parse_status(message: Message) -> Status:
+    apps = () if message.get("apps") is None else field_of(message, "apps", list)
     return Status(
         server=field_of(message, "server", str),
         uptime=number_field(message, "uptime"),
         profiles=tuple(parse_profile_status(p) for p in field_of(message, "profiles", list)),
+        apps=tuple(parse_app_status(a) for a in apps),
     )
+
+
+def parse_customer_session(message: Message) -> CustomerSession:
+    return CustomerSession(
+        app=field_of(message, "app", str),
+        handle=field_of(message, "handle", str),
+        username=field_of(message, "username", str),
+        expires_at=number_field(message, "expires_at"),
+        session_ends_at=optional_number(message, "session_ends_at"),
+        remember=field_of(message, "remember", bool),
+    )
+
+
+def parse_session_token(message: Message) -> SessionToken:
+    return SessionToken(
+        token=field_of(message, "token", str), expires_at=number_field(message, "expires_at")
+    )
+
+
+def parse_session_info(message: Message) -> SessionInfo:
+    return SessionInfo(
+        username=field_of(message, "username", str),
+        customer_type=field_of(message, "customer_type", str),
+        expires_at=number_field(message, "expires_at"),
+        session_ends_at=optional_number(message, "session_ends_at"),
+        remember=field_of(message, "remember", bool),
+    )
+
+
+def parse_expires_at(message: Message) -> float:
+    return number_field(message, "expires_at")
+
+
+def parse_listed_session(entry: Any) -> ListedSession:
+    if not isinstance(entry, dict):
+        raise ProtocolError("sessions entry is not a map")
+    return ListedSession(
+        session=field_of(entry, "session", str),
+        username=optional_field(entry, "username", str),
+        created_at=number_field(entry, "created_at"),
+        last_used_at=number_field(entry, "last_used_at"),
+        ends_at=number_field(entry, "ends_at"),
+    )
+
+
+def parse_sessions(message: Message) -> tuple[ListedSession, ...]:
+    return tuple(parse_listed_session(e) for e in field_of(message, "sessions", list))
+
+
+def parse_ended(message: Message) -> int:
+    ended: int = field_of(message, "ended", int)
+    return ended
 
 
 def parse_hello(message: Message) -> Hello:
@@ -188,6 +257,55 @@ def parse_metrics(message: Message) -> str:
     return text
 
 
+def session_login(app: str, username: str, password: str, remember: bool = False) -> Call:
+    args = {"app": app, "username": username, "password": password, "remember": remember}
+    return Call(Op.SESSION_LOGIN, args)
+
+
+def session_register(
+    app: str,
+    username: str,
+    password: str,
+    remember: bool = False,
+    user: Mapping[str, Any] | None = None,
+) -> Call:
+    args = _with_profile(
+        None,
+        app=app,
+        username=username,
+        password=password,
+        remember=remember,
+        user=dict(user) if user is not None else None,
+    )
+    return Call(Op.SESSION_REGISTER, args)
+
+
+def session_token(app: str, handle: str, min_valid: float = 0) -> Call:
+    args = _with_profile(None, app=app, handle=handle, min_valid=min_valid or None)
+    return Call(Op.SESSION_TOKEN, args, idempotent=True)
+
+
+def session_info(app: str, handle: str) -> Call:
+    return Call(Op.SESSION_INFO, {"app": app, "handle": handle}, idempotent=True)
+
+
+def session_passwd(app: str, handle: str, password: str, new_password: str) -> Call:
+    args = {"app": app, "handle": handle, "password": password, "new_password": new_password}
+    return Call(Op.SESSION_PASSWD, args)
+
+
+def session_logout(app: str, handle: str) -> Call:
+    return Call(Op.SESSION_LOGOUT, {"app": app, "handle": handle})
+
+
+def sessions(app: str, username: str | None = None) -> Call:
+    return Call(Op.SESSIONS, _with_profile(None, app=app, username=username), idempotent=True)
+
+
+def session_end(app: str, username: str) -> Call:
+    return Call(Op.SESSION_END, {"app": app, "username": username})
+
+
 def watch(profile: str | None = None) -> Call:
     return Call(Op.WATCH, _with_profile(profile))
 
@@ -198,7 +316,7 @@ def outcome(message: Message) -> Message:
         return message
     error = message.get("error")
     if message.get("ok") is False and isinstance(error, dict):
-        raise error_from_wire(error.get("code"), error.get("message"))
+        raise error_from_wire(error.get("code"), error.get("message"), error.get("retry_after"))
     raise ProtocolError("response has neither ok: true nor an error map")
 
 

@@ -8,7 +8,7 @@ never puts one there, and the client adds none.
 
 from __future__ import annotations
 
-from .protocol import Code
+from .protocol import Code, is_number
 
 
 class BrokerError(Exception):
@@ -93,6 +93,30 @@ class InternalError(BrokerError):
     code = Code.INTERNAL
 
 
+class UnknownApp(BrokerError):
+    """No `[apps.NAME]` of that name in the daemon's configuration."""
+
+    code = Code.UNKNOWN_APP
+
+
+class UnknownSession(BrokerError):
+    """The handle names no live session of this app (it never did, it ended, it was
+    logged out, or it is another app's): log the customer in again."""
+
+    code = Code.UNKNOWN_SESSION
+
+
+class RateLimited(BrokerError):
+    """Too many login or register attempts for this username or from this uid:
+    `retry_after` says how many seconds to wait."""
+
+    code = Code.RATE_LIMITED
+
+    def __init__(self, message: str, code: str | None = None, retry_after: float = 0.0) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+
+
 _FAMILIES: dict[str, type[BrokerError]] = {
     Code.BAD_FRAME: ProtocolError,
     Code.BAD_REQUEST: ProtocolError,
@@ -107,11 +131,20 @@ _FAMILIES: dict[str, type[BrokerError]] = {
     Code.BUSY: Unavailable,
     Code.UPSTREAM_ERROR: UpstreamError,
     Code.INTERNAL: InternalError,
+    Code.UNKNOWN_APP: UnknownApp,
+    Code.UNKNOWN_SESSION: UnknownSession,
+    Code.RATE_LIMITED: RateLimited,
 }
 
 
-def error_from_wire(code: object, message: object) -> BrokerError:
-    """The exception for an `error` map; an unknown code from a newer daemon is kept."""
+def error_from_wire(code: object, message: object, retry_after: object = None) -> BrokerError:
+    """The exception for an `error` map; an unknown code from a newer daemon is kept.
+    `retry_after` (the map's field of that name) is kept by `RateLimited` when it is a
+    finite number of seconds, 0 or more; anything else counts as 0."""
     code_text = code if isinstance(code, str) else Code.INTERNAL
     message_text = message if isinstance(message, str) else "(no message)"
-    return _FAMILIES.get(code_text, BrokerError)(message_text, code_text)
+    family = _FAMILIES.get(code_text, BrokerError)
+    if family is RateLimited:
+        wait = float(retry_after) if is_number(retry_after) else 0.0
+        return RateLimited(message_text, code_text, wait if 0 <= wait < float("inf") else 0.0)
+    return family(message_text, code_text)

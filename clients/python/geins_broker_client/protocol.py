@@ -55,6 +55,15 @@ class Op:
     REGISTER: Final = "register"
     WATCH: Final = "watch"
     METRICS: Final = "metrics"
+    # Customer sessions (docs/sessions.md): named by an app and a handle.
+    SESSION_LOGIN: Final = "session_login"
+    SESSION_REGISTER: Final = "session_register"
+    SESSION_TOKEN: Final = "session_token"  # noqa: S105 - an op name
+    SESSION_INFO: Final = "session_info"
+    SESSION_PASSWD: Final = "session_passwd"  # noqa: S105 - an op name
+    SESSION_LOGOUT: Final = "session_logout"
+    SESSIONS: Final = "sessions"
+    SESSION_END: Final = "session_end"
 
     ALL: Final = (
         HELLO,
@@ -68,6 +77,14 @@ class Op:
         REGISTER,
         WATCH,
         METRICS,
+        SESSION_LOGIN,
+        SESSION_REGISTER,
+        SESSION_TOKEN,
+        SESSION_INFO,
+        SESSION_PASSWD,
+        SESSION_LOGOUT,
+        SESSIONS,
+        SESSION_END,
     )
 
 
@@ -85,6 +102,9 @@ class Code:
     UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
     UPSTREAM_ERROR: Final = "upstream_error"
     TIMEOUT: Final = "timeout"
+    UNKNOWN_APP: Final = "unknown_app"
+    UNKNOWN_SESSION: Final = "unknown_session"
+    RATE_LIMITED: Final = "rate_limited"
     BUSY: Final = "busy"
     INTERNAL: Final = "internal"
 
@@ -100,6 +120,9 @@ class Code:
         UPSTREAM_UNAVAILABLE,
         UPSTREAM_ERROR,
         TIMEOUT,
+        UNKNOWN_APP,
+        UNKNOWN_SESSION,
+        RATE_LIMITED,
         BUSY,
         INTERNAL,
     )
@@ -124,9 +147,13 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    """The `ok: false` fields of a response, without its id."""
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error_body(code: str, message: str, retry_after: float | None = None) -> dict[str, Any]:
+    """The `ok: false` fields of a response, without its id; `retry_after` (seconds)
+    only where the code has one (`rate_limited`)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return {"ok": False, "error": error}
 
 
 class PreparedResponse:

@@ -174,16 +174,134 @@ class ProfileStatus(_Value):
         ) -> None: ...
 
 
+class AppStatus(_Value):
+    """One app's customer sessions: stored, and held in memory (refreshed ahead)."""
+
+    _fields = ("app", "sessions", "in_memory")
+    __slots__ = _fields
+    app: str
+    sessions: int
+    in_memory: int
+    if TYPE_CHECKING:
+
+        def __init__(self, app: str, sessions: int, in_memory: int) -> None: ...
+
+
 class Status(_Value):
-    _fields = ("server", "uptime", "profiles")
+    """`apps`: the apps the caller may use; empty when the daemon has none."""
+
+    _fields = ("server", "uptime", "profiles", "apps")
     __slots__ = _fields
     server: str
     uptime: float
     profiles: tuple[ProfileStatus, ...]
+    apps: tuple[AppStatus, ...]
     if TYPE_CHECKING:
 
         def __init__(
-            self, server: str, uptime: float, profiles: tuple[ProfileStatus, ...]
+            self,
+            server: str,
+            uptime: float,
+            profiles: tuple[ProfileStatus, ...],
+            apps: tuple[AppStatus, ...] = (),
+        ) -> None: ...
+
+
+class CustomerSession(_Value):
+    """A customer session just created by `session_login` or `session_register`.
+
+    `handle` names it from now on: keep it where only this customer's requests find
+    it (an HTTP-only cookie). The daemon never shows it again, and `repr` never shows it.
+    """
+
+    _fields = ("app", "handle", "username", "expires_at", "session_ends_at", "remember")
+    __slots__ = _fields
+    _hidden = ("handle",)
+    app: str
+    handle: str
+    username: str
+    expires_at: float
+    session_ends_at: float | None
+    remember: bool
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            app: str,
+            handle: str,
+            username: str,
+            expires_at: float,
+            session_ends_at: float | None,
+            remember: bool,
+        ) -> None: ...
+
+
+class SessionToken(_Value):
+    """A customer's bearer token and when it stops working; `repr` leaves it out."""
+
+    _fields = ("token", "expires_at")
+    __slots__ = _fields
+    _hidden = ("token",)
+    token: str
+    expires_at: float
+    if TYPE_CHECKING:
+
+        def __init__(self, token: str, expires_at: float) -> None: ...
+
+    def expires_in(self, now: float | None = None) -> float:
+        return self.expires_at - (time.time() if now is None else now)
+
+    @property
+    def authorization(self) -> str:
+        """The value of an HTTP `Authorization` header."""
+        return f"Bearer {self.token}"
+
+
+class SessionInfo(_Value):
+    """Who is logged in on a customer session and until when (the SDK's `authorized()`)."""
+
+    _fields = ("username", "customer_type", "expires_at", "session_ends_at", "remember")
+    __slots__ = _fields
+    username: str
+    customer_type: str
+    expires_at: float
+    session_ends_at: float | None
+    remember: bool
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            username: str,
+            customer_type: str,
+            expires_at: float,
+            session_ends_at: float | None,
+            remember: bool,
+        ) -> None: ...
+
+
+class ListedSession(_Value):
+    """One customer session as an admin lists it: `session` is 8 hex digits of its
+    keyed id, never its handle."""
+
+    _fields = ("session", "username", "created_at", "last_used_at", "ends_at")
+    __slots__ = _fields
+    session: str
+    username: str | None
+    created_at: float
+    last_used_at: float
+    ends_at: float
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            session: str,
+            username: str | None,
+            created_at: float,
+            last_used_at: float,
+            ends_at: float,
         ) -> None: ...
 
 

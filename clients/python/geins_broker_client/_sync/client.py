@@ -5,7 +5,7 @@ Why generated rather than a sans-IO core both drive: the wire is already sans-IO
 (`calls.Exchange` turns calls into frames and bytes into answers), and what is left is
 control flow: checking the socket's owner before the first byte, mapping connect errors,
 reconnecting once for an idempotent call after a daemon restart, dropping a connection
-that fell out of step, ten typed op methods, and `watch` as a generator. Pulled into a
+that fell out of step, a typed method per op, and `watch` as a generator. Pulled into a
 state machine, that flow would come back as a driver loop in each flavour; with mypy
 strict, one typed method per op cannot be shared between a sync and an async class any
 other way. So, as httpcore does, the async code is the source and scripts/unasync.py
@@ -38,13 +38,24 @@ from ..trust import path_problem, peer_problem, trusted_uids
 
 TYPE_CHECKING = False  # no typing at run time: see calls.py
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Callable, Mapping
+    from collections.abc import Generator, Callable, Mapping
     from typing import Any, Self, TypeVar
 
     from .._backends.base import Backend, Stream
     from ..calls import Call
     from ..protocol import Message
-    from ..results import Hello, Session, Status, Token, User, WatchEvent
+    from ..results import (
+        CustomerSession,
+        Hello,
+        ListedSession,
+        Session,
+        SessionInfo,
+        SessionToken,
+        Status,
+        Token,
+        User,
+        WatchEvent,
+    )
 
     T = TypeVar("T")
 
@@ -239,7 +250,61 @@ class Client:
             calls.register(username, password, profile, remember, user), calls.parse_session
         )
 
-    def watch(self, profile: str | None = None) -> Iterator[WatchEvent]:
+    # -- customer sessions (docs/sessions.md) ------------------------------------------------
+
+    def session_login(
+        self, app: str, username: str, password: str, *, remember: bool = False
+    ) -> CustomerSession:
+        """Log a customer in to `app`: a new session, named by the result's `handle`."""
+        return self.call(
+            calls.session_login(app, username, password, remember), calls.parse_customer_session
+        )
+
+    def session_register(
+        self,
+        app: str,
+        username: str,
+        password: str,
+        *,
+        remember: bool = False,
+        user: Mapping[str, Any] | None = None,
+    ) -> CustomerSession:
+        """Create the customer's Geins account, and a session for it."""
+        return self.call(
+            calls.session_register(app, username, password, remember, user),
+            calls.parse_customer_session,
+        )
+
+    def session_token(self, app: str, handle: str, *, min_valid: float = 0) -> SessionToken:
+        """The customer's bearer, with at least `min_valid` seconds left."""
+        return self.call(
+            calls.session_token(app, handle, min_valid), calls.parse_session_token
+        )
+
+    def session_info(self, app: str, handle: str) -> SessionInfo:
+        return self.call(calls.session_info(app, handle), calls.parse_session_info)
+
+    def session_passwd(
+        self, app: str, handle: str, password: str, new_password: str
+    ) -> float:
+        """Change the customer's password; returns the new bearer's expiry."""
+        return self.call(
+            calls.session_passwd(app, handle, password, new_password), calls.parse_expires_at
+        )
+
+    def session_logout(self, app: str, handle: str) -> None:
+        """Log the session out at Geins and forget it; the handle names nothing after."""
+        self.call(calls.session_logout(app, handle), calls.parse_nothing)
+
+    def sessions(self, app: str, *, username: str | None = None) -> tuple[ListedSession, ...]:
+        """An app's sessions, or one customer's (admins only; never a handle)."""
+        return self.call(calls.sessions(app, username), calls.parse_sessions)
+
+    def session_end(self, app: str, username: str) -> int:
+        """End every session of a customer ("log out everywhere"; admins only)."""
+        return self.call(calls.session_end(app, username), calls.parse_ended)
+
+    def watch(self, profile: str | None = None) -> Generator[WatchEvent]:
         """Each new token as the daemon rotates it, starting with the current one.
 
         Runs on a connection of its own, so the client stays usable meanwhile. Ends

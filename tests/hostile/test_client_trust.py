@@ -1,16 +1,19 @@
-"""Attacks by a hostile local user, each a test over real sockets and real uids.
+"""The clients' trust in the socket they find, attacked by another local uid.
 
-Every section names the attack and the defect it once was (issue 9). The attacker is
-uid 65534 (setpriv); the victim is root, running the client or the daemon. Switching
-uids needs root, as CI runs.
+A client must not send a byte (a password, a request for a token) to a socket another
+uid controls: one planted where a client looks (TMPDIR/runtime-UID when there is no
+XDG_RUNTIME_DIR, a directory everyone may write, a path handed over by a symlink), or
+one reached through a directory swapped between the client's checks and its connect.
+The attacker is uid 65534 (setpriv); the victim is root or uid 65533, running the
+Python client, the CLI or the Node client. Switching uids needs root, as CI runs.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,39 +21,29 @@ import pytest
 
 from geins_broker_client import Client, UntrustedSocket
 from geins_broker_client.paths import SYSTEM_SOCKET, find_socket
+from tests.hostile.support import as_nobody, clean_env
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
+    NOBODY,
+    READER,
     DaemonProcess,
     EmulatorProcess,
+    as_uid,
+    node_client_for_other_uids,
+    python_as,
     write_config,
 )
 
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
 SECRET = "roots-secret-password"
 
 
-@pytest.fixture
-def base(short_tmp: Path) -> Path:
-    """A root-owned 0755 directory: others may enter it, not write it."""
-    if os.geteuid() != 0:
-        pytest.skip("switching to another uid needs root (CI runs as root)")
-    short_tmp.chmod(0o755)
-    return short_tmp
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without anything that names a socket or runtime directory."""
-    dropped = {"XDG_RUNTIME_DIR", "GEINS_BROKER_SOCKET", "RUNTIME_DIRECTORY", "TMPDIR"}
-    return {k: v for k, v in os.environ.items() if k not in dropped} | extra
-
-
 # -- Planted sockets: the client verifies the daemon before it sends a byte ---------------
-# Issue 9, defect 1 (password capture). Another user binds a look-alike broker.sock where a
-# client looks (TMPDIR/runtime-0/geins-broker/ when root runs without XDG_RUNTIME_DIR, a
-# world-writable directory, a path handed over by a symlink) and waits for a password.
+# Another user binds a look-alike broker.sock where a client looks (TMPDIR/runtime-0/
+# geins-broker/ when root runs without XDG_RUNTIME_DIR, a world-writable directory, a path
+# handed over by a symlink) and waits for a password.
 
 _RECORDER = r"""
 import os, socket, sys
@@ -85,7 +78,7 @@ class FakeBroker:
         log.chmod(0o666)
         self.log = log
         self.process = subprocess.Popen(
-            [*AS_NOBODY, sys.executable, "-c", _RECORDER, where, str(log)],
+            python_as(NOBODY, "-c", _RECORDER, where, str(log)),
             stdout=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
@@ -117,10 +110,6 @@ def plant(fake_brokers: list[FakeBroker], where: Path | str, log: Path, **kw: ob
     return broker
 
 
-def nobody_mkdir(path: Path, mode: str = "0777") -> None:
-    subprocess.run([*AS_NOBODY, "mkdir", "-m", mode, str(path)], check=True)
-
-
 def login_cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GEINS_BROKER, "login", "--username", DEMO_USER, "--password-stdin", *args],
@@ -142,8 +131,8 @@ def test_a_socket_planted_under_tmp_never_hears_roots_password(
     tmp = base / "tmp"
     tmp.mkdir()
     tmp.chmod(0o1777)  # as /tmp is
-    nobody_mkdir(tmp / "runtime-0")
-    nobody_mkdir(tmp / "runtime-0" / "geins-broker")
+    as_nobody("mkdir", "-m", "0777", str(tmp / "runtime-0"))
+    as_nobody("mkdir", "-m", "0777", str(tmp / "runtime-0" / "geins-broker"))
     planted = tmp / "runtime-0" / "geins-broker" / "broker.sock"
     fake = plant(fake_brokers, planted, base / "heard")
 
@@ -279,7 +268,7 @@ def test_the_clients_own_and_roots_daemon_are_trusted(base: Path) -> None:
             "print(Client(sys.argv[1]).token().token)"
         )
         result = subprocess.run(
-            [*AS_NOBODY, sys.executable, "-c", probe, str(sock)],
+            python_as(NOBODY, "-c", probe, str(sock)),
             check=False,
             capture_output=True,
             text=True,
@@ -292,83 +281,130 @@ def test_the_clients_own_and_roots_daemon_are_trusted(base: Path) -> None:
         emulator.stop()
 
 
-# -- Planted runtime directories: the daemon will not listen where others can write -------
-# Issue 9, defect 1, daemon side. The daemon refuses a runtime or socket directory that is
-# a symlink, another uid's, or writable by others: one line and exit 2, never a traceback.
+# -- a directory swapped between the checks and the connect -----------------------------------------------------
 
-_CONFIG = """[profiles.default]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "http://127.0.0.1:9"
-merchant_api_url = "http://127.0.0.1:9"
+FLIPPER = """
+import ctypes, os, socket, sys, threading, time
+base = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+evil = os.path.join(base, "evil", "geins-broker")
+os.makedirs(evil, mode=0o755)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(evil, "broker.sock"))
+os.chmod(os.path.join(evil, "broker.sock"), 0o666)
+listener.listen(64)
+received = [0]
+def serve():
+    while True:
+        conn, _ = listener.accept()
+        conn.settimeout(1)
+        try:
+            received[0] += len(conn.recv(65536))
+        except OSError:
+            pass
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+os.symlink(os.path.join(base, "legit"), os.path.join(base, "runtime-65533"))
+a = os.path.join(base, "runtime-65533").encode()
+b = os.path.join(base, "evil").encode()
+print("flipping", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+stop = os.path.join(base, "stop")
+for i in range(10_000_000):
+    if i % 1000 == 0 and (time.monotonic() > end or os.path.exists(stop)):
+        break
+    libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)
+print("received", received[0], flush=True)
+"""
+
+VICTIM = """
+const { BrokerClient } = await import(process.argv[1]);
+const end = Date.now() + 4000;
+for (let i = 0; i < 20000 && Date.now() < end; i++) {
+  const client = new BrokerClient({ timeout: 300 });
+  try { await client.hello(); } catch (e) {}
+  try { client.close(); } catch (e) {}
+}
 """
 
 
-def serve(config: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GEINS_BROKER, "serve", "--config", str(config)],
-        env=dict(env),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-def test_the_daemon_refuses_a_runtime_directory_planted_under_tmp(base: Path) -> None:
-    tmp = base / "tmp"
-    tmp.mkdir()
-    tmp.chmod(0o1777)
-    nobody_mkdir(tmp / "runtime-0")
-    config = base / "c.toml"
-    config.write_text(f'[broker]\nstate_dir = "{base}/state"\n' + _CONFIG)
-    result = serve(config, clean_env(TMPDIR=str(tmp)))
-    assert result.returncode == 2
-    assert result.stderr == (
-        f"geins-broker: {tmp}/runtime-0: is owned by uid 65534, not by the daemon's uid 0\n"
-    )
-    assert os.listdir(tmp / "runtime-0") == []
-
-
-@pytest.mark.parametrize("kind", ["writable", "foreign", "symlink"])
-def test_the_daemon_refuses_a_socket_directory_others_control(base: Path, kind: str) -> None:
-    target = base / "dir"
-    if kind == "writable":
-        target.mkdir()
-        target.chmod(0o777)
-        expected = "may be written by others (mode 0777)"
-    elif kind == "foreign":
-        target.mkdir(mode=0o700)
-        os.chown(target, NOBODY, NOBODY)
-        expected = "is owned by uid 65534, not by the daemon's uid 0"
-    else:
-        (base / "real").mkdir(mode=0o700)
-        target.symlink_to(base / "real")
-        expected = "is a symlink"
-    config = base / "c.toml"
-    config.write_text(
-        f'[broker]\nsocket = "{target}/b.sock"\nstate_dir = "{base}/state"\n' + _CONFIG
-    )
-    result = serve(config, clean_env())
-    assert result.returncode == 2
-    assert result.stderr == f"geins-broker: {target}: {expected}\n"
-    assert not os.path.lexists(target / "b.sock")
-
-
-def test_the_daemon_makes_its_own_private_runtime_directory(base: Path) -> None:
-    if os.path.isdir("/run/user/0"):
-        pytest.skip("root has a runtime directory here: the daemon would use it")
-    tmp = base / "tmp"
-    tmp.mkdir()
-    tmp.chmod(0o1777)
-    config = base / "c.toml"
-    config.write_text(f'[broker]\nstate_dir = "{base}/state"\n' + _CONFIG)
-    daemon = DaemonProcess(config, base, env={"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": ""})
+PYTHON_VICTIM = """
+import time
+from geins_broker_client import Client
+end = time.monotonic() + 4
+for _ in range(20000):
+    if time.monotonic() > end:
+        break
     try:
-        runtime = tmp / "runtime-0"
-        assert runtime.stat().st_mode & 0o777 == 0o700
-        assert (runtime / "geins-broker" / "broker.sock").exists()
-        with Client(runtime / "geins-broker" / "broker.sock") as client:
-            assert client.hello().version == 1
-    finally:
-        assert daemon.stop() == 0
+        with Client(timeout=0.3) as client:
+            client.hello()
+    except Exception:
+        pass
+"""
+
+
+def _victim_command(victim: str) -> list[str]:
+    """The victim, a client of READER's looking for the system service's socket."""
+    if victim == "node":
+        client = node_client_for_other_uids()
+        return as_uid(READER, "node", "--input-type=module", "-e", VICTIM, str(client))
+    return python_as(READER, "-c", PYTHON_VICTIM)
+
+
+@pytest.mark.parametrize(
+    "victim",
+    [
+        pytest.param(
+            "node",
+            # scripts/test says loudly when Node is missing; where it is, the client
+            # must have been built (scripts/test builds it before pytest).
+            marks=pytest.mark.skipif(shutil.which("node") is None, reason="no Node"),
+        ),
+        "python",
+    ],
+)
+def test_no_client_talks_to_a_socket_behind_a_swapped_directory(
+    short_tmp: Path, victim: str
+) -> None:
+    """The Node client checked only the socket's own directory (rules 1 and 2) and
+    cannot read SO_PEERCRED (rule 3). Under TMPDIR/runtime-UID made by another uid (a
+    client of the system service without XDG_RUNTIME_DIR), that uid swapped the
+    directory (renameat2 RENAME_EXCHANGE: a symlink to a trusted directory <-> its own)
+    between the lstat checks and connect, and the client sent to its socket. The client
+    now resolves the socket's directory, requires every directory above to be a trusted
+    uid's and not writable by others (unless sticky), and connects to the resolved path.
+    The Python client held already: SO_PEERCRED names the other uid (rule 3)."""
+    victim_command = _victim_command(victim)  # first: it fails where Node is not built
+    short_tmp.chmod(0o755)
+    base = short_tmp / "tmp"
+    base.mkdir()
+    base.chmod(0o1777)  # like /tmp: anyone may create, only owners rename
+    legit = base / "legit" / "geins-broker"
+    legit.mkdir(parents=True)
+    (base / "legit").chmod(0o755)
+    legit.chmod(0o755)
+    with socket.socket(socket.AF_UNIX) as trusted:  # root's: trusted, refuses at once
+        trusted.bind(str(legit / "broker.sock"))
+        (legit / "broker.sock").chmod(0o666)  # the system service's socket, open to all
+        flipper = subprocess.Popen(
+            python_as(NOBODY, "-c", FLIPPER, str(base), "15"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert flipper.stdout is not None
+        assert flipper.stdout.readline().strip() == "flipping"
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(base), "HOME": "/nonexistent"}
+        ran = subprocess.run(
+            victim_command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        (base / "stop").touch()
+        out, _ = flipper.communicate(timeout=30)
+        flipper.stdout.close()
+    assert ran.returncode == 0, ran.stderr
+    assert out.strip() == "received 0", f"the {victim} client sent to the other uid's socket"

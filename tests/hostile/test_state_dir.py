@@ -2,7 +2,8 @@
 
 Each one runs the real daemon as a process; the hostile user is uid 65534 (setpriv),
 who plants links and directories where the daemon (root here) will look. The daemon
-must refuse with one line and exit 2, and leave what it found as it was.
+must refuse with one line and exit 2, and leave what it found as it was; a link is
+never the state directory, even root's own.
 """
 
 from __future__ import annotations
@@ -17,26 +18,16 @@ from pathlib import Path
 import pytest
 
 from broker.storage.statedir import LOCK_NAME
+from tests.hostile.support import UNUSED_URL, as_nobody, assert_refused, serve_once
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
-    GEINS_BROKER,
+    NOBODY,
     DaemonProcess,
     EmulatorProcess,
     call,
     write_config,
 )
-
-NOBODY = 65534
-UNUSED_URL = "http://127.0.0.1:9"
-
-
-def as_nobody(*command: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command],
-        check=True,
-        timeout=20,
-    )
 
 
 @pytest.fixture
@@ -47,25 +38,6 @@ def shared_tmp(short_tmp: Path) -> Iterator[Path]:
     short_tmp.chmod(0o1777)
     yield short_tmp
     short_tmp.chmod(0o700)
-
-
-def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GEINS_BROKER, "serve", "--config", str(config)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-    )
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], path: Path, problem: str) -> None:
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"geins-broker: {path}: "), last
-    assert problem in last, last
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -146,7 +118,7 @@ def test_a_link_of_our_own_on_the_way_is_followed(short_tmp: Path) -> None:
 
 
 def test_links_and_fifos_planted_inside_redirect_nothing(
-    short_tmp: Path, emulator: EmulatorProcess
+    short_tmp: Path, emulator_process: EmulatorProcess
 ) -> None:
     """Whoever got into the state directory once (a root mistake, an old shared mode)
     left links where the daemon reads and writes. They are never followed: the write
@@ -159,7 +131,7 @@ def test_links_and_fifos_planted_inside_redirect_nothing(
     os.mkfifo(state / "other.session.json")
     config = write_config(
         short_tmp / "c.toml",
-        emulator.url,
+        emulator_process.url,
         short_tmp / "b.sock",
         state,
         profiles=("default", "other"),
@@ -180,22 +152,19 @@ def test_links_and_fifos_planted_inside_redirect_nothing(
     assert "state_unreadable" in daemon.log()
 
 
-@pytest.fixture
-def emulator() -> Iterator[EmulatorProcess]:
-    process = EmulatorProcess()
-    yield process
-    process.stop()
-
-
 # -- two daemons, one state directory ------------------------------------------------------
 
 
 def test_a_second_daemon_on_the_same_state_exits_naming_the_first(
-    short_tmp: Path, emulator: EmulatorProcess
+    short_tmp: Path, emulator_process: EmulatorProcess
 ) -> None:
     state = short_tmp / "state"
-    first_config = write_config(short_tmp / "1.toml", emulator.url, short_tmp / "1.sock", state)
-    second_config = write_config(short_tmp / "2.toml", emulator.url, short_tmp / "2.sock", state)
+    first_config = write_config(
+        short_tmp / "1.toml", emulator_process.url, short_tmp / "1.sock", state
+    )
+    second_config = write_config(
+        short_tmp / "2.toml", emulator_process.url, short_tmp / "2.sock", state
+    )
     first = DaemonProcess(first_config, short_tmp)
     try:
         sock = short_tmp / "1.sock"
@@ -225,3 +194,19 @@ def test_a_second_daemon_on_the_same_state_exits_naming_the_first(
             assert second.stop() == 0
     finally:
         first.close()
+
+
+def test_a_link_of_roots_own_as_the_state_directory_is_refused(short_tmp: Path) -> None:
+    """The docs promise a link is never the state directory, whoever made it."""
+    real = short_tmp / "real"
+    real.mkdir(mode=0o700)
+    (short_tmp / "state").symlink_to(real)
+    config = write_config(
+        short_tmp / "c.toml", UNUSED_URL, short_tmp / "b.sock", short_tmp / "state"
+    )
+    try:
+        result = serve_once(config)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the daemon started on a linked state directory")
+    assert_refused(result, short_tmp / "state", "a symbolic link")
+    assert list(real.iterdir()) == []
