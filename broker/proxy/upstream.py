@@ -280,6 +280,9 @@ class Pool:
             await conn.send_all(protocol.send(h11.EndOfMessage()) or b"")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamFailed(f"sending failed ({type(exc).__name__})") from None
+        except h11.LocalProtocolError as exc:
+            # A body that does not match the length its head declared.
+            raise UpstreamFailed(f"the request could not be framed ({exc})") from None
 
     async def next_event(self, conn: _Connection) -> object:
         """The next h11 event from the upstream; a read waits at most `timeout`."""
