@@ -127,6 +127,7 @@ class ClientConnection:
         "_again",
         "_blocked",
         "_handling",
+        "_head",
         "_head_bytes",
         "_in_head",
         "_lingering",
@@ -183,6 +184,8 @@ class ClientConnection:
         #: Whether the current answer's head is out (or queued in `out`).
         self.started = False
         self._blocked = False
+        #: An answer's head not sent yet (it goes with the first piece of body).
+        self._head = b""
         #: Whether the proxy paused reading (a streamed body the upstream is not taking).
         self._paused = False
         self._advancing = False
@@ -416,14 +419,18 @@ class ClientConnection:
         self.end(keep_alive=not close)
 
     def start(self, head: bytes) -> None:
+        """The answer's head: it goes out with the first `write` (or `end`), one send
+        for an answer whose body is at hand, not two."""
         self.started = True
-        self.write(head)
+        self._head = head
 
     def write(self, data: bytes) -> bool:
         """Send what the socket takes, keep the rest; False past `HIGH_WATER` unsent
         (the caller waits for `on_writable`)."""
         if self.closed:
             return False
+        if self._head:
+            data, self._head = self._head + data, b""
         if self.out:
             self.out += data
         else:
@@ -449,6 +456,10 @@ class ClientConnection:
         caller asked for it)."""
         if self.closed:
             return
+        if self._head:
+            self.write(b"")
+            if self.closed:
+                return
         self._handling = None
         self._paused = False
         request = self._queue[0] if self._queue else None
@@ -463,6 +474,7 @@ class ClientConnection:
     def hang_up(self) -> None:
         """The answer cannot be finished (its head is out): close without more."""
         self._handling = None
+        self._head = b""
         self._close()
 
     def _flush(self) -> None:

@@ -159,6 +159,9 @@ class Door:
 
     def _admit(self, sock: socket.socket, peer: Peer | None) -> None:
         sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            # A head and a body written apart must not wait for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proxy = self.proxy
         limits = limits_of(proxy.config)
         refusal = self.admission.refusal(peer, self.connections, limits)
