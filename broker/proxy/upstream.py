@@ -428,9 +428,16 @@ class UpstreamConnection:
             self.pool.reactor.modify(self.fd, mask if not self._paused else mask & ~IN)
 
     def pause(self, paused: bool) -> None:
+        """While paused, the caller's client is what is slow (its own idle timeout
+        governs), so the upstream's read timeout stops, and starts afresh on resume."""
         if paused != self._paused and not self.closed and self.transport is not None:
             self._paused = paused
             self.pool.reactor.modify(self.fd, self._want & ~IN if paused else self._want)
+            if paused:
+                self.deadline = math.inf
+            elif self.exchange is not None:
+                self.deadline = trio.current_time() + self.pool.timeout
+                self.pool.reactor.watch(self.deadline)
 
     # -- events ----------------------------------------------------------------------------
 
