@@ -35,7 +35,6 @@ import socket
 from typing import Any, Final, Protocol
 
 import httptools
-import trio
 
 from broker.http.server import HttpLimits
 from broker.observe.log import events
@@ -194,7 +193,7 @@ class ClientConnection:
         self._head_bytes = 0
         self._lingering = False
         self.dropped = 0
-        now = trio.current_time()
+        now = reactor.tick()
         self.last_active = now
         #: When the head began, or the last body read, or writing blocked.
         self.stage_since = now
@@ -229,7 +228,7 @@ class ClientConnection:
         if not data:
             self._gone()
             return
-        now = trio.current_time()
+        now = self.reactor.now
         self.last_active = now
         was_in_head = self._in_head
         if not was_in_head:
@@ -289,7 +288,7 @@ class ClientConnection:
         request.keep_alive = parser.should_keep_alive()
         request.headed = True
         self._in_head = False
-        self.stage_since = trio.current_time()
+        self.stage_since = self.reactor.now
         declared = request.header(b"content-length")
         if (
             declared is not None
@@ -443,7 +442,7 @@ class ClientConnection:
                 return False
             if sent < len(data):
                 self.out += memoryview(data)[sent:]
-                self.stage_since = trio.current_time()
+                self.stage_since = self.reactor.now
                 self._set_interest(self._want | OUT)
                 self._update_deadline()
         if len(self.out) > HIGH_WATER:
@@ -456,10 +455,8 @@ class ClientConnection:
         caller asked for it)."""
         if self.closed:
             return
-        if self._head:
-            self.write(b"")
-            if self.closed:
-                return
+        if self._head and not self.write(b"") and _closed(self):
+            return
         self._handling = None
         self._paused = False
         request = self._queue[0] if self._queue else None
@@ -468,7 +465,7 @@ class ClientConnection:
             return
         self.started = False
         request.answered = True
-        self.last_active = trio.current_time()
+        self.last_active = self.reactor.now
         self._advance()
 
     def hang_up(self) -> None:
@@ -486,7 +483,7 @@ class ClientConnection:
             self._gone()
             return
         del self.out[:sent]
-        now = trio.current_time()
+        now = self.reactor.now
         self.stage_since = self.last_active = now
         if self.out:
             self._update_deadline()
@@ -534,7 +531,7 @@ class ClientConnection:
         self._handling = None
         self._lingering = True
         self._queue.clear()
-        self.stage_since = trio.current_time()
+        self.stage_since = self.reactor.now
         self.deadline = self.stage_since + linger
         self.reactor.watch(self.deadline)
         if not self.out:
@@ -611,6 +608,10 @@ class ClientConnection:
         self.sock.close()
         for callback in self.on_close:
             callback()
+
+
+def _closed(conn: ClientConnection) -> bool:
+    return conn.closed
 
 
 def _settled(request: Request, conn: ClientConnection) -> bool:

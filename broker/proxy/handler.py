@@ -194,7 +194,7 @@ class Proxied:
         self.app = app
         self.conn = conn
         self.request = request
-        self.started = trio.current_time()
+        self.started = app.reactor.now
         self.status = 0
         self.proxied = True
         self._done = False
@@ -307,15 +307,18 @@ class Proxied:
             if tokens is None or not profile.session.serves(self.app.wall.now(), min_valid):
                 await profile.ensure_token(min_valid)
         except BrokerFault as fault:
+            self.app.reactor.tick()
             if not self._done:
                 self._refuse(refusal_for(fault.code, str(fault)))
             return
         except Exception:
             log.exception("internal_error", profile=profile.name)
+            self.app.reactor.tick()
             if not self._done:
                 self._refuse(ProxyRefusal(500, "internal", "internal error; see the daemon's log"))
             return
         tokens = profile.session.tokens
+        self.app.reactor.tick()
         if self._done:
             return
         if tokens is None:
@@ -459,6 +462,7 @@ class Proxied:
         method, target = request.method.decode("ascii"), _text(request.target)
         answered = await observability.answer(observable, method, target)
         assert answered is not None
+        self.app.reactor.tick()
         if self._done:
             return
         status, headers, body = answered
@@ -483,7 +487,7 @@ class Proxied:
         self._done = True
         app = self.app
         app.finished()
-        elapsed = trio.current_time() - self.started
+        elapsed = app.reactor.now - self.started
         if self.proxied:
             kind = status_class(status)
             app.requests.inc(kind)

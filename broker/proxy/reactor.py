@@ -34,10 +34,12 @@ Fairness within one wake-up: up to `_BATCHES` polls of up to `_MAX_EVENTS` fds r
 without a checkpoint (nothing on that path awaits); then `run` yields to trio so the
 tasks that refresh tokens, flush the access log and watch deadlines get their turn.
 
-Time: `trio.current_time()` (so MockClock drives every timeout in tests). Each
-connection keeps one `deadline`; `watch` tells the housekeeper, which sleeps until the
-earliest one, then calls `expire(now)` on every connection past its own. A deadline
-moved later costs a float store, not a timer.
+Time: `trio.current_time()` (so MockClock drives every timeout in tests), read
+once per poll into `now`, which the connections use (a dozen clock reads per
+request were measurable); a task that calls back into a connection refreshes it
+first (`tick`). Each connection keeps one `deadline`; `watch` tells the
+housekeeper, which sleeps until the earliest one, then calls `expire(now)` on every
+connection past its own. A deadline moved later costs a float store, not a timer.
 
 Linux only, as the broker socket's reactor (broker/rpc/reactor.py).
 """
@@ -88,6 +90,8 @@ class Reactor:
         self._next_check = math.inf
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: trio's clock as of this poll (or the last `tick`).
+        self.now = 0.0
 
     # -- fds --------------------------------------------------------------------------------
 
@@ -119,6 +123,11 @@ class Reactor:
 
     # -- trio -------------------------------------------------------------------------------
 
+    def tick(self) -> float:
+        """Read the clock now (from a task, between rounds)."""
+        self.now = now = trio.current_time()
+        return now
+
     def spawn(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run `work` as a trio task beside the loop (the slow path); it lives no longer
         than the reactor."""
@@ -144,6 +153,7 @@ class Reactor:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
             for _ in range(_BATCHES):
                 ready = poll(0, _MAX_EVENTS)
+                self.now = trio.current_time()
                 for fd, mask in ready:
                     handler = handlers.get(fd)
                     if handler is None:
@@ -160,7 +170,7 @@ class Reactor:
 
     async def _housekeeping(self) -> None:
         while True:
-            now = trio.current_time()
+            now = self.tick()
             self._next_check = math.inf
             for conn in list(self._timed):
                 if conn.deadline <= now:

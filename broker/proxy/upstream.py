@@ -128,6 +128,7 @@ class Pool:
         """Start sending `head` (the request line and headers, without Host, which the
         pool adds first) and `body` (bytes; None: streamed with `Exchange.send`)."""
         exchange = Exchange(self, caller, head, body, head_only)
+        self.reactor.tick()  # a caller may be a task, between the reactor's rounds
         if self.busy < self.max_connections:
             self._start(exchange)
         elif len(self._waiting) >= MAX_WAITING:
@@ -138,7 +139,7 @@ class Pool:
 
     def _start(self, exchange: Exchange, *, fresh: bool = False) -> None:
         self.busy += 1
-        now = trio.current_time()
+        now = self.reactor.now
         while self._idle and not fresh:
             conn = self._idle.pop()
             if now - conn.idle_since < KEEPALIVE_EXPIRY and conn.alive():
@@ -160,8 +161,10 @@ class Pool:
         try:
             infos = await trio.socket.getaddrinfo(host, self.origin.port, type=socket.SOCK_STREAM)
         except OSError as exc:
+            self.reactor.tick()
             conn.fail(UpstreamFailed(f"cannot resolve ({type(exc).__name__})"))
             return
+        self.reactor.tick()
         if not conn.closed:
             conn.connect([(info[0], str(info[4][0])) for info in infos])
 
@@ -169,7 +172,7 @@ class Pool:
         """`conn` finished an exchange (and is kept if `reusable`): its slot is free."""
         self.busy -= 1
         if reusable and not self.closed:
-            conn.idle_since = trio.current_time()
+            conn.idle_since = self.reactor.now
             self._idle.append(conn)
         else:
             conn.close()
@@ -337,7 +340,7 @@ class UpstreamConnection:
         self.sent = self.answered = False
         self.status = 0
         self._headers = []
-        self.deadline = trio.current_time() + self.pool.timeout
+        self.deadline = self.pool.reactor.now + self.pool.timeout
         self.pool.reactor.track(self)
         pool = self.pool
         head = exchange.head
@@ -436,7 +439,7 @@ class UpstreamConnection:
             if paused:
                 self.deadline = math.inf
             elif self.exchange is not None:
-                self.deadline = trio.current_time() + self.pool.timeout
+                self.deadline = self.pool.reactor.now + self.pool.timeout
                 self.pool.reactor.watch(self.deadline)
 
     # -- events ----------------------------------------------------------------------------
@@ -477,7 +480,7 @@ class UpstreamConnection:
             self._eof()
             return
         self.answered = True
-        self.deadline = trio.current_time() + self.pool.timeout
+        self.deadline = self.pool.reactor.now + self.pool.timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
