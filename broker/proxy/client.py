@@ -3,9 +3,10 @@
 The parser's callbacks only record (the request line, headers, pieces of body) into
 `Request`s; after each read, `_advance` hands the first request to the proxy
 (`App.begin`) and its body as it comes, so no callback ever re-enters the parser.
-Requests are answered in order, one at a time: once the current request is whole,
-reading stops until its answer is out (a pipelined request behind it waits in the
-kernel, or, if it came in the same read, in memory: at most one read's worth).
+Requests are answered in order, one at a time: once a request behind the current one
+begins, reading stops until the current answer is out (the rest waits in the kernel;
+what came in the same read is held: at most one read's worth). A caller that shuts
+its side after a whole request still gets the answer, then the connection closes.
 
 What a hostile peer can do, and what stops it (the limits of broker/http/server.py,
 the same settings, the same answers):
@@ -132,6 +133,7 @@ class ClientConnection:
         "_lingering",
         "_parsing",
         "_paused",
+        "_peer_done",
         "_queue",
         "_refusal",
         "_want",
@@ -187,6 +189,8 @@ class ClientConnection:
         self._head = b""
         #: Whether the proxy paused reading (a streamed body the upstream is not taking).
         self._paused = False
+        #: The caller shut its side after a whole request: answered, then closed.
+        self._peer_done = False
         self._advancing = False
         self._again = False
         #: Bytes read while a head was unfinished (bounds one that never ends).
@@ -226,6 +230,12 @@ class ClientConnection:
         except OSError:
             data = b""
         if not data:
+            if self._handling is not None and self._queue and self._queue[0].complete:
+                # Shut for writing after a whole request (a half-close): it still gets
+                # its answer, and nothing more is read.
+                self._peer_done = True
+                self._set_reading()
+                return
             self._gone()
             return
         now = self.reactor.now
@@ -376,10 +386,15 @@ class ClientConnection:
         if self.closed or self._lingering:
             return
         queue = self._queue
-        if self._handling is None:
+        if self._peer_done:
+            read = False
+        elif self._handling is None:
             read = True  # between requests, or dropping an answered body
         else:
-            read = len(queue) == 1 and not queue[0].complete and not self._paused
+            # Reading on while the answer is awaited costs nothing when the caller
+            # waits (as nearly all do) and spares two epoll_ctl calls per request;
+            # a pipelined request stops it (at most one read's worth is held).
+            read = len(queue) == 1 and not self._paused
         self._set_interest((IN if read else NONE) | (OUT if self.out else NONE))
         self._update_deadline()
 
@@ -460,7 +475,7 @@ class ClientConnection:
         self._handling = None
         self._paused = False
         request = self._queue[0] if self._queue else None
-        if request is None or not keep_alive or not request.keep_alive:
+        if request is None or not keep_alive or not request.keep_alive or self._peer_done:
             self._finish()
             return
         self.started = False
