@@ -36,6 +36,7 @@ IO_PACKAGES = (
     "httpcore",
     "platformdirs",
     "h11",
+    "httptools",
     "anyio",
     "prometheus_client",
     "coredis",
