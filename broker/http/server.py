@@ -1,8 +1,9 @@
 """The HTTP/1.1 server shell: h11 drives the protocol, trio the sockets, limits bound both.
 
-Shared by the emulator and the Merchant API proxy. A handler gets one `Exchange` per
-request: the head, the body as chunks it pulls (so a large upload is never held
-whole), and calls to answer in one go (`respond`) or stream (`start`, `send`, `end`).
+Serves the emulator (the Merchant API proxy has its own reactor, broker/proxy/, with
+the same limits and answers). A handler gets one `Exchange` per request: the head,
+the body as chunks it pulls (so a large upload is never held whole), and calls to
+answer in one go (`respond`) or stream (`start`, `send`, `end`).
 A handler that returns without ending its response hangs up the connection, which is
 how the emulator plays a server that dies mid-answer.
 

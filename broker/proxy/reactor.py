@@ -14,9 +14,10 @@ without awaiting. A request whose bearer is in memory never leaves this loop; wh
 needs trio (a refresh, a 401's renewal, a DNS look-up, the TCP peer look-up, rendering
 /metrics) is `spawn`ed as a task and calls back into its connection when done.
 
-Who owns which fd: a listening socket belongs to the service (service.py), which
-registers it here while it accepts. Every accepted socket belongs to its
-`ClientConnection` (client.py) and every upstream socket to its `UpstreamConnection`
+Who owns which fd: listening sockets stay with trio (service.py's `Door` accepts in
+a task: once per connection, not per request, and the TCP peer look-up may need a
+worker thread), and hands each accepted socket over. Every accepted socket belongs
+to its `ClientConnection` (client.py) and every upstream socket to its `UpstreamConnection`
 (upstream.py); each registers its fd once, changes its interest with `modify`, and
 unregisters it in its own `close`, which runs at most once, before the socket is
 closed. Nothing else registers fds here and trio never waits on them, so no fd is in
@@ -31,8 +32,10 @@ must not read (its request is in flight, or the other side is not keeping up) tu
 EPOLLIN off. Tasks that call back (`spawn`) run between rounds, never during one.
 
 Fairness within one wake-up: up to `_BATCHES` polls of up to `_MAX_EVENTS` fds run
-without a checkpoint (nothing on that path awaits); then `run` yields to trio so the
-tasks that refresh tokens, flush the access log and watch deadlines get their turn.
+without a checkpoint (nothing on that path awaits); then `run` waits on the epoll fd
+again, which always yields to trio (even when the fd is ready, trio reports it only
+at its next poll), so the tasks that refresh tokens, flush the access log and watch
+deadlines get their turn every round.
 
 Time: `trio.current_time()` (so MockClock drives every timeout in tests), read
 once per poll into `now`, which the connections use (a dozen clock reads per
@@ -166,7 +169,6 @@ class Reactor:
                         _abandon(handler)
                 if len(ready) < _MAX_EVENTS:
                     break
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _housekeeping(self) -> None:
         while True:
