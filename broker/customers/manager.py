@@ -27,6 +27,7 @@ from broker.core.errors import (
     GeinsError,
     MalformedAnswer,
     RateLimited,
+    StoreError,
     Transient,
     UnknownApp,
     UnknownSession,
@@ -43,7 +44,7 @@ from broker.customers.model.lifetime import EndReason, over_limit
 from broker.customers.model.ratelimit import LoginLimiter
 from broker.customers.model.record import SessionRecord
 from broker.customers.refresher import CustomerStats, GeinsApi, Refresher, log
-from broker.customers.store import CustomerStore
+from broker.customers.contract import SessionStore
 from broker.geins import claims
 from broker.geins.protocol import Grant
 from broker.policy.session import Tokens
@@ -108,7 +109,7 @@ class CustomerSessions:
     def __init__(
         self,
         apps: Mapping[str, AppSettings],
-        store: CustomerStore,
+        store: SessionStore,
         keyring: Keyring,
         *,
         http: httpx.AsyncClient | None = None,
@@ -153,6 +154,7 @@ class CustomerSessions:
         )
         self.touch_every = TOUCH_EVERY
         self.sweep_every = SWEEP_EVERY
+        store.watch(self._dropped)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The store's writer, the refresher and the sweeper, until cancelled. Loads
@@ -252,7 +254,7 @@ class CustomerSessions:
                 await self._make_room(settings, customer_id)
                 self.stats.sessions[app] += 1
                 try:
-                    await self.store.commit(self.refresher.row(live, record))
+                    await self.store.commit(self.refresher.row(live, record), expected=0)
                 except BaseException:
                     self.stats.sessions[app] -= 1
                     raise
@@ -420,7 +422,7 @@ class CustomerSessions:
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every:
             live.saved_use_at = now
-            self.store.touch(live.session_id, now)
+            self.store.touch(live.app, live.session_id, now)
         self.refresher.consider(live, now)
 
     async def _live(self, app: str, handle: Secret) -> Live:
@@ -453,7 +455,7 @@ class CustomerSessions:
         self._recent[app, handle.reveal()] = live
 
     async def _load(self, app: str, handle: Secret, session_id: bytes) -> Live:
-        row = await self.store.get(session_id)
+        row = await self.store.get(app, session_id)
         if row is None or row.app != app:
             raise UnknownSession()
         key = session_key(app, handle)
@@ -464,9 +466,26 @@ class CustomerSessions:
                 "customer_session_unreadable", app=app, session=log_id(session_id), reason=str(exc)
             )
             raise UnknownSession() from None
+        if row.generation is not None and row.generation != record.generation:
+            # A sealed record filed under another generation: a replay (contract.py).
+            log.warning(
+                "customer_record_refused",
+                app=app,
+                session=log_id(session_id),
+                reason="filed under a generation other than its sealed one",
+            )
+            raise UnknownSession()
         live = Live(session_id, key, record, row.last_used_at)
         self.lives.put(live)
         return live
+
+    def _dropped(self, app: str, session_id: bytes) -> None:
+        """Another node ended this session (the store says so): forget it here, so
+        that its next use finds it gone. A false report costs a reload from the store."""
+        self._frames.pop(session_id, None)
+        live = self.lives.peek(session_id)
+        if live is not None and live.app == app and live.flight is None:
+            self.lives.pop(session_id)
 
     # -- administering ---------------------------------------------------------------------
 
@@ -505,13 +524,18 @@ class CustomerSessions:
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self.sweep_every)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except StoreError as exc:  # the store's failure, never the daemon's end
+                log.warning("customer_sweep_failed", reason=str(exc))
 
     async def sweep(self) -> int:
         """End the sessions past their idle or absolute end. Returns how many ended."""
         ended = 0
         now = self._wall.now()
         for app, settings in self.apps.items():
+            # Other nodes (fleet mode) create and end sessions too.
+            self.stats.sessions[app] = await self.store.count(app)
             lifetime = settings.lifetime
             rows = await self.store.ended(
                 app, now, lifetime.idle_short, lifetime.idle_remembered, SWEEP_BATCH
@@ -526,7 +550,7 @@ class CustomerSessions:
                     remember=row.remember, last_used_at=used, session_ends_at=row.ends_at, now=now
                 )
                 if reason is None:  # used since its last use was written
-                    self.store.touch(row.session_id, used)
+                    self.store.touch(app, row.session_id, used)
                 elif live is not None:
                     await self.refresher.end(live, reason, purge=True)
                     ended += 1
