@@ -86,8 +86,13 @@ class CommitConflict(StoreError):
 
 
 class SessionStore(Protocol):
-    store_key: StoreKey
     stats: StoreStats
+
+    @property
+    def store_key(self) -> StoreKey:
+        """The MAC key of session and customer ids (handles.py); StoreError until the
+        store has one."""
+        ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
     def close(self) -> None: ...

@@ -103,4 +103,3 @@ def _by_app(name: str, documentation: str, counts: dict[str, int]) -> Metric:
     for app, count in sorted(counts.items()):
         family.add_metric([app], float(count))
     return family
-

@@ -34,6 +34,7 @@ from broker.core.errors import (
 )
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
+from broker.customers.contract import SessionStore
 from broker.customers.live import Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
@@ -44,7 +45,6 @@ from broker.customers.model.lifetime import EndReason, over_limit
 from broker.customers.model.ratelimit import LoginLimiter
 from broker.customers.model.record import SessionRecord
 from broker.customers.refresher import CustomerStats, GeinsApi, Refresher, log
-from broker.customers.contract import SessionStore
 from broker.geins import claims
 from broker.geins.protocol import Grant
 from broker.policy.session import Tokens
@@ -159,10 +159,10 @@ class CustomerSessions:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The store's writer, the refresher and the sweeper, until cancelled. Loads
         nothing and refreshes nothing at start: sessions wake as their handles arrive."""
-        for name in self.apps:
-            self.stats.sessions[name] = await self.store.count(name)
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.store.run)
+            await nursery.start(self.store.run)  # a fleet's store loads its key first
+            for name in self.apps:
+                self.stats.sessions[name] = await self.store.count(name)
             await nursery.start(self.refresher.run)
             nursery.start_soon(self._sweep_loop)
             task_status.started()

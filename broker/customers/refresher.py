@@ -50,6 +50,7 @@ from broker.core.errors import (
 )
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
+from broker.customers.contract import CommitConflict, Current, Row, SessionStore
 from broker.customers.live import Flight, Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
@@ -58,7 +59,6 @@ from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id
 from broker.customers.model.lifetime import EndReason
 from broker.customers.model.record import SessionRecord
-from broker.customers.contract import CommitConflict, Current, Row, SessionStore
 from broker.geins.protocol import Grant
 from broker.observe.log import events
 from broker.policy.session import Tokens
@@ -196,18 +196,7 @@ class Refresher:
         self.in_flight += 1
         try:
             async with self._limiters[live.app]:
-                if live.ended:
-                    raise UnknownSession()
-                async with self._store.rotating(live.app, live.session_id) as current:
-                    expected = self._expected(live, current)
-                    if expected is None and current.read:
-                        outcome = "adopted"
-                    else:
-                        client = self._clients[live.app]
-                        grant = await (
-                            client.refresh(live.refresh) if rotation is None else rotation(live)
-                        )
-                        outcome = await self._took_grant(live, grant, app, expected)
+                outcome = await self._rotate(live, app, rotation)
         except RefreshTokenRejected as exc:
             outcome = "adopted" if await self._adopt(live) else "rejected"
             if outcome == "rejected":
@@ -241,6 +230,21 @@ class Refresher:
             if not self.in_flight:
                 self._landed.set()
             self.consider(live, self._wall.now())
+
+    async def _rotate(self, live: Live, app: AppSettings, rotation: Rotation | None) -> str:
+        """One refresh (or `rotation`) under the store's `rotating` block: adopt what
+        another node committed, or exchange the refresh token and commit the result."""
+        if live.ended:
+            raise UnknownSession()
+        async with self._store.rotating(live.app, live.session_id) as current:
+            expected = self._expected(live, current)
+            if expected is None and current.read:  # another node's newer generation
+                if rotation is None:
+                    return "adopted"
+                expected = live.generation  # a password change goes on from it
+            client = self._clients[live.app]
+            grant = await (client.refresh(live.refresh) if rotation is None else rotation(live))
+            return await self._took_grant(live, grant, app, expected)
 
     def _expected(self, live: Live, current: Current) -> int | None:
         """What the store holds under the lease, as the generation to compare-and-set
