@@ -278,11 +278,9 @@ class CustomerSessions:
         app's is exact to within TOUCH_EVERY (its candidates are the store's oldest
         `EVICTION_WINDOW` more than needed)."""
         app, lifetime = settings.name, settings.lifetime
-        mine = await self.store.customer_sessions(app, customer_id)
+        mine = await self.store.customer_uses(app, customer_id)
         excess = over_limit(len(mine), lifetime.max_per_customer)
-        for session_id in self._least_recent(
-            [(r.session_id, r.last_used_at) for r in mine], excess
-        ):
+        for session_id in self._least_recent(mine, excess):
             await self._end_by_id(app, session_id, EndReason.EVICTED)
         excess = over_limit(self.stats.sessions[app], lifetime.max_sessions)
         if excess:
@@ -311,7 +309,9 @@ class CustomerSessions:
         """The customer's bearer with at least `min_valid` seconds left: from memory
         when it has them, after the session's one refresh in flight otherwise."""
         live = await self._use(app, handle)
-        for _ in range(2):
+        # At most two refreshes, each checked: the first may adopt a bearer another node
+        # got a while ago, which a second one (a rotation of its own) then replaces.
+        for attempt in range(3):
             now = self._wall.now()
             demand = rules.on_demand(live.expires_at, now, min_valid, live.retry_at)
             if demand is rules.Demand.SERVE and not live.unsaved:
@@ -319,7 +319,8 @@ class CustomerSessions:
             if demand is rules.Demand.BACKING_OFF and not live.unsaved:
                 assert live.retry_at is not None
                 raise Transient("Geins failed the last refresh; retry later", live.retry_at - now)
-            await self.refresher.refresh(live)
+            if attempt < 2:
+                await self.refresher.refresh(live)
         raise BadRequest(f"min_valid {min_valid:g} s is longer than Geins' bearers last")
 
     def token_frame(self, request_id: int, app: str, handle: str, min_valid: float) -> bytes | None:

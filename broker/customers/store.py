@@ -359,6 +359,16 @@ class CustomerStore:
         )
         return [_row(r) for r in rows]
 
+    async def customer_uses(self, app: str, customer_id: bytes) -> list[tuple[bytes, float]]:
+        """The ids and stored last uses of a customer's sessions (no records: what the
+        per-customer limit needs at every login)."""
+        rows = await self._read(
+            "SELECT id, last_used_at FROM sessions WHERE app = ? AND customer = ?",
+            app,
+            customer_id,
+        )
+        return [(bytes(r[0]), float(r[1])) for r in rows]
+
     async def least_recent(self, app: str, limit: int) -> list[tuple[bytes, float]]:
         """The ids and stored last uses of an app's least recently used sessions."""
         rows = await self._read(

@@ -564,6 +564,9 @@ class RedisCustomerStore:
         rows = await self._rows(app, index, [sid for sid, _ in ids])
         return sorted(rows, key=lambda r: r.last_used_at)
 
+    async def customer_uses(self, app: str, customer_id: bytes) -> list[tuple[bytes, float]]:
+        return await self._ids(self._customer(app, customer_id), "asc", _MAX_CUSTOMER_SESSIONS)
+
     async def least_recent(self, app: str, limit: int) -> list[tuple[bytes, float]]:
         return await self._ids(self._index(app, "used"), "asc", limit)
 
