@@ -127,7 +127,7 @@ def test_garbage_in_the_store_keeps_every_node_alive(fleet: Fleet, redis: RedisS
             try:
                 results[key, i] = token(fleet, i, handle, min_valid=TOKEN_TTL - 1)
             except BrokerError as exc:
-                results[key, i] = type(exc).__name__
+                results[key, i] = f"{type(exc).__name__}: {exc}"
     with fleet.client(0) as client, contextlib.suppress(BrokerError):
         client.sessions("shop")
     assert [d.process.pid for d in fleet.daemons.values() if d.process.poll() is None] == pids
@@ -136,4 +136,4 @@ def test_garbage_in_the_store_keeps_every_node_alive(fleet: Fleet, redis: RedisS
     assert jti_rotations(results[untouched, 0])[1] == 1
     # The broken one and the one whose lease never expires answer errors, not bearers.
     for key in (broken, leased):
-        assert results[key, 0] in ("InternalError", "Unavailable"), results[key, 0]
+        assert results[key, 0].startswith(("InternalError", "Unavailable")), results[key, 0]
