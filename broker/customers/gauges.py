@@ -9,8 +9,6 @@ username is ever a label.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable, Iterable
 
 from prometheus_client.core import (
@@ -91,9 +89,10 @@ def source(customers: CustomerSessions) -> Callable[[], Iterable[Metric]]:
         yield failures
         size = GaugeMetricFamily(
             PREFIX + "customer_store_bytes",
-            "Size of the customer session store: the database and its write-ahead log.",
+            "Size of the customer session store: the database and its write-ahead log (0 in "
+            "fleet mode, where the sessions are in Redis).",
         )
-        size.add_metric([], float(_size(store.path)))
+        size.add_metric([], float(store.size()))
         yield size
 
     return families
@@ -104,12 +103,3 @@ def _by_app(name: str, documentation: str, counts: dict[str, int]) -> Metric:
     for app, count in sorted(counts.items()):
         family.add_metric([app], float(count))
     return family
-
-
-def _size(path: os.PathLike[str]) -> int:
-    """The database's and its WAL's sizes (a stat each: cheap enough per scrape)."""
-    total = 0
-    for suffix in ("", "-wal"):
-        with contextlib.suppress(OSError):
-            total += os.stat(f"{os.fspath(path)}{suffix}").st_size
-    return total

@@ -27,12 +27,14 @@ from broker.core.errors import (
     GeinsError,
     MalformedAnswer,
     RateLimited,
+    StoreError,
     Transient,
     UnknownApp,
     UnknownSession,
 )
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
+from broker.customers.contract import SessionStore
 from broker.customers.live import Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
@@ -43,7 +45,6 @@ from broker.customers.model.lifetime import EndReason, over_limit
 from broker.customers.model.ratelimit import LoginLimiter
 from broker.customers.model.record import SessionRecord
 from broker.customers.refresher import CustomerStats, GeinsApi, Refresher, log
-from broker.customers.store import CustomerStore
 from broker.geins import claims
 from broker.geins.protocol import Grant
 from broker.policy.session import Tokens
@@ -108,7 +109,7 @@ class CustomerSessions:
     def __init__(
         self,
         apps: Mapping[str, AppSettings],
-        store: CustomerStore,
+        store: SessionStore,
         keyring: Keyring,
         *,
         http: httpx.AsyncClient | None = None,
@@ -153,14 +154,15 @@ class CustomerSessions:
         )
         self.touch_every = TOUCH_EVERY
         self.sweep_every = SWEEP_EVERY
+        store.watch(self._dropped)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The store's writer, the refresher and the sweeper, until cancelled. Loads
         nothing and refreshes nothing at start: sessions wake as their handles arrive."""
-        for name in self.apps:
-            self.stats.sessions[name] = await self.store.count(name)
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.store.run)
+            await nursery.start(self.store.run)  # a fleet's store loads its key first
+            for name in self.apps:
+                self.stats.sessions[name] = await self.store.count(name)
             await nursery.start(self.refresher.run)
             nursery.start_soon(self._sweep_loop)
             task_status.started()
@@ -252,7 +254,7 @@ class CustomerSessions:
                 await self._make_room(settings, customer_id)
                 self.stats.sessions[app] += 1
                 try:
-                    await self.store.commit(self.refresher.row(live, record))
+                    await self.store.commit(self.refresher.row(live, record), expected=0)
                 except BaseException:
                     self.stats.sessions[app] -= 1
                     raise
@@ -276,11 +278,9 @@ class CustomerSessions:
         app's is exact to within TOUCH_EVERY (its candidates are the store's oldest
         `EVICTION_WINDOW` more than needed)."""
         app, lifetime = settings.name, settings.lifetime
-        mine = await self.store.customer_sessions(app, customer_id)
+        mine = await self.store.customer_uses(app, customer_id)
         excess = over_limit(len(mine), lifetime.max_per_customer)
-        for session_id in self._least_recent(
-            [(r.session_id, r.last_used_at) for r in mine], excess
-        ):
+        for session_id in self._least_recent(mine, excess):
             await self._end_by_id(app, session_id, EndReason.EVICTED)
         excess = over_limit(self.stats.sessions[app], lifetime.max_sessions)
         if excess:
@@ -309,7 +309,9 @@ class CustomerSessions:
         """The customer's bearer with at least `min_valid` seconds left: from memory
         when it has them, after the session's one refresh in flight otherwise."""
         live = await self._use(app, handle)
-        for _ in range(2):
+        # At most two refreshes, each checked: the first may adopt a bearer another node
+        # got a while ago, which a second one (a rotation of its own) then replaces.
+        for attempt in range(3):
             now = self._wall.now()
             demand = rules.on_demand(live.expires_at, now, min_valid, live.retry_at)
             if demand is rules.Demand.SERVE and not live.unsaved:
@@ -317,7 +319,8 @@ class CustomerSessions:
             if demand is rules.Demand.BACKING_OFF and not live.unsaved:
                 assert live.retry_at is not None
                 raise Transient("Geins failed the last refresh; retry later", live.retry_at - now)
-            await self.refresher.refresh(live)
+            if attempt < 2:
+                await self.refresher.refresh(live)
         raise BadRequest(f"min_valid {min_valid:g} s is longer than Geins' bearers last")
 
     def token_frame(self, request_id: int, app: str, handle: str, min_valid: float) -> bytes | None:
@@ -420,7 +423,7 @@ class CustomerSessions:
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every:
             live.saved_use_at = now
-            self.store.touch(live.session_id, now)
+            self.store.touch(live.app, live.session_id, now)
         self.refresher.consider(live, now)
 
     async def _live(self, app: str, handle: Secret) -> Live:
@@ -453,7 +456,7 @@ class CustomerSessions:
         self._recent[app, handle.reveal()] = live
 
     async def _load(self, app: str, handle: Secret, session_id: bytes) -> Live:
-        row = await self.store.get(session_id)
+        row = await self.store.get(app, session_id)
         if row is None or row.app != app:
             raise UnknownSession()
         key = session_key(app, handle)
@@ -464,9 +467,26 @@ class CustomerSessions:
                 "customer_session_unreadable", app=app, session=log_id(session_id), reason=str(exc)
             )
             raise UnknownSession() from None
+        if row.generation is not None and row.generation != record.generation:
+            # A sealed record filed under another generation: a replay (contract.py).
+            log.warning(
+                "customer_record_refused",
+                app=app,
+                session=log_id(session_id),
+                reason="filed under a generation other than its sealed one",
+            )
+            raise UnknownSession()
         live = Live(session_id, key, record, row.last_used_at)
         self.lives.put(live)
         return live
+
+    def _dropped(self, app: str, session_id: bytes) -> None:
+        """Another node ended this session (the store says so): forget it here, so
+        that its next use finds it gone. A false report costs a reload from the store."""
+        self._frames.pop(session_id, None)
+        live = self.lives.peek(session_id)
+        if live is not None and live.app == app and live.flight is None:
+            self.lives.pop(session_id)
 
     # -- administering ---------------------------------------------------------------------
 
@@ -505,13 +525,18 @@ class CustomerSessions:
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self.sweep_every)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except StoreError as exc:  # the store's failure, never the daemon's end
+                log.warning("customer_sweep_failed", reason=str(exc))
 
     async def sweep(self) -> int:
         """End the sessions past their idle or absolute end. Returns how many ended."""
         ended = 0
         now = self._wall.now()
         for app, settings in self.apps.items():
+            # Other nodes (fleet mode) create and end sessions too.
+            self.stats.sessions[app] = await self.store.count(app)
             lifetime = settings.lifetime
             rows = await self.store.ended(
                 app, now, lifetime.idle_short, lifetime.idle_remembered, SWEEP_BATCH
@@ -526,7 +551,7 @@ class CustomerSessions:
                     remember=row.remember, last_used_at=used, session_ends_at=row.ends_at, now=now
                 )
                 if reason is None:  # used since its last use was written
-                    self.store.touch(row.session_id, used)
+                    self.store.touch(app, row.session_id, used)
                 elif live is not None:
                     await self.refresher.end(live, reason, purge=True)
                     ended += 1

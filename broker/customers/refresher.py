@@ -8,9 +8,15 @@
   the waiting is fair across sessions.
 - A session in use is refreshed at its rotation point (model/refresh.py); one idle
   longer than `active_for` leaves the queue and is refreshed at its next use.
+- A refresh runs inside the store's `rotating` block: in fleet mode that holds the
+  session's lease (one refresh per rotation fleet-wide) and re-reads the record; a
+  newer generation committed by another node is adopted instead of refreshing, and the
+  commit is a compare-and-set on the generation read (contract.py). A record whose
+  sealed generation is not the one the store files it under, or that is older than
+  the one held (a replay), is refused and written over.
 - A refresh token Geins rejects is first checked against the store: if another node
   (or daemon) committed a newer generation, that one is adopted; otherwise the session
-  has been revoked and ends.
+  has been revoked and ends. A commit that loses its compare-and-set does the same.
 - Ending a session never writes it back: `ended` is set before anything is awaited,
   and a flight checks it before queuing its commit (the writer is FIFO, so a deletion
   queued after a commit wins). Purges log the session out at Geins through a bounded
@@ -44,6 +50,7 @@ from broker.core.errors import (
 )
 from broker.core.sealing import Keyring
 from broker.core.secret import Secret
+from broker.customers.contract import CommitConflict, Current, Row, SessionStore
 from broker.customers.live import Flight, Live, LiveMap
 from broker.customers.model import record as records
 from broker.customers.model import refresh as rules
@@ -52,7 +59,6 @@ from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import log_id
 from broker.customers.model.lifetime import EndReason
 from broker.customers.model.record import SessionRecord
-from broker.customers.store import CustomerStore, Row
 from broker.geins.protocol import Grant
 from broker.observe.log import events
 from broker.policy.session import Tokens
@@ -100,7 +106,7 @@ class Refresher:
         self,
         apps: Mapping[str, AppSettings],
         clients: Mapping[str, GeinsApi],
-        store: CustomerStore,
+        store: SessionStore,
         lives: LiveMap,
         keyring: Keyring,
         *,
@@ -159,6 +165,7 @@ class Refresher:
             last_used_at=live.last_used_at,
             ends_at=record.session_ends_at,
             record=records.seal(record, self._keyring, sid, live.key),
+            generation=record.generation,
         )
 
     # -- single flight -------------------------------------------------------------------------
@@ -189,16 +196,21 @@ class Refresher:
         self.in_flight += 1
         try:
             async with self._limiters[live.app]:
-                if live.ended:
-                    raise UnknownSession()
-                client = self._clients[live.app]
-                grant = await (client.refresh(live.refresh) if rotation is None else rotation(live))
-                outcome = await self._took_grant(live, grant, app)
+                outcome = await self._rotate(live, app, rotation)
         except RefreshTokenRejected as exc:
             outcome = "adopted" if await self._adopt(live) else "rejected"
             if outcome == "rejected":
                 flight.error = exc
-                await self.end(live, EndReason.REVOKED, purge=False, wait_flight=False)
+                with contextlib.suppress(StoreError):
+                    await self.end(live, EndReason.REVOKED, purge=False, wait_flight=False)
+        except CommitConflict as exc:
+            # Our lease lapsed and another node committed, or the session was ended.
+            outcome = "adopted" if await self._adopt(live) else "conflict"
+            if outcome == "conflict":
+                flight.error = exc
+                log.warning(
+                    "customer_commit_conflict", app=live.app, session=log_id(live.session_id)
+                )
         except UnusableGrant as exc:
             flight.error = exc
             await self._keep_refresh_token(live, exc.refresh, app, rotation)
@@ -219,7 +231,47 @@ class Refresher:
                 self._landed.set()
             self.consider(live, self._wall.now())
 
-    async def _took_grant(self, live: Live, grant: Grant, app: AppSettings) -> str:
+    async def _rotate(self, live: Live, app: AppSettings, rotation: Rotation | None) -> str:
+        """One refresh (or `rotation`) under the store's `rotating` block: adopt what
+        another node committed, or exchange the refresh token and commit the result."""
+        if live.ended:
+            raise UnknownSession()
+        async with self._store.rotating(live.app, live.session_id) as current:
+            expected = self._expected(live, current)
+            if expected is None and current.read:  # another node's newer generation
+                if rotation is None:
+                    return "adopted"
+                expected = live.generation  # a password change goes on from it
+            client = self._clients[live.app]
+            grant = await (client.refresh(live.refresh) if rotation is None else rotation(live))
+            return await self._took_grant(live, grant, app, expected)
+
+    def _expected(self, live: Live, current: Current) -> int | None:
+        """What the store holds under the lease, as the generation to compare-and-set
+        against; None when there is nothing to refresh (a newer generation was adopted)
+        or nothing was read (one writer). Raises UnknownSession if the session is gone
+        (ended on another node)."""
+        if not current.read:
+            return None
+        row = current.row
+        if row is None or row.generation is None:
+            self.dropped(live)
+            raise UnknownSession()
+        if row.generation > live.generation and self._adopt_row(live, row):
+            return None
+        if row.generation < live.generation and not live.unsaved:
+            self._refused(live, "older than the generation held")
+        return row.generation
+
+    def dropped(self, live: Live) -> None:
+        """The session is gone from the store (ended elsewhere): forget it here too."""
+        live.ended = True
+        if self._lives.peek(live.session_id) is live:
+            self._lives.pop(live.session_id)
+
+    async def _took_grant(
+        self, live: Live, grant: Grant, app: AppSettings, expected: int | None = None
+    ) -> str:
         now = self._wall.now()
         try:
             token_set = Tokens.from_grant(grant, now, app.policy.max_clock_skew)
@@ -234,19 +286,23 @@ class Refresher:
             session_ends_at=token_set.session_expires_at,
             committed_at=now,
         )
-        await self.save(live, record)
+        await self.save(live, record, expected)
         live.failures, live.retry_at = 0, None
         live.next_refresh_at = rules.rotation_due_at(token_set, app.policy, self._rng)
         return "ok"
 
-    async def save(self, live: Live, record: SessionRecord) -> None:
-        """Commit `record` and then make it the one served. An ended session is not
-        written back (its newest refresh token is still kept in memory for the logout)."""
+    async def save(self, live: Live, record: SessionRecord, expected: int | None = None) -> None:
+        """Commit `record` (compare-and-set against `expected` where the store has
+        generations) and then make it the one served. An ended session is not written
+        back (its newest refresh token is still kept in memory for the logout). A lost
+        compare-and-set raises CommitConflict and keeps nothing of `record`."""
         if live.ended:
             live.took(record)
             raise UnknownSession()
         try:
-            await self._store.commit(self.row(live, record))
+            await self._store.commit(self.row(live, record), expected=expected)
+        except CommitConflict:
+            raise
         except StoreError:
             live.took(record)
             live.unsaved = True
@@ -296,15 +352,29 @@ class Refresher:
         """Whether the store holds a newer generation of `live` (another node rotated
         it): if so it becomes the session's tokens."""
         try:
-            row = await self._store.get(live.session_id)
-            if row is None:
-                return False
+            row = await self._store.get(live.app, live.session_id)
+        except StoreError:
+            return False
+        return row is not None and self._adopt_row(live, row)
+
+    def _adopt_row(self, live: Live, row: Row) -> bool:
+        """Adopt `row`'s record if it opens, is filed under its sealed generation (where
+        the store files one) and is newer than what `live` holds. Anything else is
+        refused: a replayed record is older than what the node holds, or filed under a
+        generation other than its sealed one."""
+        try:
             record, _ = records.open_record(
                 row.record, self._keyring, live.app, live.session_id, live.key
             )
-        except (StoreError, RecordUnreadable):
+        except RecordUnreadable as exc:
+            self._refused(live, str(exc))
+            return False
+        if row.generation is not None and row.generation != record.generation:
+            self._refused(live, "filed under a generation other than its sealed one")
             return False
         if record.generation <= live.generation:
+            if record.generation < live.generation:
+                self._refused(live, "older than the generation held")
             return False
         live.took(record)
         live.failures, live.retry_at = 0, None
@@ -312,6 +382,12 @@ class Refresher:
         live.next_refresh_at = rules.rotation_due_at(self._tokens(live), app.policy, self._rng)
         log.info("customer_session_adopted", app=live.app, session=log_id(live.session_id))
         return True
+
+    @staticmethod
+    def _refused(live: Live, why: str) -> None:
+        log.warning(
+            "customer_record_refused", app=live.app, session=log_id(live.session_id), reason=why
+        )
 
     @staticmethod
     def _tokens(live: Live) -> Tokens:
@@ -393,7 +469,7 @@ class Refresher:
         session at once."""
         if not session_ids:
             return
-        gone = await self._store.delete_many(session_ids)
+        gone = await self._store.delete_many(app, session_ids)
         self.stats.sessions[app] -= gone
         self.stats.ends[app, reason.value] += gone
         for session_id in session_ids:

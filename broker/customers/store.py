@@ -23,13 +23,14 @@ never opened through a link.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,8 +38,11 @@ import trio
 
 from broker.core.errors import StoreError
 from broker.core.sealing import Keyring, SealError
+from broker.customers.contract import Current, Row, StoreStats
 from broker.customers.model.handles import STORE_KEY_SIZE, StoreKey
 from broker.storage.statedir import open_private_dir
+
+__all__ = ["FILENAME", "CustomerStore", "Row", "StoreStats"]
 
 Offload = Callable[..., Awaitable[Any]]
 FILENAME: Final = "customers.sqlite"
@@ -71,33 +75,6 @@ ON CONFLICT (id) DO UPDATE SET
     record = excluded.record
 """
 _COLUMNS: Final = "id, app, customer, name, remember, created_at, last_used_at, ends_at, record"
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    session_id: bytes
-    app: str
-    customer_id: bytes
-    name: bytes = field(repr=False)
-    remember: bool
-    created_at: float
-    last_used_at: float
-    #: The absolute end (Geins' maxAge); None if Geins did not state one.
-    ends_at: float | None
-    record: bytes = field(repr=False)
-
-    def values(self) -> tuple[Any, ...]:
-        return (
-            self.session_id,
-            self.app,
-            self.customer_id,
-            self.name,
-            int(self.remember),
-            self.created_at,
-            self.last_used_at,
-            self.ends_at,
-            self.record,
-        )
 
 
 def _row(values: Sequence[Any]) -> Row:
@@ -139,16 +116,6 @@ class _Waiter:
         self.error: StoreError | None = None
         self.pending = pending
         self.changed = 0
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """What the store has done: commits (fsyncs), rows they wrote, time they took."""
-
-    commits: int = 0
-    rows: int = 0
-    commit_seconds: float = 0.0
-    failures: int = 0
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -250,15 +217,29 @@ class CustomerStore:
 
     # -- writes: queued, grouped, one fsync per group ----------------------------------------
 
-    async def commit(self, row: Row) -> None:
+    async def commit(self, row: Row, *, expected: int | None = None) -> None:
         """Write `row` (insert, or replace the record of the session with its id); return
-        once it is on disk. Raises StoreError if its group failed to commit."""
+        once it is on disk. Raises StoreError if its group failed to commit. `expected`
+        is ignored: the daemon is the file's only writer (its state directory's lock)."""
         await self._wait(_Put(row))
 
-    async def delete(self, session_id: bytes) -> None:
-        await self._wait(_Delete(session_id))
+    @contextlib.asynccontextmanager
+    async def rotating(self, app: str, session_id: bytes) -> AsyncIterator[Current]:
+        """The only writer needs no lease and has nothing newer to read."""
+        yield Current(None, read=False)
 
-    async def delete_many(self, session_ids: list[bytes]) -> int:
+    def watch(self, dropped: Callable[[str, bytes], None]) -> None:
+        """Nobody else ends sessions in this file: nothing to watch."""
+
+    def size(self) -> int:
+        """The database's and its WAL's sizes (a stat each: cheap enough per scrape)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{os.fspath(self.path)}{suffix}").st_size
+        return total
+
+    async def delete_many(self, app: str, session_ids: list[bytes]) -> int:
         """Delete them all, in as few groups as fit; once all are on disk, return how
         many there were (a session two callers ended at once is counted once)."""
         waiter = _Waiter(len(session_ids))
@@ -277,7 +258,7 @@ class CustomerStore:
         self._wake.set()
         await waiter.done.wait()
 
-    def touch(self, session_id: bytes, at: float) -> None:
+    def touch(self, app: str, session_id: bytes, at: float) -> None:
         """Note a last use, with the next group (never moves the time back)."""
         self._queue(_Touch(session_id, at), None)
         self._wake.set()
@@ -358,10 +339,11 @@ class CustomerStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"the session store refused a read ({exc})") from None
 
-    async def get(self, session_id: bytes) -> Row | None:
+    async def get(self, app: str, session_id: bytes) -> Row | None:
         sql = f"SELECT {_COLUMNS} FROM sessions WHERE id = ?"  # noqa: S608 - constant; values bound
         found = await self._read(sql, session_id)
-        return _row(found[0]) if found else None
+        row = _row(found[0]) if found else None
+        return row if row is not None and row.app == app else None
 
     async def count(self, app: str) -> int:
         found = await self._read("SELECT count(*) FROM sessions WHERE app = ?", app)
@@ -376,6 +358,16 @@ class CustomerStore:
             customer_id,
         )
         return [_row(r) for r in rows]
+
+    async def customer_uses(self, app: str, customer_id: bytes) -> list[tuple[bytes, float]]:
+        """The ids and stored last uses of a customer's sessions (no records: what the
+        per-customer limit needs at every login)."""
+        rows = await self._read(
+            "SELECT id, last_used_at FROM sessions WHERE app = ? AND customer = ?",
+            app,
+            customer_id,
+        )
+        return [(bytes(r[0]), float(r[1])) for r in rows]
 
     async def least_recent(self, app: str, limit: int) -> list[tuple[bytes, float]]:
         """The ids and stored last uses of an app's least recently used sessions."""

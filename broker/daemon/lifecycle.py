@@ -34,6 +34,7 @@ from broker.core.errors import StateDirError, StoreError
 from broker.core.sealing import Keyring
 from broker.core.stats import DaemonStats
 from broker.customers import gauges as customer_gauges
+from broker.customers.contract import SessionStore
 from broker.customers.manager import CustomerSessions
 from broker.customers.store import CustomerStore
 from broker.daemon import fault_injection
@@ -236,11 +237,18 @@ class Daemon:
         (`customers.sqlite`, opened only when an app is configured), one Geins client
         per app, their metrics."""
         keyring = self.roster.store.keyring
-        store = await self._offload(
-            functools.partial(CustomerStore.in_state_dir, offload=self._offload),
-            config.state_dir,
-            keyring,
-        )
+        store: SessionStore
+        if self.roster.fleet is not None:
+            # Fleet mode: the sessions are in Redis, where every node finds them.
+            from broker.fleet.customer_store import RedisCustomerStore
+
+            store = RedisCustomerStore(self.roster.fleet, keyring)
+        else:
+            store = await self._offload(
+                functools.partial(CustomerStore.in_state_dir, offload=self._offload),
+                config.state_dir,
+                keyring,
+            )
         upstream = self.telemetry.stats.upstream
         customers = CustomerSessions(
             {name: app.settings for name, app in config.apps.items()},
@@ -439,10 +447,11 @@ def _fleet(config: BrokerConfig, wall: WallClock, store: Store) -> Fleet:
 
     cluster = config.cluster
     assert cluster is not None
-    shared = [name for name, p in config.profiles.items() if p.shared]
+    shared = [f"profile {name!r}" for name, p in config.profiles.items() if p.shared]
+    shared += [f"app {name!r}" for name in config.apps]
     if shared and not store.keyring.sealing:
         raise ConfigError(
-            f"profile {shared[0]!r} is shared through {cluster.display_url}, and a shared "
+            f"{shared[0]} is shared through {cluster.display_url}, and a shared "
             "session is sealed before it reaches the store: configure a sealing key "
             "(broker.key_file, or the systemd credential; see docs/security.md)"
         )

@@ -38,7 +38,7 @@ from broker.fleet.settings import ClusterConfig
 #: decimal integer of at most 15 digits. Lua numbers are doubles: every integer up to
 #: 2**53 is exact and `tostring` writes it as digits, while a larger one would come
 #: back as `1e+20`; a generation of 15 digits never gets there.
-_GENERATION_LUA: Final = """
+GENERATION_LUA: Final = """
 local function generation(key, value)
   if not value then return 0 end
   if not string.match(value, '^%d+$') or #value > 15 then
@@ -48,7 +48,7 @@ local function generation(key, value)
 end
 """
 _WRITE: Final = (
-    _GENERATION_LUA
+    GENERATION_LUA
     + """
 local g, bad = generation(KEYS[1], redis.call('HGET', KEYS[1], 'gen'))
 if not g then return bad end
@@ -101,6 +101,15 @@ local all = redis.call('HGETALL', KEYS[1])
 table.insert(all, t[1])
 return all
 """
+_SCRIPTS: Final = {
+    "write": _WRITE,
+    "read": _READ,
+    "acquire": _ACQUIRE,
+    "extend": _EXTEND,
+    "release": _RELEASE,
+    "poll": _POLL,
+    "heartbeat": _HEARTBEAT,
+}
 #: Keys per poll script call, so one call never blocks Redis for long.
 _POLL_CHUNK: Final = 500
 
@@ -208,38 +217,38 @@ class Polled:
     lease: LeaseState = LeaseState.FREE
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def parse_generation(value: Any, where: str) -> int:
     """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt."""
-    text = _text(value)
+    text = as_text(value)
     if not (text.isascii() and text.isdigit()) or int(text) > MAX_GENERATION:
         raise StoreCorrupt(f"{where}: generation {escaped(text)!r} is not a generation")
     return int(text)
 
 
-def _integer(value: Any, what: str) -> int:
-    text = _text(value)
+def integer(value: Any, what: str) -> int:
+    text = as_text(value)
     if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:
         raise StoreCorrupt(f"{what} {escaped(text)!r} is not an integer")
     return int(text)
 
 
-def _time(value: Any, what: str) -> float:
+def as_time(value: Any, what: str) -> float:
     try:
-        seconds = float(_text(value))
+        seconds = float(as_text(value))
     except ValueError:
         seconds = float("nan")
     if not 0.0 <= seconds < 1e11:  # NaN fails too
-        raise StoreCorrupt(f"{what} {escaped(_text(value))!r} is not a time")
+        raise StoreCorrupt(f"{what} {escaped(as_text(value))!r} is not a time")
     return seconds
 
 
 def lease_holder(value: Any) -> str | None:
     """The node named by a lease's value ("<node> <random>"), bounded; None if free."""
-    node = _text(value).split(" ")[0]
+    node = as_text(value).split(" ")[0]
     return node[:_MAX_NODE] or None
 
 
@@ -248,6 +257,7 @@ class RedisStore:
         self.config = config
         self.prefix = config.prefix
         self.channel = f"{config.prefix}:generations"
+        self._sources = dict(_SCRIPTS)
         self.renew()
 
     def renew(self) -> coredis.Redis[bytes]:
@@ -255,18 +265,19 @@ class RedisStore:
         enters it for as long as it lives, and renews it if the pool ever dies."""
         self._client: coredis.Redis[bytes] = self._connect(self.config)
         self._scripts = {
-            name: self._client.register_script(source)
-            for name, source in (
-                ("write", _WRITE),
-                ("read", _READ),
-                ("acquire", _ACQUIRE),
-                ("extend", _EXTEND),
-                ("release", _RELEASE),
-                ("poll", _POLL),
-                ("heartbeat", _HEARTBEAT),
-            )
+            name: self._client.register_script(source) for name, source in self._sources.items()
         }
         return self._client
+
+    def add_scripts(self, sources: dict[str, str]) -> None:
+        """More scripts (the customer store's), registered now and on every renewal."""
+        self._sources.update(sources)
+        for name, source in sources.items():
+            self._scripts[name] = self._client.register_script(source)
+
+    async def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a registered script; the pool's death raises PoolDown."""
+        return await self._run(name, keys, args)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.config.display_url!r})"
@@ -316,36 +327,46 @@ class RedisStore:
 
     async def acquire(self, profile: str, value: str, ttl: float) -> Acquisition:
         """Take the lease if it is free; otherwise who holds it and for how long."""
-        reply = await self._run("acquire", [self.lease_key(profile)], [value, _ms(ttl)])
-        if _integer(reply[0], "acquire's answer") == 1:
+        return await self.acquire_key(self.lease_key(profile), value, ttl)
+
+    async def acquire_key(self, key: str, value: str, ttl: float) -> Acquisition:
+        """`acquire` for the lease at `key` (a customer session's, too)."""
+        reply = await self._run("acquire", [key], [value, _ms(ttl)])
+        if integer(reply[0], "acquire's answer") == 1:
             return Acquired()
-        pttl, by = _integer(reply[1], "the lease's PTTL"), _text(reply[2])
+        pttl, by = integer(reply[1], "the lease's PTTL"), as_text(reply[2])
         holder = lease_holder(by) or "?"
         if pttl == -1:
             return HeldWithoutExpiry(holder)
         return Held(holder, max(pttl, 0) / 1000.0)
 
     async def extend(self, profile: str, value: str, ttl: float) -> bool:
-        return bool(await self._run("extend", [self.lease_key(profile)], [value, _ms(ttl)]))
+        return await self.extend_key(self.lease_key(profile), value, ttl)
+
+    async def extend_key(self, key: str, value: str, ttl: float) -> bool:
+        return bool(await self._run("extend", [key], [value, _ms(ttl)]))
 
     async def release(self, profile: str, value: str) -> bool:
-        return bool(await self._run("release", [self.lease_key(profile)], [value]))
+        return await self.release_key(self.lease_key(profile), value)
+
+    async def release_key(self, key: str, value: str) -> bool:
+        return bool(await self._run("release", [key], [value]))
 
     async def read(self, profile: str) -> Stored:
         """The record (generation 0 and no blob when there is none) and the store time.
         Raises StoreCorrupt for a record whose plain fields do not parse."""
         key = self.record_key(profile)
         gen, node, at, ts, tus, blob, now_s, now_us = await self._run("read", [key], [])
-        store_now = _integer(now_s, "TIME") * 1000 + _integer(now_us, "TIME") // 1000
+        store_now = integer(now_s, "TIME") * 1000 + integer(now_us, "TIME") // 1000
         if gen is None and blob is None:
             return Stored(0, "", 0.0, store_now, store_now, b"")
         if gen is None or blob is None or node is None or ts is None or tus is None:
             raise StoreCorrupt(f"{escaped(key)}: a record with a field missing")
         return Stored(
             generation=parse_generation(gen, escaped(key)),
-            node=_text(node)[:_MAX_NODE],
-            committed_at=0.0 if at is None else _time(at, "commit time"),
-            store_committed_ms=_integer(ts, "ts") * 1000 + _integer(tus, "tus") // 1000,
+            node=as_text(node)[:_MAX_NODE],
+            committed_at=0.0 if at is None else as_time(at, "commit time"),
+            store_committed_ms=integer(ts, "ts") * 1000 + integer(tus, "tus") // 1000,
             store_now_ms=store_now,
             blob=bytes(blob),
         )
@@ -385,7 +406,7 @@ class RedisStore:
                 profile,
             ],
         )
-        return Written(bool(written), _integer(generation, "the written generation"))
+        return Written(bool(written), integer(generation, "the written generation"))
 
     async def poll(self, profiles: Sequence[str]) -> dict[str, Polled]:
         """Every profile's generation and lease, a few round trips for all. Raises
@@ -401,7 +422,7 @@ class RedisStore:
                 state = LeaseState.FREE
                 if holder is not None:
                     state = LeaseState.HELD
-                    if _integer(pttl, "the lease's PTTL") == -1:
+                    if integer(pttl, "the lease's PTTL") == -1:
                         state = LeaseState.HELD_WITHOUT_EXPIRY
                 generation = parse_generation(gen, escaped(self.record_key(profile)))
                 result[profile] = Polled(generation, holder, state)
@@ -412,13 +433,13 @@ class RedisStore:
         An entry that does not parse (a name too long, a time that is not one) is
         left out: it is no node's."""
         flat = await self._run("heartbeat", [self.nodes_key], [self.config.node])
-        now = _time(flat[-1], "TIME")
+        now = as_time(flat[-1], "TIME")
         pairs = flat[:-1]
         nodes: dict[str, float] = {}
         for i in range(0, len(pairs) - 1, 2):
-            name = _text(pairs[i])
+            name = as_text(pairs[i])
             try:
-                at = _time(pairs[i + 1], "heartbeat")
+                at = as_time(pairs[i + 1], "heartbeat")
             except StoreCorrupt:
                 continue
             if 0 < len(name) <= _MAX_NODE:
@@ -435,11 +456,11 @@ def announcement(data: bytes) -> tuple[str, Stored] | None:
         return None
     profile, generation, ts, tus, node, at = fields
     try:
-        committed_ms = _integer(ts, "ts") * 1000 + _integer(tus, "tus") // 1000
+        committed_ms = integer(ts, "ts") * 1000 + integer(tus, "tus") // 1000
         stored = Stored(
             parse_generation(generation, "announcement"),
             node[:_MAX_NODE],
-            _time(at, "commit time"),
+            as_time(at, "commit time"),
             committed_ms,
             committed_ms,
             blob,

@@ -73,7 +73,7 @@ async def test_a_dump_of_the_store_with_the_daemons_key_opens_no_session(
             raise AssertionError("a record opened without its handle")
     # With the handles (which live only in customers' cookies) they do.
     for handle in handles:
-        found = await stolen.get(stolen.store_key.session_id("shop", handle))
+        found = await stolen.get("shop", stolen.store_key.session_id("shop", handle))
         assert found is not None
         opened, _ = records.open_record(
             found.record, keyring, "shop", found.session_id, session_key("shop", handle)
@@ -126,7 +126,7 @@ def test_kill_9_during_group_commits_loses_no_acknowledged_rotation(short_tmp: P
     async def check() -> None:
         for index, handle_text in handles.items():
             handle = Secret(handle_text)
-            row = await store.get(store.store_key.session_id("crash", handle))
+            row = await store.get("crash", store.store_key.session_id("crash", handle))
             assert row is not None
             record, _ = records.open_record(
                 row.record, keyring, "crash", row.session_id, session_key("crash", handle)

@@ -319,6 +319,8 @@ class Fleet:
         refresh_at: float = 0.5,
         env: Callable[[int], dict[str, str]] | None = None,
         cluster: dict[str, Any] | None = None,
+        apps: dict[str, dict[str, Any]] | None = None,
+        command_timeout: float = 0.5,
     ) -> None:
         self.workdir = workdir
         self.emulator = emulator
@@ -341,6 +343,7 @@ class Fleet:
                 profiles=profiles,
                 broker={"startup_spread": 0, "key_file": str(self.key_file)},
                 profile={"refresh_at": refresh_at, "jitter": 0.05},
+                apps=apps,
             )
             with config.open("a") as handle:
                 handle.write(
@@ -349,7 +352,7 @@ class Fleet:
                     f'node = "n{i}"\n'
                     f"lease_ttl = {lease_ttl}\n"
                     f"poll_interval = {poll_interval}\n"
-                    "command_timeout = 0.5\n"
+                    f"command_timeout = {command_timeout}\n"
                     + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (cluster or {}).items())
                 )
             self.configs[i] = config
