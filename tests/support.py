@@ -657,3 +657,39 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def build_wheel(directory: Path) -> Path:
+    """The project's wheel, built into `directory` from a copy of the sources it is made
+    of. Built in the checkout, setuptools would reuse the checkout's build/lib, whose
+    stale modules go into every later wheel: a package the configuration left out would
+    still ship from there."""
+    source = Path(tempfile.mkdtemp(prefix="wheel-source-"))
+    try:
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO / name, source / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for tree in ("broker", "clients/python"):
+            shutil.copytree(REPO / tree, source / tree, ignore=ignore)
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--wheel-dir",
+                str(directory),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"building the project's wheel failed:\n{built.stderr[-3000:]}")
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    (wheel,) = directory.glob("geins_broker-*.whl")
+    return wheel

@@ -14,10 +14,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.support import build_wheel
 
 from .image import REPO, VENV
 from .machine import Machine, MachineError
@@ -99,24 +100,7 @@ def doc_blocks(section: str) -> dict[str, list[str]]:
 def make_bundle(directory: Path) -> Path:
     """The working directory the document assumes: the wheel, systemd/, config.toml."""
     directory.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--wheel-dir",
-            str(directory),
-            str(REPO),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"building the project's wheel failed:\n{result.stderr[-3000:]}")
+    build_wheel(directory)
     shutil.copytree(REPO / "systemd", directory / "systemd")
     (directory / "config.toml").write_text(CONFIG)
     return directory
@@ -224,6 +208,19 @@ class SystemService:
             "install -m 0640 -o root -g geins-broker /dev/stdin /etc/geins-broker/config.toml",
             input=text,
         )
+
+    def kill_on_refused_system_call(self) -> None:
+        """A drop-in that resets SystemCallErrorNumber= (systemd then shows 2**31 - 2, its
+        "kill"): a call the filter refuses kills the daemon (SIGSYS) instead of failing
+        with EPERM, so one that a library would have swallowed shows too. Everything
+        else in the unit stays as shipped."""
+        self.machine.run(
+            "mkdir -p /etc/systemd/system/geins-broker.service.d && "
+            "cat > /etc/systemd/system/geins-broker.service.d/test-seccomp-kill.conf",
+            input="[Service]\nSystemCallErrorNumber=\n",
+        )
+        self.machine.systemctl("daemon-reload")
+        assert self.show("SystemCallErrorNumber")["SystemCallErrorNumber"] == str(2**31 - 2)
 
     def wait_for_state(self, active: str, sub: str | None = None, timeout: float = 30) -> None:
         def reached() -> bool:

@@ -70,6 +70,9 @@ PYTHON = {
     "extra": "",
 }
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+#: The container's C library (bookworm's glibc 2.36): a compiled dependency's wheel
+#: runs there if its manylinux tag asks for this version or an older one.
+GLIBC = (2, 36)
 
 
 class ImageError(Exception):
@@ -89,12 +92,29 @@ def runtime_pins() -> list[str]:
         requirement = todo.pop()
         if requirement.marker is not None and not requirement.marker.evaluate(PYTHON):
             continue
-        name = metadata.distribution(requirement.name).metadata["Name"]
+        try:
+            name = metadata.distribution(requirement.name).metadata["Name"]
+        except metadata.PackageNotFoundError:
+            raise ImageError(
+                f"{requirement.name} (a dependency) is not installed in the test venv: "
+                "run scripts/_venv.sh again"
+            ) from None
         if name in pins:
             continue
         pins[name] = metadata.version(name)
         todo += [Requirement(r) for r in metadata.requires(name) or []]
     return sorted(f"{name}=={version}" for name, version in pins.items())
+
+
+def wheel_platforms() -> list[str]:
+    """Every manylinux tag the container runs, newest first. pip takes the --platform
+    values as they are (manylinux_2_17 does not imply manylinux_2_5), and a compiled
+    dependency may ship a wheel for one glibc only (manylinux_2_28, say), so they are
+    all named: any dependency with a wheel the container can run installs."""
+    arch = PYTHON["platform_machine"]
+    major, newest = GLIBC
+    tags = [f"manylinux_{major}_{minor}_{arch}" for minor in range(newest, 4, -1)]
+    return [*tags, f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"]
 
 
 def cache_key(pins: list[str]) -> str:
@@ -180,10 +200,7 @@ def _build(entry: Path, pins: list[str]) -> None:
                 "cp",
                 "--abi",
                 "cp311",
-                "--platform",
-                "manylinux2014_x86_64",
-                "--platform",
-                "manylinux_2_17_x86_64",
+                *(f"--platform={platform}" for platform in wheel_platforms()),
                 *pins,
             ],
         )

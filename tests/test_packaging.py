@@ -1,0 +1,42 @@
+"""The wheel holds every package of the tree.
+
+An installed daemon imports only what the wheel carries: a package missing from it
+passes every test run from the checkout and fails at the first import in production
+(tests/systemd installs the wheel, but runs only as root with systemd-nspawn).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from tests.support import REPO, build_wheel
+
+#: Where each top-level package lives in the checkout.
+SOURCES = {
+    "broker": REPO / "broker",
+    "geins_broker_client": REPO / "clients/python/geins_broker_client",
+}
+
+
+def packages_on_disk() -> set[str]:
+    found = set()
+    for top, folder in SOURCES.items():
+        for init in folder.rglob("__init__.py"):
+            found.add(".".join((top, *init.parent.relative_to(folder).parts)))
+    return found
+
+
+def test_the_wheel_holds_every_package(tmp_path: Path) -> None:
+    with zipfile.ZipFile(build_wheel(tmp_path)) as archive:
+        names = archive.namelist()
+        (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        scripts = archive.read(entry_points).decode()
+    in_wheel = {
+        n.removesuffix("/__init__.py").replace("/", ".")
+        for n in names
+        if n.endswith("/__init__.py")
+    }
+    assert sorted(packages_on_disk() - in_wheel) == []
+    assert {"broker/py.typed", "geins_broker_client/py.typed"} <= set(names)
+    assert "geins-broker = broker.cli.quick:main" in scripts
