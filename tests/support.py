@@ -382,11 +382,15 @@ async def start_broker(
     *,
     rng: random.Random | None = None,
     state_dir: Path | None = None,
+    offload: Callable[..., Any] = inline,
     **settings: object,
 ) -> Broker:
+    """The daemon in this process. Blocking work runs in place (`inline`), as MockClock
+    needs: a worker thread would let virtual time jump past it. A test on the real clock
+    may pass `offload=trio.to_thread.run_sync`, as the daemon runs."""
     socket, state_dir = tmp / "broker.sock", state_dir or tmp / "state"
     config = broker_config(emulator, socket, state_dir, **settings)  # type: ignore[arg-type]
-    daemon = Daemon(config, wall=wall, rng=rng or random.Random(7), offload=inline)
+    daemon = Daemon(config, wall=wall, rng=rng or random.Random(7), offload=offload)
     await nursery.start(functools.partial(daemon.run, handle_signals=False))
     return Broker(daemon, emulator, socket, state_dir)
 

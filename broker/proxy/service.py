@@ -149,8 +149,14 @@ class Door:
             try:
                 if self.identify_blocks:
                     peer = await self.proxy.offload(self.identify, sock)
+                    # trio waits a worker thread out, even through a stop: by now the
+                    # reactor may be closed, and this connection ends with the daemon.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 else:
                     peer = self.identify(sock)
+            except trio.Cancelled:
+                sock.close()
+                raise
             except Exception:
                 # The peer is gone already (SO_PEERCRED on a reset connection), or a
                 # look-up failed: that connection, never the listener.
