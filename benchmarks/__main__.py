@@ -45,6 +45,12 @@ def markdown(results: dict[str, Any]) -> str:
             tokens.table(t),
             "",
         ]
+        if t.get("refresh_every") is not None:
+            rates = ", ".join(f"{r:.1f}/s" for r in t["refresh_rates"])
+            out += [
+                f"Meanwhile each daemon rotated its profile every {t['refresh_every']:g} s ({rates}).",
+                "",
+            ]
     if "metrics" in results:
         m = results["metrics"]
         out += [
@@ -141,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens: also measure the daemon as of git revision REV, in the same slots",
     )
     parser.add_argument(
+        "--tokens-refresh-every",
+        metavar="SECONDS",
+        type=float,
+        help="tokens: rotate each daemon's profile every SECONDS meanwhile (a refresh load)",
+    )
+    parser.add_argument(
         "--proxy-baseline",
         metavar="REV",
         help="proxy: also measure the daemon as of git revision REV, in the same slots",
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             repeat=1 if args.quick else 3,
             duration=1.0 if args.quick else 2.0,
             baseline=args.tokens_baseline,
+            refresh_every=args.tokens_refresh_every,
         )
     if "metrics" in chosen:
         results["metrics"] = metrics_cost.run(

@@ -10,13 +10,19 @@ measured in the same time slot.
 ssh-agent runs twice: empty (a 9-byte answer) and holding one RSA-4096 key (a
 ~560-byte answer, about the size of the daemon's ~700-byte token answer). With
 `baseline`, the daemon of that git revision (exported with `git archive`) runs in the
-same slots too, so before and after are compared side by side.
+same slots too, so before and after are compared side by side. With `refresh_every`,
+each daemon is asked to rotate its profile that often throughout (a refresh at Geins
+and a state-file write on the daemon's event loop), to see the token path's latency
+while the daemon has other work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import statistics
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from .fleet import fleet
@@ -26,12 +32,49 @@ from .metrics_cost import exported
 CONNECTIONS = (1, 8, 64, 512)
 
 
+def _refresh_forever(socket_path: str, interval: float, counter: Any) -> None:
+    """Ask the daemon to rotate `default` every `interval` seconds (a refresh at Geins,
+    the state file written): the trio thread's own work while tokens are served."""
+    from geins_broker_client import Client
+
+    with Client(socket_path, timeout=10) as client:
+        while True:
+            started = time.monotonic()
+            client.refresh("default")
+            with counter.get_lock():
+                counter.value += 1
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+@contextlib.contextmanager
+def refreshing(socket_paths: list[str], interval: float) -> Iterator[list[Any]]:
+    """One process per daemon rotating its `default` profile every `interval` s."""
+    ctx = multiprocessing.get_context("spawn")
+    counters = [ctx.Value("i", 0) for _ in socket_paths]
+    procs = [
+        ctx.Process(target=_refresh_forever, args=(path, interval, counter), daemon=True)
+        for path, counter in zip(socket_paths, counters, strict=True)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        yield counters
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join()
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
 def run(
-    repeat: int = 3, duration: float = 2.0, warmup: float = 0.5, baseline: str | None = None
+    repeat: int = 3,
+    duration: float = 2.0,
+    warmup: float = 0.5,
+    baseline: str | None = None,
+    refresh_every: float | None = None,
 ) -> dict[str, Any]:
     servers: dict[str, dict[int, list[dict[str, Any]]]] = {}
     with contextlib.ExitStack() as stack:
@@ -48,6 +91,12 @@ def run(
         keyed = stack.enter_context(ssh_agent(with_key="rsa"))
         targets["ssh-agent"] = (empty.socket_path, ssh_agent_request(), empty.pid)
         targets["ssh-agent (RSA key)"] = (keyed.socket_path, ssh_agent_request(), keyed.pid)
+        refreshes: list[Any] = []
+        if refresh_every is not None:
+            daemons = [path for name, (path, _, _) in targets.items() if name.startswith("geins")]
+            refreshes = stack.enter_context(refreshing(daemons, refresh_every))
+            time.sleep(1.0)  # the refreshers connected and rotating before the first slot
+        started = time.monotonic()
         for _ in range(repeat):
             for connections in CONNECTIONS:
                 for name, (path, request, pid) in targets.items():
@@ -63,6 +112,7 @@ def run(
                     if result["errors"]:
                         raise RuntimeError(f"{name} at {connections}: {result['error_samples']}")
                     servers.setdefault(name, {}).setdefault(connections, []).append(result)
+        refresh_rates = [c.value / (time.monotonic() - started) for c in refreshes]
     rows = []
     for connections in CONNECTIONS:
         broker = servers["geins-broker"][connections]
@@ -85,7 +135,14 @@ def run(
             row[f"ratio vs {name}"] = statistics.median(paired)
             row[f"ratio vs {name} (range)"] = [min(paired), max(paired)]
         rows.append(row)
-    return {"repeat": repeat, "duration": duration, "baseline": baseline, "rows": rows}
+    return {
+        "repeat": repeat,
+        "duration": duration,
+        "baseline": baseline,
+        "refresh_every": refresh_every,
+        "refresh_rates": refresh_rates,
+        "rows": rows,
+    }
 
 
 def table(result: dict[str, Any]) -> str:
