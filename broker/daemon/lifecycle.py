@@ -64,7 +64,15 @@ _STATUS_INTERVAL: Final = 1.0
 
 
 class Daemon:
-    """One daemon's life: start, serve, signals and reload, drain, stop."""
+    """One daemon's life: start, serve, signals and reload, drain, stop.
+
+    Over the house's ~15 attributes, on purpose: it is the one place that wires the
+    shells (the roster, telemetry, the broker socket, the proxy, customer sessions) and
+    orders their start and their drain, so it holds a reference to each. What any of
+    them does lives in its own class (`Roster`, `Telemetry`, `Server`, `Proxy`,
+    `CustomerSessions`); splitting the wiring itself would scatter the one order in
+    which they start and stop.
+    """
 
     def __init__(
         self,

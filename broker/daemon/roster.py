@@ -50,7 +50,10 @@ RESTART_KEYS: Final = ("socket", "state_dir", "socket_mode", "socket_group", "cl
 
 class Roster:
     """The profiles by name, the retired ones, and what building a profile takes (the
-    store, the clocks, the refresh limiter, the HTTP client, the fleet to attach to)."""
+    store, the clocks, the refresh limiter, the HTTP client, the fleet to attach to).
+
+    Its ~15 attributes are those ingredients: every one is handed to each profile it
+    builds, on start and on reload alike."""
 
     def __init__(
         self,

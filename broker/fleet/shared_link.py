@@ -78,7 +78,13 @@ class FleetContext(Protocol):
 
 
 class SharedLink:
-    """One shared profile's side of the protocol (see `link.Link` for the contract)."""
+    """One shared profile's side of the protocol (see `link.Link` for the contract).
+
+    Over the house's ~300 lines, on purpose: the lease, the settle, the commit and the
+    adoption are one protocol over one generation (docs/cluster.md's failure table),
+    and each step reads what the others left; the store's I/O is `RedisStore`'s and
+    the decisions are `policy.rotation`'s, so what is left here is that sequence.
+    """
 
     shared = True
 

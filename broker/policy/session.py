@@ -190,6 +190,11 @@ class Session:
 
     Schedule-only moves (`demand_refresh`, `defer_startup_refresh`, `refresh_due`) and
     a new `policy` do not bump `revision`: neither the token nor the state changes.
+
+    Over the house's ~300 lines and ~15 attributes, on purpose: it is one state machine,
+    and what decides a transition (the tokens, the failures, the schedule, the store's
+    and the seal's state) must be read together, as h11's ConnectionState reads its
+    two roles. Split, every transition would cross objects that could disagree.
     """
 
     __slots__ = (

@@ -98,6 +98,14 @@ class ServiceConfig:
 
 
 class AuthService:
+    """Geins' auth service and signature service, as a pure function of requests.
+
+    Over the house's ~300 lines, on purpose: it is one service's behaviour (challenges,
+    signatures, refresh-token families with their reuse rule, users, revocation),
+    strict the way the real one is, and each handler reads the same state; the values
+    are in `values`, the Merchant API's operations in `merchant`, the JWTs in `jwt`.
+    """
+
     def __init__(
         self,
         config: ServiceConfig,
