@@ -13,9 +13,11 @@
   has been revoked and ends.
 - Ending a session never writes it back: `ended` is set before anything is awaited,
   and a flight checks it before queuing its commit (the writer is FIFO, so a deletion
-  queued after a commit wins). Purges log the session out at Geins through a bounded
-  queue and `max_purges` workers per app; when the queue is full the logout is skipped
-  and counted (the refresh token then dies at its maxAge).
+  queued after a commit wins). Nor is it read back: until its deletion is committed
+  the `LiveMap` keeps any load of it out of memory (live.py).
+- Purges log the session out at Geins through a bounded queue and `max_purges`
+  workers per app; when the queue is full the logout is skipped and counted (the
+  refresh token then dies at its maxAge).
 """
 
 from __future__ import annotations
@@ -381,11 +383,12 @@ class Refresher:
             return
         live.ended = True
         self._lives.pop(live.session_id)
-        if wait_flight and live.flight is not None:
-            await live.flight.done.wait()
-        if purge:
-            self.purge(live.app, live.refresh)
-        await self.forget([live.session_id], live.app, reason)
+        with self._lives.ending([live.session_id]):
+            if wait_flight and live.flight is not None:
+                await live.flight.done.wait()
+            if purge:
+                self.purge(live.app, live.refresh)
+            await self.forget([live.session_id], live.app, reason)
 
     async def forget(self, session_ids: list[bytes], app: str, reason: EndReason) -> None:
         """Delete stored sessions (ended ones, or ones no handle has opened yet).
@@ -393,7 +396,8 @@ class Refresher:
         session at once."""
         if not session_ids:
             return
-        gone = await self._store.delete_many(session_ids)
+        with self._lives.ending(session_ids):
+            gone = await self._store.delete_many(session_ids)
         self.stats.sessions[app] -= gone
         self.stats.ends[app, reason.value] += gone
         for session_id in session_ids:
