@@ -109,6 +109,7 @@ _POLL_CHUNK: Final = 500
 #: script's Lua (double) numbers hold it exactly. A rotation a second would take
 #: thirty million years to get there; a store claiming more is corrupt.
 MAX_GENERATION: Final = 10**15 - 1
+_GENERATION_DIGITS: Final = len(str(MAX_GENERATION))
 #: The longest node name believed from the store (the `[cluster]` node setting's bound).
 _MAX_NODE: Final = 200
 
@@ -213,9 +214,11 @@ def _text(value: Any) -> str:
 
 
 def parse_generation(value: Any, where: str) -> int:
-    """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt."""
+    """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt.
+    The length is checked first: `int` refuses a string of over 4,300 digits with a
+    ValueError, which is no store failure and would end the daemon."""
     text = _text(value)
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_GENERATION:
+    if not (text.isascii() and text.isdigit() and len(text) <= _GENERATION_DIGITS):
         raise StoreCorrupt(f"{where}: generation {escaped(text)!r} is not a generation")
     return int(text)
 

@@ -88,7 +88,11 @@ def test_a_replayed_record_under_a_higher_generation_is_refused(
         fleet.close()
 
 
-@pytest.mark.parametrize("garbage", ["x", "1e+20", "-1", "99999999999999999999"])
+@pytest.mark.parametrize(
+    "garbage",
+    ["x", "1e+20", "-1", "99999999999999999999", "9" * 5000],
+    ids=["letter", "float", "negative", "20-digits", "5000-digits"],
+)
 def test_a_generation_that_does_not_parse_leaves_every_node_alive(
     short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess, garbage: str
 ) -> None:
