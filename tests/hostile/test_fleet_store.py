@@ -153,3 +153,56 @@ def test_a_lease_without_expiry_is_a_few_commands_a_second(
         assert alive(fleet)
     finally:
         fleet.close()
+
+
+def _output_bytes(redis: RedisServer) -> int:
+    info = redis.command("INFO", "stats")
+    (line,) = [x for x in info.splitlines() if x.startswith("total_net_output_bytes:")]
+    return int(line.split(":")[1])
+
+
+@pytest.mark.parametrize("where", ["record", "generation", "lease", "nodes"])
+def test_huge_values_in_the_store_are_not_read_into_the_nodes(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess, where: str
+) -> None:
+    """20 MB in a record's blob (under a higher generation) or its generation, in a
+    lease's value, or 50,000 fresh entries in the nodes hash: no node reads it all at
+    every poll (each would hold it in memory, and a read longer than command_timeout
+    fails forever). A record or generation that large is the store's failure; a lease's
+    holder is cut to a node name's length; the nodes listed are those a node could
+    have written lately, a few hundred at most. Every node stays up and serving."""
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=2)
+    huge = "9" * 20_000_000
+    try:
+        fleet.login_all()
+        wait_until(lambda: serving(fleet, 1), 5, "n1 serves the login")
+        generation = int(redis.command("HGET", RECORD, "gen"))
+        if where == "record":
+            redis.command("HSET", RECORD, "blob", huge, "gen", str(generation + 1))
+        elif where == "generation":
+            redis.command("HSET", RECORD, "gen", huge)
+        elif where == "lease":
+            redis.command("SET", LEASE, "evil" + huge, "PX", "60000")
+        redis.command("CONFIG", "RESETSTAT")
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            if where == "nodes":  # kept fresh, as an attacker would
+                now = redis.command("TIME")[0]
+                flood = [x for i in range(50_000) for x in (f"ghost{i}", now)]
+                redis.command("HSET", "geins-broker:nodes", *flood)
+            time.sleep(0.5)
+        sent = _output_bytes(redis)
+        assert sent < 2_000_000, f"Redis sent {sent} bytes in 3 s"
+        assert alive(fleet), fleet.logs()
+        for i in (0, 1):
+            assert fleet.tokens(i)["default"]
+            table = fleet.status(i)[0]["fleet"]
+            if where in ("record", "generation"):
+                assert table["healthy"] is False
+                assert "oversized" in str(table["last_error"]), table
+            elif where == "lease":
+                assert len(table["lease_holder"]) <= 256
+            else:
+                assert len(table["nodes"]) <= 256
+    finally:
+        fleet.close()
