@@ -152,8 +152,6 @@ return out
 _POLL_CHUNK: Final = 500
 
 
-
-
 class PoolDown(Exception):
     """The connection pool died and is being renewed (see `Fleet._keep_pool`), or a
     command failed with a group of errors from coredis's tasks."""
@@ -455,9 +453,7 @@ class RedisStore:
         seconds (at most a few hundred) and the store's time (s). An entry that does
         not parse (a name too long, a time that is not one) is left out: it is no
         node's."""
-        flat = await self._run(
-            "heartbeat", [self.nodes_key], [self.config.node, math.ceil(window)]
-        )
+        flat = await self._run("heartbeat", [self.nodes_key], [self.config.node, math.ceil(window)])
         now = _time(flat[-1], "TIME")
         pairs = flat[:-1]
         nodes: dict[str, float] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from geins_broker_client.errors import BrokerError
-from tests.fleet.support import Fleet, RedisServer, fleet_env
+from tests.fleet.support import Fleet, RedisServer, fleet_env, resp_command
 from tests.support import EmulatorProcess, wait_until
 
 TOKEN_TTL = 6.0
@@ -204,5 +205,33 @@ def test_huge_values_in_the_store_are_not_read_into_the_nodes(
                 assert len(table["lease_holder"]) <= 256
             else:
                 assert len(table["nodes"]) <= 256
+    finally:
+        fleet.close()
+
+
+def test_a_flood_of_forged_announcements_is_a_few_log_lines(
+    short_tmp: Path, redis: RedisServer, emulator: EmulatorProcess
+) -> None:
+    """20,000 announcements of a higher generation whose record does not open, published
+    in one burst: the node serves on, and logs them in a line or two, not a line each."""
+    fleet = Fleet(short_tmp, emulator, redis.url, nodes=1)
+    try:
+        fleet.login_all()
+        forged = b"default 99 1 1 evil 1\n" + b"x" * 64
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+            sock.sendall(
+                b"".join(
+                    resp_command("PUBLISH", "geins-broker:generations", forged.decode())
+                    for _ in range(20_000)
+                )
+            )
+            stream = sock.makefile("rb")
+            for _ in range(20_000):
+                assert stream.readline().startswith(b":")
+        time.sleep(0.5)
+        log = fleet.logs()
+        assert 1 <= log.count("fleet_record_unreadable") <= 2, log.count("fleet_record_unreadable")
+        assert fleet.tokens(0)["default"]
+        assert alive(fleet)
     finally:
         fleet.close()
