@@ -9,10 +9,11 @@ Three targets, one fast upstream, one load generator, side by side in one run:
 - geins-broker: the daemon's proxy on loopback TCP in front of the same stub, logged in
   against the emulator, injecting the profile's bearer and API key.
 
-For each of 1, 16 and 64 connections the three are measured one after the other, and
+For each of 1, 16 and 64 connections the three are measured one after the other, with
+the project's own load generator (httpload.py) and then with wrk -t1 (wrk.py), and
 that is repeated; medians of the repetitions are reported, with the geins/nginx req/s
 ratio (median of the per-slot ratios) and the p50/p99 each proxy adds to a direct call.
-nginx comes from Debian's package (installed with apt-get if missing, as root).
+nginx and wrk come from Debian's packages (installed with apt-get if missing, as root).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tests.support import (
     write_config,
 )
 
-from . import httpload
+from . import httpload, wrk
 
 FIXED_BODY = '{"data":{"getUser":{"id":1000,"email":"demo@example.com","customerType":"PERSON"}}}'
 QUERY = b'{"query":"{ getUser { id email customerType } }"}'
@@ -167,6 +168,7 @@ def run(
 ) -> dict[str, Any]:
     """`baseline`: a git revision whose daemon is measured too, in the same slots."""
     binary = ensure_nginx()
+    wrk_binary = wrk.ensure_wrk()
     workdir = Path(tempfile.mkdtemp(prefix="gb-bench-", dir="/tmp"))
     workdir.chmod(0o755)
     stub_port, nginx_port, geins_port = _free_port(), _free_port(), _free_port()
@@ -198,6 +200,7 @@ def run(
     targets = {"direct": stub_port, "nginx": nginx_port, "geins": geins_port}
     daemons: dict[str, DaemonProcess] = {}
     runs: dict[int, list[dict[str, dict[str, float]]]] = {c: [] for c in CONNECTIONS}
+    wrk_runs: dict[int, list[dict[str, dict[str, float]]]] = {c: [] for c in CONNECTIONS}
     try:
         daemons["geins"] = _daemon(workdir / "geins", emulator.url, stub_port, geins_port)
         if baseline is not None:
@@ -221,6 +224,19 @@ def run(
                         for name, port in targets.items()
                     }
                     runs[connections].append(slot)
+                    wrk_runs[connections].append(
+                        {
+                            name: wrk.measure(
+                                wrk_binary,
+                                port,
+                                QUERY,
+                                connections,
+                                duration=duration,
+                                cpu_of=daemons[name].process.pid if name in daemons else None,
+                            )
+                            for name, port in targets.items()
+                        }
+                    )
     finally:
         for daemon in daemons.values():
             daemon.close()
@@ -231,6 +247,7 @@ def run(
         "duration": duration,
         "baseline": baseline,
         "cells": _summarise(runs),
+        "wrk": _summarise(wrk_runs),
     }
 
 
@@ -266,11 +283,19 @@ def _summarise(runs: dict[int, list[dict[str, dict[str, float]]]]) -> dict[str, 
 
 
 def table(result: dict[str, Any]) -> str:
+    rows = _table(result, result["cells"])
+    if "wrk" in result:
+        rows += ["", "The same targets in the same slots, measured with `wrk -t1`:", ""]
+        rows += _table(result, result["wrk"])
+    return "\n".join(rows)
+
+
+def _table(result: dict[str, Any], cells: dict[str, Any]) -> list[str]:
     rows = [
         "| connections | direct req/s | nginx req/s | geins-broker req/s | geins/nginx | nginx adds p50 / p99 µs | geins-broker adds p50 / p99 µs | daemon CPU µs/req |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for connections, c in result["cells"].items():
+    for connections, c in cells.items():
         rows.append(
             f"| {connections} | {c['direct_rps']:,.0f} | {c['nginx_rps']:,.0f} | {c['geins_rps']:,.0f} "
             f"| {c['ratio']:.2f} | {c['nginx_added_p50_us']:.0f} / {c['nginx_added_p99_us']:.0f} "
@@ -285,10 +310,10 @@ def table(result: dict[str, Any]) -> str:
             "| connections | baseline req/s | /nginx | adds p50 / p99 µs | CPU µs/req | now/baseline req/s |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
-        for connections, c in result["cells"].items():
+        for connections, c in cells.items():
             rows.append(
                 f"| {connections} | {c['baseline_rps']:,.0f} | {c['baseline_ratio']:.2f} "
                 f"| {c['baseline_added_p50_us']:.0f} / {c['baseline_added_p99_us']:.0f} "
                 f"| {c['baseline_cpu_us']:.0f} | {c['speedup']:.2f} |"
             )
-    return "\n".join(rows)
+    return rows

@@ -1,4 +1,4 @@
-"""The proxy's upstream client alone: httpx.AsyncClient against the h11 pool, under trio.
+"""The proxy's upstream client alone: httpx.AsyncClient against the proxy's pool, under trio.
 
 N trio tasks in one process each send POST /graphql to the nginx stub and read the whole
 answer, one after another, for a fixed window; the clients are measured one after the
@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import trio
 
-from broker.proxy.upstream import Pool
+from broker.proxy.reactor import Reactor
+from broker.proxy.upstream import Pool, UpstreamFailed
 
 from .proxy import FIXED_BODY, QUERY, _free_port, _nginx, _nginx_conf, ensure_nginx
 
@@ -47,14 +48,41 @@ def _httpx_call(client: httpx.AsyncClient, url: str) -> Call:
     return call
 
 
+class _Done:
+    """The pool's `Caller`: an event for the trio task that waits on the answer."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def answer_head(self, status: int, headers: list[tuple[bytes, bytes]], framed: bool) -> None:
+        pass
+
+    def answer_body(self, data: bytes) -> None:
+        pass
+
+    def answer_end(self) -> None:
+        self.event.set()
+
+    def upstream_failed(self, exc: UpstreamFailed) -> None:
+        self.event.set()
+
+    def body_sent(self) -> None:
+        pass
+
+
+_HEAD = b"POST /graphql HTTP/1.1\r\n" + b"".join(
+    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in HEADERS
+)
+
+
 def _pool_call(pool: Pool) -> Call:
+    """The pool driven from trio tasks (its own caller, the proxy, never waits)."""
+    head = _HEAD + b"content-length: %d\r\n\r\n" % len(QUERY)
+
     async def call() -> None:
-        response = await pool.request("POST", "/graphql", RAW_HEADERS, QUERY)
-        try:
-            while await response.next_chunk() is not None:
-                pass
-        finally:
-            await response.aclose()
+        done = _Done()
+        pool.request(done, head, QUERY)
+        await done.event.wait()
 
     return call
 
@@ -95,9 +123,21 @@ async def _run(port: int, repeat: int, seconds: float) -> dict[str, dict[int, li
         clients["httpx2 256/256"] = httpx2.AsyncClient(limits=limits2, trust_env=False)
     except ImportError:
         pass
-    pool = Pool(f"http://127.0.0.1:{port}", max_connections=256, timeout=30)
+    reactor = Reactor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        pool = Pool(reactor, f"http://127.0.0.1:{port}", max_connections=256, timeout=30)
+        results = await _compare(clients, url, pool, repeat, seconds)
+        pool.close()
+        nursery.cancel_scope.cancel()
+    return results
+
+
+async def _compare(
+    clients: dict[str, Any], url: str, pool: Pool, repeat: int, seconds: float
+) -> dict[str, dict[int, list[float]]]:
     calls: dict[str, Call] = {name: _httpx_call(c, url) for name, c in clients.items()}
-    calls["h11 pool"] = _pool_call(pool)
+    calls["reactor pool"] = _pool_call(pool)
     results: dict[str, dict[int, list[float]]] = {n: {c: [] for c in CONCURRENCY} for n in calls}
     for _ in range(repeat):
         for concurrency in CONCURRENCY:
@@ -105,7 +145,6 @@ async def _run(port: int, repeat: int, seconds: float) -> dict[str, dict[int, li
                 results[name][concurrency].append(await _measure(call, concurrency, seconds))
     for client in clients.values():
         await client.aclose()
-    await pool.aclose()
     return results
 
 
@@ -136,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| client | " + " | ".join(f"{c} callers" for c in CONCURRENCY) + " |")
     print("|---|" + "---:|" * len(CONCURRENCY))
-    base = results["h11 pool"]
+    base = results["reactor pool"]
     for name, cells in results.items():
         row = []
         for c in CONCURRENCY:

@@ -33,7 +33,7 @@ import trio
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from broker.core.clock import TrioWallClock
+from broker.core.clock import TrioWallClock, WallClock
 from broker.daemon import config as config_module
 from broker.daemon.config import BrokerConfig
 from broker.daemon.lifecycle import Daemon
@@ -377,7 +377,7 @@ async def inline(fn: Callable[..., Any], *args: Any) -> Any:
 async def start_broker(
     nursery: trio.Nursery,
     emulator: Emulator,
-    wall: TrioWallClock,
+    wall: WallClock,
     tmp: Path,
     *,
     rng: random.Random | None = None,

@@ -37,6 +37,7 @@ IO_PACKAGES = (
     "httpcore",
     "platformdirs",
     "h11",
+    "httptools",
     "anyio",
     "prometheus_client",
     "coredis",

@@ -445,6 +445,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from broker.cli.fleet_demo import main as fleet_demo
 
         return fleet_demo(args.fleet, token_ttl=args.token_ttl, duration=args.duration)
+    if args.storefront:
+        from broker.cli.storefront_demo import main as storefront_demo
+
+        return storefront_demo(token_ttl=args.token_ttl)
     from broker.cli.demo import main as demo_main
 
     return demo_main(token_ttl=args.token_ttl)
@@ -595,6 +599,11 @@ def _demo_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration", type=_positive, metavar="SECONDS", help="stop after this long (--fleet)"
+    )
+    parser.add_argument(
+        "--storefront",
+        action="store_true",
+        help="the example storefront (Node): customers log in through the broker in a browser",
     )
 
 

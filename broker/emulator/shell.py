@@ -197,6 +197,7 @@ class EmulatorServer:
             ("POST", "faults"): self._add_fault,
             ("DELETE", "faults"): self._clear_faults,
             ("POST", "revoke"): self._revoke,
+            ("POST", "user_sessions"): self._user_sessions,
             ("POST", "users"): self._add_user,
             ("POST", "inspect"): self._inspect,
             ("POST", "sessions"): self._mint_sessions,
@@ -211,6 +212,9 @@ class EmulatorServer:
 
     def _revoke(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"revoked": self.service.revoke_user(str(body["username"]))}
+
+    def _user_sessions(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.service.sessions_of(str(body["username"]))
 
     def _add_user(self, body: dict[str, Any]) -> dict[str, Any]:
         self.service.add_user(str(body["username"]), str(body["password"]))

@@ -1,2 +1,2 @@
-"""HTTP/1.1 serving, written once: the shell (h11 on trio) that the emulator and the
-Merchant API proxy both stand on."""
+"""HTTP/1.1 serving with limits (h11 on trio), for the emulator. The Merchant API proxy
+has its own reactor (broker/proxy/), where speed matters; it shares `HttpLimits`."""

@@ -2,12 +2,9 @@
 
 `trio.SocketStream.receive_some` and `send_all` pass through trio's scheduler on every
 call, even when the kernel has the bytes (or the room) at once: a checkpoint before
-and a yield after each system call. The proxy makes four such calls per request (the
-caller's request in, Geins' request out, Geins' answer in, the caller's answer out);
-profiled under the benchmark, those trips and trio's re-arming of the fd were a tenth
-of the daemon's CPU. Here the system call is tried first, and only EAGAIN waits
-(`wait_readable` / `wait_writable`), and only a wait opens a cancel scope for its
-deadline: most calls of a request open none.
+and a yield after each system call. Here the system call is tried first, and only
+EAGAIN waits (`wait_readable` / `wait_writable`), and only a wait opens a cancel
+scope for its deadline: most calls of a request open none.
 
 What a caller may rely on: the semantics of the stream methods they replace, except
 that a call which does not wait is not a checkpoint. Every loop that uses them must

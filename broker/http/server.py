@@ -1,8 +1,9 @@
 """The HTTP/1.1 server shell: h11 drives the protocol, trio the sockets, limits bound both.
 
-Shared by the emulator and the Merchant API proxy. A handler gets one `Exchange` per
-request: the head, the body as chunks it pulls (so a large upload is never held
-whole), and calls to answer in one go (`respond`) or stream (`start`, `send`, `end`).
+Serves the emulator (the Merchant API proxy has its own reactor, broker/proxy/, with
+the same limits and answers). A handler gets one `Exchange` per request: the head,
+the body as chunks it pulls (so a large upload is never held whole), and calls to
+answer in one go (`respond`) or stream (`start`, `send`, `end`).
 A handler that returns without ending its response hangs up the connection, which is
 how the emulator plays a server that dies mid-answer.
 
@@ -43,6 +44,7 @@ import trio
 
 from broker.http.io import receive_some, send_all, waits
 from broker.observe.log import events
+from broker.policy.headers import overridden_length
 
 log = events("broker.http")
 
@@ -112,6 +114,7 @@ class Exchange:
         "body_done",
         "ended",
         "method",
+        "must_close",
         "peer",
         "raw_headers",
         "sock",
@@ -140,6 +143,9 @@ class Exchange:
         self.raw_headers: list[tuple[bytes, bytes]] = [
             (name.lower(), value) for name, value in head.headers.raw_items()
         ]
+        #: Both Content-Length and Transfer-Encoding: answered, then the connection
+        #: closed (RFC 9112 6.1), so no byte of a smuggled message is read as the next.
+        self.must_close = overridden_length(self.raw_headers)
         self._headers: Headers | None = None
         self._received = 0
         self.body_done = False
@@ -240,13 +246,23 @@ class Exchange:
 
     async def send(self, data: bytes) -> None:
         if data:
-            await self._send(self._take_pending() + (self._conn.send(h11.Data(data=data)) or b""))
+            await self._send(self._take_pending() + self._framed(h11.Data(data=data)))
 
     async def end(self) -> None:
+        data = self._take_pending() + self._framed(h11.EndOfMessage())
         self.ended = True
-        data = self._take_pending() + (self._conn.send(h11.EndOfMessage()) or b"")
         if data:
             await self._send(data)
+
+    def _framed(self, event: h11.Data | h11.EndOfMessage) -> bytes:
+        """`event` as bytes on the wire. A body that does not fit the framing its head
+        declared (more or fewer bytes than its Content-Length) cannot be sent: the
+        answer is abandoned and the connection hung up, with one log line."""
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            log.warning("answer_misframed", listener=self._server.name, reason=str(exc))
+            raise HungUp from None
 
     def _take_pending(self) -> bytes:
         pending, self._pending = self._pending, b""
@@ -259,8 +275,10 @@ class Exchange:
         close: bool,
         parsed: bool = False,
     ) -> bytes:
-        if close:
-            headers = [*headers, ("connection", "close")]  # never with parsed: respond()
+        if parsed and self.must_close:
+            headers = [*headers, (b"connection", b"close")]
+        elif close or self.must_close:
+            headers = [*headers, ("connection", "close")]
         self.started = True
         response = h11.Response(
             status_code=status,

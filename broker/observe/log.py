@@ -32,6 +32,11 @@ def _value(value: Any) -> str:
     return text
 
 
+#: How a field's value is written, for a caller that formats its lines itself (the
+#: proxy's batched access log).
+field_text = _value
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, journald: bool) -> None:
         super().__init__()

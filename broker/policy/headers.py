@@ -8,6 +8,13 @@ client are dropped and the profile's own put in their place; Host is the upstrea
 Geins-Broker-Profile is ours; Proxy-Authorization and Expect are for this hop.
 Everything else (Accept, Content-Type, x-request-id, x-idempotency-key, ...) passes.
 
+Framing: a message with both Transfer-Encoding and Content-Length is framed by the
+Transfer-Encoding alone (RFC 9112 6.3), so its Content-Length is never forwarded,
+either way: sent on beside a body re-framed by the next hop, that false length
+would make the next parser (ours or Geins') read the message differently. A caller
+that sends both gets its answer and then a closed connection (RFC 9112 6.1:
+`overridden_length`).
+
 Errors: every failure is an HTTP answer with a GraphQL-shaped JSON body, which GraphQL
 clients show as they show the API's own errors:
 
@@ -103,6 +110,18 @@ def error_body(status: int, code: str, message: str) -> tuple[list[tuple[str, st
     return [("content-type", "application/json"), ("cache-control", "no-store")], data
 
 
+def overridden_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the message carries a Content-Length that its Transfer-Encoding
+    overrides (RFC 9112 6.3): a contradiction only a lying or smuggling peer sends."""
+    length = coding = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            coding = True
+    return length and coding
+
+
 def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
@@ -120,12 +139,13 @@ def upstream_headers(
     """What Geins gets: the client's end-to-end headers, then the profile's credentials.
 
     `keep_length`: the body is streamed as the client framed it, so its Content-Length
-    (if any) still holds; a buffered body's length is the HTTP client's to set."""
+    (if any) still holds, unless a Transfer-Encoding overrides it; a buffered body's
+    length is the HTTP client's to set."""
     dropped = _NOT_UPSTREAM_HOP
     if any(k == b"connection" for k, _ in client):
         dropped = dropped | _connection_named(client)
     out = [(k, v) for k, v in client if k not in dropped]
-    if keep_length:
+    if keep_length and not overridden_length(client):
         out += [(k, v) for k, v in client if k == b"content-length"]
     out.append((b"authorization", b"Bearer " + bearer))
     out.append((_API_KEY, api_key))
@@ -134,8 +154,11 @@ def upstream_headers(
 
 def downstream_headers(upstream: Headers) -> Headers:
     """What the client gets back: Geins' end-to-end headers (Content-Length included:
-    the body is relayed byte for byte, undecoded)."""
+    the body is relayed byte for byte, undecoded; unless a Transfer-Encoding overrode
+    it, and the body is re-framed)."""
     dropped = _NOT_DOWNSTREAM_HOP
+    if overridden_length(upstream):
+        dropped = dropped | {b"content-length"}
     if any(k == b"connection" for k, _ in upstream):
         dropped = dropped | _connection_named(upstream)
     return [(k, v) for k, v in upstream if k not in dropped]

@@ -1,22 +1,28 @@
 """The proxy's handler: one request in, the profile's credentials on, Geins' answer out.
 
-For each request: pick the profile (the listener's, or the Geins-Broker-Profile
-header), check the peer may read it (the token op's ACL), read the body (buffered up
-to 1 MiB so it can be sent twice; a larger one streams through), take a bearer with
-at least `MIN_VALID` seconds left, forward, and stream the answer back as it comes.
+For each request (`Proxied`, made when its head is parsed): pick the profile (the
+listener's, or the Geins-Broker-Profile header), check the peer may read it (the token
+op's ACL), take the body (buffered up to 1 MiB so it can be sent twice; a larger one
+streams through as it comes), take a bearer with at least `MIN_VALID` seconds left,
+forward, and relay Geins' answer as it comes, never whole in memory.
+
+All of that runs on the reactor, without awaiting, while the bearer is in memory (the
+common case). What must wait goes to a trio task and comes back: a bearer to refresh
+(`Profile.ensure_token`), a 401 to renew (`Profile.renew_rejected`, single flight),
+/metrics to render.
 
 Renewal is invisible: a 401 from Geins for a buffered request makes the profile
-rotate once (`Profile.renew_rejected`, single flight) and the request is sent again,
-byte for byte, x-idempotency-key included. A streamed body cannot be replayed, so its
-401 goes to the caller as it is.
+rotate once and the request is sent again, byte for byte, x-idempotency-key included.
+A streamed body cannot be replayed, so its 401 goes to the caller as it is.
 
-Nothing here logs a header value or a body: the access line has method, path (no
-query string), status, duration, profile and uid.
+Nothing here logs a header value or a body: the access line (accesslog.py) has method,
+path (no query string), status, duration, profile and uid.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from typing import Any, Final
 
 import trio
 
@@ -24,7 +30,6 @@ from broker.core.clock import WallClock
 from broker.core.errors import BrokerFault
 from broker.core.stats import status_class
 from broker.daemon.config import ProxyConfig
-from broker.http.server import BadHttp, Exchange, HungUp
 from broker.observe import routes as observability
 from broker.observe.log import events
 from broker.observe.metrics import Metrics
@@ -40,12 +45,20 @@ from broker.policy.headers import (
     refusal_for,
     upstream_headers,
 )
-from broker.proxy.upstream import Pool, Response, UpstreamFailed, UpstreamTimedOut
+from broker.proxy.accesslog import AccessLog
+from broker.proxy.client import ClientConnection, Handling, Request, status_line
+from broker.proxy.reactor import Reactor
+from broker.proxy.upstream import Exchange, Pool, UpstreamFailed, UpstreamTimedOut
 from broker.rpc.ops import Api
 from broker.rpc.peercred import Peer
 from broker.sessions.profile import Profile
 
 log = events("broker.proxy")
+
+_PROFILE: Final = PROFILE_HEADER.encode("ascii")
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_CLOSE: Final = b"connection: close\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 class ProxyApp:
@@ -54,249 +67,442 @@ class ProxyApp:
         api: Api,
         config: ProxyConfig,
         wall: WallClock,
+        reactor: Reactor,
         *,
         observable: Observable | None = None,
         metrics: Metrics | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.api = api
         self.config = config
         self.wall = wall
+        self.reactor = reactor
+        self.access = access or AccessLog()
         #: One keep-alive pool per profile (and upstream URL), made on first use.
         self._pools: dict[tuple[str, str], Pool] = {}
         #: What answers GET /metrics and GET /healthz (the daemon); None: no such routes.
-        self._observable = observable
+        self.observable = observable
         metrics = metrics or Metrics.detached()
-        self._requests = metrics.counter(
+        self.requests = metrics.counter(
             "proxy_requests",
             "Proxied requests by status class (499: the caller left).",
             "status_class",
         )
-        self._duration = metrics.histogram(
+        self.duration = metrics.histogram(
             "proxy_request_duration_seconds",
             "Time from a proxied request to the end of its answer.",
             "status_class",
         )
-        #: Per profile: the bearer and API key last sent, as bytes, and whether both
-        #: passed `is_field_value` (a bearer changes once per rotation, not per request).
+        #: Per profile: the bearer and API key last sent, as header lines.
         self._credentials: dict[str, _Credentials] = {}
+        #: Requests being handled right now.
+        self.in_flight = 0
+        self._quiet: trio.Event | None = None
 
     @property
     def profiles(self) -> Mapping[str, Profile]:
         return self.api.profiles
 
-    async def aclose(self) -> None:
+    def begin(self, conn: ClientConnection, request: Request) -> Handling:
+        self.in_flight += 1
+        return Proxied(self, conn, request)
+
+    def refused(self, status: int, code: str, message: str) -> tuple[list[tuple[str, str]], bytes]:
+        return error_body(status, code, message)
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._quiet is not None:
+            self._quiet.set()
+
+    async def drained(self) -> None:
+        """Return once no request is being handled (for a graceful stop)."""
+        while self.in_flight:
+            self._quiet = self._quiet or trio.Event()
+            await self._quiet.wait()
+            self._quiet = None
+
+    def close(self) -> None:
         for pool in self._pools.values():
-            await pool.aclose()
+            pool.close()
         self._pools.clear()
 
-    def _pool(self, profile: Profile) -> Pool:
+    def pool(self, profile: Profile) -> Pool:
         url = profile.config.endpoint.merchant_api_url
         key = (profile.name, url)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(
+                self.reactor,
                 url,
                 max_connections=self.config.max_connections,
                 timeout=self.config.upstream_timeout,
             )
+        pool.timeout = self.config.upstream_timeout
         return pool
 
-    # -- one request -----------------------------------------------------------------------
-
-    async def handle(self, exchange: Exchange) -> None:
-        started = trio.current_time()
-        peer: Peer | None = exchange.peer
-        name = exchange.header(PROFILE_HEADER) or self.config.profile
-        status = 0
-        proxied = True
-        try:
-            if self._observable is not None and observability.routed(exchange.target):
-                proxied = False
-                status = await self._observe(exchange, peer)
-            else:
-                status = await self._proxy(exchange, peer, name)
-        except ProxyRefusal as refusal:
-            status = refusal.status
-            await self._refuse(exchange, refusal)
-        except BadHttp as bad:
-            status = bad.status
-            raise
-        except HungUp:
-            status = 499  # the client went away
-            raise
-        finally:
-            elapsed = trio.current_time() - started
-            if proxied:
-                kind = status_class(status)
-                self._requests.inc(kind)
-                self._duration.observe(elapsed, kind)
-            log.info(
-                "request",
-                method=exchange.method,
-                path=exchange.path,
-                status=status,
-                ms=round(elapsed * 1000, 1),
-                profile=name,
-                uid=None if peer is None else peer.uid,
-            )
-
-    async def _observe(self, exchange: Exchange, peer: Peer | None) -> int:
-        """GET /metrics or GET /healthz, for root, the daemon's user and `[metrics]`
-        allow_users/allow_groups (the profiles' names and states are in both)."""
-        if peer is None or not self.api.may_scrape(peer):
-            raise ProxyRefusal(403, "forbidden", "this user may not read the metrics")
-        assert self._observable is not None
-        answered = await observability.answer(self._observable, exchange.method, exchange.target)
-        assert answered is not None
-        await exchange.respond(*answered)
-        return answered[0]
-
-    async def _refuse(self, exchange: Exchange, refusal: ProxyRefusal) -> None:
-        if exchange.started:
-            return  # too late for an answer: the connection is hung up instead
-        headers, body = error_body(refusal.status, refusal.code, str(refusal))
-        await exchange.respond(refusal.status, headers, body)
-
-    async def _proxy(self, exchange: Exchange, peer: Peer | None, name: str) -> int:
-        if not exchange.target.startswith("/"):
-            raise ProxyRefusal(400, "bad_request", "the target must be a path, like /graphql")
-        profile = self._readable(peer, name)
-        body, rest = await _buffer(exchange)
-        bearer = await self._bearer(profile)
-        response = await self._send(exchange, profile, bearer, body, rest)
-        if response.status == 401 and rest is None:
-            await response.aclose()
-            log.info("upstream_refused_bearer", profile=profile.name)
-            reader = peer is None or not self.api.is_admin(peer)
-            await profile.renew_rejected(bearer, reader=reader)
-            bearer = await self._bearer(profile)
-            response = await self._send(exchange, profile, bearer, body, None)
-        return await _relay(exchange, response)
-
-    def _readable(self, peer: Peer | None, name: str) -> Profile:
-        if peer is None:
-            raise ProxyRefusal(403, "forbidden", "the broker cannot tell which user is calling")
-        try:
-            return self.api.readable_profile(peer, name)
-        except BrokerFault as fault:
-            raise refusal_for(fault.code, str(fault)) from None
-
-    async def _bearer(self, profile: Profile) -> str:
-        session = profile.session
-        tokens = session.tokens
-        min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
-        try:
-            if not session.serves(self.wall.now(), min_valid):
-                await profile.ensure_token(min_valid)
-        except BrokerFault as fault:
-            raise refusal_for(fault.code, str(fault)) from None
-        tokens = session.tokens
-        assert tokens is not None
-        return tokens.bearer.reveal()
-
-    def _credentials_of(self, profile: Profile, bearer: str) -> _Credentials:
+    def credentials(self, profile: Profile, bearer: str) -> _Credentials:
         api_key = profile.config.endpoint.api_key
         known = self._credentials.get(profile.name)
         if known is None or known.bearer != bearer or known.api_key != api_key:
             known = self._credentials[profile.name] = _Credentials(bearer, api_key)
         return known
 
-    async def _send(
-        self,
-        exchange: Exchange,
-        profile: Profile,
-        bearer: str,
-        body: bytes,
-        rest: _StreamedBody | None,
-    ) -> Response:
-        credentials = self._credentials_of(profile, bearer)
-        headers = upstream_headers(
-            exchange.raw_headers,
-            bearer=credentials.bearer_value,
-            api_key=credentials.api_key_value,
-            keep_length=rest is not None,
-        )
-        # The client's headers were validated by h11 as they were parsed; what the
-        # proxy adds was checked by is_field_value, so h11 need not check them again.
-        parsed = credentials.checked
-        content: bytes | AsyncIterator[bytes] = body if rest is None else rest
-        # The target is origin-form (checked in _proxy) and is appended to the
-        # upstream's base path, never resolved: no target can name another host.
-        pool = self._pool(profile)
-        pool.timeout = self.config.upstream_timeout
-        try:
-            return await pool.request(
-                exchange.method, exchange.target, headers, content, parsed=parsed
-            )
-        except UpstreamTimedOut:
-            raise ProxyRefusal(504, "timeout", "Geins did not answer in time") from None
-        except UpstreamFailed as exc:
-            raise ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}") from None
-
 
 class _Credentials:
-    __slots__ = ("api_key", "api_key_value", "bearer", "bearer_value", "checked")
+    """A profile's bearer and API key as bytes (a bearer changes once per rotation, not
+    per request), and whether both may go in a header as they are."""
+
+    __slots__ = ("api_key", "api_key_value", "bearer", "bearer_value", "usable")
 
     def __init__(self, bearer: str, api_key: str) -> None:
         self.bearer = bearer
         self.api_key = api_key
         self.bearer_value = bearer.encode()
         self.api_key_value = api_key.encode()
-        self.checked = is_field_value(self.bearer_value) and is_field_value(self.api_key_value)
+        self.usable = is_field_value(self.bearer_value) and is_field_value(self.api_key_value)
 
     def __repr__(self) -> str:
         return "_Credentials(<redacted>)"
 
 
-async def _buffer(exchange: Exchange) -> tuple[bytes, _StreamedBody | None]:
-    """The body, whole if it is at most RETRY_BODY_LIMIT; else the part read so far and
-    the body to stream (that part first, then the rest as it arrives)."""
-    parts: list[bytes] = []
-    size = 0
-    while size <= RETRY_BODY_LIMIT:
-        chunk = await exchange.next_chunk()
-        if chunk is None:
-            return b"".join(parts), None
-        parts.append(chunk)
-        size += len(chunk)
-    return b"", _StreamedBody(b"".join(parts), exchange)
+class Proxied:
+    """One request, from its head to the end of its answer (module docstring)."""
+
+    __slots__ = (
+        "_bearer",
+        "_body",
+        "_chunked_down",
+        "_chunked_up",
+        "_close_after",
+        "_done",
+        "_exchange",
+        "_profile",
+        "_retried",
+        "_size",
+        "_streaming",
+        "_upstream_ready",
+        "app",
+        "conn",
+        "name",
+        "proxied",
+        "request",
+        "started",
+        "status",
+    )
+
+    def __init__(self, app: ProxyApp, conn: ClientConnection, request: Request) -> None:
+        self.app = app
+        self.conn = conn
+        self.request = request
+        self.started = app.reactor.now
+        self.status = 0
+        self.proxied = True
+        self._done = False
+        self._body: list[bytes] = []
+        self._size = 0
+        self._streaming = False
+        self._upstream_ready = False
+        self._exchange: Exchange | None = None
+        self._profile: Profile | None = None
+        self._bearer = ""
+        self._retried = False
+        self._chunked_up = False
+        self._chunked_down = False
+        self._close_after = False
+        named = request.header(_PROFILE)
+        self.name = named.decode("latin-1") if named is not None else app.config.profile
+        try:
+            self._begin()
+        except ProxyRefusal as refusal:
+            self._refuse(refusal)
+
+    def _begin(self) -> None:
+        app, request = self.app, self.request
+        peer: Peer | None = self.conn.peer
+        if app.observable is not None and observability.routed(_text(request.target)):
+            self.proxied = False
+            if peer is None or not app.api.may_scrape(peer):
+                raise ProxyRefusal(403, "forbidden", "this user may not read the metrics")
+            app.reactor.spawn(self._observe, app.observable)
+            return
+        if not request.target.startswith(b"/"):
+            raise ProxyRefusal(400, "bad_request", "the target must be a path, like /graphql")
+        if peer is None:
+            raise ProxyRefusal(403, "forbidden", "the broker cannot tell which user is calling")
+        try:
+            self._profile = app.api.readable_profile(peer, self.name)
+        except BrokerFault as fault:
+            raise refusal_for(fault.code, str(fault)) from None
+        expect = request.header(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and not request.complete:
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- the caller's body -----------------------------------------------------------------
+
+    def on_body(self, data: bytes) -> None:
+        if self._done or self._profile is None:
+            return
+        if self._streaming:
+            self._stream(data)
+            return
+        self._body.append(data)
+        self._size += len(data)
+        if self._size > RETRY_BODY_LIMIT:
+            # Too large to hold for a retry: stream it, what came so far first.
+            self._streaming = True
+            self._forward()
+
+    def on_body_end(self) -> None:
+        if self._done or self._profile is None:
+            return
+        if not self._streaming:
+            self._forward()
+            return
+        if self._chunked_up:
+            self._stream(_LAST_CHUNK, framed=True)
+        if self._exchange is not None:
+            self._exchange.finish()
+
+    def _stream(self, data: bytes, *, framed: bool = False) -> None:
+        if not framed and self._chunked_up:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if not self._upstream_ready or self._exchange is None:
+            self._body.append(data)
+            self.conn.pause_reading(True)
+        elif not self._exchange.send(data):
+            self.conn.pause_reading(True)
+
+    def body_sent(self) -> None:
+        if self._streaming and not self._done:
+            self.conn.pause_reading(False)
+
+    # -- the bearer ------------------------------------------------------------------------
+
+    def _forward(self) -> None:
+        """Send the request with a bearer from memory, or fetch one first (a task)."""
+        profile = self._profile
+        assert profile is not None
+        session = profile.session
+        tokens = session.tokens
+        min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
+        if tokens is not None and session.serves(self.app.wall.now(), min_valid):
+            self._send(tokens.bearer.reveal())
+        else:
+            if self._streaming:
+                self.conn.pause_reading(True)
+            self.app.reactor.spawn(self._refresh_then_send, None)
+
+    async def _refresh_then_send(self, rejected: str | None) -> None:
+        """The slow path: rotate after a 401 (`rejected` bearer), make sure of a bearer
+        with time left, then back to the reactor's way."""
+        profile = self._profile
+        assert profile is not None
+        try:
+            if rejected is not None:
+                peer = self.conn.peer
+                reader = peer is None or not self.app.api.is_admin(peer)
+                await profile.renew_rejected(rejected, reader=reader)
+            tokens = profile.session.tokens
+            min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
+            if tokens is None or not profile.session.serves(self.app.wall.now(), min_valid):
+                await profile.ensure_token(min_valid)
+        except BrokerFault as fault:
+            self.app.reactor.tick()
+            if not self._done:
+                self._refuse(refusal_for(fault.code, str(fault)))
+            return
+        except Exception:
+            log.exception("internal_error", profile=profile.name)
+            self.app.reactor.tick()
+            if not self._done:
+                self._refuse(ProxyRefusal(500, "internal", "internal error; see the daemon's log"))
+            return
+        tokens = profile.session.tokens
+        self.app.reactor.tick()
+        if self._done:
+            return
+        if tokens is None:
+            self._refuse(refusal_for("not_logged_in", f"profile {profile.name!r} is not logged in"))
+            return
+        self._send(tokens.bearer.reveal())
+
+    # -- to Geins --------------------------------------------------------------------------
+
+    def _send(self, bearer: str) -> None:
+        profile = self._profile
+        assert profile is not None
+        app, request = self.app, self.request
+        credentials = app.credentials(profile, bearer)
+        if not credentials.usable:
+            self._refuse(
+                ProxyRefusal(
+                    502, "upstream_error", "the profile's credentials cannot go in a header"
+                )
+            )
+            return
+        self._bearer = bearer
+        headers = upstream_headers(
+            request.headers,
+            bearer=credentials.bearer_value,
+            api_key=credentials.api_key_value,
+            keep_length=self._streaming,
+        )
+        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        body: bytes | None
+        if self._streaming:
+            if not any(name == b"content-length" for name, _ in headers):
+                lines.append(_CHUNKED)
+                if not self._chunked_up:
+                    self._chunked_up = True
+                    self._body = [b"%x\r\n%s\r\n" % (len(p), p) for p in self._body if p]
+            body = None
+        else:
+            body = b"".join(self._body)
+            lines.append(b"content-length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        # The target is origin-form (checked in _begin) and is appended to the
+        # upstream's base path, never resolved: no target can name another host.
+        pool = app.pool(profile)
+        self._exchange = pool.request(
+            self, b"".join(lines), body, head_only=request.method == b"HEAD"
+        )
+        if self._streaming and not self._done:
+            self._upstream_ready = True
+            pending, self._body = self._body, []
+            sent = True
+            for piece in pending:
+                sent = self._exchange.send(piece)
+            if self.request.ended:
+                # The body ended while the bearer was being fetched.
+                if self._chunked_up:
+                    sent = self._exchange.send(_LAST_CHUNK)
+                self._exchange.finish()
+            self.conn.pause_reading(not sent)
+
+    # -- Geins' answer ---------------------------------------------------------------------
+
+    def answer_head(self, status: int, headers: list[tuple[bytes, bytes]], framed: bool) -> None:
+        if status == 401 and not self._streaming and not self._retried:
+            self._retried = True
+            exchange, self._exchange = self._exchange, None
+            if exchange is not None:
+                exchange.cancel()
+            profile = self._profile
+            assert profile is not None
+            log.info("upstream_refused_bearer", profile=profile.name)
+            self.app.reactor.spawn(self._refresh_then_send, self._bearer)
+            return
+        self.status = status
+        request = self.request
+        lines = [status_line(status)]
+        for name, value in downstream_headers(headers):
+            lines += (name, b": ", value, b"\r\n")
+        if not framed:
+            if request.version == "1.1":
+                self._chunked_down = True
+                lines.append(_CHUNKED)
+            else:
+                self._close_after = True  # HTTP/1.0: the close ends the body
+        if not request.keep_alive or self._close_after:
+            self._close_after = True
+            lines.append(_CLOSE)
+        lines.append(b"\r\n")
+        self.conn.start(b"".join(lines))
+
+    def answer_body(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._chunked_down:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if not self.conn.write(data) and self._exchange is not None:
+            self._exchange.pause(True)
+
+    def on_writable(self) -> None:
+        if self._exchange is not None:
+            self._exchange.pause(False)
+
+    def answer_end(self) -> None:
+        if self._done:
+            return
+        self._exchange = None
+        if self._chunked_down:
+            self.conn.write(_LAST_CHUNK)
+        self._finish(self.status)
+        self.conn.end(keep_alive=not self._close_after)
+
+    def upstream_failed(self, exc: UpstreamFailed) -> None:
+        self._exchange = None
+        if self._done:
+            return
+        if self.conn.started:
+            # Geins broke off mid-answer: the head is out, so hanging up is the only
+            # way to tell the client its answer is incomplete.
+            log.warning("upstream_broke_off", reason=str(exc))
+            self._finish(self.status)
+            self.conn.hang_up()
+        elif isinstance(exc, UpstreamTimedOut):
+            self._refuse(ProxyRefusal(504, "timeout", "Geins did not answer in time"))
+        else:
+            self._refuse(ProxyRefusal(502, "upstream_unavailable", f"Geins unreachable: {exc}"))
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def on_gone(self, status: int) -> None:
+        if self._done:
+            return
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.cancel()
+        self._finish(status)
+
+    async def _observe(self, observable: Observable) -> None:
+        request = self.request
+        method, target = request.method.decode("ascii"), _text(request.target)
+        answered = await observability.answer(observable, method, target)
+        assert answered is not None
+        self.app.reactor.tick()
+        if self._done:
+            return
+        status, headers, body = answered
+        self._finish(status)
+        self.conn.answer(status, headers, body, head_only=method == "HEAD")
+
+    def _refuse(self, refusal: ProxyRefusal) -> None:
+        if self._done:
+            return
+        if self.conn.started:
+            self._finish(refusal.status)
+            self.conn.hang_up()
+            return
+        headers, body = error_body(refusal.status, refusal.code, str(refusal))
+        self._finish(refusal.status)
+        self.conn.answer(refusal.status, headers, body, head_only=self.request.method == b"HEAD")
+
+    def _finish(self, status: int) -> None:
+        """Counted and logged once, however the request ends."""
+        if self._done:
+            return
+        self._done = True
+        app = self.app
+        app.finished()
+        elapsed = app.reactor.now - self.started
+        if self.proxied:
+            kind = status_class(status)
+            app.requests.inc(kind)
+            app.duration.observe(elapsed, kind)
+        peer: Any = self.conn.peer
+        app.access.record(
+            self.request.method,
+            self.request.target,
+            status,
+            elapsed=elapsed,
+            profile=self.name,
+            uid=None if peer is None else peer.uid,
+        )
 
 
-class _StreamedBody:
-    """A request body the upstream pulls as it sends: what was read, then the rest.
-
-    A class rather than an async generator: a generator abandoned half-way (Geins
-    refused early, the caller hung up) would be left to the garbage collector."""
-
-    def __init__(self, first: bytes, exchange: Exchange) -> None:
-        self._first: bytes | None = first
-        self._exchange = exchange
-
-    def __aiter__(self) -> _StreamedBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        chunk = await self._exchange.next_chunk()
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-
-async def _relay(exchange: Exchange, response: Response) -> int:
-    """Stream Geins' answer to the client, chunk by chunk, never whole in memory."""
-    try:
-        # Geins' headers as h11 parsed them, less hop-by-hop ones: not validated again.
-        await exchange.start(response.status, downstream_headers(response.headers), parsed=True)
-        while (chunk := await response.next_chunk()) is not None:
-            await exchange.send(chunk)
-        await exchange.end()
-    except UpstreamFailed as exc:
-        # Geins broke off mid-answer: the head is out, so hanging up is the only way to
-        # tell the client its answer is incomplete.
-        log.warning("upstream_broke_off", reason=str(exc))
-    finally:
-        await response.aclose()
-    return response.status
+def _text(target: bytes) -> str:
+    return target.decode("latin-1")

@@ -1,4 +1,4 @@
-"""The proxy's listeners, served by the shared HTTP shell, inside the daemon.
+"""The proxy's listeners and who may hold a connection, inside the daemon.
 
 The Unix socket is made like the broker's (listener.bind: private from the first
 instant, the broker's mode and group, a stale file replaced, a live one refused); the
@@ -16,27 +16,43 @@ locked everyone out.
 
 from __future__ import annotations
 
+import errno
+import functools
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from broker.core.clock import WallClock
 from broker.daemon.config import BrokerConfig
-from broker.http.server import HttpLimits, HttpServer, Refusal
+from broker.http.server import HttpLimits, Refusal
 from broker.observe.log import events
 from broker.observe.metrics import Metrics
 from broker.observe.routes import Observable
 from broker.policy.headers import error_body
+from broker.proxy.accesslog import AccessLog
+from broker.proxy.client import ClientConnection, status_line
 from broker.proxy.handler import ProxyApp
 from broker.proxy.peers import tcp_peer, unix_peer
+from broker.proxy.reactor import Reactor
 from broker.rpc.listener import Listener, ListenerError, bind
 from broker.rpc.ops import Api
 from broker.rpc.peercred import Peer
 
 log = events("broker.proxy")
+
+#: accept() errors that mean "out of resources" (trio's ACCEPT_CAPACITY_ERRNOS).
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_PAUSE: Final = 0.1
+#: Connections turned away are logged at most once per this many seconds per reason
+#: (with how many since): a peer that connects in a loop must not flood the log.
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+#: A peer turned away at the door may linger this long (its request read and dropped),
+#: at most this many at once.
+_DOOR_LINGER: Final = 0.5
+_MAX_LINGERING: Final = 64
 
 
 def limits_of(config: BrokerConfig) -> HttpLimits:
@@ -90,6 +106,107 @@ def _full(most: int) -> Refusal:
     return (503, "max_connections", f"all {most} connections are taken; try again")
 
 
+class Door:
+    """One listener: accepts (a trio task: once per connection, not per request), says
+    who is calling, admits or turns away, and hands each admitted socket to the
+    reactor as a `ClientConnection`."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        listener: trio.socket.SocketType,
+        identify: Callable[[Any], Peer | None],
+        name: str,
+        *,
+        identify_blocks: bool,
+    ) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.identify = identify
+        self.name = name
+        #: `identify` may take long (reading /proc/net/tcp, whose size any local user
+        #: grows): it runs through the daemon's offload (a worker thread), one at a time.
+        self.identify_blocks = identify_blocks
+        self.admission = ProxyAdmission(proxy.app.api, proxy.config)
+        self.connections = 0
+        #: Per refusal reason: when it was last logged, and how many went unlogged since.
+        self._refusals: dict[str, tuple[float, int]] = {}
+        self._lingering = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                sock, _ = await self.listener.accept()
+            except trio.ClosedResourceError:
+                return  # the owner closed the listener: connections carry on to the end
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("accept_paused", listener=self.name, reason=exc.strerror)
+                await trio.sleep(_ACCEPT_PAUSE)
+                continue
+            try:
+                if self.identify_blocks:
+                    peer = await self.proxy.offload(self.identify, sock)
+                else:
+                    peer = self.identify(sock)
+            except Exception:
+                # The peer is gone already (SO_PEERCRED on a reset connection), or a
+                # look-up failed: that connection, never the listener.
+                sock.close()
+                continue
+            self._admit(socket.socket(fileno=sock.detach()), peer)
+
+    def _admit(self, sock: socket.socket, peer: Peer | None) -> None:
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            # A head and a body written apart must not wait for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proxy = self.proxy
+        limits = limits_of(proxy.config)
+        refusal = self.admission.refusal(peer, self.connections, limits)
+        conn = ClientConnection(
+            proxy.reactor, sock, peer, proxy.app, limits=limits, listener=self.name
+        )
+        if refusal is not None:
+            self._log_refusal(refusal[1])
+            status, reason, message = refusal
+            code = "busy" if status == 503 else reason
+            headers, body = error_body(status, code, message)
+            head = status_line(status) + "".join(f"{k}: {v}\r\n" for k, v in headers).encode()
+            answer = head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
+            if self._lingering < _MAX_LINGERING:
+                # Such a peer holds no connection slot; at most _MAX_LINGERING linger
+                # (their request read and dropped, so it does not turn our answer into
+                # a reset), the rest are closed at once.
+                self._lingering += 1
+                conn.on_close.append(self._lingered)
+                conn.refuse_at_door(answer, _DOOR_LINGER)
+            else:
+                conn.refuse_at_door(answer, 0.0)
+            return
+        self.connections += 1
+        self.admission.opened(peer)
+        conn.on_close.append(functools.partial(self._closed, peer))
+
+    def _lingered(self) -> None:
+        self._lingering -= 1
+
+    def _closed(self, peer: Peer | None) -> None:
+        self.connections -= 1
+        self.admission.closed(peer)
+
+    def _log_refusal(self, reason: str) -> None:
+        now = trio.current_time()
+        logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
+        if now - logged_at < _REFUSAL_LOG_INTERVAL:
+            self._refusals[reason] = (logged_at, unlogged + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        log.warning("connection_refused", listener=self.name, reason=reason, since=unlogged + 1)
+
+
 class Proxy:
     def __init__(
         self,
@@ -103,10 +220,19 @@ class Proxy:
     ) -> None:
         self.config = config
         #: Runs the TCP peer look-up off the event loop (the daemon's own offload).
-        self._offload = offload
-        self.app = ProxyApp(api, config.proxy, wall, observable=observable, metrics=metrics)
-        self.servers: list[HttpServer] = []
-        self.admissions: list[ProxyAdmission] = []
+        self.offload = offload
+        self.reactor = Reactor()
+        self.access = AccessLog()
+        self.app = ProxyApp(
+            api,
+            config.proxy,
+            wall,
+            self.reactor,
+            observable=observable,
+            metrics=metrics,
+            access=self.access,
+        )
+        self.doors: list[Door] = []
         self.unix: Listener | None = None
         #: The TCP address actually bound (port 0 in the config: the kernel's choice).
         self.tcp_address: tuple[str, int] | None = None
@@ -114,19 +240,18 @@ class Proxy:
 
     @property
     def connections(self) -> int:
-        return sum(server.connections for server in self.servers)
+        return sum(door.connections for door in self.doors)
 
     def configure(self, config: BrokerConfig) -> None:
-        """A reload: new limits, profile and timeouts; the listeners stay as they are."""
+        """A reload: new limits, profile and timeouts (for new connections); the
+        listeners stay as they are."""
         old = self.config.proxy
         if (config.proxy.socket, config.proxy.tcp) != (old.socket, old.tcp):
             log.warning("reload_needs_restart", key="proxy listeners")
         self.config = config
         self.app.config = config.proxy
-        for server in self.servers:
-            server.limits = limits_of(config)
-        for admission in self.admissions:
-            admission.config = config
+        for door in self.doors:
+            door.admission.config = config
 
     def bind(self) -> None:
         """Take the listening sockets (before serving, so a failure stops the start-up
@@ -148,12 +273,11 @@ class Proxy:
 
     @property
     def in_flight(self) -> int:
-        return sum(server.in_flight for server in self.servers)
+        return self.app.in_flight
 
     async def drained(self) -> None:
         """Return once no proxied request is under way (the listeners being closed)."""
-        for server in self.servers:
-            await server.drained()
+        await self.app.drained()
 
     def describe(self) -> dict[str, object]:
         """Where it listens, for the daemon's `ready` line."""
@@ -174,27 +298,17 @@ class Proxy:
         """Serve the bound listeners until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.reactor.run)
+                nursery.start_soon(self.access.run)
                 for sock, identify, name in self._listeners:
-                    admission = ProxyAdmission(self.app.api, self.config)
-                    self.admissions.append(admission)
-                    server = HttpServer(
-                        self.app.handle,
-                        limits_of(self.config),
-                        identify=identify,
-                        error_body=error_body,
-                        name=name,
-                        admission=admission,
-                        identify_blocks=identify is tcp_peer,
-                        offload=self._offload,
-                    )
-                    self.servers.append(server)
-                    await nursery.start(server.serve, sock)
+                    door = Door(self, sock, identify, name, identify_blocks=identify is tcp_peer)
+                    self.doors.append(door)
+                    await nursery.start(door.serve)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.close()
-            with trio.CancelScope(shield=True):
-                await self.app.aclose()
+            self.app.close()
 
 
 def _bind_tcp(host: str, port: int) -> trio.socket.SocketType:

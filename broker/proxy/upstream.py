@@ -1,48 +1,51 @@
-"""The proxy's upstream client: HTTP/1.1 keep-alive connections to one origin, h11 on trio.
+"""The proxy's upstream client: HTTP/1.1 keep-alive connections to one origin, on the
+proxy's reactor, parsed by httptools (llhttp).
 
-Why not httpx here (the rest of the daemon uses it for Geins' auth calls, and the issue
-asked for it): measured with `python -m benchmarks.upstream_pool` (the client alone, N
-trio tasks against the nginx stub, every client in the same run; benchmarks/README.md),
-httpx 0.28.1 / httpcore 1.0.9 with limits sized like the proxy's (256 connections, 256
-kept alive) did 0.25x / 0.17x / 0.03x this pool's req/s at 1 / 16 / 64 callers; with
-httpx's default limits 0.25x / 0.14x / 0.12x. Not the limits, then, but two things:
-httpcore's pool rescans every connection for each connection on every pass
-(`_assign_requests_to_connections`: `len([c.is_idle() for c in self._connections])`
-inside a loop over the connections, ~1,600 `is_idle` calls per request at 64 callers;
-encode/httpcore#1035 and #1000, open and unreleased), and httpx's per-request machinery
-(models, context managers, cancel scopes: ~1,200 Python calls a request), which is why
-even one caller is 4x slower. The pydantic/httpx2 fork carries the pool fix (its
-#974, #1075) and still reached only 0.34x / 0.35x / 0.26x. The proxy's whole job is
-this one exchange, so it gets the same shape as the server side: h11 for the
-protocol, trio for the sockets, a pool of idle connections per origin.
+Why not httpx (the daemon's Geins auth client): measured with
+`python -m benchmarks.upstream_pool`, httpx's pool and per-request machinery
+cost 4x to 30x this pool's CPU per request (benchmarks/README.md); and why not trio streams: a
+scheduler round trip per read and write (reactor.py). A request here is a head and a
+body handed to `Pool.request` with a `Caller` that hears what happens; nothing awaits.
 
-What a caller may rely on: one request per connection at a time; a connection goes back
-to the pool only after a complete exchange that both sides may continue; an idle
-connection the server closed is noticed before reuse (it turns readable), and a
-request whose reused connection fails before any answer byte is sent again once on a
-fresh connection, if its body is replayable (bytes). TLS verifies the certificate and
+What a caller may rely on: one request per connection at a time; its `Caller` hears
+`answer_head` once (1xx answers are skipped), then `answer_body` pieces, then
+`answer_end`, or `upstream_failed` at any point (and nothing after it). A
+connection goes back to the pool only after a complete exchange both sides may
+continue. An idle connection the server
+closed is noticed before reuse (it reads as readable: EOF or junk), and a request
+whose reused connection fails before any answer byte is sent again once on a fresh
+connection when its body is replayable (bytes). The answer must begin within
+`timeout` of the request, and each later read of it must make progress within
+`timeout` (UpstreamTimedOut). A message with both Content-Length and
+Transfer-Encoding is refused by the parser (RFC 9112 6.3 lets a recipient do so): a
+lying upstream gets a 502, never a re-framed answer. TLS verifies the certificate and
 host name with the system's trust store (or the context given), HTTP/1.1 by ALPN.
 """
 
 from __future__ import annotations
 
-import contextlib
-import select
+import collections
+import errno
+import ipaddress
+import math
+import socket
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
-import h11
+import httptools
 import trio
 
-from broker.http.io import receive_some, send_all
 from broker.policy.headers import is_field_value
+from broker.proxy.reactor import BROKEN, IN, OUT, Reactor
+from broker.proxy.transport import Plain, Tls, Transport
 
-_READ_SIZE: Final = 65536
+READ_SIZE: Final = 65536
 #: An idle connection older than this is closed rather than reused.
 KEEPALIVE_EXPIRY: Final = 30.0
+#: Requests waiting for a connection slot, at most (beyond: 503 busy).
+MAX_WAITING: Final = 4096
 
 
 class UpstreamFailed(Exception):
@@ -51,6 +54,23 @@ class UpstreamFailed(Exception):
 
 class UpstreamTimedOut(UpstreamFailed):
     """No answer (or no more of it) within the timeout (the proxy says 504)."""
+
+
+class Caller(Protocol):
+    """Who hears about one upstream exchange (the proxy's request, handler.py)."""
+
+    def answer_head(self, status: int, headers: list[tuple[bytes, bytes]], framed: bool) -> None:
+        """`framed`: the body's length is known from the head (Content-Length, or no
+        body), so it can be relayed byte for byte; else it must be re-framed."""
+
+    def answer_body(self, data: bytes) -> None: ...
+
+    def answer_end(self) -> None: ...
+
+    def upstream_failed(self, exc: UpstreamFailed) -> None: ...
+
+    def body_sent(self) -> None:
+        """A streamed body's backlog went out: more of it may be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,257 +91,528 @@ class Origin:
         return cls(parts.scheme, parts.hostname, port, parts.netloc, parts.path.rstrip("/"))
 
 
-class _Connection:
-    __slots__ = ("_poller", "h11", "idle_since", "sock", "stream")
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        #: Plain TCP: the socket, read and written directly (broker/http/io.py);
-        #: None under TLS, where the SSLStream does the I/O.
-        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self.h11 = h11.Connection(h11.CLIENT)
-        self.idle_since = 0.0
-        self._poller: select.poll | None = None
-
-    async def send_all(self, data: bytes) -> None:
-        if self.sock is not None:
-            await send_all(self.sock, data)
-        else:
-            await self.stream.send_all(data)
-
-    async def receive_some(self, deadline: float) -> bytes:
-        """Raises trio.TooSlowError if nothing came by `deadline`."""
-        if self.sock is not None:
-            return await receive_some(self.sock, deadline)
-        with trio.move_on_at(deadline):
-            return bytes(await self.stream.receive_some(_READ_SIZE))
-        raise trio.TooSlowError
-
-    def socket_readable(self) -> bool:
-        """Readable while idle means the server closed it (or sent junk): not reusable."""
-        poller = self._poller
-        if poller is None:
-            sock = self.sock
-            if sock is None:
-                inner = getattr(self.stream, "transport_stream", None)
-                sock = getattr(inner, "socket", None)
-            if sock is None:
-                return True
-            # A poll object is a list of descriptors in user space (the kernel sees
-            # it only during poll()): kept for the connection's life, it costs nothing.
-            poller = self._poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-
-
-class Response:
-    """Status and headers at once; the body pulled with `next_chunk`. `aclose` always."""
-
-    def __init__(self, pool: Pool, conn: _Connection, head: h11.Response) -> None:
-        self._pool = pool
-        self._conn: _Connection | None = conn
-        self.status = head.status_code
-        #: As h11 parsed (and validated) them: bytes, names lowercased, in order.
-        self.headers = [(name.lower(), value) for name, value in head.headers.raw_items()]
-
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body; None at its end."""
-        conn = self._conn
-        assert conn is not None
-        while True:
-            event = await self._pool.next_event(conn)
-            if isinstance(event, h11.Data):
-                if event.data:
-                    return bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return None
-            else:
-                raise UpstreamFailed("the upstream closed the connection mid-answer")
-
-    async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._pool.release(conn)
-
-
 class Pool:
     """Keep-alive connections to one origin, at most `max_connections` at once."""
 
     def __init__(
         self,
+        reactor: Reactor,
         url: str,
         *,
         max_connections: int,
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.reactor = reactor
         self.origin = Origin.of(url)
-        self._host = self.origin.authority.encode("idna")
-        self._host_checked = is_field_value(self._host)
+        host = self.origin.authority.encode("idna")
+        if not is_field_value(host):
+            raise ValueError(f"not a usable host: {self.origin.authority!r}")
+        #: The start of every request head's header block.
+        self.host_line = b"host: " + host + b"\r\n"
+        self.base_path = self.origin.base_path.encode("latin-1")
         self.timeout = timeout
-        self._slots = trio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []
+        self.max_connections = max_connections
+        self.busy = 0
+        self._idle: list[UpstreamConnection] = []
+        self._waiting: collections.deque[_Pending] = collections.deque()
         self._ssl = ssl_context
         if self.origin.scheme == "https" and self._ssl is None:
             self._ssl = ssl.create_default_context()
             self._ssl.set_alpn_protocols(["http/1.1"])
         self.closed = False
 
-    async def request(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
-        *,
-        parsed: bool = False,
-    ) -> Response:
-        """Send; return once the answer's head is in (within `timeout`).
+    def request(
+        self, caller: Caller, head: bytes, body: bytes | None, *, head_only: bool = False
+    ) -> Exchange:
+        """Start sending `head` (the request line and headers, without Host, which the
+        pool adds first) and `body` (bytes; None: streamed with `Exchange.send`)."""
+        exchange = Exchange(self, caller, head, body, head_only)
+        self.reactor.tick()  # a caller may be a task, between the reactor's rounds
+        if self.busy < self.max_connections:
+            self._start(exchange)
+        elif len(self._waiting) >= MAX_WAITING:
+            caller.upstream_failed(UpstreamFailed("too many requests waiting for a connection"))
+        else:
+            self._waiting.append(_Pending(exchange))
+        return exchange
 
-        `parsed`: every header name and value came out of h11's parser or was
-        checked with rules.is_field_value (names lowercased), so h11 need not validate
-        them again."""
-        try:
-            self._slots.acquire_nowait()  # no trip through the scheduler while there is room
-        except trio.WouldBlock:
-            await self._slots.acquire()
-        # A bare cancel scope: trio.fail_after is a generator-based context manager,
-        # a measurable cost on a path taken once per proxied request.
-        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
-        try:
-            with scope:
-                return await self._exchange(method, target, headers, body, parsed)
-        except BaseException:
-            self._slots.release()
-            raise
-        # Only reached when the scope's deadline cancelled the exchange.
-        self._slots.release()
-        raise UpstreamTimedOut("the upstream did not answer in time")
-
-    async def _exchange(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
-        parsed: bool,
-    ) -> Response:
-        head = [(b"host", self._host), *headers]
-        if isinstance(body, bytes):
-            head.append((b"content-length", b"%d" % len(body)))
-        elif not any(k == b"content-length" for k, _ in headers):
-            head.append((b"transfer-encoding", b"chunked"))
-        request = h11.Request(
-            method=method.encode("ascii"),
-            target=(self.origin.base_path + target).encode("latin-1"),
-            headers=head,
-            _parsed=parsed and self._host_checked,
-        )
-        while True:
-            conn, reused = await self._connection()
-            try:
-                await self._send(conn, request, body)
-                event = await self.next_event(conn)
-                while isinstance(event, h11.InformationalResponse):
-                    event = await self.next_event(conn)
-            except UpstreamFailed:
-                await _close(conn)
-                if reused and isinstance(body, bytes):
-                    continue  # a stale keep-alive connection: once more, on a fresh one
-                raise
-            except BaseException:
-                await _close(conn)
-                raise
-            if not isinstance(event, h11.Response):
-                await _close(conn)
-                raise UpstreamFailed("the upstream closed the connection without answering")
-            return Response(self, conn, event)
-
-    async def _connection(self) -> tuple[_Connection, bool]:
-        now = trio.current_time()
-        while self._idle:
+    def _start(self, exchange: Exchange, *, fresh: bool = False) -> None:
+        self.busy += 1
+        now = self.reactor.now
+        while self._idle and not fresh:
             conn = self._idle.pop()
-            if now - conn.idle_since < KEEPALIVE_EXPIRY and not conn.socket_readable():
-                return conn, True
-            await _close(conn)
-        origin = self.origin
-        try:
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
-        except OSError as exc:
-            raise UpstreamFailed(f"cannot connect ({type(exc).__name__})") from None
-        if self._ssl is None:
-            return _Connection(tcp), False
-        tls = trio.SSLStream(tcp, self._ssl, server_hostname=origin.host, https_compatible=True)
-        try:
-            await tls.do_handshake()
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(tcp)
-            if isinstance(exc, trio.BrokenResourceError | ssl.SSLError | OSError):
-                raise UpstreamFailed(f"cannot connect (TLS: {exc.__cause__ or exc})") from None
-            raise
-        return _Connection(tls), False
-
-    async def _send(
-        self, conn: _Connection, request: h11.Request, body: bytes | AsyncIterator[bytes]
-    ) -> None:
-        protocol = conn.h11
-        try:
-            data = protocol.send(request) or b""
-            if isinstance(body, bytes):
-                if body:
-                    data += protocol.send(h11.Data(data=body)) or b""
-                await conn.send_all(data + (protocol.send(h11.EndOfMessage()) or b""))
+            if now - conn.idle_since < KEEPALIVE_EXPIRY and conn.alive():
+                conn.begin(exchange, reused=True)
                 return
-            await conn.send_all(data)
-            async for chunk in body:
-                if chunk:
-                    await conn.send_all(protocol.send(h11.Data(data=chunk)) or b"")
-            await conn.send_all(protocol.send(h11.EndOfMessage()) or b"")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise UpstreamFailed(f"sending failed ({type(exc).__name__})") from None
+            conn.close()
+        conn = UpstreamConnection(self)
+        conn.begin(exchange, reused=False)
+        host = self.origin.host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            self.reactor.spawn(self._resolve, conn, host)
+        else:
+            conn.connect([(socket.AF_INET6 if ":" in host else socket.AF_INET, host)])
 
-    async def next_event(self, conn: _Connection) -> object:
-        """The next h11 event from the upstream; a read waits at most `timeout`."""
-        protocol = conn.h11
-        while True:
-            try:
-                event = protocol.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamFailed(f"the upstream broke HTTP ({exc})") from None
-            if event is not h11.NEED_DATA:
-                if isinstance(event, h11.ConnectionClosed):
-                    raise UpstreamFailed("the upstream closed the connection")
-                return event
-            try:
-                data = await conn.receive_some(trio.current_time() + self.timeout)
-            except trio.TooSlowError:
-                raise UpstreamTimedOut("the upstream stopped sending") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise UpstreamFailed(f"reading failed ({type(exc).__name__})") from None
-            protocol.receive_data(data)
+    async def _resolve(self, conn: UpstreamConnection, host: str) -> None:
+        """A host name is looked up by trio (in a worker thread), then connected to here."""
+        try:
+            infos = await trio.socket.getaddrinfo(host, self.origin.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self.reactor.tick()
+            conn.fail(UpstreamFailed(f"cannot resolve ({type(exc).__name__})"))
+            return
+        self.reactor.tick()
+        if not conn.closed:
+            conn.connect([(info[0], str(info[4][0])) for info in infos])
 
-    async def release(self, conn: _Connection) -> None:
-        """Back to the pool if the exchange completed and both sides keep the connection."""
-        self._slots.release()
-        protocol = conn.h11
-        if not self.closed and protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
-            protocol.start_next_cycle()
-            conn.idle_since = trio.current_time()
+    def released(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """`conn` finished an exchange (and is kept if `reusable`): its slot is free."""
+        self.busy -= 1
+        if reusable and not self.closed:
+            conn.idle_since = self.reactor.now
             self._idle.append(conn)
         else:
-            await _close(conn)
+            conn.close()
+        while self._waiting and self.busy < self.max_connections:
+            pending = self._waiting.popleft()
+            if not pending.exchange.cancelled:
+                self._start(pending.exchange)
 
-    async def aclose(self) -> None:
+    def retry(self, exchange: Exchange) -> None:
+        """Once more on a fresh connection (a stale keep-alive one failed)."""
+        self._start(exchange, fresh=True)
+
+    def close(self) -> None:
         self.closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await _close(conn)
+            conn.close()
 
 
-_CLOSE_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
+@dataclass(slots=True)
+class _Pending:
+    exchange: Exchange
 
 
-async def _close(conn: _Connection) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(*_CLOSE_ERRORS):
-        await conn.stream.aclose()
+class Exchange:
+    """One request on its way: what the proxy's request holds to stream a body up,
+    hold back the answer (`pause`), or give up (`cancel`)."""
+
+    __slots__ = ("body", "caller", "cancelled", "conn", "head", "head_only", "pool", "retried")
+
+    def __init__(
+        self, pool: Pool, caller: Caller, head: bytes, body: bytes | None, head_only: bool
+    ) -> None:
+        self.pool = pool
+        self.caller = caller
+        self.head = head
+        self.body = body
+        self.head_only = head_only
+        self.conn: UpstreamConnection | None = None
+        self.cancelled = False
+        self.retried = False
+
+    def send(self, data: bytes) -> bool:
+        """A piece of a streamed body (already framed); False: wait for `body_sent`."""
+        conn = self.conn
+        return conn is not None and conn.write_body(data)
+
+    def finish(self) -> None:
+        """A streamed body's last piece went to `send`."""
+        if self.conn is not None:
+            self.conn.body_done()
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or resume) reading the answer: the caller's client is not keeping up."""
+        if self.conn is not None:
+            self.conn.pause(paused)
+
+    def cancel(self) -> None:
+        """The caller gave up: the connection (if any) is closed, nothing is heard."""
+        self.cancelled = True
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+
+
+class UpstreamConnection:
+    """One connection to the origin, on the reactor."""
+
+    __slots__ = (
+        "_connecting",
+        "_headers",
+        "_name",
+        "_paused",
+        "_want",
+        "addresses",
+        "answered",
+        "closed",
+        "deadline",
+        "exchange",
+        "fd",
+        "idle_since",
+        "out",
+        "parser",
+        "pool",
+        "reused",
+        "sent",
+        "sock",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.transport: Transport | None = None
+        self.exchange: Exchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.addresses: list[tuple[int, str]] = []
+        self.out = bytearray()
+        self.closed = False
+        self.deadline = math.inf
+        self.idle_since = 0.0
+        self.reused = False
+        #: Whether the whole request is out (a keep-alive connection needs it).
+        self.sent = False
+        #: Whether any byte of the answer came in (a retry is no longer safe).
+        self.answered = False
+        self.status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._name = b""
+        self._connecting = False
+        self._paused = False
+        self._want = IN
+
+    # -- connecting ------------------------------------------------------------------------
+
+    def connect(self, addresses: list[tuple[int, str]]) -> None:
+        self.addresses = addresses
+        self._next_address()
+
+    def _next_address(self) -> None:
+        if self.sock is not None:
+            self.pool.reactor.unregister(self.fd)
+            self.sock.close()
+            self.sock = None
+        if not self.addresses:
+            self.fail(UpstreamFailed("cannot connect (ConnectionRefusedError)"))
+            return
+        family, host = self.addresses.pop(0)
+        sock = socket.socket(
+            family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.fd = sock, sock.fileno()
+        code = sock.connect_ex((host, self.pool.origin.port))
+        if code not in (0, errno.EINPROGRESS):
+            self._next_address()
+            return
+        self._connecting = True
+        self._want = OUT
+        self.pool.reactor.register(self.fd, self, OUT)
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._next_address()
+            return
+        self._connecting = False
+        context = self.pool._ssl
+        if context is None:
+            self.transport = Plain(self.sock)
+        else:
+            self.transport = Tls(self.sock, context, self.pool.origin.host)
+        self._set_interest(IN)
+        self._flush_request()
+
+    # -- one exchange ----------------------------------------------------------------------
+
+    def begin(self, exchange: Exchange, *, reused: bool) -> None:
+        exchange.conn = self
+        self.exchange = exchange
+        self.reused = reused
+        self.sent = self.answered = False
+        self.status = 0
+        self._headers = []
+        self.deadline = self.pool.reactor.now + self.pool.timeout
+        self.pool.reactor.track(self)
+        pool = self.pool
+        head = exchange.head
+        # The request line ends at the first CRLF; the Host line goes right after it.
+        line_end = head.index(b"\r\n") + 2
+        method_end = head.index(b" ")
+        data = b"".join(
+            (
+                head[: method_end + 1],
+                pool.base_path,
+                head[method_end + 1 : line_end],
+                pool.host_line,
+                head[line_end:],
+            )
+        )
+        if exchange.body is not None:
+            data += exchange.body
+            self.sent = True
+        self.out += data
+        if reused:
+            self._flush_request()
+
+    def write_body(self, data: bytes) -> bool:
+        """More of a streamed body, framed; False: wait for the caller's `body_sent`."""
+        if self.closed:
+            return False
+        if self.transport is None or self.transport.handshaking:
+            self.out += data
+            return False
+        return self._write(data)
+
+    def body_done(self) -> None:
+        self.sent = True
+
+    def _flush_request(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if transport.handshaking:
+            self._handshake()
+            return
+        data, self.out = self.out, bytearray()
+        if data and self._write(data) and self.exchange is not None:
+            self.exchange.caller.body_sent()
+
+    def _write(self, data: bytes | bytearray) -> bool:
+        transport = self.transport
+        assert transport is not None
+        try:
+            done = transport.write(data)
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(UpstreamFailed(f"sending failed ({type(exc).__name__})"))
+            return False
+        if not done:
+            self._set_interest(self._want | OUT)
+        return done
+
+    def _flushed(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            done = transport.flush()
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(UpstreamFailed(f"sending failed ({type(exc).__name__})"))
+            return
+        if done:
+            self._set_interest(self._want & ~OUT)
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.caller.body_sent()
+
+    def _handshake(self) -> None:
+        transport = self.transport
+        assert isinstance(transport, Tls)
+        try:
+            done = transport.handshake()
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(UpstreamFailed(f"cannot connect (TLS: {exc})"))
+            return
+        if done:
+            self._flush_request()
+        elif transport.pending:
+            self._set_interest(self._want | OUT)
+
+    def _set_interest(self, mask: int) -> None:
+        if mask != self._want and not self.closed:
+            self._want = mask
+            self.pool.reactor.modify(self.fd, mask if not self._paused else mask & ~IN)
+
+    def pause(self, paused: bool) -> None:
+        """While paused, the caller's client is what is slow (its own idle timeout
+        governs), so the upstream's read timeout stops, and starts afresh on resume."""
+        if paused != self._paused and not self.closed and self.transport is not None:
+            self._paused = paused
+            self.pool.reactor.modify(self.fd, self._want & ~IN if paused else self._want)
+            if paused:
+                self.deadline = math.inf
+            elif self.exchange is not None:
+                self.deadline = self.pool.reactor.now + self.pool.timeout
+                self.pool.reactor.watch(self.deadline)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def on_event(self, events: int) -> None:
+        if self._connecting:
+            self._connected()
+            return
+        transport = self.transport
+        assert transport is not None
+        if transport.handshaking:
+            self._handshake()
+            return
+        if events & OUT:
+            self._flushed()
+            if self.closed:
+                return
+        if events & BROKEN and (self._paused or not self._want & IN):
+            self.fail(UpstreamFailed("the connection broke"))
+            return
+        if events & ~OUT and not self._paused:
+            self._read()
+
+    def _read(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            data = transport.receive(READ_SIZE)
+        except BlockingIOError:
+            return
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(UpstreamFailed(f"reading failed ({type(exc).__name__})"))
+            return
+        if self.exchange is None:
+            self.close()  # junk or a close while idle: not reusable
+            return
+        if not data:
+            self._eof()
+            return
+        self.answered = True
+        self.deadline = self.pool.reactor.now + self.pool.timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.exchange is not None:
+                self.fail(UpstreamFailed(f"the upstream broke HTTP ({_reason(exc)})"))
+
+    def _eof(self) -> None:
+        if self.status and not _has_length(self._headers) and self.exchange is not None:
+            self.on_message_complete()  # a body delimited by the close
+            self.close()
+            return
+        if self.reused and not self.answered:
+            exchange = self.exchange
+            if exchange is not None and exchange.body is not None and not exchange.retried:
+                # A stale keep-alive connection: once more, on a fresh one.
+                exchange.retried = True
+                self.exchange = None
+                self.pool.busy -= 1
+                self.close()
+                self.pool.retry(exchange)
+                return
+        if self.status:
+            self.fail(UpstreamFailed("the upstream closed the connection mid-answer"))
+        else:
+            self.fail(UpstreamFailed("the upstream closed the connection without answering"))
+
+    def expire(self, now: float) -> None:
+        if self.exchange is None:
+            self.deadline = math.inf
+            return
+        if self.status:
+            self.fail(UpstreamTimedOut("the upstream stopped sending"))
+        else:
+            self.fail(UpstreamTimedOut("the upstream did not answer in time"))
+
+    # -- httptools' callbacks --------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self._headers = []  # 1xx: skipped, the real answer follows
+            return
+        self.status = status
+        exchange = self.exchange
+        if exchange is not None:
+            head_only = exchange.head_only or status in (204, 304)
+            framed = head_only or _has_length(self._headers, chunked_too=False)
+            exchange.caller.answer_head(status, self._headers, framed)
+            if head_only and self.exchange is exchange:
+                # The answer to HEAD has no body whatever its Content-Length says,
+                # which httptools cannot be told: the exchange ends here, and the
+                # connection is not reused (its parser would wait for that body).
+                self.sent = False
+                self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None and self.status:
+            exchange.caller.answer_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is None or not self.status:
+            return
+        self.exchange = None
+        exchange.conn = None
+        self.deadline = math.inf
+        self.pool.reactor.untrack(self)
+        pending = self.out or (self.transport is not None and self.transport.pending)
+        reusable = self.sent and not pending and self.parser.should_keep_alive()
+        if reusable:
+            self.parser = httptools.HttpResponseParser(self)
+        self.pool.released(self, reusable)
+        exchange.caller.answer_end()
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def fail(self, exc: UpstreamFailed) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.conn = None
+            self.pool.released(self, False)
+            exchange.caller.upstream_failed(exc)
+        else:
+            self.close()
+
+    def abandon(self) -> None:
+        """The caller left: no more of this exchange, and the connection cannot be reused."""
+        if self.exchange is not None:
+            self.exchange = None
+            self.pool.released(self, False)
+        else:
+            self.close()
+
+    def abort(self) -> None:
+        self.fail(UpstreamFailed("internal error"))
+
+    def alive(self) -> bool:
+        """An idle connection that reads as ready was closed by the server (or it sent
+        junk): not reusable."""
+        sock = self.sock
+        if sock is None or self.closed:
+            return False
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.reactor.untrack(self)
+        if self.sock is not None:
+            self.pool.reactor.unregister(self.fd)
+            self.sock.close()
+
+
+def _has_length(headers: list[tuple[bytes, bytes]], *, chunked_too: bool = True) -> bool:
+    for name, value in headers:
+        if name == b"content-length":
+            return True
+        if chunked_too and name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+            return True
+    return False
+
+
+def _reason(exc: httptools.HttpParserError) -> str:
+    return str(exc) or type(exc).__name__

@@ -7,6 +7,11 @@ import signal
 import subprocess
 import time
 
+import httpx
+import pytest
+
+from broker.cli.storefront_demo import DEMO_ORDERS, missing_node
+from broker.emulator.model.service import DEMO_PASSWORD
 from tests.support import DEMO_USER, GEINS_BROKER, Scrape
 
 
@@ -94,3 +99,42 @@ def test_demo_reads_the_user_through_the_proxy() -> None:
     answer = lines[-1]
     assert '"getUser"' in answer
     assert DEMO_USER in answer
+
+
+@pytest.mark.skipif(missing_node() is not None, reason="the storefront demo needs Node and npm")
+def test_demo_storefront_serves_a_login_that_works_then_stops_on_ctrl_c() -> None:
+    demo = subprocess.Popen(
+        [*GEINS_BROKER, "demo", "--storefront"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 120  # the first run installs the example (npm ci)
+        while not lines or "press Ctrl-C" not in lines[-1]:
+            assert time.monotonic() < deadline, lines
+            line = demo.stdout.readline()
+            assert line, f"the demo ended early: {lines}"
+            lines.append(line.rstrip("\n"))
+        url = next(line.split()[1] for line in lines if line.strip().startswith("open http"))
+        with httpx.Client(base_url=url, timeout=30) as shop:
+            form = {"username": DEMO_USER, "password": DEMO_PASSWORD}
+            refused = shop.post("/login", data=form, headers={"Origin": "https://evil.example"})
+            assert refused.status_code == 403
+            assert "set-cookie" not in refused.headers
+            logged_in = shop.post("/login", data=form, headers={"Origin": url})
+            assert logged_in.status_code == 303, logged_in.text
+            cookie = logged_in.headers["set-cookie"]
+            assert cookie.startswith("__Host-geins-session=")
+            handle = cookie.split(";")[0].split("=", 1)[1]
+            account = shop.get("/account", headers={"Cookie": f"__Host-geins-session={handle}"})
+            assert account.status_code == 200
+            assert DEMO_USER in account.text
+            assert f"{DEMO_ORDERS} orders" in account.text
+    finally:
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=30)
+    assert demo.returncode == 0, err
+    assert "stopping the storefront, the daemon and the emulator" in out

@@ -346,6 +346,25 @@ def test_revoke_user_ends_every_session(sdk: Sdk, service: AuthService) -> None:
     assert service.inspect_refresh(token)["state"] == "revoked"
 
 
+def test_sessions_of_counts_live_sessions_and_rotations(sdk: Sdk, service: AuthService) -> None:
+    first = refresh_of(sdk.login("ada@example.com", "s3cret"))
+    sdk.login("ada@example.com", "s3cret")
+    second = refresh_of(sdk.refresh(first))
+    sdk.refresh(second)
+    sdk.refresh(first)  # spent: refused, and no rotation
+    sdk.send(
+        "GET",
+        f"{AUTH}/logout",
+        **{"x-auth-refresh-token": refresh_of(sdk.login("ada@example.com", "s3cret"))},
+    )
+    assert service.sessions_of("ada@example.com") == {"live": 2, "rotations": 2, "all_rotations": 2}
+    assert service.sessions_of("nobody@example.com") == {
+        "live": 0,
+        "rotations": 0,
+        "all_rotations": 2,
+    }
+
+
 def test_unknown_paths_and_methods(sdk: Sdk, service: AuthService) -> None:
     assert sdk.send("GET", "/nope").status == 404
     assert sdk.send("DELETE", f"{AUTH}/login").status == 405

@@ -9,6 +9,7 @@ from broker.policy.headers import (
     error_body,
     is_field_value,
     min_valid_for,
+    overridden_length,
     upstream_headers,
 )
 
@@ -40,7 +41,11 @@ def test_upstream_headers_replace_credentials_and_drop_hop_by_hop() -> None:
         (b"authorization", b"Bearer B"),
         (b"x-apikey", b"K"),
     ]
+    # Streamed as framed: chunked overrides the declared length, which is not sent on.
     streamed = upstream_headers(client, bearer=b"B", api_key=b"K", keep_length=True)
+    assert not any(name == b"content-length" for name, _ in streamed)
+    unchunked = [(k, v) for k, v in client if k != b"transfer-encoding"]
+    streamed = upstream_headers(unchunked, bearer=b"B", api_key=b"K", keep_length=True)
     assert (b"content-length", b"12") in streamed
 
 
@@ -50,7 +55,6 @@ def test_downstream_headers_keep_the_length_and_drop_hop_by_hop() -> None:
         (b"content-length", b"42"),
         (b"connection", b"close, x-internal"),
         (b"x-internal", b"1"),
-        (b"transfer-encoding", b"chunked"),
         (b"proxy-authenticate", b"Basic"),
         (b"x-request-id", b"r1"),
     ]
@@ -59,6 +63,18 @@ def test_downstream_headers_keep_the_length_and_drop_hop_by_hop() -> None:
         (b"content-length", b"42"),
         (b"x-request-id", b"r1"),
     ]
+
+
+def test_a_length_that_transfer_encoding_overrides_goes_nowhere() -> None:
+    """RFC 9112 6.3: with both, the chunks frame the body; the length is a lie."""
+    upstream = [
+        (b"content-length", b"5"),
+        (b"transfer-encoding", b"chunked"),
+        (b"x-request-id", b"r1"),
+    ]
+    assert overridden_length(upstream)
+    assert not overridden_length(upstream[1:])
+    assert downstream_headers(upstream) == [(b"x-request-id", b"r1")]
 
 
 def test_errors_are_graphql_shaped() -> None:

@@ -8,6 +8,7 @@ daemon's own uid and may read every profile; other uids are in test_proxy_proces
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -396,7 +397,7 @@ async def test_a_large_body_streams_through_and_is_not_retried(
     daemon_wall, emulator_wall = OffsetWall(), OffsetWall()
     emulator = Emulator(clock=emulator_wall.now, token_ttl=900.0)
     await emulator.start(nursery)
-    broker = await start_broker(nursery, emulator, daemon_wall, short_tmp)  # type: ignore[arg-type]
+    broker = await start_broker(nursery, emulator, daemon_wall, short_tmp)
     await broker.login()
     daemon_wall.offset = 60.0  # the bearer is a minute old: old enough to renew on a 401
     emulator_wall.offset = 60.0
@@ -576,3 +577,34 @@ async def test_a_reload_applies_new_limits(
         small = await client.post("/graphql", json=GET_USER)
         large = await client.post("/graphql", json={**GET_USER, "variables": {"x": "y" * 2000}})
     assert (small.status_code, large.status_code) == (200, 413)
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    autojump_clock: trio.testing.MockClock, proxied: Broker
+) -> None:
+    """Three requests in one write: three answers, in order, on the one connection."""
+    await proxied.login()
+    body = json.dumps(GET_USER).encode()
+    one = HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    last = HEAD + b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    sock = await raw(proxied)
+    with sock:
+        await sock.send(one + b"GET /healthz-not HTTP/1.1\r\nHost: geins\r\n\r\n" + last)
+        answer = await read_all(sock)
+    statuses = [int(found) for found in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 404, 200]  # the emulator knows no /healthz-not
+    assert [r.target for r in graphql_requests(proxied.emulator)][-2:] == ["/graphql", "/graphql"]
+
+
+async def test_a_caller_that_shuts_its_side_still_gets_its_answer(
+    autojump_clock: trio.testing.MockClock, proxied: Broker
+) -> None:
+    await proxied.login()
+    body = json.dumps(GET_USER).encode()
+    sock = await raw(proxied)
+    with sock:
+        await sock.send(HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.shutdown(socket.SHUT_WR)
+        answer = await read_all(sock)
+    assert status_of(answer) == 200
+    assert DEMO_USER.encode() in answer

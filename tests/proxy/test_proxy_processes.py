@@ -29,6 +29,7 @@ from tests.support import (
     call,
     free_port,
     running,
+    wait_until,
     write_config,
 )
 
@@ -169,7 +170,8 @@ def test_another_uid_gets_only_the_profiles_it_may_read(stack: Stack, via: str) 
     )
     assert status == 200
     assert body["data"]["getUser"]["email"] == DEMO_USER
-    assert f"uid={NOBODY}" in stack.daemon.log()
+    # The access log is written in batches, a moment after the answer.
+    wait_until(lambda: f"uid={NOBODY}" in stack.daemon.log(), 5, "the access line")
 
 
 def _peak_rss_kib(pid: int) -> int:

@@ -1,5 +1,5 @@
-"""The proxy's upstream pool over real sockets: TLS verified, stale keep-alive
-connections noticed, broken answers reported."""
+"""The proxy's upstream pool on its reactor, over real sockets: TLS verified, stale
+keep-alive connections noticed, broken answers reported."""
 
 from __future__ import annotations
 
@@ -14,9 +14,55 @@ import h11
 import pytest
 import trio
 
+from broker.proxy.reactor import Reactor
 from broker.proxy.upstream import Pool, UpstreamFailed, UpstreamTimedOut
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+class Heard:
+    """A `Caller` that keeps what it hears, for a test to await."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.failure: UpstreamFailed | None = None
+        self.done = trio.Event()
+        self.headed = trio.Event()
+
+    def answer_head(self, status: int, headers: list[tuple[bytes, bytes]], framed: bool) -> None:
+        self.status = status
+        self.headed.set()
+
+    def answer_body(self, data: bytes) -> None:
+        self.body += data
+
+    def answer_end(self) -> None:
+        self.done.set()
+
+    def upstream_failed(self, exc: UpstreamFailed) -> None:
+        self.failure = exc
+        self.headed.set()
+        self.done.set()
+
+    def body_sent(self) -> None:
+        pass
+
+
+async def request(pool: Pool, method: bytes = b"POST", body: bytes = b"{}") -> Heard:
+    heard = Heard()
+    pool.request(
+        heard, method + b" /graphql HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body), body
+    )
+    await heard.done.wait()
+    return heard
+
+
+@pytest.fixture
+async def reactor(nursery: trio.Nursery) -> Reactor:
+    loop = Reactor()
+    await nursery.start(loop.run)
+    return loop
 
 
 async def answer_requests(stream: trio.abc.Stream, count: int, body: bytes = b'{"ok":1}') -> None:
@@ -61,7 +107,9 @@ def certificate(short_tmp: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-async def test_tls_is_verified(nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
+async def test_tls_is_verified(
+    nursery: trio.Nursery, reactor: Reactor, certificate: tuple[Path, Path]
+) -> None:
     cert, key = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
@@ -75,21 +123,22 @@ async def test_tls_is_verified(nursery: trio.Nursery, certificate: tuple[Path, P
     )
     port = listeners[0].transport_listener.socket.getsockname()[1]
     trusting = ssl.create_default_context(cafile=str(cert))
-    pool = Pool(f"https://localhost:{port}", max_connections=4, timeout=10, ssl_context=trusting)
-    response = await pool.request("POST", "/graphql", [], b"{}")
-    assert response.status == 200
-    assert await response.next_chunk() == b'{"ok":1}'
-    assert await response.next_chunk() is None
-    await response.aclose()
-    await pool.aclose()
+    pool = Pool(
+        reactor, f"https://localhost:{port}", max_connections=4, timeout=10, ssl_context=trusting
+    )
+    for _ in range(2):  # the second over the same connection
+        heard = await request(pool)
+        assert (heard.status, heard.body, heard.failure) == (200, b'{"ok":1}', None)
+    pool.close()
     # The system's trust store does not know this certificate: no connection.
-    untrusting = Pool(f"https://localhost:{port}", max_connections=4, timeout=10)
-    with pytest.raises(UpstreamFailed, match="cannot connect"):
-        await untrusting.request("GET", "/", [], b"")
+    untrusting = Pool(reactor, f"https://localhost:{port}", max_connections=4, timeout=10)
+    heard = await request(untrusting, b"GET", b"")
+    assert heard.failure is not None
+    assert "cannot connect" in str(heard.failure)
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, reactor: Reactor
 ) -> None:
     connections = 0
 
@@ -99,41 +148,35 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         await answer_requests(stream, 1)
 
     port = await plain_server(nursery, serve)
-    pool = Pool(f"http://127.0.0.1:{port}", max_connections=4, timeout=10)
+    pool = Pool(reactor, f"http://127.0.0.1:{port}", max_connections=4, timeout=10)
     for _ in range(3):
-        response = await pool.request("POST", "/graphql", [], b"{}")
-        assert response.status == 200
-        while await response.next_chunk() is not None:
-            pass
-        await response.aclose()
+        heard = await request(pool)
+        assert heard.status == 200
         await trio.sleep(0.05)  # the server's close reaches us
     assert connections == 3
-    await pool.aclose()
+    pool.close()
 
 
-async def test_an_answer_cut_short_and_a_silent_server(nursery: trio.Nursery) -> None:
+async def test_an_answer_cut_short_and_a_silent_server(
+    nursery: trio.Nursery, reactor: Reactor
+) -> None:
     async def cut_short(stream: trio.abc.Stream) -> None:
         await stream.receive_some(65536)
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
         await stream.aclose()
 
-    pool = Pool(
-        f"http://127.0.0.1:{await plain_server(nursery, cut_short)}", max_connections=1, timeout=5
-    )
-    response = await pool.request("GET", "/", [], b"")
-    assert await response.next_chunk() == b"{"
-    with pytest.raises(UpstreamFailed):
-        await response.next_chunk()
-    await response.aclose()
+    url = f"http://127.0.0.1:{await plain_server(nursery, cut_short)}"
+    pool = Pool(reactor, url, max_connections=1, timeout=5)
+    heard = await request(pool, b"GET", b"")
+    assert (heard.status, heard.body) == (200, b"{")
+    assert isinstance(heard.failure, UpstreamFailed)
+    assert not isinstance(heard.failure, UpstreamTimedOut)
 
     async def silent(stream: trio.abc.Stream) -> None:
         await trio.sleep_forever()
 
-    quiet = Pool(
-        f"http://127.0.0.1:{await plain_server(nursery, silent)}", max_connections=1, timeout=0.2
-    )
-    with pytest.raises(UpstreamTimedOut):
-        await quiet.request("GET", "/", [], b"")
+    url = f"http://127.0.0.1:{await plain_server(nursery, silent)}"
+    quiet = Pool(reactor, url, max_connections=1, timeout=0.2)
+    assert isinstance((await request(quiet, b"GET", b"")).failure, UpstreamTimedOut)
     # The slot came back: a second request is not stuck behind the first.
-    with pytest.raises(UpstreamTimedOut):
-        await quiet.request("GET", "/", [], b"")
+    assert isinstance((await request(quiet, b"GET", b"")).failure, UpstreamTimedOut)

@@ -10,6 +10,8 @@ hides the /proc/net/tcp fallback). Callers are curl, as in docs/proxy.md.
 
 from __future__ import annotations
 
+from tests.support import wait_until
+
 from .deploy import (
     CONFIG,
     DEMO_USER,
@@ -80,9 +82,15 @@ def test_the_proxy_serves_group_members_on_both_listeners(system: SystemService)
     assert (status, '"code":"forbidden"' in body) == (403, True), body
 
     uids = {u: machine.run(["id", "-u", u]).stdout.strip() for u in ("alice", "bob")}
-    journal = machine.journal(UNIT)
     line = "path=/graphql status=200 "
-    assert any(line in j and f"uid={uids['alice']}" in j for j in journal.splitlines()), journal
+
+    def with_alices_line() -> str | None:
+        journal = machine.journal(UNIT)
+        lines = journal.splitlines()
+        return journal if any(line in j and f"uid={uids['alice']}" in j for j in lines) else None
+
+    # The access log is written in batches, a moment after the answers.
+    journal = wait_until(with_alices_line, 10, "alice's access line in the journal")
     # A stranger (may read no profile) is refused at the door, before any request: no
     # access line, one throttled refusal line (docs/security.md).
     assert "connection_refused listener=proxy-tcp reason=forbidden" in journal, journal

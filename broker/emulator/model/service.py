@@ -176,6 +176,17 @@ class AuthService:
     def live_sessions(self, username: str) -> int:
         return sum(1 for f in self._families.values() if f.username == username and not f.revoked)
 
+    def sessions_of(self, username: str) -> dict[str, int]:
+        """A user's sessions as Geins sees them: how many are live, and how many times
+        their refresh tokens rotated (all of the user's sessions, and all users'): a
+        client's refresh count is checked against these, one refresh per rotation."""
+        mine = [f for f in self._families.values() if f.username == username]
+        return {
+            "live": sum(1 for f in mine if not f.revoked),
+            "rotations": sum(f.rotations for f in mine),
+            "all_rotations": sum(f.rotations for f in self._families.values()),
+        }
+
     # -- dispatch ---------------------------------------------------------------------------
 
     def handle(self, request: HttpRequest) -> HttpResponse:

@@ -8,11 +8,17 @@
  * stale at once, one request goes to the daemon and they all wait on it.
  */
 
-import { BrokerClient } from "./client.js";
+import { BrokerClient, type SessionRef } from "./client.js";
 import { BadRequest } from "./errors.js";
-import type { Token } from "./results.js";
+import type { SessionToken, Token } from "./results.js";
 
 export const DEFAULT_MIN_VALID = 60;
+/**
+ * What a customer's bearer must have left when handed to a request (seconds): enough for
+ * the Merchant API call it signs, and well under any bearer's lifetime (the daemon refuses
+ * a min_valid of a lifetime or more; the emulator's demos run 20-second bearers).
+ */
+export const DEFAULT_SESSION_MIN_VALID = 10;
 
 export interface TokenCacheOptions {
   client?: BrokerClient;
@@ -80,11 +86,7 @@ export class TokenCache {
     const held = this.held;
     if (held !== null && held.token !== refused.token) return Promise.resolve(held);
     if (this.renewing !== null) return this.renewing;
-    // Between what the refused token has left and its whole lifetime: more than it can
-    // meet, less than a new one will (the daemon refuses a min_valid of a lifetime or more).
-    const left = refused.expiresAt - this.clock();
-    const lifetime = jwtLifetime(refused.token);
-    const outlive = lifetime !== null && lifetime > left ? (left + lifetime) / 2 : left + 1;
+    const outlive = outliving(refused, this.clock());
     const renewing = this.client
       .token({ profile: this.profile, minValid: outlive })
       .catch((error: unknown) => {
@@ -119,6 +121,59 @@ export class TokenCache {
     this.inFlight = request;
     return request;
   }
+}
+
+/**
+ * A customer's bearer, asked of the daemon on each use.
+ *
+ * No copy is kept in the process: the daemon answers `session_token` from memory, and a
+ * copy here could outlive a logout made through another server or tab. `renew` forces one
+ * refresh for any number of callers that saw the same token refused.
+ */
+export class SessionTokens {
+  readonly client: BrokerClient;
+  readonly session: SessionRef;
+  readonly minValid: number;
+  private readonly clock: () => number;
+  private renewing: { refused: string; promise: Promise<SessionToken> } | null = null;
+
+  constructor(session: SessionRef, options: { client?: BrokerClient; minValid?: number; clock?: () => number } = {}) {
+    this.session = { app: session.app, handle: session.handle };
+    this.client = options.client ?? new BrokerClient();
+    this.minValid = options.minValid ?? DEFAULT_SESSION_MIN_VALID;
+    this.clock = options.clock ?? (() => Date.now() / 1000);
+  }
+
+  get(options: GetOptions = {}): Promise<SessionToken> {
+    return this.client.sessionToken({ ...this.session, minValid: this.minValid, signal: options.signal });
+  }
+
+  /** A token other than `refused` (one refresh, shared by every caller that saw it refused). */
+  renew(refused: SessionToken): Promise<SessionToken> {
+    if (this.renewing !== null && this.renewing.refused === refused.token) return this.renewing.promise;
+    const ask = (minValid: number): Promise<SessionToken> => this.client.sessionToken({ ...this.session, minValid });
+    const promise = ask(outliving(refused, this.clock()))
+      .catch((error: unknown) => {
+        if (error instanceof BadRequest) return ask(this.minValid);
+        throw error;
+      })
+      .finally(() => {
+        if (this.renewing?.promise === promise) this.renewing = null;
+      });
+    this.renewing = { refused: refused.token, promise };
+    return promise;
+  }
+}
+
+/**
+ * The `min_valid` that makes the daemon replace `refused`: between what the refused token
+ * has left and its whole lifetime, so more than it can meet and less than a new one will
+ * (the daemon refuses a min_valid of a lifetime or more).
+ */
+function outliving(refused: { token: string; expiresAt: number }, now: number): number {
+  const left = refused.expiresAt - now;
+  const lifetime = jwtLifetime(refused.token);
+  return lifetime !== null && lifetime > left ? (left + lifetime) / 2 : left + 1;
 }
 
 /** exp - iat from a JWT's claims (read, not verified: only to size a wait), or null. */

@@ -46,6 +46,25 @@ export const calls = {
     user?: Readonly<Record<string, unknown>>,
   ): Call => call(Op.REGISTER, { username, password, remember, user }, profile),
   watch: (profile?: string): Call => call(Op.WATCH, {}, profile),
+
+  // Customer sessions: the app names an [apps.NAME] section; a handle names one session.
+  sessionLogin: (app: string, username: string, password: string, remember = false): Call =>
+    call(Op.SESSION_LOGIN, { app, username, password, remember }, undefined),
+  sessionRegister: (
+    app: string,
+    username: string,
+    password: string,
+    remember = false,
+    user?: Readonly<Record<string, unknown>>,
+  ): Call => call(Op.SESSION_REGISTER, { app, username, password, remember, user }, undefined),
+  sessionToken: (app: string, handle: string, minValid = 0): Call =>
+    call(Op.SESSION_TOKEN, { app, handle, min_valid: minValid || undefined }, undefined, true),
+  sessionInfo: (app: string, handle: string): Call => call(Op.SESSION_INFO, { app, handle }, undefined, true),
+  sessionPasswd: (app: string, handle: string, password: string, newPassword: string): Call =>
+    call(Op.SESSION_PASSWD, { app, handle, password, new_password: newPassword }, undefined),
+  sessionLogout: (app: string, handle: string): Call => call(Op.SESSION_LOGOUT, { app, handle }, undefined),
+  sessions: (app: string, username?: string): Call => call(Op.SESSIONS, { app, username }, undefined, true),
+  sessionEnd: (app: string, username: string): Call => call(Op.SESSION_END, { app, username }, undefined),
 };
 
 /** The response itself if it says ok, else the typed error it carries. */
@@ -54,7 +73,7 @@ export function outcome(message: Message): Message {
   const error = message["error"];
   if (message["ok"] === false && typeof error === "object" && error !== null && !Array.isArray(error)) {
     const fields = error as Message;
-    throw errorFromWire(fields["code"], fields["message"]);
+    throw errorFromWire(fields["code"], fields["message"], fields["retry_after"]);
   }
   throw new ProtocolError("response has neither ok: true nor an error map");
 }

@@ -7,9 +7,10 @@
  * answer is dropped; the connection stays up for the other calls.
  *
  * After the daemon restarts, the next call connects again: a connection the daemon closed is
- * noticed before anything is sent on it, and an idempotent call (hello, token, user,
- * status) whose connection dies under it is sent once more on a new one. A call that
- * changes a session (login, logout, ...) is not sent twice: it fails with BrokerNotRunning.
+ * noticed before anything is sent on it, and an idempotent call (hello, token, user, status,
+ * sessionToken, sessionInfo, sessions) whose connection dies under it is sent once more on
+ * a new one. A call that changes a session (login, logout, ...) is not sent twice: it
+ * fails with BrokerNotRunning.
  */
 
 import { type Call, answer, calls } from "./calls.js";
@@ -18,8 +19,12 @@ import { BrokerNotRunning, Timeout, UntrustedSocket } from "./errors.js";
 import { locateSocket, stillSame } from "./paths.js";
 import type { Message } from "./protocol.js";
 import {
+  type CustomerSession,
   type Hello,
   type Session,
+  type SessionInfo,
+  type SessionListing,
+  type SessionToken,
   type Status,
   type Token,
   type User,
@@ -31,6 +36,12 @@ import {
   parseToken,
   parseUser,
   parseWatchEvent,
+  parseCustomerSession,
+  parseEnded,
+  parseExpiresAt,
+  parseSessionInfo,
+  parseSessionListings,
+  sessionTokenParser,
 } from "./results.js";
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -52,6 +63,24 @@ export interface CallOptions {
 
 export interface ProfileOptions extends CallOptions {
   profile?: string;
+}
+
+export interface AppOptions extends CallOptions {
+  /** The `[apps.NAME]` section of the daemon's config. */
+  app: string;
+}
+
+/** A customer's session: its app and its handle (a `CustomerSession` is one). */
+export interface SessionRef {
+  readonly app: string;
+  readonly handle: string;
+}
+
+export interface CustomerLoginOptions extends AppOptions {
+  username: string;
+  password: string;
+  /** Ask Geins for a long session ("remember me"); default false. */
+  remember?: boolean;
 }
 
 export class BrokerClient {
@@ -113,6 +142,51 @@ export class BrokerClient {
   ): Promise<Session> {
     const call = calls.register(options.username, options.password, options.profile, options.remember, options.user);
     return this.call(call, parseSession, options);
+  }
+
+  // -- customer sessions (a storefront's customers, named by handle) ----------------------
+
+  /** Log a customer in; the result's handle names the session from now on (keep it secret). */
+  sessionLogin(options: CustomerLoginOptions): Promise<CustomerSession> {
+    const call = calls.sessionLogin(options.app, options.username, options.password, options.remember);
+    return this.call(call, parseCustomerSession, options);
+  }
+
+  /** Register a new customer at Geins and log them in (`user`: Geins' UserInputType). */
+  sessionRegister(options: CustomerLoginOptions & { user?: Readonly<Record<string, unknown>> }): Promise<CustomerSession> {
+    const call = calls.sessionRegister(options.app, options.username, options.password, options.remember, options.user);
+    return this.call(call, parseCustomerSession, options);
+  }
+
+  /** The customer's bearer, with at least `minValid` seconds left; UnknownSession when it ended. */
+  sessionToken(options: CallOptions & SessionRef & { minValid?: number }): Promise<SessionToken> {
+    const call = calls.sessionToken(options.app, options.handle, options.minValid);
+    return this.call(call, sessionTokenParser(options.app), options);
+  }
+
+  sessionInfo(options: CallOptions & SessionRef): Promise<SessionInfo> {
+    return this.call(calls.sessionInfo(options.app, options.handle), parseSessionInfo, options);
+  }
+
+  /** Change the customer's password; resolves to the new bearer's expiry (Unix seconds). */
+  sessionPasswd(options: CallOptions & SessionRef & { password: string; newPassword: string }): Promise<number> {
+    const call = calls.sessionPasswd(options.app, options.handle, options.password, options.newPassword);
+    return this.call(call, parseExpiresAt, options);
+  }
+
+  /** Log the customer out at Geins and end the session at the broker. */
+  sessionLogout(options: CallOptions & SessionRef): Promise<void> {
+    return this.call(calls.sessionLogout(options.app, options.handle), parseNothing, options);
+  }
+
+  /** Admins: the app's sessions (at most 1,000), optionally one customer's. */
+  sessions(options: AppOptions & { username?: string }): Promise<readonly SessionListing[]> {
+    return this.call(calls.sessions(options.app, options.username), parseSessionListings, options);
+  }
+
+  /** Admins: end every session of one customer ("log out everywhere"); resolves to how many. */
+  sessionEnd(options: AppOptions & { username: string }): Promise<number> {
+    return this.call(calls.sessionEnd(options.app, options.username), parseEnded, options);
   }
 
   /**

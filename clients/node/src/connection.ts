@@ -99,7 +99,7 @@ export class Connection {
         this.waiters.get(id)?.frame(message);
       } else if (id === null && message["ok"] === false) {
         const error = message["error"] as Message | undefined;
-        this.close(errorFromWire(error?.["code"], error?.["message"]));
+        this.close(errorFromWire(error?.["code"], error?.["message"], error?.["retry_after"]));
         return;
       }
     }

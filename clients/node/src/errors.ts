@@ -69,6 +69,20 @@ export class LoginRequired extends BrokerError {
   static override readonly defaultCode: string = Code.LOGIN_REQUIRED;
 }
 
+/**
+ * The handle names no live session of this app: it never was one, it ended (logout, idle,
+ * lifetime, eviction, "log out everywhere"), or it is another app's. The daemon answers all
+ * of these alike, on purpose. Log the customer in again.
+ */
+export class UnknownSession extends BrokerError {
+  static override readonly defaultCode: string = Code.UNKNOWN_SESSION;
+}
+
+/** No `[apps.NAME]` of that name in the daemon's config. */
+export class UnknownApp extends BrokerError {
+  static override readonly defaultCode: string = Code.UNKNOWN_APP;
+}
+
 /** Geins refused the username or password (or, for register, the username is taken). */
 export class InvalidCredentials extends BrokerError {
   static override readonly defaultCode: string = Code.INVALID_CREDENTIALS;
@@ -89,6 +103,20 @@ export class Busy extends Unavailable {
   static override readonly defaultCode: string = Code.BUSY;
 }
 
+/**
+ * Too many login or register attempts for this username or from this uid. `retryAfter`
+ * is the daemon's word (seconds) on when another attempt may pass; null if it gave none.
+ */
+export class RateLimited extends BrokerError {
+  static override readonly defaultCode: string = Code.RATE_LIMITED;
+  readonly retryAfter: number | null;
+
+  constructor(message: string, code?: string, retryAfter: number | null = null) {
+    super(message, code);
+    this.retryAfter = retryAfter;
+  }
+}
+
 /** Geins answered, but not with something the broker could use. */
 export class UpstreamError extends BrokerError {
   static override readonly defaultCode: string = Code.UPSTREAM_ERROR;
@@ -99,7 +127,7 @@ export class InternalError extends BrokerError {
   static override readonly defaultCode: string = Code.INTERNAL;
 }
 
-type ErrorClass = new (message: string, code?: string) => BrokerError;
+type ErrorClass = new (message: string, code?: string, retryAfter?: number | null) => BrokerError;
 
 /** The class for each wire code. */
 export const ERROR_CLASSES: Readonly<Record<string, ErrorClass>> = {
@@ -114,14 +142,28 @@ export const ERROR_CLASSES: Readonly<Record<string, ErrorClass>> = {
   [Code.UPSTREAM_UNAVAILABLE]: UpstreamUnavailable,
   [Code.UPSTREAM_ERROR]: UpstreamError,
   [Code.TIMEOUT]: Timeout,
+  [Code.UNKNOWN_APP]: UnknownApp,
+  [Code.UNKNOWN_SESSION]: UnknownSession,
+  [Code.RATE_LIMITED]: RateLimited,
   [Code.BUSY]: Busy,
   [Code.INTERNAL]: InternalError,
 };
 
-/** The error for an `error` map; an unknown code from a newer daemon is kept as it is. */
-export function errorFromWire(code: unknown, message: unknown): BrokerError {
+/** Longest wait a `retry_after` may ask for (a day): a larger one is a lie, not a plan. */
+export const MAX_RETRY_AFTER = 86_400;
+
+/**
+ * The error for an `error` map (its `code`, `message` and, for `rate_limited`,
+ * `retry_after`); an unknown code from a newer daemon is kept as it is.
+ */
+export function errorFromWire(code: unknown, message: unknown, retryAfter?: unknown): BrokerError {
   const codeText = typeof code === "string" ? code : Code.INTERNAL;
   const messageText = typeof message === "string" ? message : "(no message)";
   const cls = Object.hasOwn(ERROR_CLASSES, codeText) ? ERROR_CLASSES[codeText] : undefined;
-  return cls ? new cls(messageText, codeText) : new BrokerError(messageText, codeText);
+  if (!cls) return new BrokerError(messageText, codeText);
+  const wait =
+    typeof retryAfter === "number" && Number.isFinite(retryAfter) && retryAfter >= 0
+      ? Math.min(retryAfter, MAX_RETRY_AFTER)
+      : null;
+  return new cls(messageText, codeText, wait);
 }

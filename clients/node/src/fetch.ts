@@ -1,8 +1,10 @@
 /**
- * A fetch that signs each request with the broker's bearer token.
+ * A fetch that signs each request with the broker's bearer token: a profile's, or a
+ * customer's session's (by handle).
  *
  *     const fetch = withBrokerAuth(globalThis.fetch, { profile: "default" });
  *     const response = await fetch("https://merchantapi.geins.io/graphql", { method: "POST", body });
+ *     const asCustomer = withBrokerAuth(globalThis.fetch, { session: { app: "shop", handle } });
  *
  * On a 401 it asks the daemon for a token other than the refused one (forcing a refresh,
  * see TokenCache.renew) and sends the request once more; a second 401 is returned to the
@@ -10,7 +12,8 @@
  * returned without a retry.
  */
 
-import { TokenCache, type TokenCacheOptions } from "./cache.js";
+import { SessionTokens, TokenCache, type TokenCacheOptions } from "./cache.js";
+import type { SessionRef } from "./client.js";
 
 export type FetchLike = (input: string | URL | Request, init?: RequestInit) => Promise<Response>;
 
@@ -19,8 +22,25 @@ export interface BrokerAuthOptions extends TokenCacheOptions {
   cache?: TokenCache;
 }
 
-export function withBrokerAuth(fetchImpl: FetchLike = globalThis.fetch, options: BrokerAuthOptions = {}): FetchLike {
-  const cache = options.cache ?? new TokenCache(options);
+export interface SessionAuthOptions extends Omit<TokenCacheOptions, "profile"> {
+  /** The customer's session: every request goes out with its bearer. */
+  session: SessionRef;
+}
+
+interface Tokens<T extends { token: string; authorization: string }> {
+  get(options: { signal?: AbortSignal }): Promise<T>;
+  renew(refused: T): Promise<T>;
+}
+
+export function withBrokerAuth(
+  fetchImpl: FetchLike = globalThis.fetch,
+  options: BrokerAuthOptions | SessionAuthOptions = {},
+): FetchLike {
+  if ("session" in options) return signing(fetchImpl, new SessionTokens(options.session, options));
+  return signing(fetchImpl, options.cache ?? new TokenCache(options));
+}
+
+function signing<T extends { token: string; authorization: string }>(fetchImpl: FetchLike, cache: Tokens<T>): FetchLike {
   return async (input, init) => {
     const isRequest = typeof Request !== "undefined" && input instanceof Request;
     const spare = isRequest && input.body !== null ? input.clone() : null;

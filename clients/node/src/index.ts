@@ -6,9 +6,18 @@
  *     const { token } = await broker.token({ minValid: 60 });
  */
 
-export { BrokerClient, DEFAULT_TIMEOUT_MS, type CallOptions, type ClientOptions, type ProfileOptions } from "./client.js";
-export { TokenCache, DEFAULT_MIN_VALID, type GetOptions, type TokenCacheOptions } from "./cache.js";
-export { brokerFetch, withBrokerAuth, type BrokerAuthOptions, type FetchLike } from "./fetch.js";
+export {
+  BrokerClient,
+  DEFAULT_TIMEOUT_MS,
+  type AppOptions,
+  type CallOptions,
+  type ClientOptions,
+  type CustomerLoginOptions,
+  type ProfileOptions,
+  type SessionRef,
+} from "./client.js";
+export { SessionTokens, TokenCache, DEFAULT_MIN_VALID, DEFAULT_SESSION_MIN_VALID, type GetOptions, type TokenCacheOptions } from "./cache.js";
+export { brokerFetch, withBrokerAuth, type BrokerAuthOptions, type FetchLike, type SessionAuthOptions } from "./fetch.js";
 export {
   BadFrame,
   BadRequest,
@@ -22,13 +31,44 @@ export {
   LoginRequired,
   NotLoggedIn,
   ProtocolError,
+  RateLimited,
   Timeout,
   Unavailable,
   UnknownOp,
+  UnknownApp,
   UnknownProfile,
+  UnknownSession,
   UntrustedSocket,
   UpstreamError,
   UpstreamUnavailable,
 } from "./errors.js";
 export { candidateSockets, checkTrusted, locateSocket, type StatInfo } from "./paths.js";
-export { Token, type Hello, type ProfileStatus, type Session, type Status, type User, type WatchEvent } from "./results.js";
+export {
+  CustomerSession,
+  SessionToken,
+  Token,
+  type Hello,
+  type ProfileStatus,
+  type Session,
+  type SessionInfo,
+  type SessionListing,
+  type Status,
+  type User,
+  type WatchEvent,
+} from "./results.js";
+export {
+  Storefront,
+  StorefrontError,
+  clearedCookie,
+  cookieName,
+  cookiePolicy,
+  crossSiteRefusal,
+  handleFrom,
+  sessionCookie,
+  type CookiePolicy,
+  type Credentials,
+  type Customer,
+  type SignedIn,
+  type StorefrontOptions,
+  type StorefrontRequest,
+} from "./storefront/index.js";

@@ -28,6 +28,14 @@ export const Op = {
   CHANGE_PASSWORD: "change_password",
   REGISTER: "register",
   WATCH: "watch",
+  SESSION_LOGIN: "session_login",
+  SESSION_REGISTER: "session_register",
+  SESSION_TOKEN: "session_token",
+  SESSION_INFO: "session_info",
+  SESSION_PASSWD: "session_passwd",
+  SESSION_LOGOUT: "session_logout",
+  SESSIONS: "sessions",
+  SESSION_END: "session_end",
 } as const;
 export type OpName = (typeof Op)[keyof typeof Op];
 
@@ -43,6 +51,9 @@ export const Code = {
   UPSTREAM_UNAVAILABLE: "upstream_unavailable",
   UPSTREAM_ERROR: "upstream_error",
   TIMEOUT: "timeout",
+  UNKNOWN_APP: "unknown_app",
+  UNKNOWN_SESSION: "unknown_session",
+  RATE_LIMITED: "rate_limited",
   BUSY: "busy",
   INTERNAL: "internal",
 } as const;

@@ -192,3 +192,138 @@ export function parseWatchEvent(message: Message): WatchEvent {
 export function parseNothing(): undefined {
   return undefined;
 }
+
+// -- customer sessions -------------------------------------------------------------------
+
+/**
+ * A customer's session as login or register made it. The handle is the session's only
+ * key (the daemon keeps none in clear): put it in the customer's cookie and nowhere else.
+ * `console.log`/`util.inspect` and `JSON.stringify` leave it out; read `.handle` to use it.
+ */
+export class CustomerSession {
+  readonly #handle: string;
+
+  constructor(
+    readonly app: string,
+    handle: string,
+    readonly username: string,
+    /** When the bearer the daemon holds now expires (Unix seconds). */
+    readonly expiresAt: number,
+    /** When the session ends at the latest (Unix seconds), or null if the daemon set no end. */
+    readonly sessionEndsAt: number | null,
+    readonly remember: boolean,
+  ) {
+    this.#handle = handle;
+    Object.freeze(this);
+  }
+
+  get handle(): string {
+    return this.#handle;
+  }
+
+  toJSON(): Omit<SessionInfo, "customerType"> & { app: string } {
+    const { app, username, expiresAt, sessionEndsAt, remember } = this;
+    return { app, username, expiresAt, sessionEndsAt, remember };
+  }
+
+  [inspect.custom](): string {
+    return `CustomerSession ${inspect(this.toJSON())}`;
+  }
+}
+
+/** A customer's bearer token; like `Token`, it never shows its value in logs or JSON. */
+export class SessionToken {
+  constructor(
+    readonly app: string,
+    readonly token: string,
+    readonly expiresAt: number,
+  ) {
+    Object.freeze(this);
+  }
+
+  expiresIn(now: number = Date.now() / 1000): number {
+    return this.expiresAt - now;
+  }
+
+  get authorization(): string {
+    return `Bearer ${this.token}`;
+  }
+
+  toJSON(): { app: string; expiresAt: number } {
+    return { app: this.app, expiresAt: this.expiresAt };
+  }
+
+  [inspect.custom](): string {
+    return `SessionToken { app: ${inspect(this.app)}, expiresAt: ${this.expiresAt} }`;
+  }
+}
+
+/** What `sessionInfo` says of a session (the SDK's `authorized()`). */
+export interface SessionInfo {
+  readonly username: string;
+  readonly customerType: string;
+  readonly expiresAt: number;
+  readonly sessionEndsAt: number | null;
+  readonly remember: boolean;
+}
+
+/** One session in an admin's listing: named by 8 hex digits of its keyed id, never its handle. */
+export interface SessionListing {
+  readonly session: string;
+  /** null when the daemon cannot open the sealed username (e.g. its key is gone). */
+  readonly username: string | null;
+  readonly createdAt: number;
+  readonly lastUsedAt: number;
+  readonly endsAt: number | null;
+}
+
+export function parseCustomerSession(message: Message): CustomerSession {
+  return new CustomerSession(
+    field<string>(message, "app", "string"),
+    field<string>(message, "handle", "string"),
+    field<string>(message, "username", "string"),
+    field<number>(message, "expires_at", "number"),
+    optional<number>(message, "session_ends_at", "number"),
+    field<boolean>(message, "remember", "boolean"),
+  );
+}
+
+export function sessionTokenParser(app: string): (message: Message) => SessionToken {
+  return (message) =>
+    new SessionToken(app, field<string>(message, "token", "string"), field<number>(message, "expires_at", "number"));
+}
+
+export function parseSessionInfo(message: Message): SessionInfo {
+  return Object.freeze({
+    username: field<string>(message, "username", "string"),
+    customerType: field<string>(message, "customer_type", "string"),
+    expiresAt: field<number>(message, "expires_at", "number"),
+    sessionEndsAt: optional<number>(message, "session_ends_at", "number"),
+    remember: field<boolean>(message, "remember", "boolean"),
+  });
+}
+
+export function parseExpiresAt(message: Message): number {
+  return field<number>(message, "expires_at", "number");
+}
+
+export function parseSessionListings(message: Message): readonly SessionListing[] {
+  const entries = field<unknown[]>(message, "sessions", "array").map((entry): SessionListing => {
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) {
+      throw new ProtocolError("sessions entry is not a map");
+    }
+    const m = entry as Message;
+    return Object.freeze({
+      session: field<string>(m, "session", "string"),
+      username: optional<string>(m, "username", "string"),
+      createdAt: field<number>(m, "created_at", "number"),
+      lastUsedAt: field<number>(m, "last_used_at", "number"),
+      endsAt: optional<number>(m, "ends_at", "number"),
+    });
+  });
+  return Object.freeze(entries);
+}
+
+export function parseEnded(message: Message): number {
+  return field<number>(message, "ended", "integer");
+}

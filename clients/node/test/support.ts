@@ -88,6 +88,8 @@ export class Emulator {
 
 export interface DaemonOptions {
   profiles?: string[];
+  /** Storefront apps ([apps.NAME]) on the same emulator, with these extra keys. */
+  apps?: Record<string, Record<string, unknown>>;
   broker?: Record<string, unknown>;
   profile?: Record<string, unknown>;
 }
@@ -119,6 +121,16 @@ export class Daemon {
         `merchant_api_url = ${toml(emulator.url)}`,
       );
       for (const [k, v] of Object.entries(options.profile ?? {})) lines.push(`${k} = ${toml(v)}`);
+    }
+    for (const [name, keys] of Object.entries(options.apps ?? {})) {
+      lines.push(
+        `[apps.${name}]`,
+        'account = "demo"',
+        'api_key = "demo-api-key"',
+        `auth_service_url = ${toml(emulator.url)}`,
+        `merchant_api_url = ${toml(emulator.url)}`,
+      );
+      for (const [k, v] of Object.entries(keys)) lines.push(`${k} = ${toml(v)}`);
     }
     writeFileSync(this.config, lines.join("\n") + "\n");
   }

@@ -3,13 +3,23 @@
 
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import { inspect } from "node:util";
 import { describe, test } from "node:test";
 
 import { calls, answer } from "../src/calls.js";
 import * as errors from "../src/errors.js";
 import { candidateSockets, checkTrusted, systemUser, trustedUids, type StatInfo } from "../src/paths.js";
-import { FrameDecoder, encode, MAX_RESPONSE_SIZE } from "../src/protocol.js";
-import { parseNothing, parseWatchEvent } from "../src/results.js";
+import { FrameDecoder, encode, MAX_RESPONSE_SIZE, Op } from "../src/protocol.js";
+import {
+  parseCustomerSession,
+  parseEnded,
+  parseExpiresAt,
+  parseNothing,
+  parseSessionInfo,
+  parseSessionListings,
+  parseWatchEvent,
+  sessionTokenParser,
+} from "../src/results.js";
 import { VECTORS_PATH } from "./support.js";
 
 interface Vectors {
@@ -55,12 +65,39 @@ function build(name: string, a: Record<string, unknown>) {
       );
     case "watch":
       return calls.watch(s("profile"));
+    case "session_login":
+      return calls.sessionLogin(s("app")!, s("username")!, s("password")!, a["remember"] as boolean | undefined);
+    case "session_register":
+      return calls.sessionRegister(
+        s("app")!,
+        s("username")!,
+        s("password")!,
+        a["remember"] as boolean | undefined,
+        a["user"] as Record<string, unknown> | undefined,
+      );
+    case "session_token":
+      return calls.sessionToken(s("app")!, s("handle")!, a["min_valid"] as number | undefined);
+    case "session_info":
+      return calls.sessionInfo(s("app")!, s("handle")!);
+    case "session_passwd":
+      return calls.sessionPasswd(s("app")!, s("handle")!, s("password")!, s("new_password")!);
+    case "session_logout":
+      return calls.sessionLogout(s("app")!, s("handle")!);
+    case "sessions":
+      return calls.sessions(s("app")!, s("username"));
+    case "session_end":
+      return calls.sessionEnd(s("app")!, s("username")!);
     default:
       throw new Error(`no Node builder for ${name}`);
   }
 }
 
 describe("requests", () => {
+  test("every op the Node client sends has a vector", () => {
+    const covered = new Set(vectors.requests.map((v) => v.message["op"]));
+    const missing = Object.values(Op).filter((op) => !covered.has(op));
+    assert.deepEqual(missing, []);
+  });
   for (const [i, v] of vectors.requests.entries()) {
     test(`${i} ${v.call} is built byte for byte`, () => {
       const call = build(v.call, v.args);
@@ -82,6 +119,39 @@ describe("answers", () => {
       assert.equal(decoder.error, null);
     });
   }
+});
+
+describe("session answers", () => {
+  const named = (name: string): Record<string, unknown> => {
+    const found = vectors.answers.find((v) => v.name === name);
+    assert.ok(found, `no answer vector ${name}`);
+    return found.message;
+  };
+  test("session_login: a CustomerSession that keeps its handle out of sight", () => {
+    const message = named("session_login");
+    const session = answer(parseCustomerSession, message);
+    assert.equal(session.handle, message["handle"]);
+    assert.equal(session.sessionEndsAt, message["session_ends_at"]);
+    assert.equal(session.remember, true);
+    assert.doesNotMatch(JSON.stringify(session) + inspect(session), new RegExp(String(message["handle"])));
+    assert.equal(answer(parseCustomerSession, named("session_login, no absolute end")).sessionEndsAt, null);
+  });
+  test("session_token, session_info, sessions, session_end, session_passwd", () => {
+    const token = answer(sessionTokenParser("shop"), named("session_token"));
+    assert.equal(token.authorization, `Bearer ${String(named("session_token")["token"])}`);
+    assert.equal(answer(parseSessionInfo, named("session_info")).customerType, "PERSON");
+    const listed = answer(parseSessionListings, named("sessions"));
+    assert.deepEqual(
+      listed.map((s) => [s.session, s.username]),
+      [
+        ["9f86d081", "demo@example.com"],
+        ["2c26b46b", null],
+      ],
+    );
+    assert.equal(answer(parseEnded, named("session_end")), 3);
+    assert.equal(answer(parseExpiresAt, named("session_passwd")), 1800000900.5);
+    assert.equal(answer(parseNothing, named("session_logout")), undefined);
+  });
 });
 
 describe("error codes", () => {
@@ -109,9 +179,9 @@ describe("error codes", () => {
     });
   }
   test("an unknown code from a newer daemon is kept", () => {
-    const error = errors.errorFromWire("rate_limited", "slow down");
+    const error = errors.errorFromWire("quota_exceeded", "slow down");
     assert.equal(error.constructor, errors.BrokerError);
-    assert.equal(error.code, "rate_limited");
+    assert.equal(error.code, "quota_exceeded");
   });
 });
 

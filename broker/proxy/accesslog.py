@@ -1,0 +1,91 @@
+"""The proxy's access log: one line per request, written in batches off the hot path.
+
+A request's end records a tuple (no formatting, no logging call); a task writes the
+lines at most `FLUSH_INTERVAL` later, or sooner once `FLUSH_AT` wait. The lines are
+the same `event=request` lines as before, with the same fields: method, path (never
+the query string, which may carry anything), status, ms, profile, uid. At most
+`MAX_PENDING` wait: past that (a log that cannot keep up), lines are dropped and the
+next written line says how many (`dropped=`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+
+from broker.observe.log import events, field_text
+
+log = events("broker.proxy")
+
+FLUSH_INTERVAL: Final = 0.25
+FLUSH_AT: Final = 512
+MAX_PENDING: Final = 65536
+
+Record = tuple[bytes, bytes, int, float, str, int | None]
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self._pending: list[Record] = []
+        self._wake = trio.Event()
+        self._full = trio.Event()
+        self._dropped = 0
+        self._logger = logging.getLogger("broker.proxy")
+
+    def record(
+        self,
+        method: bytes,
+        target: bytes,
+        status: int,
+        *,
+        elapsed: float,
+        profile: str,
+        uid: int | None,
+    ) -> None:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING:
+            self._dropped += 1
+            return
+        pending.append((method, target, status, elapsed, profile, uid))
+        if len(pending) == 1:
+            self._wake.set()
+        elif len(pending) == FLUSH_AT:
+            self._full.set()
+
+    def flush(self) -> None:
+        """Write every pending line now: the fields formatted here, one record each
+        (what `Events.info` would make, without its per-field checks: these fields
+        are a method token, numbers, and two strings quoted when they need it)."""
+        pending, self._pending = self._pending, []
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        make, handle, name = logger.makeRecord, logger.handle, logger.name
+        for method, target, status, elapsed, profile, uid in pending:
+            path = target.split(b"?", 1)[0].decode("latin-1")
+            line = (
+                f"request method={method.decode('ascii', 'replace')} path={field_text(path)} "
+                f"status={status} ms={field_text(round(elapsed * 1000, 1))} "
+                f"profile={field_text(profile)}"
+            )
+            if uid is not None:
+                line += f" uid={uid}"
+            handle(make(name, logging.INFO, "", 0, "event=%s", (line,), None))
+        if self._dropped:
+            log.warning("access_log_dropped", dropped=self._dropped)
+            self._dropped = 0
+
+    async def run(self) -> None:
+        """Flush every `FLUSH_INTERVAL` (or at `FLUSH_AT` lines) until cancelled; what
+        is pending then is written too."""
+        try:
+            while True:
+                await self._wake.wait()
+                with trio.move_on_after(FLUSH_INTERVAL):
+                    await self._full.wait()
+                self._wake, self._full = trio.Event(), trio.Event()
+                self.flush()
+        finally:
+            self.flush()
