@@ -262,6 +262,39 @@ async def test_logout_during_a_refresh_is_not_undone(
         await manager.token("shop", created.handle)
 
 
+async def test_a_read_of_a_session_that_ends_meanwhile_brings_nothing_back(
+    autojump_clock: trio.testing.MockClock, start_customers: Start
+) -> None:
+    """A session not in memory is being loaded (its row read, slowly) when it is ended
+    and its deletion committed: the row the load read is not let back into memory, and
+    the handle opens nothing from then on."""
+    manager = await start_customers()
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    session_id = manager.store.store_key.session_id("shop", created.handle)
+    assert manager.lives.pop(session_id) is not None  # dropped, as the LRU map does
+    read = manager.store.get
+
+    async def slow_read(wanted: bytes) -> object:
+        row = await read(wanted)
+        await trio.sleep(1.0)  # the answer comes back after the deletion's commit
+        return row
+
+    manager.store.get = slow_read  # type: ignore[method-assign,assignment]
+    async with trio.open_nursery() as nursery:
+
+        async def use() -> None:
+            with pytest.raises(UnknownSession):
+                await manager.token("shop", created.handle)
+
+        nursery.start_soon(use)
+        await trio.sleep(0.5)
+        assert await manager.end_customer("shop", DEMO_USER) == 1
+    manager.store.get = read  # type: ignore[method-assign]
+    assert manager.lives.peek(session_id) is None
+    with pytest.raises(UnknownSession):
+        await manager.token("shop", created.handle)
+
+
 async def test_log_out_everywhere_and_listing(
     autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
 ) -> None:
