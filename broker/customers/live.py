@@ -109,6 +109,23 @@ class Live:
         self.session_ends_at = record.session_ends_at
         self.generation = record.generation
 
+    def held(self, committed_at: float) -> SessionRecord:
+        """The record of the tokens held now, as it was meant to be committed (a failed
+        commit leaves them in memory only: `unsaved`)."""
+        return SessionRecord(
+            app=self.app,
+            username=self.username,
+            remember=self.remember,
+            bearer=self.bearer,
+            refresh=self.refresh,
+            obtained_at=self.obtained_at,
+            expires_at=self.expires_at,
+            session_ends_at=self.session_ends_at,
+            created_at=self.created_at,
+            generation=self.generation,
+            committed_at=committed_at,
+        )
+
     def record(
         self,
         *,

@@ -8,6 +8,8 @@
   the waiting is fair across sessions.
 - A session in use is refreshed at its rotation point (model/refresh.py); one idle
   longer than `active_for` leaves the queue and is refreshed at its next use.
+- Tokens a failed commit left in memory (`unsaved`) are committed again by the next
+  flight, not replaced by new ones from Geins.
 - A refresh token Geins rejects is first checked against the store: if another node
   (or daemon) committed a newer generation, that one is adopted; otherwise the session
   has been revoked and ends.
@@ -188,14 +190,16 @@ class Refresher:
     async def _fly(self, live: Live, flight: Flight, rotation: Rotation | None) -> None:
         app = self._apps[live.app]
         outcome = "error"
+        # Tokens a failed commit left unsaved are the newest (Geins has spent the ones
+        # the store holds): they are committed again, and Geins is not asked for new
+        # ones, which would rotate the session once per request while the store fails.
+        resave = rotation is None and live.unsaved
         self.in_flight += 1
         try:
             async with self._limiters[live.app]:
                 if live.ended:
                     raise UnknownSession()
-                client = self._clients[live.app]
-                grant = await (client.refresh(live.refresh) if rotation is None else rotation(live))
-                outcome = await self._took_grant(live, grant, app)
+                outcome = await self._attempt(live, app, rotation, resave=resave)
         except RefreshTokenRejected as exc:
             outcome = "adopted" if await self._adopt(live) else "rejected"
             if outcome == "rejected":
@@ -212,7 +216,7 @@ class Refresher:
             flight.error = exc
             raise
         finally:
-            if rotation is None:
+            if rotation is None and not resave:
                 self.stats.refreshes[live.app, outcome] += 1
             live.flight = None
             flight.done.set()
@@ -220,6 +224,19 @@ class Refresher:
             if not self.in_flight:
                 self._landed.set()
             self.consider(live, self._wall.now())
+
+    async def _attempt(
+        self, live: Live, app: AppSettings, rotation: Rotation | None, *, resave: bool
+    ) -> str:
+        if resave:
+            await self.save(live, live.held(self._wall.now()))
+            live.next_refresh_at = rules.rotation_due_at(self._tokens(live), app.policy, self._rng)
+            return "ok"
+        if rotation is None:
+            grant = await self._clients[live.app].refresh(live.refresh)
+        else:
+            grant = await rotation(live)
+        return await self._took_grant(live, grant, app)
 
     async def _took_grant(self, live: Live, grant: Grant, app: AppSettings) -> str:
         now = self._wall.now()

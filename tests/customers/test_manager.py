@@ -9,7 +9,14 @@ import pytest
 import trio
 import trio.lowlevel
 
-from broker.core.errors import InvalidCredentials, RateLimited, Relayed, UnknownSession
+from broker.core.clock import TrioWallClock
+from broker.core.errors import (
+    InvalidCredentials,
+    RateLimited,
+    Relayed,
+    StoreError,
+    UnknownSession,
+)
 from broker.core.secret import Secret
 from broker.customers.model.handles import new_handle
 from broker.customers.model.lifetime import Lifetime
@@ -18,7 +25,7 @@ from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from tests.customers.conftest import Start
-from tests.support import refreshes
+from tests.support import fill, refreshes, remount
 
 PASSWORD = Secret(DEMO_PASSWORD)
 #: A session idle after a minute: refreshed only at its next use.
@@ -381,3 +388,34 @@ async def test_password_change_keeps_the_session(
     assert after.token != before.token
     info = await manager.info("shop", created.handle)
     assert info.username == DEMO_USER and info.customer_type == "PERSON"
+
+
+async def test_a_store_that_cannot_write_costs_geins_one_refresh_not_one_per_request(
+    autojump_clock: trio.testing.MockClock,
+    emulator: Emulator,
+    start_customers: Start,
+    tmpfs: Path,
+    wall: TrioWallClock,
+) -> None:
+    """The store's file system fills up as a refresh falls due: the rotated
+    tokens cannot be committed, so the bearer is not served. Each request after that
+    tries to commit the tokens already held again; it does not ask Geins for new ones
+    (a request per token would otherwise be a refresh per token). Once the store
+    writes again, the held bearer is served."""
+    remount(tmpfs, "size=1m")  # room for the database, its WAL and its shared memory
+    manager = await start_customers(path=tmpfs / "customers.sqlite", lifetime=IDLE_SOON)
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    await trio.sleep(900)  # idle: its refresh waits for its next use
+    before = refreshes(emulator)
+    filler = fill(tmpfs)
+    try:
+        for _ in range(5):
+            with pytest.raises(Relayed) as refused:
+                await manager.token("shop", created.handle)
+            assert refused.value.code == StoreError.code
+    finally:
+        filler.unlink()
+    assert refreshes(emulator) - before == 1
+    served = await manager.token("shop", created.handle)
+    assert refreshes(emulator) - before == 1
+    assert served.expires_at > wall.now() + 800  # the rotated bearer, not the old one
