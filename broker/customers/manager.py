@@ -27,6 +27,7 @@ from broker.core.errors import (
     GeinsError,
     MalformedAnswer,
     RateLimited,
+    StoreError,
     Transient,
     UnknownApp,
     UnknownSession,
@@ -253,6 +254,12 @@ class CustomerSessions:
                 self.stats.sessions[app] += 1
                 try:
                     await self.store.commit(self.refresher.row(live, record))
+                except StoreError:
+                    # Nobody will ever hold a handle to it: log it out at Geins rather
+                    # than leave it alive there until its maxAge.
+                    self.stats.sessions[app] -= 1
+                    self.refresher.purge(app, grant.refresh)
+                    raise
                 except BaseException:
                     self.stats.sessions[app] -= 1
                     raise

@@ -419,3 +419,24 @@ async def test_a_store_that_cannot_write_costs_geins_one_refresh_not_one_per_req
     served = await manager.token("shop", created.handle)
     assert refreshes(emulator) - before == 1
     assert served.expires_at > wall.now() + 800  # the rotated bearer, not the old one
+
+
+async def test_a_login_the_store_cannot_keep_is_logged_out_at_geins(
+    autojump_clock: trio.testing.MockClock,
+    emulator: Emulator,
+    start_customers: Start,
+    tmpfs: Path,
+) -> None:
+    """Geins made the session, the store could not commit it: the caller gets the
+    store's error and no handle, and the session is logged out at Geins rather than
+    left alive there, unreachable, until its maxAge."""
+    remount(tmpfs, "size=1m")
+    manager = await start_customers(path=tmpfs / "customers.sqlite")
+    filler = fill(tmpfs)
+    try:
+        with pytest.raises(StoreError):
+            await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    finally:
+        filler.unlink()
+    await trio.sleep(1)  # the logout is sent in the background
+    assert emulator.service.live_sessions(DEMO_USER) == 0
