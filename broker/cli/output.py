@@ -7,8 +7,9 @@ repeats what those said. Printed raw, an escape sequence among them sets the ter
 title, clears the screen or writes the clipboard (OSC 52) of whoever runs `status`.
 
 `terminal_safe` writes every control character (C0, DEL, C1) as a visible escape
-(`\\x1b`, `\\x9b`) and keeps every other character, printable Unicode included, as it
-is. It is pure and imports nothing, so `geins-broker token` pays nothing for it.
+(`\\x1b`, `\\x9b`), and every bidirectional formatting character as `\\u202e` and
+the like, and keeps every other character, printable Unicode included, as it is. It
+is pure and imports nothing, so `geins-broker token` pays nothing for it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ if TYPE_CHECKING:
     from geins_broker_client.results import Token
 
 _CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
-_ESCAPED = {code: f"\\x{code:02x}" for code in _CONTROLS}
+#: Bidirectional marks, embeddings, overrides and isolates: printed, they make a line
+#: show its text in another order than it has ("Trojan Source"), so that a listed
+#: username reads as someone else's.
+_BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPED = {
+    **{code: f"\\x{code:02x}" for code in _CONTROLS},
+    **{code: f"\\u{code:04x}" for code in _BIDI},
+}
 #: The same, keeping line breaks: for multi-line text such as the metrics exposition.
 _ESCAPED_KEEPING_LINES = {code: text for code, text in _ESCAPED.items() if code != 0x0A}
 
 
 def terminal_safe(value: object, *, keep_newlines: bool = False) -> str:
     """`str(value)` with each control character written as `\\xNN` (a newline kept
-    when `keep_newlines`), so that printing it moves, colours or retitles nothing."""
+    when `keep_newlines`) and each bidirectional formatting character as `\\uNNNN`, so
+    that printing it moves, colours, retitles or reorders nothing."""
     return str(value).translate(_ESCAPED_KEEPING_LINES if keep_newlines else _ESCAPED)
 
 

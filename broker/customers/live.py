@@ -8,11 +8,19 @@ Geins on a purge; dropping a `Live` from the map forgets that key, and the sessi
 waits, sealed, until its handle is seen again.
 
 Only the manager and its refresher change a `Live`'s fields.
+
+A session that ends is out of the map at once, but its row stays in the store until
+its deletion is committed, and a load of it may be reading that row meanwhile (or
+have begun to before it ended). The map keeps such a load from bringing it back:
+while an end is under way its id is `ending`, and a load in flight when it began is
+doomed; `load_done` puts neither in the map. Without this a `Live` read from the
+doomed row would outlive the deletion, serving and refreshing a session that ended.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import contextlib
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 
 import trio
@@ -101,6 +109,23 @@ class Live:
         self.session_ends_at = record.session_ends_at
         self.generation = record.generation
 
+    def held(self, committed_at: float) -> SessionRecord:
+        """The record of the tokens held now, as it was meant to be committed (a failed
+        commit leaves them in memory only: `unsaved`)."""
+        return SessionRecord(
+            app=self.app,
+            username=self.username,
+            remember=self.remember,
+            bearer=self.bearer,
+            refresh=self.refresh,
+            obtained_at=self.obtained_at,
+            expires_at=self.expires_at,
+            session_ends_at=self.session_ends_at,
+            created_at=self.created_at,
+            generation=self.generation,
+            committed_at=committed_at,
+        )
+
     def record(
         self,
         *,
@@ -133,6 +158,13 @@ class LiveMap:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._map: OrderedDict[bytes, Live] = OrderedDict()
+        #: Ids whose end is under way, with how many ends (a logout, the sweeper and an
+        #: admin may end one session at once).
+        self._ending: Counter[bytes] = Counter()
+        #: Ids being loaded from the store (the manager loads one id at a time), and
+        #: those of them whose session ended during the load.
+        self._loads: set[bytes] = set()
+        self._doomed: set[bytes] = set()
 
     def __len__(self) -> int:
         return len(self._map)
@@ -158,6 +190,34 @@ class LiveMap:
 
     def pop(self, session_id: bytes) -> Live | None:
         return self._map.pop(session_id, None)
+
+    @contextlib.contextmanager
+    def ending(self, session_ids: list[bytes]) -> Iterator[None]:
+        """Keep `session_ids` out of the map while the block (which deletes them from
+        the store) runs. Entered before the first await after the sessions end."""
+        self._ending.update(session_ids)
+        self._doomed.update(self._loads.intersection(session_ids))
+        try:
+            yield
+        finally:
+            self._ending.subtract(session_ids)
+            for session_id in session_ids:
+                if self._ending[session_id] <= 0:
+                    del self._ending[session_id]
+
+    def load_started(self, session_id: bytes) -> None:
+        self._loads.add(session_id)
+
+    def load_done(self, session_id: bytes, live: Live | None) -> bool:
+        """End the load of `session_id`: `live` (what it read, if anything) goes into
+        the map unless the session ended since the load began. Whether it went in."""
+        self._loads.discard(session_id)
+        ended = session_id in self._doomed or session_id in self._ending
+        self._doomed.discard(session_id)
+        if live is None or ended:
+            return False
+        self.put(live)
+        return True
 
     def count(self, app: str) -> int:
         return sum(1 for live in self._map.values() if live.app == app)

@@ -255,6 +255,12 @@ class CustomerSessions:
                 self.stats.sessions[app] += 1
                 try:
                     await self.store.commit(self.refresher.row(live, record), expected=0)
+                except StoreError:
+                    # Nobody will ever hold a handle to it: log it out at Geins rather
+                    # than leave it alive there until its maxAge.
+                    self.stats.sessions[app] -= 1
+                    self.refresher.purge(app, grant.refresh)
+                    raise
                 except BaseException:
                     self.stats.sessions[app] -= 1
                     raise
@@ -394,13 +400,14 @@ class CustomerSessions:
         live.ended = True
         self.lives.pop(live.session_id)
         self._frames.pop(live.session_id, None)
-        if live.flight is not None:
-            await live.flight.done.wait()
-        try:
-            await self._clients[app].logout(live.refresh)
-        except GeinsError as exc:
-            log.info("customer_logout_failed", app=app, reason=str(exc))
-        await self.refresher.forget([live.session_id], app, EndReason.LOGOUT)
+        with self.lives.ending([live.session_id]):
+            if live.flight is not None:
+                await live.flight.done.wait()
+            try:
+                await self._clients[app].logout(live.refresh)
+            except GeinsError as exc:
+                log.info("customer_logout_failed", app=app, reason=str(exc))
+            await self.refresher.forget([live.session_id], app, EndReason.LOGOUT)
 
     async def _use(self, app: str, handle: Secret) -> Live:
         live = await self._live(app, handle)
@@ -442,13 +449,18 @@ class CustomerSessions:
                 break
             await loading.wait()
         self._loading[session_id] = done = trio.Event()
+        self.lives.load_started(session_id)
+        loaded = None
         try:
-            live = await self._load(app, handle, session_id)
+            loaded = await self._load(app, handle, session_id)
         finally:
+            kept = self.lives.load_done(session_id, loaded)
             del self._loading[session_id]
             done.set()
-        self._remember(app, handle, live)
-        return live
+        if loaded is None or not kept:  # it ended while its row was being read
+            raise UnknownSession()
+        self._remember(app, handle, loaded)
+        return loaded
 
     def _remember(self, app: str, handle: Secret, live: Live) -> None:
         if len(self._recent) >= 2 * self.lives.capacity:
@@ -476,9 +488,7 @@ class CustomerSessions:
                 reason="filed under a generation other than its sealed one",
             )
             raise UnknownSession()
-        live = Live(session_id, key, record, row.last_used_at)
-        self.lives.put(live)
-        return live
+        return Live(session_id, key, record, row.last_used_at)
 
     def _dropped(self, app: str, session_id: bytes) -> None:
         """Another node ended this session (the store says so): forget it here, so

@@ -14,14 +14,18 @@
   commit is a compare-and-set on the generation read (contract.py). A record whose
   sealed generation is not the one the store files it under, or that is older than
   the one held (a replay), is refused and written over.
+- Tokens a failed commit left in memory (`unsaved`) are committed again by the next
+  flight, not replaced by new ones from Geins.
 - A refresh token Geins rejects is first checked against the store: if another node
   (or daemon) committed a newer generation, that one is adopted; otherwise the session
   has been revoked and ends. A commit that loses its compare-and-set does the same.
 - Ending a session never writes it back: `ended` is set before anything is awaited,
   and a flight checks it before queuing its commit (the writer is FIFO, so a deletion
-  queued after a commit wins). Purges log the session out at Geins through a bounded
-  queue and `max_purges` workers per app; when the queue is full the logout is skipped
-  and counted (the refresh token then dies at its maxAge).
+  queued after a commit wins). Nor is it read back: until its deletion is committed
+  the `LiveMap` keeps any load of it out of memory (live.py).
+- Purges log the session out at Geins through a bounded queue and `max_purges`
+  workers per app; when the queue is full the logout is skipped and counted (the
+  refresh token then dies at its maxAge).
 """
 
 from __future__ import annotations
@@ -193,10 +197,14 @@ class Refresher:
     async def _fly(self, live: Live, flight: Flight, rotation: Rotation | None) -> None:
         app = self._apps[live.app]
         outcome = "error"
+        # Tokens a failed commit left unsaved are the newest (Geins has spent the ones
+        # the store holds): they are committed again, and Geins is not asked for new
+        # ones, which would rotate the session once per request while the store fails.
+        resave = rotation is None and live.unsaved
         self.in_flight += 1
         try:
             async with self._limiters[live.app]:
-                outcome = await self._rotate(live, app, rotation)
+                outcome = await self._rotate(live, app, rotation, resave=resave)
         except RefreshTokenRejected as exc:
             outcome = "adopted" if await self._adopt(live) else "rejected"
             if outcome == "rejected":
@@ -222,7 +230,7 @@ class Refresher:
             flight.error = exc
             raise
         finally:
-            if rotation is None:
+            if rotation is None and not resave:
                 self.stats.refreshes[live.app, outcome] += 1
             live.flight = None
             flight.done.set()
@@ -231,9 +239,12 @@ class Refresher:
                 self._landed.set()
             self.consider(live, self._wall.now())
 
-    async def _rotate(self, live: Live, app: AppSettings, rotation: Rotation | None) -> str:
+    async def _rotate(
+        self, live: Live, app: AppSettings, rotation: Rotation | None, *, resave: bool
+    ) -> str:
         """One refresh (or `rotation`) under the store's `rotating` block: adopt what
-        another node committed, or exchange the refresh token and commit the result."""
+        another node committed, commit again tokens a failed commit left unsaved
+        (`resave`), or exchange the refresh token and commit the result."""
         if live.ended:
             raise UnknownSession()
         async with self._store.rotating(live.app, live.session_id) as current:
@@ -242,6 +253,11 @@ class Refresher:
                 if rotation is None:
                     return "adopted"
                 expected = live.generation  # a password change goes on from it
+            if resave:
+                await self.save(live, live.held(self._wall.now()), expected)
+                due = rules.rotation_due_at(self._tokens(live), app.policy, self._rng)
+                live.next_refresh_at = due
+                return "ok"
             client = self._clients[live.app]
             grant = await (client.refresh(live.refresh) if rotation is None else rotation(live))
             return await self._took_grant(live, grant, app, expected)
@@ -457,11 +473,12 @@ class Refresher:
             return
         live.ended = True
         self._lives.pop(live.session_id)
-        if wait_flight and live.flight is not None:
-            await live.flight.done.wait()
-        if purge:
-            self.purge(live.app, live.refresh)
-        await self.forget([live.session_id], live.app, reason)
+        with self._lives.ending([live.session_id]):
+            if wait_flight and live.flight is not None:
+                await live.flight.done.wait()
+            if purge:
+                self.purge(live.app, live.refresh)
+            await self.forget([live.session_id], live.app, reason)
 
     async def forget(self, session_ids: list[bytes], app: str, reason: EndReason) -> None:
         """Delete stored sessions (ended ones, or ones no handle has opened yet).
@@ -469,7 +486,8 @@ class Refresher:
         session at once."""
         if not session_ids:
             return
-        gone = await self._store.delete_many(app, session_ids)
+        with self._lives.ending(session_ids):
+            gone = await self._store.delete_many(app, session_ids)
         self.stats.sessions[app] -= gone
         self.stats.ends[app, reason.value] += gone
         for session_id in session_ids:

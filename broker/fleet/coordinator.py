@@ -131,7 +131,8 @@ class Fleet:
     async def poll_once(self) -> None:
         """Heartbeat, then every shared profile's generation and lease holder."""
         try:
-            self.nodes, self.store_now = await self.store.heartbeat()
+            window = _RECENT_POLLS * self.config.poll_interval
+            self.nodes, self.store_now = await self.store.heartbeat(window)
             polled = await self.store.poll(list(self.links))
         except StoreFailure as exc:
             self.failed(exc)

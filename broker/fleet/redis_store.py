@@ -23,6 +23,7 @@ raises `StoreCorrupt` (a `StoreFailure`), and results are named (`Acquired`, `He
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,22 @@ import coredis
 from coredis.retry import NoRetryPolicy
 
 from broker.fleet.settings import ClusterConfig
+
+#: The highest generation written: 15 decimal digits, far below 2**53, so the write
+#: script's Lua (double) numbers hold it exactly. A rotation a second would take
+#: thirty million years to get there; a store claiming more is corrupt.
+MAX_GENERATION: Final = 10**15 - 1
+_GENERATION_DIGITS: Final = len(str(MAX_GENERATION))
+#: The longest node name believed from the store (the `[cluster]` node setting's bound).
+_MAX_NODE: Final = 200
+#: The most bytes read of a lease's value ("<node> <16 hex digits>").
+_MAX_LEASE: Final = 256
+#: The longest plain field of a record (generation, node, times) a node writes.
+_MAX_FIELD: Final = 256
+#: The largest sealed record believed (as a session file's, storage/store.py).
+MAX_RECORD: Final = 1 << 20
+#: The most nodes a heartbeat lists.
+_MAX_LISTED_NODES: Final = 256
 
 #: Reads a generation field: nil, or an error reply naming the key, for anything but a
 #: decimal integer of at most 15 digits. Lua numbers are doubles: every integer up to
@@ -66,16 +83,26 @@ redis.call('PUBLISH', ARGV[7], ARGV[8] .. ' ' .. ARGV[2] .. ' ' .. t[1] .. ' ' .
 return {1, new}
 """
 )
-_READ: Final = """
+#: Refuses (an error reply) a record with a field longer than any node writes, before
+#: any of it is sent: a store's value is read into every node's memory at every read.
+_READ: Final = f"""
+for _, f in ipairs({{'gen', 'node', 'at', 'ts', 'tus'}}) do
+  if redis.call('HSTRLEN', KEYS[1], f) > {_MAX_FIELD} then
+    return redis.error_reply('oversized ' .. f .. ' in ' .. KEYS[1])
+  end
+end
+if redis.call('HSTRLEN', KEYS[1], 'blob') > {MAX_RECORD} then
+  return redis.error_reply('oversized record in ' .. KEYS[1])
+end
 local r = redis.call('HMGET', KEYS[1], 'gen', 'node', 'at', 'ts', 'tus', 'blob')
 local t = redis.call('TIME')
 table.insert(r, t[1]); table.insert(r, t[2])
 return r
 """
 #: {1} when the lease is now ours; otherwise {0, its PTTL (-1: no expiry), its value}.
-_ACQUIRE: Final = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
-return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
+_ACQUIRE: Final = f"""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{1}} end
+return {{0, redis.call('PTTL', KEYS[1]), redis.call('GETRANGE', KEYS[1], 0, {_MAX_LEASE - 1})}}
 """
 _EXTEND: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -85,21 +112,41 @@ _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_POLL: Final = """
-local out = {}
+#: A generation too long to be one comes back as a word that does not parse, a lease's
+#: value cut to what a node writes (its holder is only shown).
+_POLL: Final = f"""
+local out = {{}}
 for i = 1, #KEYS, 2 do
-  table.insert(out, redis.call('HGET', KEYS[i], 'gen') or '0')
-  table.insert(out, redis.call('GET', KEYS[i + 1]) or '')
+  if redis.call('HSTRLEN', KEYS[i], 'gen') > {_MAX_FIELD} then
+    table.insert(out, 'oversized')
+  else
+    table.insert(out, redis.call('HGET', KEYS[i], 'gen') or '0')
+  end
+  table.insert(out, redis.call('GETRANGE', KEYS[i + 1], 0, {_MAX_LEASE - 1}))
   table.insert(out, redis.call('PTTL', KEYS[i + 1]))
 end
 return out
 """
-_HEARTBEAT: Final = """
+#: Nothing ever removes a node's entry, and anyone may add some: only the entries a
+#: node could have written within ARGV[2] seconds (a name of a node's length, a Redis
+#: time not in the future) come back, at most `_MAX_LISTED_NODES` of them.
+_HEARTBEAT: Final = f"""
 local t = redis.call('TIME')
+local now = tonumber(t[1])
 redis.call('HSET', KEYS[1], ARGV[1], t[1])
+local window = tonumber(ARGV[2])
 local all = redis.call('HGETALL', KEYS[1])
-table.insert(all, t[1])
-return all
+local out = {{}}
+for i = 1, #all, 2 do
+  if #out >= {2 * _MAX_LISTED_NODES} then break end
+  local at = #all[i + 1] <= {_MAX_FIELD} and tonumber(all[i + 1])
+  if at and #all[i] <= {_MAX_NODE} and at <= now and now - at <= window then
+    table.insert(out, all[i])
+    table.insert(out, all[i + 1])
+  end
+end
+table.insert(out, t[1])
+return out
 """
 _SCRIPTS: Final = {
     "write": _WRITE,
@@ -112,14 +159,6 @@ _SCRIPTS: Final = {
 }
 #: Keys per poll script call, so one call never blocks Redis for long.
 _POLL_CHUNK: Final = 500
-
-
-#: The highest generation written: 15 decimal digits, far below 2**53, so the write
-#: script's Lua (double) numbers hold it exactly. A rotation a second would take
-#: thirty million years to get there; a store claiming more is corrupt.
-MAX_GENERATION: Final = 10**15 - 1
-#: The longest node name believed from the store (the `[cluster]` node setting's bound).
-_MAX_NODE: Final = 200
 
 
 class PoolDown(Exception):
@@ -222,9 +261,11 @@ def as_text(value: Any) -> str:
 
 
 def parse_generation(value: Any, where: str) -> int:
-    """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt."""
+    """A generation field: decimal digits, at most `MAX_GENERATION`. Raises StoreCorrupt.
+    The length is checked first: `int` refuses a string of over 4,300 digits with a
+    ValueError, which is no store failure and would end the daemon."""
     text = as_text(value)
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_GENERATION:
+    if not (text.isascii() and text.isdigit() and len(text) <= _GENERATION_DIGITS):
         raise StoreCorrupt(f"{where}: generation {escaped(text)!r} is not a generation")
     return int(text)
 
@@ -428,11 +469,12 @@ class RedisStore:
                 result[profile] = Polled(generation, holder, state)
         return result
 
-    async def heartbeat(self) -> tuple[dict[str, float], float]:
-        """Mark this node alive; every node's last heartbeat and the store's time (s).
-        An entry that does not parse (a name too long, a time that is not one) is
-        left out: it is no node's."""
-        flat = await self._run("heartbeat", [self.nodes_key], [self.config.node])
+    async def heartbeat(self, window: float) -> tuple[dict[str, float], float]:
+        """Mark this node alive; the last heartbeat of every node seen within `window`
+        seconds (at most a few hundred) and the store's time (s). An entry that does
+        not parse (a name too long, a time that is not one) is left out: it is no
+        node's."""
+        flat = await self._run("heartbeat", [self.nodes_key], [self.config.node, math.ceil(window)])
         now = as_time(flat[-1], "TIME")
         pairs = flat[:-1]
         nodes: dict[str, float] = {}
@@ -452,7 +494,7 @@ def announcement(data: bytes) -> tuple[str, Stored] | None:
     own time, as the message arrives at once). None if it is not one."""
     header, newline, blob = data.partition(b"\n")
     fields = header.decode(errors="replace").split(" ")
-    if not newline or not blob or len(fields) != 6:
+    if not newline or not blob or len(blob) > MAX_RECORD or len(fields) != 6:
         return None
     profile, generation, ts, tus, node, at = fields
     try:

@@ -52,6 +52,12 @@ _DISK_REPUBLISH_POLLS: Final = 2
 #: write-back of the live session): each one loses only to another node's write.
 _FORCE_ATTEMPTS: Final = 5
 
+#: A record that is refused or does not open is logged at most once per this many
+#: seconds per profile (`since`: how many since the last line): anyone who reaches Redis can publish
+#: thousands of them a second, and a line each would flood the log (and make journald
+#: drop the lines that matter).
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+
 
 def reason(exc: BaseException) -> str:
     """What to log or show about a failure: its message, escaped and bounded."""
@@ -111,6 +117,9 @@ class SharedLink:
         #: trio time before which this node does not rotate: the store was found behind
         #: or just came back, and other nodes may still be writing back newer sessions.
         self._settle_until = 0.0
+        #: trio time of the last refusal logged, and the refusals not logged since.
+        self._refusal_logged_at = -_REFUSAL_LOG_INTERVAL
+        self._refusals_unlogged = 0
 
     def __repr__(self) -> str:
         return f"SharedLink({self.name!r}, generation={self.generation})"
@@ -423,7 +432,7 @@ class SharedLink:
                 self._unpublished = True
             return False
         except (SealError, ValueError) as exc:
-            log.error("fleet_record_unreadable", profile=self.name, reason=reason(exc))
+            self._log_refusal("fleet_record_unreadable", exc)
             return False
         if not rotation.should_fetch(self.generation, opened.generation):
             return False  # a newer one arrived while this one was read
@@ -453,8 +462,16 @@ class SharedLink:
         return True
 
     def _refused(self, exc: envelope.RecordRefused) -> None:
-        log.error("fleet_record_refused", profile=self.name, reason=reason(exc))
+        self._log_refusal("fleet_record_refused", exc)
         self.fleet.failed(StoreCorrupt(f"the record of {self.name!r} is refused: {exc}"))
+
+    def _log_refusal(self, event: str, exc: BaseException) -> None:
+        now = trio.current_time()
+        if now - self._refusal_logged_at < _REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        log.error(event, profile=self.name, reason=reason(exc), since=self._refusals_unlogged + 1)
+        self._refusal_logged_at, self._refusals_unlogged = now, 0
 
     def retry_soon(self, now: float) -> None:
         """The store is back: a profile backing off because of it retries now."""

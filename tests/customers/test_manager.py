@@ -9,7 +9,14 @@ import pytest
 import trio
 import trio.lowlevel
 
-from broker.core.errors import InvalidCredentials, RateLimited, Relayed, UnknownSession
+from broker.core.clock import TrioWallClock
+from broker.core.errors import (
+    InvalidCredentials,
+    RateLimited,
+    Relayed,
+    StoreError,
+    UnknownSession,
+)
 from broker.core.secret import Secret
 from broker.customers.model.handles import new_handle
 from broker.customers.model.lifetime import Lifetime
@@ -18,7 +25,7 @@ from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from tests.customers.conftest import Start
-from tests.support import refreshes
+from tests.support import fill, refreshes, remount
 
 PASSWORD = Secret(DEMO_PASSWORD)
 #: A session idle after a minute: refreshed only at its next use.
@@ -262,6 +269,39 @@ async def test_logout_during_a_refresh_is_not_undone(
         await manager.token("shop", created.handle)
 
 
+async def test_a_read_of_a_session_that_ends_meanwhile_brings_nothing_back(
+    autojump_clock: trio.testing.MockClock, start_customers: Start
+) -> None:
+    """A session not in memory is being loaded (its row read, slowly) when it is ended
+    and its deletion committed: the row the load read is not let back into memory, and
+    the handle opens nothing from then on."""
+    manager = await start_customers()
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    session_id = manager.store.store_key.session_id("shop", created.handle)
+    assert manager.lives.pop(session_id) is not None  # dropped, as the LRU map does
+    read = manager.store.get
+
+    async def slow_read(app: str, wanted: bytes) -> object:
+        row = await read(app, wanted)
+        await trio.sleep(1.0)  # the answer comes back after the deletion's commit
+        return row
+
+    manager.store.get = slow_read  # type: ignore[method-assign,assignment]
+    async with trio.open_nursery() as nursery:
+
+        async def use() -> None:
+            with pytest.raises(UnknownSession):
+                await manager.token("shop", created.handle)
+
+        nursery.start_soon(use)
+        await trio.sleep(0.5)
+        assert await manager.end_customer("shop", DEMO_USER) == 1
+    manager.store.get = read  # type: ignore[method-assign]
+    assert manager.lives.peek(session_id) is None
+    with pytest.raises(UnknownSession):
+        await manager.token("shop", created.handle)
+
+
 async def test_log_out_everywhere_and_listing(
     autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
 ) -> None:
@@ -348,3 +388,55 @@ async def test_password_change_keeps_the_session(
     assert after.token != before.token
     info = await manager.info("shop", created.handle)
     assert info.username == DEMO_USER and info.customer_type == "PERSON"
+
+
+async def test_a_store_that_cannot_write_costs_geins_one_refresh_not_one_per_request(
+    autojump_clock: trio.testing.MockClock,
+    emulator: Emulator,
+    start_customers: Start,
+    tmpfs: Path,
+    wall: TrioWallClock,
+) -> None:
+    """The store's file system fills up as a refresh falls due: the rotated
+    tokens cannot be committed, so the bearer is not served. Each request after that
+    tries to commit the tokens already held again; it does not ask Geins for new ones
+    (a request per token would otherwise be a refresh per token). Once the store
+    writes again, the held bearer is served."""
+    remount(tmpfs, "size=1m")  # room for the database, its WAL and its shared memory
+    manager = await start_customers(path=tmpfs / "customers.sqlite", lifetime=IDLE_SOON)
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    await trio.sleep(900)  # idle: its refresh waits for its next use
+    before = refreshes(emulator)
+    filler = fill(tmpfs)
+    try:
+        for _ in range(5):
+            with pytest.raises(Relayed) as refused:
+                await manager.token("shop", created.handle)
+            assert refused.value.code == StoreError.code
+    finally:
+        filler.unlink()
+    assert refreshes(emulator) - before == 1
+    served = await manager.token("shop", created.handle)
+    assert refreshes(emulator) - before == 1
+    assert served.expires_at > wall.now() + 800  # the rotated bearer, not the old one
+
+
+async def test_a_login_the_store_cannot_keep_is_logged_out_at_geins(
+    autojump_clock: trio.testing.MockClock,
+    emulator: Emulator,
+    start_customers: Start,
+    tmpfs: Path,
+) -> None:
+    """Geins made the session, the store could not commit it: the caller gets the
+    store's error and no handle, and the session is logged out at Geins rather than
+    left alive there, unreachable, until its maxAge."""
+    remount(tmpfs, "size=1m")
+    manager = await start_customers(path=tmpfs / "customers.sqlite")
+    filler = fill(tmpfs)
+    try:
+        with pytest.raises(StoreError):
+            await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    finally:
+        filler.unlink()
+    await trio.sleep(1)  # the logout is sent in the background
+    assert emulator.service.live_sessions(DEMO_USER) == 0

@@ -123,9 +123,9 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             stream = sock.makefile("rb")
             if self.password:
-                sock.sendall(_command("AUTH", self.password))
+                sock.sendall(resp_command("AUTH", self.password))
                 assert _read_reply(stream) == "OK"
-            sock.sendall(_command(*args))
+            sock.sendall(resp_command(*args))
             return _read_reply(stream)
 
     def kill(self) -> None:
@@ -206,7 +206,8 @@ def make_tls(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def _command(*args: str) -> bytes:
+def resp_command(*args: str) -> bytes:
+    """One Redis command in RESP, as redis-cli would send it."""
     return (f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)).encode()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ for frame in sys.argv[2:]:
     print(data.hex(), flush=True)
 """
 
+#: Sends one frame (hex) on one connection again and again for some seconds, each
+#: after the answer to the one before.
+_AGAIN = r"""
+import socket, struct, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+frame, until = bytes.fromhex(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < until:
+    sock.sendall(frame)
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        data += sock.recv(65536)
+"""
+
 
 def as_nobody(sock: Path, *requests: dict[str, Any]) -> list[dict[str, Any]]:
     """Each request's answer, sent by uid 65534 on one connection."""
@@ -74,9 +90,17 @@ def open_tmp(short_tmp: Path) -> Path:
 
 
 @pytest.fixture
-def daemon(open_tmp: Path) -> Iterator[DaemonProcess]:
-    """A daemon with two apps: `shop` for uid 65534, `outlet` for nobody but admins."""
+def emulator() -> Iterator[EmulatorProcess]:
     emulator = EmulatorProcess()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def daemon(open_tmp: Path, emulator: EmulatorProcess) -> Iterator[DaemonProcess]:
+    """A daemon with two apps: `shop` for uid 65534, `outlet` for nobody but admins."""
     config = write_config(
         open_tmp / "c.toml",
         emulator.url,
@@ -90,7 +114,6 @@ def daemon(open_tmp: Path) -> Iterator[DaemonProcess]:
         yield process
     finally:
         process.close()
-        emulator.stop()
 
 
 def _login(app: str) -> dict[str, Any]:
@@ -159,3 +182,66 @@ def test_handles_never_appear_in_log_status_metrics_or_store(
         for secret in [*handles, *bearers, DEMO_PASSWORD, "changed-pw", "pw-new-1"]:
             assert secret not in text, f"a secret in the {place}"
     assert "customer_session_created" in places["log"]  # the log does speak of them
+
+
+def test_a_session_logged_out_while_its_handle_is_used_stays_ended(
+    daemon: DaemonProcess, emulator: EmulatorProcess, open_tmp: Path
+) -> None:
+    """The handle's holder asks for a bearer while its logout waits for Geins. Once the
+    logout is answered, the handle opens nothing: no bearer, no info, nothing left in
+    memory to serve, refresh or write back."""
+    sock = open_tmp / "b.sock"
+    (created,) = as_nobody(sock, _login("shop"))
+    handle = created["handle"]
+    token = {"op": "session_token", "app": "shop", "handle": handle}
+    emulator.control("POST", "faults", {"kind": "latency", "match": "logout", "seconds": 1.5})
+    logout_frame = encode({"id": 1, **token, "op": "session_logout"}).hex()
+    logout = subprocess.Popen(
+        [*_AS_NOBODY, "/usr/bin/python3", "-c", _CLIENT, str(sock), logout_frame],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # the logout is waiting for Geins
+    as_nobody(sock, token)
+    out, _ = logout.communicate(timeout=30)
+    (answer,) = FrameDecoder(MAX_RESPONSE_SIZE).feed(bytes.fromhex(out.strip()))
+    assert answer["ok"], answer
+    _assert_ended(sock, [handle])
+
+
+def test_a_customer_logged_out_everywhere_while_their_handles_are_used_stays_out(
+    daemon: DaemonProcess, open_tmp: Path
+) -> None:
+    """Each handle's holder asks for a bearer again and again while an admin logs the
+    customer out everywhere (each session's deletion being committed in turn). Once
+    `session_end` is answered, no handle opens anything."""
+    sock = open_tmp / "b.sock"
+    handles = [created["handle"] for created in as_nobody(sock, *[_login("shop")] * 5)]
+    frames = [encode({"id": 1, "op": "session_token", "app": "shop", "handle": h}) for h in handles]
+    askers = [
+        subprocess.Popen(
+            [*_AS_NOBODY, "/usr/bin/python3", "-c", _AGAIN, str(sock), frame.hex(), "2"],
+            stdout=subprocess.DEVNULL,
+        )
+        for frame in frames
+    ]
+    time.sleep(0.5)
+    answer = call(sock, op="session_end", app="shop", username=DEMO_USER)
+    for asker in askers:
+        asker.wait(timeout=30)
+    assert answer == {"id": 1, "ok": True, "ended": 5}, answer
+    _assert_ended(sock, handles)
+
+
+def _assert_ended(sock: Path, handles: list[str]) -> None:
+    requests = [
+        {"op": op, "app": "shop", "handle": h}
+        for h in handles
+        for op in ("session_token", "session_info")
+    ]
+    for refused in as_nobody(sock, *requests):
+        assert refused.get("error", {}).get("code") == "unknown_session", refused
+    assert call(sock, op="status")["apps"] == [
+        {"app": "shop", "sessions": 0, "in_memory": 0},
+        {"app": "outlet", "sessions": 0, "in_memory": 0},
+    ]

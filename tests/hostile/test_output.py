@@ -2,7 +2,8 @@
 
 A node name or a lease holder in Redis (which every local user may write when it has no
 password) and a `user` field in a bearer's claims (a lying upstream, or a planted
-session) reach root's terminal through `geins-broker status`, `cluster` and `user`.
+session) reach root's terminal through `geins-broker status`, `cluster` and `user`; a
+customer's username through `geins-broker sessions`.
 Each carries OSC and CSI sequences here: a window title, a screen clear and a clipboard
 write (OSC 52). Real processes: redis-server, the emulator, the daemon and the CLI.
 """
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from broker.cli.output import terminal_safe
+from geins_broker_client import Client
 from tests.fleet.support import Fleet, RedisServer
-from tests.support import GEINS_BROKER, EmulatorProcess, wait_until
+from tests.support import GEINS_BROKER, DaemonProcess, EmulatorProcess, wait_until, write_config
 
 #: Sets the window title, clears the screen, writes the clipboard.
 PLANTED = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;b3duZWQ=\x07\x9b31m"
@@ -82,4 +84,34 @@ def test_escapes_from_the_store_and_the_upstream_reach_no_terminal(
     finally:
         if fleet is not None:
             fleet.close()
+        emulator.stop()
+
+
+def test_a_customers_username_reaches_no_terminal_raw(short_tmp: Path) -> None:
+    """A customer's username is theirs to choose (through the storefront) and the admin
+    listing prints it: neither escape sequences nor bidirectional overrides (which make
+    a listing show text in another order than it has, "Trojan Source") reach the
+    terminal of whoever runs `geins-broker sessions`."""
+    user = "evil" + PLANTED + "\u202etxt.exe\u2066@example.com"
+    emulator = EmulatorProcess("--user", f"{user}:{PASSWORD}")
+    short_tmp.chmod(0o755)
+    config = write_config(
+        short_tmp / "c.toml",
+        emulator.url,
+        short_tmp / "b.sock",
+        short_tmp / "state",
+        apps={"shop": {}},
+    )
+    daemon = DaemonProcess(config, short_tmp)
+    try:
+        with Client(short_tmp / "b.sock") as client:
+            client.session_login("shop", user, PASSWORD)
+        result = cli("sessions", "shop", "--socket", str(short_tmp / "b.sock"))
+        assert result.returncode == 0, result
+        assert_escaped(result.stdout)
+        for override in ("\u202e", "\u2066"):
+            assert override not in result.stdout, result.stdout
+        assert "\\u202e" in result.stdout, result.stdout
+    finally:
+        daemon.close()
         emulator.stop()
