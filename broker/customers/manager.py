@@ -323,6 +323,8 @@ class CustomerSessions:
         """Return once `live`'s bearer has `min_valid` seconds left, after its one
         refresh in flight if it had not."""
         for _ in range(2):
+            if live.ended:
+                raise UnknownSession()
             now = self._wall.now()
             demand = rules.on_demand(live.expires_at, now, min_valid, live.retry_at)
             if demand is rules.Demand.SERVE and not live.unsaved:

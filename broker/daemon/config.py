@@ -510,7 +510,7 @@ def _app(source: Path, name: str, table: Any) -> AppConfig:
 
 
 def _cookie_name(r: TableReader) -> str | None:
-    name = r.get("proxy_cookie", str)
+    name: str | None = r.get("proxy_cookie", str)
     if name is not None and (not is_cookie_name(name) or len(name) > 256):
         raise r.error("proxy_cookie", "must be a cookie name (letters, digits, !#$%&'*+-.^_`|~)")
     return name

@@ -7,7 +7,8 @@ connection and are never forwarded, either way. Authorization and x-apikey from 
 client are dropped and the profile's own put in their place; Host is the upstream's;
 Geins-Broker-Profile, Geins-Broker-Session and Geins-Broker-App are ours, and so is
 an app's `proxy_cookie` (taken out of the Cookie header, which passes with the rest);
-Proxy-Authorization and Expect are for this hop. Everything else (Accept, Content-Type, x-request-id, x-idempotency-key, ...) passes.
+Proxy-Authorization and Expect are for this hop. Everything else (Accept,
+Content-Type, x-request-id, x-idempotency-key, ...) passes.
 
 Framing: a message with both Transfer-Encoding and Content-Length is framed by the
 Transfer-Encoding alone (RFC 9112 6.3), so its Content-Length is never forwarded,
@@ -170,10 +171,10 @@ def is_cookie_name(name: str) -> bool:
 
 def take_cookies(client: Headers, names: frozenset[bytes]) -> tuple[Headers, dict[bytes, bytes]]:
     """`client` without the cookies named `names`, and those cookies' values (the first
-    of each name). Every Cookie header is searched (RFC 6265 asks for one; an HTTP/2
-    hop may split it); one left empty is dropped; the other cookies pass as they came,
-    in their order (a header that held none of `names` byte for byte, one that did
-rejoined by "; ")."""
+        of each name). Every Cookie header is searched (RFC 6265 asks for one; an HTTP/2
+        hop may split it); one left empty is dropped; the other cookies pass as they came,
+        in their order (a header that held none of `names` byte for byte, one that did
+    rejoined by "; ")."""
     found: dict[bytes, bytes] = {}
     out: Headers = []
     for key, value in client:
