@@ -1,8 +1,8 @@
 """A daemon with customer-session apps behind its proxy, for the proxy-by-handle tests.
 
 Apps: `shop` (for NOBODY, cookie `__Host-geins`), `outlet` (for READER) and `taped`
-(for NOBODY, cookie `taped`), whose Merchant API is a recording upstream (every
-request's headers kept) while its logins go to the emulator. Both proxy listeners
+(for NOBODY, cookie `taped`), whose Merchant API is a recording relay in front of the
+emulator (every /graphql request's headers kept). Both proxy listeners
 are on: the Unix socket (anyone may connect) and loopback TCP.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,23 +36,40 @@ GET_USER = json.dumps({"query": "{ getUser { email } }"})
 
 
 class Recorder:
-    """An upstream that answers every request 200 with `{}` and keeps its headers."""
+    """An upstream in front of the emulator that keeps the headers of every request
+    it relays to the Merchant API's /graphql (and relays the rest, the signature
+    service's, unrecorded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, emulator_url: str) -> None:
         seen: list[list[tuple[str, str]]] = []
         self.seen = seen
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                self.rfile.read(int(self.headers.get("content-length", "0")))
-                seen.append([(k.lower(), v) for k, v in self.headers.items()])
-                self.send_response(200)
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = [(k.lower(), v) for k, v in self.headers.items()]
+                if self.path.startswith("/graphql"):
+                    seen.append(headers)
+                request = urllib.request.Request(  # noqa: S310 - the test's emulator
+                    emulator_url + self.path,
+                    data=body if self.command == "POST" else None,
+                    method=self.command,
+                    headers={k: v for k, v in headers if k not in ("host", "content-length")},
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+                        status, data = answer.status, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, data = error.code, error.read()
+                self.send_response(status)
                 self.send_header("content-type", "application/json")
-                self.send_header("content-length", "2")
+                self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(data)
+
+            do_GET = do_POST = _relay
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -128,7 +147,7 @@ def session_stack(
     """The stack (module docstring), `app`'s settings added to `shop`'s."""
     tmp.chmod(0o755)
     emulator = EmulatorProcess(*emulator_args)
-    recorder = Recorder()
+    recorder = Recorder(emulator.url)
     port = free_port()
     config = write_config(
         tmp / "c.toml",
