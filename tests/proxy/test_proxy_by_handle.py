@@ -215,7 +215,7 @@ def test_no_bearer_goes_out_with_another_customers_request(
     passed_on = outcomes.pop("injected 401", 0)
     assert set(outcomes) == {"ok", "seconds"}, outcomes
     assert outcomes["ok"] + passed_on == REQUESTS
-    assert passed_on < INJECTED_401 / 2, outcomes
+    assert passed_on <= INJECTED_401 // 2, outcomes  # each one drew two injected 401s
     assert counts["graphql user_checked"] == outcomes["ok"], counts
     assert counts["GET /login"] >= CUSTOMERS, counts  # every session rotated under load
     print(f"no-mixing load: {outcomes}, {passed_on} injected 401s passed on, {counts}")
