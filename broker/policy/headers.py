@@ -169,13 +169,15 @@ def is_cookie_name(name: str) -> bool:
     return _COOKIE_NAME.fullmatch(name) is not None
 
 
-def take_cookies(client: Headers, names: frozenset[bytes]) -> tuple[Headers, dict[bytes, bytes]]:
-    """`client` without the cookies named `names`, and those cookies' values (the first
-        of each name). Every Cookie header is searched (RFC 6265 asks for one; an HTTP/2
-        hop may split it); one left empty is dropped; the other cookies pass as they came,
-        in their order (a header that held none of `names` byte for byte, one that did
-    rejoined by "; ")."""
-    found: dict[bytes, bytes] = {}
+def take_cookies(
+    client: Headers, names: frozenset[bytes]
+) -> tuple[Headers, dict[bytes, list[bytes]]]:
+    """`client` without the cookies named `names`, and those cookies' values (each
+    name's, in order: two of one name are for the caller to refuse). Every Cookie
+    header is searched (RFC 6265 asks for one; an HTTP/2 hop may split it). A header
+    that held none of `names` passes byte for byte; one that did passes with the
+    others rejoined by "; ", or not at all when nothing is left."""
+    found: dict[bytes, list[bytes]] = {}
     out: Headers = []
     for key, value in client:
         if key != b"cookie":
@@ -185,7 +187,7 @@ def take_cookies(client: Headers, names: frozenset[bytes]) -> tuple[Headers, dic
         for pair in value.split(b";"):
             name, _, cookie = pair.strip().partition(b"=")
             if name.strip() in names:
-                found.setdefault(name.strip(), cookie.strip().strip(b'"'))
+                found.setdefault(name.strip(), []).append(cookie.strip().strip(b'"'))
                 taken = True
             elif pair.strip():
                 kept.append(pair.strip())

@@ -282,8 +282,10 @@ class Proxied:
                 self._headers, found = take_cookies(headers, names)
                 if handle is None and found:
                     # The header wins over a cookie; of two apps' cookies, the first.
-                    taken, handle = next(iter(found.items()))
-                    cookie_apps = apps[taken]
+                    taken, values = next(iter(found.items()))
+                    if len(values) > 1:  # which one is the customer's is not ours to guess
+                        raise ProxyRefusal(400, "bad_request", "more than one session cookie")
+                    handle, cookie_apps = values[0], apps[taken]
         if handle is None and named_app is None:
             return False
         if handle is None:

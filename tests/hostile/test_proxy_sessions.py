@@ -46,6 +46,10 @@ def test_the_handle_and_its_cookie_never_reach_geins(stack: SessionStack) -> Non
         assert all(handle not in value for _, value in seen), seen
         assert dict(seen)["x-apikey"] == "demo-api-key"
         assert dict(seen)["authorization"].startswith("Bearer ")
+    # Two session cookies (one planted by a sibling domain, say): neither is believed.
+    status, body = stack.curl(f"Cookie: taped={handle}; taped=other", as_user=nobody)
+    assert (status, body["errors"][0]["extensions"]["code"]) == (400, "bad_request")
+    assert len(stack.recorder.seen) == len(sent)
     cookies = [dict(seen).get("cookie") for seen in stack.recorder.seen]
     # Other cookies pass; an app's proxy cookie (any app's) never does.
     assert cookies == [None, "theme=dark; lang=sv", "theme=dark", None]
