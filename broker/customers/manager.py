@@ -64,6 +64,8 @@ EVICTION_WINDOW: Final = 64
 PREPARED_FRAMES: Final = 4096
 #: The most sessions one listing returns.
 MAX_LISTING: Final = 1000
+#: A bearer this young is not rotated on a 401 (`renew_rejected`).
+RENEW_MIN_AGE: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,13 +317,26 @@ class CustomerSessions:
         """The customer's bearer with at least `min_valid` seconds left: from memory
         when it has them, after the session's one refresh in flight otherwise."""
         live = await self._use(app, handle)
-        # At most two refreshes, each checked: the first may adopt a bearer another node
-        # got a while ago, which a second one (a rotation of its own) then replaces.
+        await self.fresh(live, min_valid)
+        return Served(live.bearer, live.expires_at)
+
+    async def use(self, app: str, handle: Secret) -> Live:
+        """The session `handle` names in `app`, its use noted (the proxy's long way);
+        `UnknownSession` for anything wrong with the handle, as every op answers."""
+        return await self._use(app, handle)
+
+    async def fresh(self, live: Live, min_valid: float) -> None:
+        """Return once `live`'s bearer has `min_valid` seconds left, after its one
+        refresh in flight if it had not. At most two refreshes, each checked: the first
+        may adopt a bearer another node got a while ago, which a second one (a rotation
+        of its own) then replaces."""
         for attempt in range(3):
+            if live.ended:
+                raise UnknownSession()
             now = self._wall.now()
             demand = rules.on_demand(live.expires_at, now, min_valid, live.retry_at)
             if demand is rules.Demand.SERVE and not live.unsaved:
-                return Served(live.bearer, live.expires_at)
+                return
             if demand is rules.Demand.BACKING_OFF and not live.unsaved:
                 assert live.retry_at is not None
                 raise Transient("Geins failed the last refresh; retry later", live.retry_at - now)
@@ -329,10 +344,41 @@ class CustomerSessions:
                 await self.refresher.refresh(live)
         raise BadRequest(f"min_valid {min_valid:g} s is longer than Geins' bearers last")
 
+    async def renew_rejected(self, live: Live, bearer: str) -> None:
+        """Geins refused `bearer` (a 401 to a proxied request) though it has time left:
+        rotate the session once, through its single flight. A caller whose bearer was
+        replaced meanwhile returns at once, so of many requests refused with one bearer,
+        one refresh; a bearer younger than `RENEW_MIN_AGE` is not rotated (a 401 that
+        early is about something else, and rotating on each would turn a flood of
+        requests into a flood of refreshes)."""
+        if live.ended:
+            raise UnknownSession()
+        if live.bearer.reveal() != bearer or live.unsaved:
+            return
+        if self._wall.now() - live.obtained_at < RENEW_MIN_AGE:
+            return
+        await self.refresher.refresh(live)
+
     def token_frame(self, request_id: int, app: str, handle: str, min_valid: float) -> bytes | None:
         """The hot path of `session_token`, answered without a task: the encoded answer
         with the bearer of a session held in memory that has `min_valid` seconds left,
         its use noted. None sends the request the long way (`token`), which loads,
+        refreshes, ends or refuses. `app` must name a configured app the caller may use."""
+        live = self.in_memory(app, handle)
+        if live is None or live.expires_at - self._wall.now() < min_valid:
+            return None
+        prepared = self._frames.get(live.session_id)
+        if prepared is None or prepared[0] != live.generation:
+            if len(self._frames) >= PREPARED_FRAMES:
+                self._frames.clear()
+            fields = {"ok": True, "token": live.bearer.reveal(), "expires_at": live.expires_at}
+            prepared = self._frames[live.session_id] = (live.generation, PreparedResponse(fields))
+        return prepared[1].frame(request_id)
+
+    def in_memory(self, app: str, handle: str) -> Live | None:
+        """The session `handle` names in `app`, without awaiting, if it is held in
+        memory, within its idle and absolute ends, with a bearer that has time left:
+        its use noted. None sends the caller the long way (`use`), which loads,
         refreshes, ends or refuses. `app` must name a configured app the caller may use.
 
         Found through `_recent`, not the session id: the id's HMAC would cost more than
@@ -343,8 +389,7 @@ class CustomerSessions:
         if live is None or live.unsaved or live.ended:
             return None
         now = self._wall.now()
-        left = live.expires_at - now
-        if left <= 0 or left < min_valid or self.lives.get(live.session_id) is not live:
+        if live.expires_at <= now or self.lives.get(live.session_id) is not live:
             return None
         ends_at = live.session_ends_at
         idle_end = min(live.last_used_at, now) + self.apps[app].lifetime.idle(live.remember)
@@ -353,13 +398,7 @@ class CustomerSessions:
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every or not live.scheduled:
             self._used(live, now)  # the store's coarse last use, the refresh schedule
-        prepared = self._frames.get(live.session_id)
-        if prepared is None or prepared[0] != live.generation:
-            if len(self._frames) >= PREPARED_FRAMES:
-                self._frames.clear()
-            fields = {"ok": True, "token": live.bearer.reveal(), "expires_at": live.expires_at}
-            prepared = self._frames[live.session_id] = (live.generation, PreparedResponse(fields))
-        return prepared[1].frame(request_id)
+        return live
 
     async def info(self, app: str, handle: Secret) -> Info:
         live = await self._use(app, handle)

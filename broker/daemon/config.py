@@ -34,6 +34,7 @@ from broker.geins.protocol import (
     Endpoint,
 )
 from broker.observe.textfile import TextfileAccess
+from broker.policy.headers import is_cookie_name
 from broker.policy.session import MAX_CLOCK_SKEW, Policy
 from geins_broker_client.paths import APP_DIR, ENV_SOCKET, SOCKET_NAME, temp_dir
 from geins_broker_client.trust import own_directory_problem
@@ -81,6 +82,9 @@ class AppConfig:
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     request_timeout: float = REQUEST_TIMEOUT
+    #: The cookie the proxy reads a handle from (and never forwards); None: the
+    #: Geins-Broker-Session header only (docs/proxy.md).
+    proxy_cookie: str | None = None
 
     @property
     def name(self) -> str:
@@ -499,9 +503,17 @@ def _app(source: Path, name: str, table: Any) -> AppConfig:
         allow_uids=frozenset(_uid(r, v) for v in _list(r, "allow_users")),
         allow_gids=frozenset(_gid(r, "allow_groups", v) for v in _list(r, "allow_groups")),
         request_timeout=r.seconds("request_timeout", REQUEST_TIMEOUT, most=300.0),
+        proxy_cookie=_cookie_name(r),
     )
     r.check_unknown()
     return app
+
+
+def _cookie_name(r: TableReader) -> str | None:
+    name: str | None = r.get("proxy_cookie", str)
+    if name is not None and (not is_cookie_name(name) or len(name) > 256):
+        raise r.error("proxy_cookie", "must be a cookie name (letters, digits, !#$%&'*+-.^_`|~)")
+    return name
 
 
 def _rate(r: TableReader, who: str, default: Rate) -> Rate:

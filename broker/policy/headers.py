@@ -5,8 +5,10 @@ section 7.6.1): hop-by-hop headers (Connection, the ones it names,
 Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) belong to one
 connection and are never forwarded, either way. Authorization and x-apikey from the
 client are dropped and the profile's own put in their place; Host is the upstream's;
-Geins-Broker-Profile is ours; Proxy-Authorization and Expect are for this hop.
-Everything else (Accept, Content-Type, x-request-id, x-idempotency-key, ...) passes.
+Geins-Broker-Profile, Geins-Broker-Session and Geins-Broker-App are ours, and so is
+an app's `proxy_cookie` (taken out of the Cookie header, which passes with the rest);
+Proxy-Authorization and Expect are for this hop. Everything else (Accept,
+Content-Type, x-request-id, x-idempotency-key, ...) passes.
 
 Framing: a message with both Transfer-Encoding and Content-Length is framed by the
 Transfer-Encoding alone (RFC 9112 6.3), so its Content-Length is never forwarded,
@@ -32,6 +34,9 @@ from broker.geins.protocol import API_KEY_HEADER
 from geins_broker_client.protocol import Code
 
 PROFILE_HEADER: Final = "geins-broker-profile"
+#: A customer session's handle (docs/sessions.md), and optionally the app it is of.
+SESSION_HEADER: Final = "geins-broker-session"
+APP_HEADER: Final = "geins-broker-app"
 _API_KEY: Final = API_KEY_HEADER.encode("ascii")
 #: Request bodies up to this size are buffered, so a 401 can be retried with them.
 RETRY_BODY_LIMIT: Final = 1024 * 1024
@@ -61,6 +66,8 @@ _NOT_UPSTREAM: Final = frozenset(
         b"expect",
         b"proxy-authorization",
         PROFILE_HEADER.encode("ascii"),
+        SESSION_HEADER.encode("ascii"),
+        APP_HEADER.encode("ascii"),
     }
 )
 _NOT_DOWNSTREAM: Final = frozenset({b"proxy-authenticate"})
@@ -88,6 +95,8 @@ STATUS_OF_CODE: Final = {
     Code.INVALID_CREDENTIALS: 502,
     Code.TIMEOUT: 504,
     Code.BUSY: 503,
+    Code.UNKNOWN_SESSION: 401,
+    Code.UNKNOWN_APP: 404,
 }
 
 
@@ -150,6 +159,43 @@ def upstream_headers(
     out.append((b"authorization", b"Bearer " + bearer))
     out.append((_API_KEY, api_key))
     return out
+
+
+#: A cookie name as RFC 6265 (4.1.1) allows it: an RFC 9110 token.
+_COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def is_cookie_name(name: str) -> bool:
+    return _COOKIE_NAME.fullmatch(name) is not None
+
+
+def take_cookies(
+    client: Headers, names: frozenset[bytes]
+) -> tuple[Headers, dict[bytes, list[bytes]]]:
+    """`client` without the cookies named `names`, and those cookies' values (each
+    name's, in order: two of one name are for the caller to refuse). Every Cookie
+    header is searched (RFC 6265 asks for one; an HTTP/2 hop may split it). A header
+    that held none of `names` passes byte for byte; one that did passes with the
+    others rejoined by "; ", or not at all when nothing is left."""
+    found: dict[bytes, list[bytes]] = {}
+    out: Headers = []
+    for key, value in client:
+        if key != b"cookie":
+            out.append((key, value))
+            continue
+        kept, taken = [], False
+        for pair in value.split(b";"):
+            name, _, cookie = pair.strip().partition(b"=")
+            if name.strip() in names:
+                found.setdefault(name.strip(), []).append(cookie.strip().strip(b'"'))
+                taken = True
+            elif pair.strip():
+                kept.append(pair.strip())
+        if not taken:
+            out.append((key, value))
+        elif kept:
+            out.append((key, b"; ".join(kept)))
+    return out, found
 
 
 def downstream_headers(upstream: Headers) -> Headers:

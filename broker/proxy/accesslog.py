@@ -3,7 +3,9 @@
 A request's end records a tuple (no formatting, no logging call); a task writes the
 lines at most `FLUSH_INTERVAL` later, or sooner once `FLUSH_AT` wait. The lines are
 the same `event=request` lines as before, with the same fields: method, path (never
-the query string, which may carry anything), status, ms, profile, uid. At most
+the query string, which may carry anything), status, ms, profile, uid; a request by
+handle has `app=` and `session=` (8 hex digits of the session id, `-` when none was
+found) instead of `profile=`, never the handle. At most
 `MAX_PENDING` wait: past that (a log that cannot keep up), lines are dropped and the
 next written line says how many (`dropped=`).
 """
@@ -15,6 +17,7 @@ from typing import Final
 
 import trio
 
+from broker.customers.model.handles import log_id
 from broker.observe.log import events, field_text
 
 log = events("broker.proxy")
@@ -23,7 +26,7 @@ FLUSH_INTERVAL: Final = 0.25
 FLUSH_AT: Final = 512
 MAX_PENDING: Final = 65536
 
-Record = tuple[bytes, bytes, int, float, str, int | None]
+Record = tuple[bytes, bytes, int, float, str, int | None, bytes | None]
 
 
 class AccessLog:
@@ -43,12 +46,15 @@ class AccessLog:
         elapsed: float,
         profile: str,
         uid: int | None,
+        session: bytes | None = None,
     ) -> None:
+        """`profile`: the profile's name, or the app's for a request by handle, which
+        gives `session` (its session id, or b"" when none was found)."""
         pending = self._pending
         if len(pending) >= MAX_PENDING:
             self._dropped += 1
             return
-        pending.append((method, target, status, elapsed, profile, uid))
+        pending.append((method, target, status, elapsed, profile, uid, session))
         if len(pending) == 1:
             self._wake.set()
         elif len(pending) == FLUSH_AT:
@@ -63,12 +69,16 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         make, handle, name = logger.makeRecord, logger.handle, logger.name
-        for method, target, status, elapsed, profile, uid in pending:
+        for method, target, status, elapsed, profile, uid, session in pending:
             path = target.split(b"?", 1)[0].decode("latin-1")
             line = (
                 f"request method={method.decode('ascii', 'replace')} path={field_text(path)} "
                 f"status={status} ms={field_text(round(elapsed * 1000, 1))} "
-                f"profile={field_text(profile)}"
+                + (
+                    f"profile={field_text(profile)}"
+                    if session is None
+                    else f"app={field_text(profile)} session={log_id(session) if session else '-'}"
+                )
             )
             if uid is not None:
                 line += f" uid={uid}"

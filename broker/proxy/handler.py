@@ -1,22 +1,24 @@
 """The proxy's handler: one request in, the profile's credentials on, Geins' answer out.
 
 For each request (`Proxied`, made when its head is parsed): pick the profile (the
-listener's, or the Geins-Broker-Profile header), check the peer may read it (the token
-op's ACL), take the body (buffered up to 1 MiB so it can be sent twice; a larger one
-streams through as it comes), take a bearer with at least `MIN_VALID` seconds left,
-forward, and relay Geins' answer as it comes, never whole in memory.
+listener's, or the Geins-Broker-Profile header) and check the peer may read it (the
+token op's ACL), or the customer session a Geins-Broker-Session header or an app's
+cookie names (by_handle.py); then take the body (buffered up to 1 MiB so it can be
+sent twice; a larger one streams through as it comes), take a bearer with at least
+`MIN_VALID` seconds left, forward, and relay Geins' answer as it comes, never whole in memory.
 
 All of that runs on the reactor, without awaiting, while the bearer is in memory (the
 common case). What must wait goes to a trio task and comes back: a bearer to refresh
-(`Profile.ensure_token`), a 401 to renew (`Profile.renew_rejected`, single flight),
-/metrics to render.
+(`Profile.ensure_token`), a 401 to renew (`Profile.renew_rejected`, single flight; a
+session's through `CustomerRoute.bearer`), /metrics to render.
 
 Renewal is invisible: a 401 from Geins for a buffered request makes the profile
 rotate once and the request is sent again, byte for byte, x-idempotency-key included.
 A streamed body cannot be replayed, so its 401 goes to the caller as it is.
 
 Nothing here logs a header value or a body: the access line (accesslog.py) has method,
-path (no query string), status, duration, profile and uid.
+path (no query string), status, duration, profile (or app and 8 hex digits of the
+session id) and uid.
 """
 
 from __future__ import annotations
@@ -29,23 +31,28 @@ import trio
 from broker.core.clock import WallClock
 from broker.core.errors import BrokerFault
 from broker.core.stats import status_class
+from broker.customers.model.handles import log_id
 from broker.daemon.config import ProxyConfig
 from broker.observe import routes as observability
 from broker.observe.log import events
 from broker.observe.metrics import Metrics
 from broker.observe.routes import Observable
 from broker.policy.headers import (
+    APP_HEADER,
     PROFILE_HEADER,
     RETRY_BODY_LIMIT,
+    SESSION_HEADER,
     ProxyRefusal,
     downstream_headers,
     error_body,
     is_field_value,
     min_valid_for,
     refusal_for,
+    take_cookies,
     upstream_headers,
 )
 from broker.proxy.accesslog import AccessLog
+from broker.proxy.by_handle import CustomerRoute
 from broker.proxy.client import ClientConnection, Handling, Request, status_line
 from broker.proxy.reactor import Reactor
 from broker.proxy.upstream import Exchange, Pool, UpstreamFailed, UpstreamTimedOut
@@ -56,6 +63,8 @@ from broker.sessions.profile import Profile
 log = events("broker.proxy")
 
 _PROFILE: Final = PROFILE_HEADER.encode("ascii")
+_SESSION: Final = SESSION_HEADER.encode("ascii")
+_APP: Final = APP_HEADER.encode("ascii")
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -95,6 +104,10 @@ class ProxyApp:
         )
         #: Per profile: the bearer and API key last sent, as header lines.
         self._credentials: dict[str, _Credentials] = {}
+        #: The apps' proxy cookies (name -> the apps that read it), for `_apps_seen`.
+        self._cookies: dict[bytes, frozenset[str]] = {}
+        self._cookie_names: frozenset[bytes] = frozenset()
+        self._apps_seen: object = None
         #: Requests being handled right now.
         self.in_flight = 0
         self._quiet: trio.Event | None = None
@@ -127,9 +140,23 @@ class ProxyApp:
             pool.close()
         self._pools.clear()
 
-    def pool(self, profile: Profile) -> Pool:
-        url = profile.config.endpoint.merchant_api_url
-        key = (profile.name, url)
+    def cookies(self) -> tuple[frozenset[bytes], dict[bytes, frozenset[str]]]:
+        """The apps' `proxy_cookie` names, and which apps read each (rebuilt when a
+        reload replaces the apps)."""
+        apps = self.api.session_ops.apps
+        if apps is not self._apps_seen:
+            cookies: dict[bytes, set[str]] = {}
+            for name, app in apps.items():
+                if app.proxy_cookie is not None:
+                    cookies.setdefault(app.proxy_cookie.encode("ascii"), set()).add(name)
+            self._cookies = {k: frozenset(v) for k, v in cookies.items()}
+            self._cookie_names = frozenset(cookies)
+            self._apps_seen = apps
+        return self._cookie_names, self._cookies
+
+    def pool(self, owner: str, url: str) -> Pool:
+        """The pool for a profile's (or, as "app:NAME", an app's) Merchant API."""
+        key = (owner, url)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(
@@ -175,8 +202,10 @@ class Proxied:
         "_chunked_down",
         "_chunked_up",
         "_close_after",
+        "_customer",
         "_done",
         "_exchange",
+        "_headers",
         "_profile",
         "_retried",
         "_size",
@@ -210,6 +239,8 @@ class Proxied:
         self._chunked_up = False
         self._chunked_down = False
         self._close_after = False
+        self._customer: CustomerRoute | None = None
+        self._headers = request.headers
         named = request.header(_PROFILE)
         self.name = named.decode("latin-1") if named is not None else app.config.profile
         try:
@@ -230,18 +261,47 @@ class Proxied:
             raise ProxyRefusal(400, "bad_request", "the target must be a path, like /graphql")
         if peer is None:
             raise ProxyRefusal(403, "forbidden", "the broker cannot tell which user is calling")
-        try:
-            self._profile = app.api.readable_profile(peer, self.name)
-        except BrokerFault as fault:
-            raise refusal_for(fault.code, str(fault)) from None
+        if not self._by_handle(peer):
+            try:
+                self._profile = app.api.readable_profile(peer, self.name)
+            except BrokerFault as fault:
+                raise refusal_for(fault.code, str(fault)) from None
         expect = request.header(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not request.complete:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def _by_handle(self, peer: Peer) -> bool:
+        """Whether the request names a customer session (then its route is set). Takes
+        the apps' proxy cookies out of what goes upstream, whatever the request."""
+        app, headers = self.app, self.request.headers
+        handle, named_app, profile, cookie = _named(headers)
+        cookie_apps = None
+        if cookie:
+            names, apps = app.cookies()
+            if names:
+                self._headers, found = take_cookies(headers, names)
+                if handle is None and found:
+                    # The header wins over a cookie; of two apps' cookies, the first.
+                    taken, values = next(iter(found.items()))
+                    if len(values) > 1:  # which one is the customer's is not ours to guess
+                        raise ProxyRefusal(400, "bad_request", "more than one session cookie")
+                    handle, cookie_apps = values[0], apps[taken]
+        if handle is None and named_app is None:
+            return False
+        if handle is None:
+            raise ProxyRefusal(400, "bad_request", "Geins-Broker-App without a session")
+        if profile:
+            raise ProxyRefusal(400, "bad_request", "name a profile or a session, not both")
+        route = self._customer = CustomerRoute.choose(
+            app.api.session_ops, peer, handle, named_app, cookie_apps
+        )
+        self.name = route.app
+        return True
+
     # -- the caller's body -----------------------------------------------------------------
 
     def on_body(self, data: bytes) -> None:
-        if self._done or self._profile is None:
+        if self._done or not self._routed:
             return
         if self._streaming:
             self._stream(data)
@@ -253,8 +313,12 @@ class Proxied:
             self._streaming = True
             self._forward()
 
+    @property
+    def _routed(self) -> bool:
+        return self._profile is not None or self._customer is not None
+
     def on_body_end(self) -> None:
-        if self._done or self._profile is None:
+        if self._done or not self._routed:
             return
         if not self._streaming:
             self._forward()
@@ -281,6 +345,16 @@ class Proxied:
 
     def _forward(self) -> None:
         """Send the request with a bearer from memory, or fetch one first (a task)."""
+        route = self._customer
+        if route is not None:
+            bearer = route.bearer_now(self.app.wall.now())
+            if bearer is not None:
+                self._send(bearer)
+                return
+            if self._streaming:
+                self.conn.pause_reading(True)
+            self.app.reactor.spawn(self._customer_then_send, None)
+            return
         profile = self._profile
         assert profile is not None
         session = profile.session
@@ -327,23 +401,53 @@ class Proxied:
             return
         self._send(tokens.bearer.reveal())
 
+    async def _customer_then_send(self, rejected: str | None) -> None:
+        """The slow path of a session's request (CustomerRoute.bearer), then back to
+        the reactor's way."""
+        route = self._customer
+        assert route is not None
+        try:
+            bearer = await route.bearer(rejected)
+        except BrokerFault as fault:
+            self.app.reactor.tick()
+            self.name = route.app
+            if not self._done:
+                self._refuse(refusal_for(fault.code, str(fault)))
+            return
+        except Exception:
+            log.exception("internal_error", app=route.app)
+            self.app.reactor.tick()
+            if not self._done:
+                self._refuse(ProxyRefusal(500, "internal", "internal error; see the daemon's log"))
+            return
+        self.app.reactor.tick()
+        self.name = route.app
+        if not self._done:
+            self._send(bearer)
+
     # -- to Geins --------------------------------------------------------------------------
 
     def _send(self, bearer: str) -> None:
-        profile = self._profile
-        assert profile is not None
         app, request = self.app, self.request
-        credentials = app.credentials(profile, bearer)
+        route, profile = self._customer, self._profile
+        if route is not None:
+            self.name = route.app
+            endpoint = route.endpoint
+            # Built per request: a session's bearer is its own, never cached by app.
+            credentials = _Credentials(bearer, endpoint.api_key)
+            pool = app.pool("app:" + route.app, endpoint.merchant_api_url)
+        else:
+            assert profile is not None
+            credentials = app.credentials(profile, bearer)
+            pool = app.pool(profile.name, profile.config.endpoint.merchant_api_url)
         if not credentials.usable:
             self._refuse(
-                ProxyRefusal(
-                    502, "upstream_error", "the profile's credentials cannot go in a header"
-                )
+                ProxyRefusal(502, "upstream_error", "the credentials cannot go in a header")
             )
             return
         self._bearer = bearer
         headers = upstream_headers(
-            request.headers,
+            self._headers,
             bearer=credentials.bearer_value,
             api_key=credentials.api_key_value,
             keep_length=self._streaming,
@@ -365,7 +469,6 @@ class Proxied:
         lines.append(b"\r\n")
         # The target is origin-form (checked in _begin) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
-        pool = app.pool(profile)
         self._exchange = pool.request(
             self, b"".join(lines), body, head_only=request.method == b"HEAD"
         )
@@ -390,9 +493,15 @@ class Proxied:
             exchange, self._exchange = self._exchange, None
             if exchange is not None:
                 exchange.cancel()
-            profile = self._profile
-            assert profile is not None
-            log.info("upstream_refused_bearer", profile=profile.name)
+            route = self._customer
+            if route is not None:
+                assert route.live is not None
+                log.info(
+                    "upstream_refused_bearer", app=route.app, session=log_id(route.live.session_id)
+                )
+                self.app.reactor.spawn(self._customer_then_send, self._bearer)
+                return
+            log.info("upstream_refused_bearer", profile=self.name)
             self.app.reactor.spawn(self._refresh_then_send, self._bearer)
             return
         self.status = status
@@ -494,6 +603,7 @@ class Proxied:
             app.requests.inc(kind)
             app.duration.observe(elapsed, kind)
         peer: Any = self.conn.peer
+        route = self._customer
         app.access.record(
             self.request.method,
             self.request.target,
@@ -501,7 +611,30 @@ class Proxied:
             elapsed=elapsed,
             profile=self.name,
             uid=None if peer is None else peer.uid,
+            session=None if route is None else (route.live.session_id if route.live else b""),
         )
+
+
+def _named(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bool, bool]:
+    """The Geins-Broker-Session and Geins-Broker-App values, whether the request names a
+    profile, and whether it has a Cookie header, in one pass. Two of either of ours
+    are refused: which one a hop would take is not ours to guess."""
+    handle = named_app = None
+    profile = cookie = False
+    for name, value in headers:
+        if name == _SESSION:
+            if handle is not None:
+                raise ProxyRefusal(400, "bad_request", "more than one Geins-Broker-Session")
+            handle = value
+        elif name == _APP:
+            if named_app is not None:
+                raise ProxyRefusal(400, "bad_request", "more than one Geins-Broker-App")
+            named_app = value
+        elif name == _PROFILE:
+            profile = True
+        elif name == b"cookie":
+            cookie = True
+    return handle, named_app, profile, cookie
 
 
 def _text(target: bytes) -> str:

@@ -80,10 +80,12 @@ class ProxyAdmission:
             return (403, "forbidden", "the broker cannot tell which user is calling")
         if self.api.is_admin(peer):
             return None if connections < most else _full(most)
-        if not self.api.may_scrape(peer) and not any(
-            self.api.may_read(peer, profile) for profile in self.api.profiles.values()
+        if (
+            not self.api.may_scrape(peer)
+            and not any(self.api.may_read(peer, profile) for profile in self.api.profiles.values())
+            and not self.api.session_ops.may_use_any(peer)
         ):
-            return (403, "forbidden", f"uid {peer.uid} may read no profile")
+            return (403, "forbidden", f"uid {peer.uid} may read no profile and use no app")
         reserve = min(self.config.admin_reserved_connections, most // 2)
         if connections >= most - reserve:
             return _full(most)

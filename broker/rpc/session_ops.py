@@ -59,6 +59,12 @@ class SessionOps:
             or not peer.groups.isdisjoint(app.allow_gids)
         )
 
+    def may_use_any(self, peer: Peer) -> bool:
+        """Whether `peer` may use some app (the proxy lets it connect for that)."""
+        return self.customers is not None and any(
+            self.may_use(peer, app) for app in self.apps.values()
+        )
+
     def usable(self, peer: Peer, name: str) -> CustomerSessions:
         """The manager, once `name` is an app and `peer` may use it."""
         customers = self._manager(name)

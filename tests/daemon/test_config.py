@@ -182,6 +182,15 @@ def test_apps_with_their_defaults_and_settings(tmp_path: Path) -> None:
     assert (settings.policy.refresh_at, settings.policy.jitter) == (0.5, 0)
 
 
+def test_an_apps_proxy_cookie_must_be_a_cookie_name(tmp_path: Path) -> None:
+    assert load(write(tmp_path, APP)).apps["shop"].proxy_cookie is None
+    cookie = load(write(tmp_path, APP + "proxy_cookie = '__Host-geins'\n")).apps["shop"]
+    assert cookie.proxy_cookie == "__Host-geins"
+    for bad in ("a b", "a;b", "a=b", "", "\u00e5"):
+        with pytest.raises(ConfigError, match="proxy_cookie"):
+            load(write(tmp_path, APP + f"proxy_cookie = {bad!r}\n"))
+
+
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(write(tmp_path, "[profiles.default\n"))

@@ -10,6 +10,7 @@ from broker.policy.headers import (
     is_field_value,
     min_valid_for,
     overridden_length,
+    take_cookies,
     upstream_headers,
 )
 
@@ -101,3 +102,22 @@ def test_field_values_the_proxy_makes_are_checked() -> None:
     assert is_field_value(b"")
     for bad in (b"a\r\nx-evil: 1", b"a\nb", b"a\x00b", b" lead", b"trail ", b"caf\xc3\xa9"):
         assert not is_field_value(bad), bad
+
+
+def test_an_apps_cookie_is_taken_out_and_the_others_pass() -> None:
+    names = frozenset({b"__Host-geins", b"taped"})
+    client = [
+        (b"accept", b"*/*"),
+        (b"cookie", b"theme=dark;__Host-geins=HANDLE ;  lang=sv"),
+        (b"cookie", b"a=1;b=2"),  # none of ours: byte for byte
+        (b"cookie", b'taped="OTHER"'),  # only ours: the header goes
+        (b"cookie", b"__Host-geins=SECOND"),
+    ]
+    out, found = take_cookies(client, names)
+    assert out == [
+        (b"accept", b"*/*"),
+        (b"cookie", b"theme=dark; lang=sv"),
+        (b"cookie", b"a=1;b=2"),
+    ]
+    assert found == {b"__Host-geins": [b"HANDLE", b"SECOND"], b"taped": [b"OTHER"]}
+    assert take_cookies([(b"cookie", b"x=1")], names) == ([(b"cookie", b"x=1")], {})

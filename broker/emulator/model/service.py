@@ -77,6 +77,9 @@ class Replaced:
     successor: str
 
 
+#: A Merchant API request carrying this header (a test's) is answered only if its
+#: bearer is this user's; otherwise 409, counted as `graphql user_mismatch`.
+EXPECT_USER_HEADER: Final = "x-emulator-expect-user"
 DEMO_USER: Final = "demo@example.com"
 DEMO_PASSWORD: Final = "demo-password"  # noqa: S105 - the emulator's public demo account
 
@@ -385,6 +388,13 @@ class AuthService:
         if request.headers.get(API_KEY_HEADER) != self.config.api_key:
             raise Refused(401, "missing or wrong x-apikey")
         username = self._bearer_user(request.headers.get("authorization", ""))
+        expected = request.headers.get(EXPECT_USER_HEADER)
+        if expected is not None:
+            # A test's check that the bearer is the customer it sent the request for.
+            if expected != username:
+                self.counts["graphql user_mismatch"] += 1
+                raise Refused(409, "the bearer belongs to another user than expected")
+            self.counts["graphql user_checked"] += 1
         body = json_body(request)
         operation = merchant.operation(body)
         self.counts[f"graphql {operation}"] += 1
