@@ -185,6 +185,16 @@ def _session_id(value: Any) -> bytes | None:
 
 
 class RedisCustomerStore:
+    """Customer sessions in the fleet's Redis: the `SessionStore` contract (contract.py)
+    that the SQLite store also meets, with a lease and a compare-and-set per refresh.
+
+    Over the house's ~300 lines, on purpose: it is the contract's one implementation
+    on Redis, method for method (rows, commits, leases, indexes, announcements), each a
+    thin call to a Lua script whose answer is parsed as the store's word, never
+    trusted; the scripts and the parsing are module-level, so what is left is the
+    contract itself.
+    """
+
     def __init__(self, fleet: Fleet, keyring: Keyring) -> None:
         self._fleet = fleet
         self._redis = fleet.store
