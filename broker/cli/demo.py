@@ -13,40 +13,24 @@ import json
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import trio
 
+from broker.cli.demo_steps import (
+    run_in_workdir,
+    say,
+    start_daemon,
+    start_emulator,
+    stop,
+    wait_for_daemon,
+    write_config,
+)
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
-from geins_broker_client import BrokerError
 from geins_broker_client.trio_client import TrioClient
-
-_COMMAND = [sys.executable, "-m", "broker"]
-
-
-def _config(emulator_url: str, workdir: Path) -> Path:
-    path = workdir / "config.toml"
-    path.write_text(
-        f"""[broker]
-socket = "{workdir / "broker.sock"}"
-state_dir = "{workdir / "state"}"
-
-[profiles.default]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator_url}"
-merchant_api_url = "{emulator_url}"
-channel_id = "1|se"
-language_id = "sv-SE"
-market_id = "se"
-"""
-    )
-    return path
 
 
 def try_these(socket: Path) -> str:
@@ -80,55 +64,14 @@ def try_these(socket: Path) -> str:
     )
 
 
-def _say(text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
-
-
-async def _start_emulator(token_ttl: float) -> tuple[trio.Process, str]:
-    process = await trio.lowlevel.open_process(
-        [*_COMMAND, "emulator", "--token-ttl", f"{token_ttl:g}"],
-        stdout=subprocess.PIPE,
-        start_new_session=True,  # Ctrl-C reaches the demo only; it stops the children
-    )
-    assert process.stdout is not None
-    line = b""
-    with trio.fail_after(15):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            if not chunk:
-                raise RuntimeError("the emulator exited before it was listening")
-            line += chunk
-    return process, line.decode().strip().removeprefix("listening on ")
-
-
-async def _wait_for_daemon(client: TrioClient) -> None:
-    with trio.fail_after(15):
-        while True:
-            try:
-                await client.hello("geins-broker demo")
-                return
-            except BrokerError:
-                await trio.sleep(0.05)
-
-
-async def _stop(process: trio.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 async def _watch(client: TrioClient) -> None:
     async for event in client.watch():
         if event.token is None:
-            _say(f"session: {event.event.replace('_', ' ')}")
+            say(f"session: {event.event.replace('_', ' ')}")
             continue
         left = event.token.expires_in()
         expires = time.strftime("%H:%M:%S", time.localtime(event.token.expires_at))
-        _say(f"token for {event.token.profile}: expires at {expires} (in {left:.0f} s)")
+        say(f"token for {event.token.profile}: expires at {expires} (in {left:.0f} s)")
 
 
 async def _read_user_through_the_proxy(proxy_socket: Path) -> None:
@@ -145,7 +88,7 @@ async def _read_user_through_the_proxy(proxy_socket: Path) -> None:
         query,
         "http://geins/graphql",
     ]
-    _say("read the user through the Merchant API proxy (no token needed):")
+    say("read the user through the Merchant API proxy (no token needed):")
     print("    " + shlex.join(command), flush=True)
     if shutil.which("curl") is not None:
         done = await trio.run_process(command, capture_stdout=True, check=False)
@@ -159,24 +102,22 @@ async def _read_user_through_the_proxy(proxy_socket: Path) -> None:
                 headers={"Content-Type": "application/json"},
             )
             answer = reply.text
-    _say(f"-> {answer}")
+    say(f"-> {answer}")
 
 
 async def _demo(workdir: Path, token_ttl: float) -> None:
-    emulator, url = await _start_emulator(token_ttl)
-    _say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
-    daemon = await trio.lowlevel.open_process(
-        [*_COMMAND, "serve", "--config", str(_config(url, workdir))], start_new_session=True
-    )
+    emulator, url = await start_emulator(token_ttl)
+    say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
+    daemon = await start_daemon(write_config(workdir, "profiles.default", url))
     try:
         client = TrioClient(workdir / "broker.sock")
-        await _wait_for_daemon(client)
+        await wait_for_daemon(client)
         session = await client.login(DEMO_USER, DEMO_PASSWORD)
-        _say(f"logged in as {session.username}; the daemon rotates the token from here on")
+        say(f"logged in as {session.username}; the daemon rotates the token from here on")
         await _read_user_through_the_proxy(workdir / "merchant.sock")
-        _say("try these from another terminal:")
+        say("try these from another terminal:")
         print(try_these(workdir / "broker.sock"), flush=True)
-        _say("press Ctrl-C to stop")
+        say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch, client)
@@ -186,20 +127,11 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
         await client.aclose()
     finally:
         with trio.CancelScope(shield=True):
-            _say("stopping the daemon and the emulator")
-            await _stop(daemon)
-            await _stop(emulator)
-    _say(f"stopped (daemon exit {daemon.returncode}, emulator exit {emulator.returncode})")
+            say("stopping the daemon and the emulator")
+            await stop(daemon)
+            await stop(emulator)
+    say(f"stopped (daemon exit {daemon.returncode}, emulator exit {emulator.returncode})")
 
 
 def main(token_ttl: float = 20.0) -> int:
-    workdir = Path(
-        tempfile.mkdtemp(prefix="gb-demo-", dir="/tmp")
-    )  # a short path: sockets live here
-    try:
-        trio.run(_demo, workdir, token_ttl)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_in_workdir("gb-demo-", _demo, token_ttl)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -24,7 +23,15 @@ from typing import Any
 
 import trio
 
-from broker.cli.demo import _COMMAND, _say, _start_emulator, _stop, _wait_for_daemon
+from broker.cli.demo_steps import (
+    remote_section,
+    run_in_workdir,
+    say,
+    start_daemon,
+    start_emulator,
+    stop,
+    wait_for_daemon,
+)
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from geins_broker_client import BrokerError, calls
 from geins_broker_client.trio_client import TrioClient
@@ -46,12 +53,7 @@ node = "n{i}"
 lease_ttl = 5
 poll_interval = 1
 
-[profiles.default]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator_url}"
-merchant_api_url = "{emulator_url}"
-"""
+{remote_section("profiles.default", emulator_url)}"""
     )
     return path
 
@@ -114,7 +116,7 @@ async def _follow(
         async for event in clients[i].watch():
             if event.token is None:
                 if first_generation >= 0:  # not the moment before a node adopts the login
-                    _say(f"n{i}: session {event.event.replace('_', ' ')}")
+                    say(f"n{i}: session {event.event.replace('_', ' ')}")
                 continue
             token = event.token.token
             seen.setdefault(token, {})[i] = time.monotonic()
@@ -125,11 +127,11 @@ async def _follow(
                 generation, node = await _committed_by(clients[0])
                 if first_generation < 0:
                     first_generation = generation
-                    _say(f"generation {generation}: every node serves the login")
+                    say(f"generation {generation}: every node serves the login")
                     continue
                 refreshes = await trio.to_thread.run_sync(_refreshes, emulator_url)
                 rotations = generation - first_generation
-                _say(
+                say(
                     f"generation {generation}: rotated by {node}; all {len(clients)} nodes "
                     f"serve it within {spread:.1f} ms; refreshes at Geins "
                     f"{refreshes - first_refreshes} for {rotations} rotations "
@@ -147,26 +149,22 @@ async def _fleet_demo(workdir: Path, nodes: int, token_ttl: float, duration: flo
     key.write_bytes(base64.b64encode(secrets.token_bytes(32)) + b"\n")
     key.chmod(0o600)
     redis, redis_socket = await _start_redis(workdir)
-    _say(f"redis-server on {redis_socket}")
-    emulator, url = await _start_emulator(token_ttl)
-    _say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
+    say(f"redis-server on {redis_socket}")
+    emulator, url = await start_emulator(token_ttl)
+    say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
     daemons: list[trio.Process] = []
     try:
         for i in range(nodes):
             config = _node_config(workdir, i, url, redis_socket)
             daemons.append(
-                await trio.lowlevel.open_process(
-                    [*_COMMAND, "serve", "--config", str(config)],
-                    start_new_session=True,
-                    stderr=(workdir / f"n{i}" / "daemon.log").open("ab"),
-                )
+                await start_daemon(config, stderr=(workdir / f"n{i}" / "daemon.log").open("ab"))
             )
         clients = [TrioClient(workdir / f"n{i}" / "broker.sock") for i in range(nodes)]
         for client in clients:
-            await _wait_for_daemon(client)
-        _say(f"{nodes} nodes up (n0..n{nodes - 1}), sharing profile 'default' through Redis")
+            await wait_for_daemon(client)
+        say(f"{nodes} nodes up (n0..n{nodes - 1}), sharing profile 'default' through Redis")
         session = await clients[0].login(DEMO_USER, DEMO_PASSWORD)
-        _say(f"logged in as {session.username} on n0; every node serves the same session")
+        say(f"logged in as {session.username} on n0; every node serves the same session")
         with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
             async with trio.open_nursery() as nursery:
                 await nursery.start(_follow, clients, url)
@@ -179,29 +177,15 @@ async def _fleet_demo(workdir: Path, nodes: int, token_ttl: float, duration: flo
             await client.aclose()
     finally:
         with trio.CancelScope(shield=True):
-            _say("stopping the nodes, the emulator and redis-server")
+            say("stopping the nodes, the emulator and redis-server")
             for process in (*daemons, emulator, redis):
-                await _stop(process)
-    _say("stopped")
+                await stop(process)
+    say("stopped")
 
 
 def main(nodes: int, token_ttl: float, duration: float | None = None) -> int:
-    workdir = Path(tempfile_dir())
     try:
-        trio.run(_fleet_demo, workdir, nodes, token_ttl, duration)
-    except KeyboardInterrupt:
-        return 130
+        return run_in_workdir("gb-fleet-", _fleet_demo, nodes, token_ttl, duration)
     except (RuntimeError, BrokerError) as exc:
         print(f"geins-broker demo: {exc}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
-
-
-def tempfile_dir() -> str:
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="gb-fleet-", dir="/tmp")  # short: sockets live here
-    os.chmod(path, 0o700)
-    return path

@@ -14,42 +14,29 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 import trio
 
-from broker.cli.demo import _say, _start_emulator, _stop, _wait_for_daemon
+from broker.cli.demo_steps import (
+    read_listening,
+    run_in_workdir,
+    say,
+    start_daemon,
+    start_emulator,
+    stop,
+    wait_for_daemon,
+    write_config,
+)
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from geins_broker_client.trio_client import TrioClient
 
-_COMMAND = [sys.executable, "-m", "broker"]
 #: The Node client and the example, in a source checkout.
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 EXAMPLE = NODE_CLIENT / "examples" / "storefront"
 #: Orders the demo customer has, so the account page shows some.
 DEMO_ORDERS = 3
-
-
-def _config(emulator_url: str, workdir: Path) -> Path:
-    path = workdir / "config.toml"
-    path.write_text(
-        f"""[broker]
-socket = "{workdir / "broker.sock"}"
-state_dir = "{workdir / "state"}"
-
-[apps.shop]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator_url}"
-merchant_api_url = "{emulator_url}"
-channel_id = "1|se"
-language_id = "sv-SE"
-market_id = "se"
-"""
-    )
-    return path
 
 
 def missing_node() -> str | None:
@@ -73,7 +60,7 @@ async def _prepare() -> None:
     if not (EXAMPLE / "node_modules" / "geins-broker-client").exists():
         steps.append((EXAMPLE, ["npm", "ci", "--no-audit", "--no-fund"]))
     for cwd, command in steps:
-        _say(f"in {cwd}: {' '.join(command)}")
+        say(f"in {cwd}: {' '.join(command)}")
         await trio.run_process(command, cwd=cwd)
 
 
@@ -93,15 +80,7 @@ async def _start_storefront(workdir: Path, emulator_url: str) -> tuple[trio.Proc
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
-    assert process.stdout is not None
-    line = b""
-    with trio.fail_after(20):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            if not chunk:
-                raise RuntimeError("the example storefront exited before it was listening")
-            line += chunk
-    return process, line.decode().strip().removeprefix("listening on ")
+    return process, await read_listening(process, "the example storefront", 20)
 
 
 async def _give_orders(emulator_url: str) -> None:
@@ -112,19 +91,17 @@ async def _give_orders(emulator_url: str) -> None:
 
 async def _demo(workdir: Path, token_ttl: float) -> None:
     await _prepare()
-    emulator, url = await _start_emulator(token_ttl)
-    _say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
+    emulator, url = await start_emulator(token_ttl)
+    say(f"emulator listening on {url} (bearer tokens live {token_ttl:g} s)")
     await _give_orders(url)
-    daemon = await trio.lowlevel.open_process(
-        [*_COMMAND, "serve", "--config", str(_config(url, workdir))], start_new_session=True
-    )
+    daemon = await start_daemon(write_config(workdir, "apps.shop", url))
     storefront: trio.Process | None = None
     try:
         client = TrioClient(workdir / "broker.sock")
-        await _wait_for_daemon(client)
+        await wait_for_daemon(client)
         await client.aclose()
         storefront, shop_url = await _start_storefront(workdir, url)
-        _say(f"the example storefront is at {shop_url}")
+        say(f"the example storefront is at {shop_url}")
         print(
             f"\n    open {shop_url} in a browser\n"
             f"    log in as {DEMO_USER} / {DEMO_PASSWORD} (or register a new customer),\n"
@@ -133,17 +110,17 @@ async def _demo(workdir: Path, token_ttl: float) -> None:
             "(geins-broker sessions ... with GEINS_BROKER_SOCKET set to it)\n",
             flush=True,
         )
-        _say("press Ctrl-C to stop")
+        say("press Ctrl-C to stop")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
     finally:
         with trio.CancelScope(shield=True):
-            _say("stopping the storefront, the daemon and the emulator")
+            say("stopping the storefront, the daemon and the emulator")
             if storefront is not None:
-                await _stop(storefront)
-            await _stop(daemon)
-            await _stop(emulator)
+                await stop(storefront)
+            await stop(daemon)
+            await stop(emulator)
 
 
 def main(token_ttl: float = 20.0) -> int:
@@ -151,11 +128,4 @@ def main(token_ttl: float = 20.0) -> int:
     if why is not None:
         print(f"geins-broker demo --storefront: {why}", file=sys.stderr)
         return 1
-    workdir = Path(tempfile.mkdtemp(prefix="gb-shop-", dir="/tmp"))  # short: sockets live here
-    try:
-        trio.run(_demo, workdir, token_ttl)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_in_workdir("gb-shop-", _demo, token_ttl)

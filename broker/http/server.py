@@ -31,7 +31,6 @@ a moment (`_LINGER`), so its kernel does not turn our answer into a reset.
 from __future__ import annotations
 
 import contextlib
-import errno
 import http
 import json
 import socket as stdlib_socket
@@ -42,6 +41,7 @@ from typing import Any, Final, Protocol
 import h11
 import trio
 
+from broker.http.door import DOOR_LINGER, MAX_LINGERING, RefusalLog, accept_or_pause
 from broker.http.io import receive_some, send_all, waits
 from broker.observe.log import events
 from broker.policy.headers import overridden_length
@@ -52,18 +52,6 @@ _READ_SIZE: Final = 65536
 #: How long a refused peer's leftover input is read and dropped before closing.
 _LINGER: Final = 2.0
 _LINGER_BYTES: Final = 4 * 1024 * 1024
-#: accept() errors that mean "out of resources" (trio's ACCEPT_CAPACITY_ERRNOS).
-_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-)
-_ACCEPT_PAUSE: Final = 0.1
-#: Connections turned away are logged at most once per this many seconds per reason
-#: (with how many since): a peer that connects in a loop must not flood the log.
-_REFUSAL_LOG_INTERVAL: Final = 10.0
-#: A peer turned away at the door may linger this long (its request read and dropped),
-#: at most this many at once.
-_DOOR_LINGER: Final = 0.5
-_MAX_LINGERING: Final = 64
 
 Headers = list[tuple[str, str]]
 
@@ -346,8 +334,7 @@ class HttpServer:
         #: Requests being handled right now.
         self.in_flight = 0
         self._quiet: trio.Event | None = None
-        #: Per refusal reason: when it was last logged, and how many went unlogged since.
-        self._refusals: dict[str, tuple[float, int]] = {}
+        self._refusals = RefusalLog(name, log)
         self._lingering = 0
 
     async def serve(
@@ -362,14 +349,10 @@ class HttpServer:
             task_status.started()
             while True:
                 try:
-                    sock, _ = await listener.accept()
+                    sock = await accept_or_pause(listener, self.name, log)
                 except trio.ClosedResourceError:
                     break  # the owner closed the listener: connections carry on to the end
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.warning("accept_paused", listener=self.name, reason=exc.strerror)
-                    await trio.sleep(_ACCEPT_PAUSE)
+                if sock is None:
                     continue
                 try:
                     peer = await self._peer(sock)
@@ -380,10 +363,10 @@ class HttpServer:
                     continue
                 refusal = self._refusal(peer)
                 if refusal is not None:
-                    self._log_refusal(refusal[1])
-                    if self._lingering < _MAX_LINGERING:
+                    self._refusals.refused(refusal[1])
+                    if self._lingering < MAX_LINGERING:
                         self._lingering += 1
-                        nursery.start_soon(self._turn_away, sock, refusal, _DOOR_LINGER)
+                        nursery.start_soon(self._turn_away, sock, refusal, DOOR_LINGER)
                     else:  # a flood: answer and close at once (a reset may eat the answer)
                         await self._turn_away(sock, refusal, 0.0)
                     continue
@@ -420,7 +403,7 @@ class HttpServer:
         """A refusal at the door: the answer into the fresh (empty) send buffer, our side
         shut, what the peer already sent read and dropped for up to `linger` seconds (so
         its request does not turn our answer into a reset), and close. Such a peer holds
-        no connection slot; at most `_MAX_LINGERING` linger at once, the rest are closed
+        no connection slot; at most `MAX_LINGERING` linger at once, the rest are closed
         at once. The code in the body is `busy` for a 503, else the refusal's own."""
         status, reason, message = refusal
         code = "busy" if status == 503 else reason
@@ -441,15 +424,6 @@ class HttpServer:
         finally:
             if linger > 0:
                 self._lingering -= 1
-
-    def _log_refusal(self, reason: str) -> None:
-        now = trio.current_time()
-        logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
-        if now - logged_at < _REFUSAL_LOG_INTERVAL:
-            self._refusals[reason] = (logged_at, unlogged + 1)
-            return
-        self._refusals[reason] = (now, 0)
-        log.warning("connection_refused", listener=self.name, reason=reason, since=unlogged + 1)
 
     async def _connection(self, sock: trio.socket.SocketType, peer: Any) -> None:
         stream = trio.SocketStream(sock)

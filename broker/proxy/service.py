@@ -16,17 +16,17 @@ locked everyone out.
 
 from __future__ import annotations
 
-import errno
 import functools
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from broker.core.clock import WallClock
 from broker.daemon.config import BrokerConfig
+from broker.http.door import DOOR_LINGER, MAX_LINGERING, RefusalLog, accept_or_pause
 from broker.http.server import HttpLimits, Refusal
 from broker.observe.log import events
 from broker.observe.metrics import Metrics
@@ -42,17 +42,6 @@ from broker.rpc.ops import Api
 from broker.rpc.peercred import Peer
 
 log = events("broker.proxy")
-
-#: accept() errors that mean "out of resources" (trio's ACCEPT_CAPACITY_ERRNOS).
-ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_PAUSE: Final = 0.1
-#: Connections turned away are logged at most once per this many seconds per reason
-#: (with how many since): a peer that connects in a loop must not flood the log.
-_REFUSAL_LOG_INTERVAL: Final = 10.0
-#: A peer turned away at the door may linger this long (its request read and dropped),
-#: at most this many at once.
-_DOOR_LINGER: Final = 0.5
-_MAX_LINGERING: Final = 64
 
 
 def limits_of(config: BrokerConfig) -> HttpLimits:
@@ -131,22 +120,17 @@ class Door:
         self.identify_blocks = identify_blocks
         self.admission = ProxyAdmission(proxy.app.api, proxy.config)
         self.connections = 0
-        #: Per refusal reason: when it was last logged, and how many went unlogged since.
-        self._refusals: dict[str, tuple[float, int]] = {}
+        self._refusals = RefusalLog(name, log)
         self._lingering = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             try:
-                sock, _ = await self.listener.accept()
+                sock = await accept_or_pause(self.listener, self.name, log)
             except trio.ClosedResourceError:
                 return  # the owner closed the listener: connections carry on to the end
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.warning("accept_paused", listener=self.name, reason=exc.strerror)
-                await trio.sleep(_ACCEPT_PAUSE)
+            if sock is None:
                 continue
             try:
                 if self.identify_blocks:
@@ -178,19 +162,19 @@ class Door:
             proxy.reactor, sock, peer, proxy.app, limits=limits, listener=self.name
         )
         if refusal is not None:
-            self._log_refusal(refusal[1])
+            self._refusals.refused(refusal[1])
             status, reason, message = refusal
             code = "busy" if status == 503 else reason
             headers, body = error_body(status, code, message)
             head = status_line(status) + "".join(f"{k}: {v}\r\n" for k, v in headers).encode()
             answer = head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
-            if self._lingering < _MAX_LINGERING:
-                # Such a peer holds no connection slot; at most _MAX_LINGERING linger
+            if self._lingering < MAX_LINGERING:
+                # Such a peer holds no connection slot; at most MAX_LINGERING linger
                 # (their request read and dropped, so it does not turn our answer into
                 # a reset), the rest are closed at once.
                 self._lingering += 1
                 conn.on_close.append(self._lingered)
-                conn.refuse_at_door(answer, _DOOR_LINGER)
+                conn.refuse_at_door(answer, DOOR_LINGER)
             else:
                 conn.refuse_at_door(answer, 0.0)
             return
@@ -204,15 +188,6 @@ class Door:
     def _closed(self, peer: Peer | None) -> None:
         self.connections -= 1
         self.admission.closed(peer)
-
-    def _log_refusal(self, reason: str) -> None:
-        now = trio.current_time()
-        logged_at, unlogged = self._refusals.get(reason, (-_REFUSAL_LOG_INTERVAL, 0))
-        if now - logged_at < _REFUSAL_LOG_INTERVAL:
-            self._refusals[reason] = (logged_at, unlogged + 1)
-            return
-        self._refusals[reason] = (now, 0)
-        log.warning("connection_refused", listener=self.name, reason=reason, since=unlogged + 1)
 
 
 class Proxy:

@@ -16,6 +16,18 @@ from typing import Final
 _READ: Final = 65536
 
 
+def _send_pending(sock: socket.socket, pending: bytearray) -> bool:
+    """Send as much of `pending` as the socket takes now, dropping what was sent; True
+    once nothing is left."""
+    if pending:
+        try:
+            sent = sock.send(pending)
+        except BlockingIOError:
+            return False
+        del pending[:sent]
+    return not pending
+
+
 class Plain:
     __slots__ = ("_sock", "pending")
 
@@ -40,13 +52,7 @@ class Plain:
         return True
 
     def flush(self) -> bool:
-        if self.pending:
-            try:
-                sent = self._sock.send(self.pending)
-            except BlockingIOError:
-                return False
-            del self.pending[:sent]
-        return not self.pending
+        return _send_pending(self._sock, self.pending)
 
     def receive(self, size: int) -> bytes:
         return self._sock.recv(size)
@@ -90,13 +96,7 @@ class Tls:
         return self.flush()
 
     def flush(self) -> bool:
-        if self.pending:
-            try:
-                sent = self._sock.send(self.pending)
-            except BlockingIOError:
-                return False
-            del self.pending[:sent]
-        return not self.pending
+        return _send_pending(self._sock, self.pending)
 
     def receive(self, size: int) -> bytes:
         data = self._sock.recv(size)  # BlockingIOError: nothing yet

@@ -22,6 +22,7 @@ import pytest
 from broker.cli import exits, quick
 from broker.cli import main as cli
 from geins_broker_client import Client, errors
+from tests.cli.support import CliStack, cli_stack
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -33,44 +34,17 @@ from tests.support import (
 )
 
 
-class Setup:
-    def __init__(self, emulator: EmulatorProcess, daemon: DaemonProcess, socket: Path) -> None:
-        self.emulator, self.daemon, self.socket = emulator, daemon, socket
-
-    def run(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*GEINS_BROKER, *argv, "--socket", str(self.socket)],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-
-    def main(self, *argv: str) -> int:
-        return cli.main([*argv, "--socket", str(self.socket)])
-
-
 @pytest.fixture
-def setup(short_tmp: Path) -> Iterator[Setup]:
-    emulator = EmulatorProcess("--token-ttl", "60", "--user", f"{DEMO_USER}:{DEMO_PASSWORD}")
-    socket = short_tmp / "b.sock"
-    config = write_config(
-        short_tmp / "c.toml",
-        emulator.url,
-        socket,
-        short_tmp / "state",
+def setup(short_tmp: Path) -> Iterator[CliStack]:
+    with cli_stack(
+        short_tmp,
+        ("--token-ttl", "60", "--user", f"{DEMO_USER}:{DEMO_PASSWORD}"),
         profiles=("default", "other"),
-    )
-    daemon = DaemonProcess(config, short_tmp)
-    try:
-        yield Setup(emulator, daemon, socket)
-    finally:
-        daemon.stop()
-        emulator.stop()
+    ) as stack:
+        yield stack
 
 
-def login(setup: Setup, profile: str = "default") -> None:
+def login(setup: CliStack, profile: str = "default") -> None:
     result = setup.run(
         "login",
         "--username",
@@ -86,7 +60,7 @@ def login(setup: Setup, profile: str = "default") -> None:
     )
 
 
-def test_status_before_login(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_before_login(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     assert setup.main("status") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("geins-broker/0.1.0, up ")
@@ -104,12 +78,12 @@ def test_status_before_login(setup: Setup, capsys: pytest.CaptureFixture[str]) -
     assert table[2].split()[:2] == ["default", "logged_out"]
 
 
-def _token(setup: Setup, capsys: pytest.CaptureFixture[str]) -> str:
+def _token(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> str:
     assert setup.main("token") == 0
     return capsys.readouterr().out
 
 
-def test_token_bare_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_bare_and_json(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     login(setup)
     token = _token(setup, capsys)
     assert token.count("\n") == 1 and token.strip().count(".") == 2  # the bare JWT, nothing else
@@ -119,7 +93,7 @@ def test_token_bare_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -
     assert as_json["expires_at"] - time.time() > 30
 
 
-def test_user_as_table_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_as_table_and_json(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     login(setup)
     assert setup.main("user", "--json") == 0
     assert json.loads(capsys.readouterr().out)["username"] == DEMO_USER
@@ -127,7 +101,7 @@ def test_user_as_table_and_json(setup: Setup, capsys: pytest.CaptureFixture[str]
     assert "customer_type    PERSON" in capsys.readouterr().out
 
 
-def test_refresh_then_status_json(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refresh_then_status_json(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     login(setup)
     token = _token(setup, capsys)
     assert setup.main("refresh") == 0
@@ -140,14 +114,14 @@ def test_refresh_then_status_json(setup: Setup, capsys: pytest.CaptureFixture[st
     assert token.strip() not in json.dumps(status)
 
 
-def test_passwd(setup: Setup) -> None:
+def test_passwd(setup: CliStack) -> None:
     login(setup)
     changed = setup.run("passwd", "--password-stdin", stdin=f"{DEMO_PASSWORD}\nn3w-password\n")
     assert changed.returncode == 0, changed.stderr
     assert "changed the password" in changed.stdout
 
 
-def test_logout(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_logout(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     login(setup)
     assert setup.main("logout") == 0
     assert capsys.readouterr().out == "logged out of profile default\n"
@@ -155,7 +129,7 @@ def test_logout(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert "not logged in" in capsys.readouterr().err
 
 
-def test_register(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_register(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     registered = setup.run(
         "register",
         "-u",
@@ -173,7 +147,7 @@ def test_register(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["username"] == "new@example.com"
 
 
-def test_error_exit_codes(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_error_exit_codes(setup: CliStack, capsys: pytest.CaptureFixture[str]) -> None:
     wrong = setup.run("login", "-u", DEMO_USER, "--password-stdin", stdin="wrong\n")
     assert wrong.returncode == exits.EXIT_INVALID_CREDENTIALS
     assert wrong.stderr.startswith("geins-broker: invalid credentials: ")
@@ -243,7 +217,7 @@ def test_exit_code_per_error_family(
     )
 
 
-def test_login_prompts_without_echo(setup: Setup) -> None:
+def test_login_prompts_without_echo(setup: CliStack) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: a terminal session running the real command
         argv = [sys.executable, "-m", "broker", "login", "--socket", str(setup.socket)]
@@ -268,7 +242,7 @@ def test_login_prompts_without_echo(setup: Setup) -> None:
     assert DEMO_PASSWORD.encode() not in output  # never echoed
 
 
-def test_watch_prints_rotations_until_interrupted(setup: Setup, short_tmp: Path) -> None:
+def test_watch_prints_rotations_until_interrupted(setup: CliStack, short_tmp: Path) -> None:
     fast = EmulatorProcess("--token-ttl", "2")
     config = write_config(
         short_tmp / "fast.toml", fast.url, short_tmp / "f.sock", short_tmp / "fstate"
@@ -323,7 +297,7 @@ HEAVY = ("trio", "httpx", "h11", "anyio", "platformdirs", "asyncio", "argparse",
         ["status", "--check", "--profile=default"],
     ],
 )
-def test_the_fast_commands_import_only_the_client(setup: Setup, argv: list[str]) -> None:
+def test_the_fast_commands_import_only_the_client(setup: CliStack, argv: list[str]) -> None:
     login(setup)
     # json needs re: a price --json pays, not the bare token.
     heavy = tuple(m for m in HEAVY if not (m == "re" and "--json" in argv))
@@ -364,7 +338,7 @@ def both_ways(
     ],
 )
 def test_the_fast_path_answers_as_the_full_cli(
-    setup: Setup, capsys: pytest.CaptureFixture[str], argv: list[str]
+    setup: CliStack, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     login(setup)
     assert quick.fast_options([*argv, "--socket", "s"]) is not None
@@ -450,14 +424,8 @@ def test_the_readme_lists_every_exit_code_as_the_cli_does() -> None:
 def test_sessions_list_and_end_a_customer_everywhere(
     short_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    emulator = EmulatorProcess()
-    socket = short_tmp / "b.sock"
-    config = write_config(
-        short_tmp / "c.toml", emulator.url, socket, short_tmp / "state", apps={"shop": {}}
-    )
-    setup = Setup(emulator, DaemonProcess(config, short_tmp), socket)
-    try:
-        with Client(socket) as client:
+    with cli_stack(short_tmp, apps={"shop": {}}) as setup:
+        with Client(setup.socket) as client:
             for _ in range(2):
                 client.session_login("shop", DEMO_USER, DEMO_PASSWORD)
             client.session_register("shop", "new\x1b[2J@example.com", "pw-1234")
@@ -482,6 +450,3 @@ def test_sessions_list_and_end_a_customer_everywhere(
         capsys.readouterr()
         assert setup.main("sessions", "nowhere") == exits.EXIT_UNKNOWN_PROFILE
         assert "unknown app" in capsys.readouterr().err
-    finally:
-        setup.daemon.stop()
-        emulator.stop()

@@ -48,14 +48,23 @@ async def shop_broker(
     )
 
 
-async def test_every_session_op_through_the_daemon(
+@pytest.fixture
+async def broker(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
     short_tmp: Path,
+) -> Broker:
+    """This module's daemon: apps `shop` and `outlet`, no jitter."""
+    return await shop_broker(nursery, emulator, wall, short_tmp)
+
+
+async def test_every_session_op_through_the_daemon(
+    autojump_clock: trio.testing.MockClock,
+    wall: TrioWallClock,
+    broker: Broker,
 ) -> None:
-    broker = await shop_broker(nursery, emulator, wall, short_tmp)
     async with broker.client() as client:
         created = await client.session_login("shop", DEMO_USER, DEMO_PASSWORD, remember=True)
         assert (created.app, created.username, created.remember) == ("shop", DEMO_USER, True)
@@ -99,12 +108,8 @@ async def test_every_session_op_through_the_daemon(
 
 async def test_a_handle_of_one_app_is_an_unknown_session_in_another(
     autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    emulator: Emulator,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await shop_broker(nursery, emulator, wall, short_tmp)
     async with broker.client() as client:
         created = await client.session_login("shop", DEMO_USER, DEMO_PASSWORD)
         for op in (client.session_token, client.session_info, client.session_logout):
@@ -119,12 +124,9 @@ async def test_a_handle_of_one_app_is_an_unknown_session_in_another(
 
 async def test_session_token_is_answered_from_memory_without_a_task(
     autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await shop_broker(nursery, emulator, wall, short_tmp)
     async with broker.client() as client:
         handle = (await client.session_login("shop", DEMO_USER, DEMO_PASSWORD)).handle
     waited = broker.daemon.telemetry.stats.server.waited
@@ -179,12 +181,8 @@ async def test_logins_are_rate_limited_over_the_wire(
 
 async def test_status_and_metrics_count_sessions_per_app(
     autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    emulator: Emulator,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await shop_broker(nursery, emulator, wall, short_tmp)
     async with broker.client() as client:
         handles = [
             (await client.session_login("shop", DEMO_USER, DEMO_PASSWORD)).handle for _ in range(3)
@@ -219,12 +217,9 @@ async def test_a_profile_without_apps_opens_no_store_and_refuses_session_ops(
 
 async def test_a_reload_changes_who_may_use_an_app_and_removes_one(
     autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await shop_broker(nursery, emulator, wall, short_tmp)
     daemon = broker.daemon
     running = daemon.config.apps["shop"]
     async with broker.client() as client:

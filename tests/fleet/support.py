@@ -295,13 +295,24 @@ class CuttableProxy:
             thread.join(timeout=5)
 
 
+def jwt_claims(bearer: str) -> dict[str, Any]:
+    """The claims of an emulator bearer (a JWT), unverified: the test reads what the
+    emulator wrote."""
+    payload = bearer.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
 def jti_rotations(bearer: str) -> tuple[str, int]:
     """(family, rotations) from an emulator bearer's jti: the emulator counts each
     successful rotation of a session in it."""
-    payload = bearer.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    family, _, rotations = str(claims["jti"]).partition(".")
+    family, _, rotations = str(jwt_claims(bearer)["jti"]).partition(".")
     return family, int(rotations)
+
+
+def refresh_requests(emulator: EmulatorProcess) -> int:
+    """Refresh requests the emulator received (a refresh is `GET /login` with the
+    refresh token), answered or refused alike."""
+    return int(emulator.control("GET", "stats")["counts"].get("GET /login", 0))
 
 
 class Fleet:
@@ -405,6 +416,28 @@ class Fleet:
             for i in self.configs
             if (self.workdir / f"n{i}" / "daemon.log").exists()
         )
+
+
+def fleet_fixtures(token_ttl: float) -> tuple[Any, Any]:
+    """The `redis` and `emulator` fixtures of a fleet test module: a fresh redis-server
+    and an emulator process whose bearers live `token_ttl` seconds (the module's pace of
+    rotation), each stopped after the test. A module binds them by name:
+    `redis, emulator = fleet_fixtures(TOKEN_TTL)`."""
+
+    @pytest.fixture
+    def redis(short_tmp: Path) -> Iterator[RedisServer]:
+        server = RedisServer(short_tmp)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    @pytest.fixture
+    def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
+        with fleet_env(short_tmp, token_ttl=token_ttl) as emu:
+            yield emu
+
+    return redis, emulator
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import math
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,10 @@ from tests.fleet.support import (
     Fleet,
     RedisServer,
     fleet_env,
+    fleet_fixtures,
     jti_rotations,
     make_tls,
+    refresh_requests,
 )
 from tests.support import GEINS_BROKER, EmulatorProcess, wait_until
 
@@ -40,25 +41,7 @@ REFRESH_AT = 0.5
 MIN_PERIOD = TOKEN_TTL * (REFRESH_AT - 0.05)
 
 
-@pytest.fixture
-def redis(short_tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(short_tmp)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
-    with fleet_env(short_tmp, token_ttl=TOKEN_TTL) as emu:
-        yield emu
-
-
-def refresh_requests(emulator: EmulatorProcess) -> int:
-    """Refresh requests the emulator received (a refresh is `GET /login` with the
-    refresh token), answered or refused alike."""
-    return int(emulator.control("GET", "stats")["counts"].get("GET /login", 0))
+redis, emulator = fleet_fixtures(TOKEN_TTL)
 
 
 def same_tokens_everywhere(fleet: Fleet, nodes: list[int]) -> dict[str, str]:

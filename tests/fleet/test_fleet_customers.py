@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from geins_broker_client.errors import UnknownSession
-from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations
+from tests.fleet.support import Fleet, RedisServer, fleet_fixtures, jti_rotations, refresh_requests
 from tests.support import EmulatorProcess, wait_until
 
 TOKEN_TTL = 10.0
@@ -39,23 +37,7 @@ SHOP: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def redis(short_tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(short_tmp)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
-    with fleet_env(short_tmp, token_ttl=TOKEN_TTL) as emu:
-        yield emu
-
-
-def refresh_requests(emulator: EmulatorProcess) -> int:
-    return int(emulator.control("GET", "stats")["counts"].get("GET /login", 0))
+redis, emulator = fleet_fixtures(TOKEN_TTL)
 
 
 def in_threads(count: int, work: Callable[[int], object]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from geins_broker_client.errors import BrokerError
-from tests.fleet.support import Fleet, RedisServer, fleet_env, jti_rotations
+from tests.fleet.support import Fleet, RedisServer, fleet_fixtures, jti_rotations
 from tests.support import EmulatorProcess
 
 TOKEN_TTL = 10.0
@@ -20,19 +20,7 @@ SHOP: dict[str, Any] = {"jitter": 0, "refresh_at": 0.9, "active_for": 1}
 BASE = "geins-broker:{cs/shop}"
 
 
-@pytest.fixture
-def redis(short_tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(short_tmp)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
-    with fleet_env(short_tmp, token_ttl=TOKEN_TTL) as emu:
-        yield emu
+redis, emulator = fleet_fixtures(TOKEN_TTL)
 
 
 @pytest.fixture

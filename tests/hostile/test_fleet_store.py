@@ -3,17 +3,14 @@ fields. Real redis-server, real daemons, one emulator; short tokens (6 s)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from geins_broker_client.errors import BrokerError
-from tests.fleet.support import Fleet, RedisServer, fleet_env, resp_command
+from tests.fleet.support import Fleet, RedisServer, fleet_fixtures, jwt_claims, resp_command
 from tests.support import EmulatorProcess, wait_until
 
 TOKEN_TTL = 6.0
@@ -21,24 +18,7 @@ RECORD = "geins-broker:{default}:record"
 LEASE = "geins-broker:{default}:lease"
 
 
-@pytest.fixture
-def redis(short_tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(short_tmp)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def emulator(short_tmp: Path) -> Iterator[EmulatorProcess]:
-    with fleet_env(short_tmp, token_ttl=TOKEN_TTL) as emu:
-        yield emu
-
-
-def jwt_exp(bearer: str) -> float:
-    payload = bearer.split(".")[1]
-    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+redis, emulator = fleet_fixtures(TOKEN_TTL)
 
 
 def serving(fleet: Fleet, i: int) -> str | None:
@@ -65,7 +45,9 @@ def test_a_replayed_record_under_a_higher_generation_is_refused(
         saved = wait_until(lambda: serving(fleet, 1), 5, "n1 serves the login")
         assert redis.command("COPY", RECORD, "saved") == 1
         # Wait for the saved bearer to expire (rotations happen meanwhile).
-        wait_until(lambda: time.time() > jwt_exp(saved) + 1, 2 * TOKEN_TTL, "the bearer expires")
+        wait_until(
+            lambda: time.time() > jwt_claims(saved)["exp"] + 1, 2 * TOKEN_TTL, "the bearer expires"
+        )
         assert redis.command("COPY", "saved", RECORD, "REPLACE") == 1
         now_s, now_us = redis.command("TIME")
         redis.command(
@@ -77,7 +59,7 @@ def test_a_replayed_record_under_a_higher_generation_is_refused(
             for i in (0, 1):
                 bearer = fleet.tokens(i)["default"]
                 assert bearer != saved, f"n{i} serves the replayed, expired bearer"
-                assert jwt_exp(bearer) > time.time(), f"n{i} serves an expired bearer"
+                assert jwt_claims(bearer)["exp"] > time.time(), f"n{i} serves an expired bearer"
             time.sleep(0.2)
         assert redis.command("HGET", RECORD, "blob") != replayed_blob, "the replay stayed newest"
         for i in (0, 1):

@@ -5,90 +5,39 @@ HEAD requests."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.proxy.stack import GET_USER, ProxyStack, proxy_stack
 from tests.support import (
-    DEMO_PASSWORD,
-    DEMO_USER,
     NOBODY,
     READER,
-    DaemonProcess,
-    EmulatorProcess,
     as_uid,
     call,
-    free_port,
     python_as,
-    running,
-    write_config,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root")
-GET_USER = json.dumps({"query": "{ getUser { email } }"})
-
-
-@dataclass
-class Stack:
-    daemon: DaemonProcess
-    broker_socket: Path
-    proxy_socket: Path
-    port: int
 
 
 @pytest.fixture
-def stack(short_tmp: Path) -> Iterator[Stack]:
+def stack(short_tmp: Path) -> Iterator[ProxyStack]:
     """A daemon whose proxy listens on loopback TCP (32 connections at most) and on a
     Unix socket anyone may connect to; profile `shared` is readable by READER, and
     NOBODY may read nothing. Both profiles are logged in."""
-    short_tmp.chmod(0o755)
-    emulator = EmulatorProcess("--token-ttl", "120")
-    port = free_port()
-    config = write_config(
-        short_tmp / "c.toml",
-        emulator.url,
-        short_tmp / "broker.sock",
-        short_tmp / "state",
-        profiles=("default",),
-        broker={"socket_mode": "0666"},
-    )
-    with config.open("a") as toml:
-        toml.write(
-            f"""[profiles.shared]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator.url}"
-merchant_api_url = "{emulator.url}"
-allow_users = [{READER}]
-
-[proxy]
-tcp = "127.0.0.1:{port}"
-max_connections = 32
-"""
-        )
-    daemon = DaemonProcess(config, short_tmp, wait_ready=False)
-    with running(daemon, emulator):
-        daemon.wait_ready()
+    with proxy_stack(short_tmp, shared_for=READER, proxy={"max_connections": 32}) as started:
         for profile in ("default", "shared"):
-            answer = call(
-                short_tmp / "broker.sock",
-                op="login",
-                profile=profile,
-                username=DEMO_USER,
-                password=DEMO_PASSWORD,
-            )
-            assert answer["ok"], answer
-        yield Stack(daemon, short_tmp / "broker.sock", short_tmp / "merchant.sock", port)
+            started.login(profile)
+        yield started
 
 
 def curl_status(
-    stack: Stack, *extra: str, as_user: list[str] | None = None, via: str = "tcp"
+    stack: ProxyStack, *extra: str, as_user: list[str] | None = None, via: str = "tcp"
 ) -> int:
     """The status of a GraphQL request through the proxy (0: no answer)."""
     if via == "unix":
@@ -155,7 +104,9 @@ def held_connections(uid: int, count: int, target: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("via", ["tcp", "unix"])
-def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(stack: Stack, via: str) -> None:
+def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(
+    stack: ProxyStack, via: str
+) -> None:
     """The proxy counted connections only in total: a uid that may read no profile
     held all 32 (on TCP any local uid can connect), and root and every reader got 503
     until it let go. The broker's socket has per-uid limits; the proxy needs
@@ -167,20 +118,20 @@ def test_a_strangers_flood_of_proxy_connections_locks_out_no_one(stack: Stack, v
         assert curl_status(stack, *shared, as_user=as_uid(READER), via=via) == 200
 
 
-def test_a_readers_flood_of_proxy_connections_locks_out_no_admin(stack: Stack) -> None:
+def test_a_readers_flood_of_proxy_connections_locks_out_no_admin(stack: ProxyStack) -> None:
     """A reader may hold connections, but not the admins' reserve."""
     with held_connections(READER, 32, f"tcp:{stack.port}"):
         assert curl_status(stack) == 200
 
 
-def _refreshes(stack: Stack, profile: str) -> int:
+def _refreshes(stack: ProxyStack, profile: str) -> int:
     answer = call(stack.broker_socket, op="status")
     assert answer["ok"], answer
     (found,) = [p for p in answer["profiles"] if p["profile"] == profile]
     return int(found["refreshes"])
 
 
-def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: Stack) -> None:
+def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: ProxyStack) -> None:
     """A reader may bring a refresh forward once per `reader_refresh_interval` (30 s)
     by asking for a token. Through the proxy, any 401 from Geins (here: an auth path
     without its header, which Geins refuses whatever the bearer) made the profile
@@ -216,7 +167,7 @@ def test_a_reader_cannot_refresh_faster_through_the_proxy_than_by_token(stack: S
     assert _refreshes(stack, "shared") - before <= 1
 
 
-def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: Stack) -> None:
+def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: ProxyStack) -> None:
     """Each connection turned away at the door was one warning line: a loop of connects
     wrote the log as fast as it could (and under journald, its rate limit then drops
     the lines that matter). A refusal is now logged at most once per 10 s per reason."""
@@ -233,7 +184,7 @@ def test_a_stranger_connecting_in_a_loop_does_not_flood_the_log(stack: Stack) ->
     assert stack.daemon.log().count("connection_refused") <= 2
 
 
-def test_a_head_request_is_answered_not_logged_as_a_failure(stack: Stack) -> None:
+def test_a_head_request_is_answered_not_logged_as_a_failure(stack: ProxyStack) -> None:
     """HEAD through the proxy: the emulator (any answer with a body, here a 405) and
     then the proxy (its 502) wrote a body for a HEAD, which h11 refuses; each request
     left an error with a traceback in the log and no answer. Any reader could fill the

@@ -12,30 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.support import CliStack, cli_stack
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     GEINS_BROKER,
-    DaemonProcess,
-    EmulatorProcess,
     Scrape,
-    write_config,
 )
 
 
-class Setup:
-    def __init__(self, emulator: EmulatorProcess, socket: Path, textfile: Path) -> None:
-        self.emulator, self.socket, self.textfile = emulator, socket, textfile
-
-    def run(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*GEINS_BROKER, *argv, "--socket", str(self.socket)],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+class Setup(CliStack):
+    @property
+    def textfile(self) -> Path:
+        """The daemon's metrics textfile (the fixture's config puts it there)."""
+        return self.socket.parent / "geins_broker.prom"
 
     def metrics(self) -> Scrape:
         result = self.run("metrics")
@@ -50,22 +40,10 @@ class Setup:
 
 @pytest.fixture
 def setup(short_tmp: Path) -> Iterator[Setup]:
-    emulator = EmulatorProcess("--token-ttl", "60")
-    socket = short_tmp / "b.sock"
     textfile = short_tmp / "geins_broker.prom"
-    config = write_config(
-        short_tmp / "c.toml",
-        emulator.url,
-        socket,
-        short_tmp / "state",
-        metrics={"textfile": str(textfile), "textfile_interval": 1},
-    )
-    daemon = DaemonProcess(config, short_tmp)
-    try:
-        yield Setup(emulator, socket, textfile)
-    finally:
-        daemon.stop()
-        emulator.stop()
+    metrics = {"textfile": str(textfile), "textfile_interval": 1}
+    with cli_stack(short_tmp, ("--token-ttl", "60"), metrics=metrics) as stack:
+        yield Setup(stack.emulator, stack.daemon, stack.socket)
 
 
 def test_metrics_and_check_through_a_sessions_life(setup: Setup) -> None:

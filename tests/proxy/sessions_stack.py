@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.proxy.stack import GET_USER, proxy_toml, remote_toml, started
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -28,11 +29,8 @@ from tests.support import (
     EmulatorProcess,
     call,
     free_port,
-    running,
     write_config,
 )
-
-GET_USER = json.dumps({"query": "{ getUser { email } }"})
 
 
 class Recorder:
@@ -161,24 +159,15 @@ def session_stack(
             "outlet": {"allow_users": [READER]},
         },
     )
-    with config.open("a") as toml:
-        toml.write(
-            f"""[apps.taped]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator.url}"
-merchant_api_url = "{recorder.url}"
-allow_users = [{NOBODY}]
-proxy_cookie = "taped"
-
-[proxy]
-tcp = "127.0.0.1:{port}"
-"""
-        )
-    daemon = DaemonProcess(config, tmp, wait_ready=False)
+    extra = remote_toml(
+        "apps.taped",
+        emulator.url,
+        merchant_api_url=recorder.url,
+        allow_users=[NOBODY],
+        proxy_cookie="taped",
+    )
     try:
-        with running(daemon, emulator):
-            daemon.wait_ready()
+        with started(config, tmp, emulator, extra + proxy_toml(port)) as daemon:
             yield SessionStack(
                 daemon, emulator, recorder, tmp / "b.sock", tmp / "b.merchant.sock", port
             )

@@ -12,88 +12,26 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.proxy.stack import GET_USER, ProxyStack, proxy_stack
 from tests.support import (
     DEMO_PASSWORD,
     DEMO_USER,
     NOBODY,
-    DaemonProcess,
-    EmulatorProcess,
     as_uid,
-    call,
-    free_port,
-    running,
     wait_until,
-    write_config,
 )
-
-GET_USER = json.dumps({"query": "{ getUser { email } }"})
-
-
-@dataclass
-class Stack:
-    emulator: EmulatorProcess
-    daemon: DaemonProcess
-    broker_socket: Path
-    proxy_socket: Path
-    port: int
-    state_dir: Path
-
-    def login(self, profile: str = "default") -> None:
-        answer = call(
-            self.broker_socket,
-            op="login",
-            profile=profile,
-            username=DEMO_USER,
-            password=DEMO_PASSWORD,
-        )
-        assert answer["ok"], answer
 
 
 @pytest.fixture
-def stack(short_tmp: Path) -> Iterator[Stack]:
-    # Others may traverse the directory: the socket's own mode and the ACL decide.
-    short_tmp.chmod(0o755)
-    emulator = EmulatorProcess("--token-ttl", "120")
-    port = free_port()
-    config = write_config(
-        short_tmp / "c.toml",
-        emulator.url,
-        short_tmp / "broker.sock",
-        short_tmp / "state",
-        profiles=("default",),
-        broker={"socket_mode": "0666"},
-    )
-    with config.open("a") as toml:
-        toml.write(
-            f"""[profiles.shared]
-account = "demo"
-api_key = "demo-api-key"
-auth_service_url = "{emulator.url}"
-merchant_api_url = "{emulator.url}"
-allow_users = [{NOBODY}]
-
-[proxy]
-tcp = "127.0.0.1:{port}"
-"""
-        )
-    daemon = DaemonProcess(config, short_tmp, wait_ready=False)
-    with running(daemon, emulator):
-        daemon.wait_ready()
-        yield Stack(
-            emulator,
-            daemon,
-            short_tmp / "broker.sock",
-            short_tmp / "merchant.sock",
-            port,
-            short_tmp / "state",
-        )
+def stack(short_tmp: Path) -> Iterator[ProxyStack]:
+    with proxy_stack(short_tmp, shared_for=NOBODY) as started:
+        yield started
 
 
 def curl(*args: str, as_user: list[str] | None = None) -> tuple[int, Any]:
@@ -109,14 +47,14 @@ def curl(*args: str, as_user: list[str] | None = None) -> tuple[int, Any]:
     return int(status), json.loads(body) if body else None
 
 
-def graphql_args(stack: Stack, via: str, *extra: str) -> list[str]:
+def graphql_args(stack: ProxyStack, via: str, *extra: str) -> list[str]:
     base = ["-H", "Content-Type: application/json", "-d", GET_USER, *extra]
     if via == "unix":
         return ["--unix-socket", str(stack.proxy_socket), *base, "http://geins/graphql"]
     return [*base, f"http://127.0.0.1:{stack.port}/graphql"]
 
 
-def test_curl_reads_the_user_over_the_unix_socket(stack: Stack) -> None:
+def test_curl_reads_the_user_over_the_unix_socket(stack: ProxyStack) -> None:
     stack.login()
     status, body = curl(*graphql_args(stack, "unix"))
     assert status == 200
@@ -126,7 +64,7 @@ def test_curl_reads_the_user_over_the_unix_socket(stack: Stack) -> None:
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node is not installed")
-def test_node_fetch_reads_the_user_over_loopback_tcp(stack: Stack) -> None:
+def test_node_fetch_reads_the_user_over_loopback_tcp(stack: ProxyStack) -> None:
     stack.login()
     script = f"""
 const r = await fetch("http://127.0.0.1:{stack.port}/graphql", {{
@@ -148,7 +86,7 @@ console.log(JSON.stringify({{status: r.status, body: await r.json()}}));
     assert answer["body"]["data"]["getUser"]["email"] == DEMO_USER
 
 
-def test_python_httpx_reads_the_user_over_loopback_tcp(stack: Stack) -> None:
+def test_python_httpx_reads_the_user_over_loopback_tcp(stack: ProxyStack) -> None:
     stack.login()
     with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", timeout=10) as client:
         response = client.post("/graphql", json={"query": "{ getUser { email } }"})
@@ -158,7 +96,7 @@ def test_python_httpx_reads_the_user_over_loopback_tcp(stack: Stack) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as another uid needs root")
 @pytest.mark.parametrize("via", ["unix", "tcp"])
-def test_another_uid_gets_only_the_profiles_it_may_read(stack: Stack, via: str) -> None:
+def test_another_uid_gets_only_the_profiles_it_may_read(stack: ProxyStack, via: str) -> None:
     stack.login()
     stack.login("shared")
     status, body = curl(*graphql_args(stack, via), as_user=as_uid(NOBODY))
@@ -181,7 +119,7 @@ def _peak_rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
-def test_a_large_answer_streams_through_in_bounded_memory(stack: Stack) -> None:
+def test_a_large_answer_streams_through_in_bounded_memory(stack: ProxyStack) -> None:
     stack.login()
     orders = json.dumps({"query": "{ getOrders { id note } }"})
     args = ["--unix-socket", str(stack.proxy_socket), "-H", "Content-Type: application/json"]
@@ -218,7 +156,7 @@ def test_a_large_answer_streams_through_in_bounded_memory(stack: Stack) -> None:
     assert grown < 16 * 1024, f"peak RSS grew {grown} KiB relaying {int(size[0]) >> 20} MiB"
 
 
-def test_no_secret_in_any_log_line(stack: Stack) -> None:
+def test_no_secret_in_any_log_line(stack: ProxyStack) -> None:
     stack.login()
     marker = "BODY-MARKER-c0ffee"
     secret_body = json.dumps({"query": "{ getUser { email } }", "variables": {"m": marker}})

@@ -23,14 +23,23 @@ from geins_broker_client.errors import ProtocolError
 from tests.support import Broker, RawConnection, exact_broker, fill, refreshes, start_broker
 
 
-async def test_rotation_happens_at_three_quarters_of_the_lifetime(
+@pytest.fixture
+async def broker(
     autojump_clock: MockClock,
     nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
     short_tmp: Path,
+) -> Broker:
+    """This module's daemon: rotation and backoff at exact virtual times (no jitter)."""
+    return await exact_broker(nursery, emulator, wall, short_tmp)
+
+
+async def test_rotation_happens_at_three_quarters_of_the_lifetime(
+    autojump_clock: MockClock,
+    emulator: Emulator,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     session = broker.profile().session
     logged_in_at = session.tokens.obtained_at  # type: ignore[union-attr]
@@ -67,12 +76,10 @@ async def test_jitter_spreads_rotation_within_a_few_percent(
 
 async def test_single_flight_under_a_thousand_concurrent_requests(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     await trio.sleep(600)  # 300 s left; everyone below asks for 400
     connections = [await RawConnection.open(broker.socket) for _ in range(100)]
@@ -97,12 +104,10 @@ def _token_request(request_id: int, min_valid: float) -> bytes:
 
 async def test_transient_failures_back_off_exponentially(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     emulator.server.faults.add(Fault("status", match="GET /api", status=503))
     start = trio.current_time()
@@ -126,12 +131,9 @@ async def test_transient_failures_back_off_exponentially(
 
 async def test_backoff_caps_at_sixty_seconds_and_recovers(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     emulator.server.faults.add(Fault("status", match="GET /api", status=500))
     await trio.sleep(675 + 1 + 2 + 4 + 8 + 16 + 32 + 0.5)
@@ -150,12 +152,9 @@ async def test_backoff_caps_at_sixty_seconds_and_recovers(
 
 async def test_retry_after_is_honoured(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
-    wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     emulator.server.faults.add(
         Fault("status", match="GET /api", status=429, retry_after="45", times=1)
@@ -173,12 +172,10 @@ async def test_retry_after_is_honoured(
 
 async def test_rejected_refresh_token_needs_a_login_at_once(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login()
     emulator.service.revoke_user(DEMO_USER)
     await trio.sleep(676)
@@ -215,12 +212,9 @@ async def test_session_expiry_from_max_age(
 
 async def test_a_wall_clock_jump_never_serves_an_expired_token(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
-    emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login(remember=True)
     async with broker.client() as client:
         before = await client.token()
@@ -232,12 +226,10 @@ async def test_a_wall_clock_jump_never_serves_an_expired_token(
 
 async def test_the_runner_notices_a_clock_jump_within_thirty_seconds(
     autojump_clock: MockClock,
-    nursery: trio.Nursery,
     emulator: Emulator,
     wall: TrioWallClock,
-    short_tmp: Path,
+    broker: Broker,
 ) -> None:
-    broker = await exact_broker(nursery, emulator, wall, short_tmp)
     await broker.login(remember=True)
     await trio.sleep(1)
     wall.step(800)
