@@ -341,6 +341,14 @@ class RedisCustomerStore:
                 nursery.start_soon(self._keep, key, value)
                 yield Current(await self.get(app, session_id))
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The keeper only logs; what the nursery raised is the row's read or the
+            # caller's block (a rejected refresh token, a lost compare-and-set, a store
+            # failure), which callers catch by its own type: hand it on as raised, not
+            # wrapped, or an ordinary failure would end the daemon.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self._config.command_timeout):
                 try:
