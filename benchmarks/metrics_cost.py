@@ -256,7 +256,7 @@ def hot_path_cost(rounds: int = 21, calls: int = 200_000) -> dict[str, Any]:
 
     from broker.core.clock import SystemClock
     from broker.core.secret import Secret
-    from broker.daemon.config import ProfileConfig
+    from broker.daemon.config_profiles import ProfileConfig
     from broker.geins.protocol import Endpoint
     from broker.policy.session import Tokens
     from broker.sessions.frame import TokenFrame

@@ -64,6 +64,11 @@ EXIT_CODES: tuple[tuple[type[client_errors.BrokerError], int], ...] = (
 )
 
 
+class UsageError(Exception):
+    """Bad input found after argument parsing (an empty password, a closed stdin): the
+    full CLI reports it with EXIT_USAGE."""
+
+
 def report(message: str, code: int) -> int:
     """Print one failure line on stderr and give back `code`. Messages may repeat the
     daemon's, which repeat Geins' or the store's: escaped (broker.cli.output)."""

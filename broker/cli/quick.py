@@ -31,7 +31,7 @@ _OPTIONS: dict[str, dict[str, bool]] = {
     },
     "status": {"--socket": True, "--profile": True, "--timeout": True, "--json": False},
 }
-#: Options whose value must be a number that is not negative (argparse's `_positive`).
+#: Options whose value must be a number that is not negative (options.non_negative).
 _NUMBERS = ("--timeout", "--min-valid")
 _DEFAULT_TIMEOUT = 60.0
 

@@ -28,7 +28,9 @@ from broker.core.clock import WallClock
 from broker.core.errors import StoreError
 from broker.core.sealing import Keyring
 from broker.core.stats import DaemonStats
-from broker.daemon.config import AppConfig, BrokerConfig, ConfigError, ProfileConfig, load
+from broker.daemon.config import BrokerConfig, ConfigError, load
+from broker.daemon.config_apps import AppConfig
+from broker.daemon.config_profiles import ProfileConfig
 from broker.observe.log import events
 from broker.sessions.profile import Offload, Profile
 from broker.sessions.scheduler import Scheduler

@@ -32,7 +32,7 @@ from broker.core.clock import WallClock
 from broker.core.errors import BrokerFault
 from broker.core.stats import status_class
 from broker.customers.model.handles import log_id
-from broker.daemon.config import ProxyConfig
+from broker.daemon.config_proxy import ProxyConfig
 from broker.observe import routes as observability
 from broker.observe.log import events
 from broker.observe.metrics import Metrics

@@ -20,7 +20,7 @@ from geins_broker_client.protocol import Op
 
 if TYPE_CHECKING:
     from broker.customers.manager import Created, CustomerSessions
-    from broker.daemon.config import AppConfig
+    from broker.daemon.config_apps import AppConfig
 
 Waiting = Callable[[Peer, dict[str, Any]], Awaitable[dict[str, Any]]]
 

@@ -39,7 +39,7 @@ from broker.core.errors import (
 )
 from broker.core.secret import Secret
 from broker.core.stats import Counts, DaemonStats
-from broker.daemon.config import ProfileConfig
+from broker.daemon.config_profiles import ProfileConfig
 from broker.fleet.link import LOCAL, Link
 from broker.observe.log import events
 from broker.policy.session import EndSession, Refresh, Session, SleepUntil, Tokens

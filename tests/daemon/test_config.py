@@ -12,6 +12,7 @@ import pytest
 
 from broker.daemon import config
 from broker.daemon.config import ConfigError, find_config, load
+from broker.daemon.config_metrics import MetricsConfig
 from geins_broker_client.paths import candidate_sockets
 
 GOOD = """
@@ -248,13 +249,13 @@ def test_state_dir_from_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_metrics_settings(tmp_path: Path) -> None:
-    assert load(write(tmp_path, GOOD)).metrics == config.MetricsConfig()
+    assert load(write(tmp_path, GOOD)).metrics == MetricsConfig()
     text = (
         "[metrics]\nper_profile = false\ntextfile = '/var/lib/m/g.prom'\ntextfile_interval = 60\n"
         "allow_users = ['root', 4242]\nallow_groups = [0]\n"
     )
     loaded = load(write(tmp_path, text + GOOD))
-    assert loaded.metrics == config.MetricsConfig(
+    assert loaded.metrics == MetricsConfig(
         per_profile=False,
         textfile=Path("/var/lib/m/g.prom"),
         textfile_interval=60.0,
