@@ -27,9 +27,22 @@ _JOURNAL_PRIORITY: Final = {
 
 def _value(value: Any) -> str:
     text = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
-    if not text or any(c in text for c in ' "=\n\t'):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if not text or not text.isprintable() or any(c in text for c in ' "='):
+        text = '"' + "".join(map(_escaped, text)) + '"'
     return text
+
+
+def _escaped(c: str) -> str:
+    """One character of a quoted value: a control or other unprintable character (C0,
+    DEL, C1 such as CSI, a bidirectional override) as an escape, so that a value from
+    a caller, a store or an upstream moves, colours or reorders nothing on a terminal
+    showing the log."""
+    if c.isprintable():
+        return "\\" + c if c in '\\"' else c
+    return _NAMED_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 #: How a field's value is written, for a caller that formats its lines itself (the

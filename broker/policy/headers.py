@@ -212,3 +212,14 @@ def downstream_headers(upstream: Headers) -> Headers:
 
 def min_valid_for(lifetime: float) -> float:
     return min(MIN_VALID, lifetime / 2)
+
+
+#: A `.` or `..` path segment, raw or percent-encoded, after `/` or a backslash (which
+#: some servers, IIS among them, read as `/`), ending at a separator or the path's end.
+_DOT_SEGMENT: Final = re.compile(rb"(?:^|/|\\|%5c)(?:\.|%2e){1,2}(?:/|\\|%2f|%5c|$)", re.IGNORECASE)
+
+
+def has_dot_segment(target: bytes) -> bool:
+    """Whether the path of origin-form `target` has a dot segment: the upstream would
+    resolve it, and a target appended to a base path could step out of it."""
+    return _DOT_SEGMENT.search(target.split(b"?", 1)[0]) is not None

@@ -45,6 +45,7 @@ from broker.policy.headers import (
     ProxyRefusal,
     downstream_headers,
     error_body,
+    has_dot_segment,
     is_field_value,
     min_valid_for,
     refusal_for,
@@ -266,6 +267,9 @@ class Proxied:
             return
         if not request.target.startswith(b"/"):
             raise ProxyRefusal(400, "bad_request", "the target must be a path, like /graphql")
+        if has_dot_segment(request.target):
+            # Resolved by the upstream, it could step out of merchant_api_url's base path.
+            raise ProxyRefusal(400, "bad_request", "the target's path has a . or .. segment")
         if peer is None:
             raise ProxyRefusal(403, "forbidden", "the broker cannot tell which user is calling")
         if not self._by_handle(peer):

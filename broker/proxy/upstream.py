@@ -46,6 +46,10 @@ READ_SIZE: Final = 65536
 KEEPALIVE_EXPIRY: Final = 30.0
 #: Requests waiting for a connection slot, at most (beyond: 503 busy).
 MAX_WAITING: Final = 4096
+#: An answer's head (with any 1xx heads before it) larger than this is a lying
+#: upstream's (a 502): the parser holds an unfinished header line whole, and the
+#: headers are kept until the head ends, so an unbounded head would be unbounded memory.
+MAX_ANSWER_HEAD: Final = 256 * 1024
 
 
 class UpstreamFailed(Exception):
@@ -259,6 +263,7 @@ class UpstreamConnection:
         "deadline",
         "exchange",
         "fd",
+        "head_bytes",
         "idle_since",
         "out",
         "parser",
@@ -288,6 +293,8 @@ class UpstreamConnection:
         #: Whether any byte of the answer came in (a retry is no longer safe).
         self.answered = False
         self.status = 0
+        #: Bytes read before the answer's (final) head ended.
+        self.head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._name = b""
         self._connecting = False
@@ -344,7 +351,7 @@ class UpstreamConnection:
         self.exchange = exchange
         self.reused = reused
         self.sent = self.answered = False
-        self.status = 0
+        self.status = self.head_bytes = 0
         self._headers = []
         self.deadline = self.pool.reactor.now + self.pool.timeout
         self.pool.reactor.track(self)
@@ -487,11 +494,18 @@ class UpstreamConnection:
             return
         self.answered = True
         self.deadline = self.pool.reactor.now + self.pool.timeout
+        heading = not self.status
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.exchange is not None:
                 self.fail(UpstreamFailed(f"the upstream broke HTTP ({_reason(exc)})"))
+            return
+        if heading and not self.status and self.exchange is not None:
+            # Still in the head after this read: at most one read past the bound is held.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_ANSWER_HEAD:
+                self.fail(UpstreamFailed("the upstream's answer head is too large"))
 
     def _eof(self) -> None:
         if self.status and not _has_length(self._headers) and self.exchange is not None:
