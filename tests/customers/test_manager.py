@@ -450,7 +450,9 @@ async def test_a_proactive_rotation_is_committed_the_moment_geins_answers(
     once (a crash before the commit would lose the session), even for a refresh nobody
     waits on."""
     manager = await start_customers()
+    start = trio.current_time()
     created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    assert trio.current_time() == start  # the login's commit went at once too
     session_id = manager.store.store_key.session_id("shop", created.handle)
     before = await manager.store.get("shop", session_id)
     assert before is not None
