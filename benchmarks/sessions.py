@@ -415,6 +415,7 @@ def soak(
             workers.start()
             time.sleep(warmup)
             commits0 = metric(r.socket, "geins_broker_customer_store_commit_seconds_count")
+            writing0 = metric(r.socket, "geins_broker_customer_store_commit_seconds_sum")
             rotations0, cpu0, started = refreshes(r.emulator), cpu_seconds(pid), time.monotonic()
             workers.join()
             out["cpu_seconds"] = cpu_seconds(pid) - cpu0
@@ -425,6 +426,11 @@ def soak(
             out["commits"] = (
                 metric(r.socket, "geins_broker_customer_store_commit_seconds_count") - commits0
             )
+            # The writer's time in groups (write and fsync): near the wall time, it
+            # was never idle, and a group's size is the rotations arriving during one.
+            out["writing_seconds"] = (
+                metric(r.socket, "geins_broker_customer_store_commit_seconds_sum") - writing0
+            )
             out["refresh_failures"] = metric(
                 r.socket, 'geins_broker_customer_refreshes_total{app="shop",result="error"}'
             )
@@ -432,6 +438,8 @@ def soak(
         finally:
             daemon.close()
     out["rotations_per_commit"] = out["rotations"] / max(out["commits"], 1)
+    out["ms_per_commit"] = out["writing_seconds"] / max(out["commits"], 1) * 1000
+    out["writer_busy"] = out["writing_seconds"] / max(out["wall_seconds"], 1e-9)
     out["cpu_ms_per_refresh"] = out["cpu_seconds"] / max(out["rotations"], 1) * 1000
     return out
 
@@ -554,7 +562,8 @@ def table(results: dict[str, Any]) -> str:
             "warm-up included "
             f"({s['timeouts']} unanswered in 60 s, {s['stale']} expired); "
             f"{s['rotations']:,} rotations in {s['commits']:,.0f} commits: "
-            f"**{s['rotations_per_commit']:.1f} rotations per fsync**; daemon CPU "
+            f"**{s['rotations_per_commit']:.1f} rotations per fsync** ({s['ms_per_commit']:.1f} ms "
+            f"per group, the writer busy {s['writer_busy']:.0%} of the time); daemon CPU "
             f"**{s['cpu_ms_per_refresh']:.2f} ms per refresh** (all its work included) | "
             "0 failures, at least 20 rotations per fsync |"
         )
