@@ -526,3 +526,19 @@ async def test_a_session_dropped_from_memory_is_answered_the_long_way(
     assert served.token.reveal()
     assert manager.token_frame(1, "shop", handles[0].reveal(), 0, wall.now()) is not None
     assert manager.token_frame(1, "shop", handles[1].reveal(), 0, wall.now()) is None
+
+
+async def test_a_session_another_node_ended_is_not_answered_from_memory(
+    autojump_clock: trio.testing.MockClock, wall: TrioWallClock, start_customers: Start
+) -> None:
+    """The store reports a session ended elsewhere (fleet mode's watch): it leaves
+    memory, and the hot path, which finds sessions by handle without `lives`, no
+    longer answers it; the long way asks the store again."""
+    manager = await start_customers()
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    handle = created.handle.reveal()
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is not None
+    manager._dropped("shop", manager.store.store_key.session_id("shop", created.handle))
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is None
+    assert (await manager.token("shop", created.handle)).token.reveal()  # still stored here
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is not None
