@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/results/latest.{json,md}.
 
-python -m benchmarks                 # everything (about ten minutes)
-python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing cluster
+python -m benchmarks                 # everything (about twenty minutes; sessions alone thirteen)
+python -m benchmarks tokens cli      # some of: tokens node cli memory idle restore proxy metrics sealing cluster sessions
 python -m benchmarks --quick         # fewer repetitions and shorter runs
 python -m benchmarks metrics --baseline REV   # also against a revision without metrics
 python -m benchmarks tokens --tokens-baseline REV   # the daemon of REV in the same slots
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cluster, footprint, metrics_cost, node_client, proxy, sealing, tokens
+from . import cluster, footprint, metrics_cost, node_client, proxy, sealing, sessions, tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL = (
@@ -31,6 +31,7 @@ ALL = (
     "metrics",
     "sealing",
     "cluster",
+    "sessions",
 )
 
 
@@ -127,6 +128,14 @@ def markdown(results: dict[str, Any]) -> str:
         out += [sealing.table(results["sealing"]["rotation"], results["sealing"]["restart"]), ""]
     if "cluster" in results:
         out += [cluster.table(results["cluster"]), ""]
+    if "sessions" in results:
+        out += [
+            "**Customer sessions** (benchmarks/sessions.py; load average "
+            f"{results['sessions']['load']} at the start):",
+            "",
+            sessions.table(results["sessions"]),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             "propagation": cluster.propagation(seconds=12.0 if args.quick else 30.0),
             "throughput": cluster.throughput(repeat=3 if args.quick else 5),
         }
+    if "sessions" in chosen:
+        results["sessions"] = {"load": sessions.load_average(), **sessions.run(args.quick)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)

@@ -16,7 +16,7 @@ import sys
 
 from broker.core.secret import Secret
 from broker.customers.live import Live, LiveMap
-from broker.customers.model.handles import StoreKey, new_handle, session_key
+from broker.customers.model.handles import StoreKey, new_handle
 from broker.customers.model.record import SessionRecord
 from broker.emulator.model import jwt
 
@@ -63,7 +63,7 @@ def main(count: int = 100_000) -> None:
         lives.put(
             Live(
                 store_key.session_id("shop", handle),
-                session_key("shop", handle),
+                handle.reveal(),
                 record,
                 1_800_000_000.0,
             )

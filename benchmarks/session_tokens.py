@@ -84,6 +84,10 @@ def run(repeat: int = 3, duration: float = 2.0, warmup: float = 0.5) -> list[dic
                 # least (throughput there depends on who else gets the cores).
                 "token_cpu_us": statistics.median(_cpu_us(r) for r in profile),
                 "session_token_cpu_us": statistics.median(_cpu_us(r) for r in session),
+                # Per slot (the two measured one after the other): median and spread.
+                "cpu_ratios": sorted(
+                    _cpu_us(s) / _cpu_us(p) for p, s in zip(profile, session, strict=True)
+                ),
             }
         )
     return rows

@@ -2,10 +2,17 @@
 
 A `Live` is kept small on purpose (slots, no per-session Session, Random or Tokens
 object; claims are decoded again when asked for): the memory goal is at most 2 KiB per
-live session, bearer included. It holds the session key (from the handle), so the
-daemon can re-seal the record after a proactive refresh and log the session out at
-Geins on a purge; dropping a `Live` from the map forgets that key, and the session
-waits, sealed, until its handle is seen again.
+live session in the whole daemon, bearer included. So:
+
+- the tokens are kept bare (a `Secret` around each would cost 80 bytes a session), the
+  bearer packed by model/compact.py (a quarter smaller), and handed out wrapped:
+  `bearer` and `refresh` make a `Secret` when read; the repr shows neither;
+- it holds the session's handle, so the daemon can re-seal the record after a proactive
+  refresh (`key` derives the session key for each seal) and log the session out at
+  Geins on a purge. The handle's string is the very one `CustomerSessions` finds the
+  session by, so holding it costs a reference where the key cost 72 bytes. Dropping a
+  `Live` from the map forgets the handle, and the session waits, sealed, until its
+  handle is seen again.
 
 Only the manager and its refresher change a `Live`'s fields.
 
@@ -21,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
 from broker.core.secret import Secret
+from broker.customers.model import compact
+from broker.customers.model.handles import session_key
 from broker.customers.model.record import SessionRecord
 
 
@@ -41,19 +50,19 @@ class Flight:
 
 class Live:
     __slots__ = (
+        "_bearer",
+        "_handle",
+        "_refresh",
         "app",
-        "bearer",
         "created_at",
         "ended",
         "expires_at",
         "failures",
         "flight",
         "generation",
-        "key",
         "last_used_at",
         "next_refresh_at",
         "obtained_at",
-        "refresh",
         "remember",
         "retry_at",
         "saved_use_at",
@@ -67,18 +76,18 @@ class Live:
     def __init__(
         self,
         session_id: bytes,
-        key: bytes,
+        handle: str,
         record: SessionRecord,
         last_used_at: float,
     ) -> None:
         self.session_id = session_id
-        self.key = key
+        self._handle = handle
         self.app = record.app
         self.username = record.username
         self.remember = record.remember
         self.created_at = record.created_at
-        self.bearer = record.bearer
-        self.refresh = record.refresh
+        self._bearer = compact.pack(record.bearer.reveal())
+        self._refresh = record.refresh.reveal()
         self.obtained_at = record.obtained_at
         self.expires_at = record.expires_at
         self.session_ends_at = record.session_ends_at
@@ -100,10 +109,28 @@ class Live:
     def __repr__(self) -> str:
         return f"Live(app={self.app!r}, generation={self.generation})"
 
+    @property
+    def bearer(self) -> Secret:
+        return Secret(compact.unpack(self._bearer))
+
+    @property
+    def refresh(self) -> Secret:
+        return Secret(self._refresh)
+
+    @property
+    def handle(self) -> str:
+        """The handle (memory only, like the key it leads to; never logged)."""
+        return self._handle
+
+    @property
+    def key(self) -> bytes:
+        """The session key its record is sealed under (handles.py)."""
+        return session_key(self.app, Secret(self._handle))
+
     def took(self, record: SessionRecord) -> None:
         """The session's tokens are now `record`'s."""
-        self.bearer = record.bearer
-        self.refresh = record.refresh
+        self._bearer = compact.pack(record.bearer.reveal())
+        self._refresh = record.refresh.reveal()
         self.obtained_at = record.obtained_at
         self.expires_at = record.expires_at
         self.session_ends_at = record.session_ends_at
@@ -152,11 +179,18 @@ class Live:
         )
 
 
+def _nothing(live: Live) -> None:
+    pass
+
+
 class LiveMap:
     """Live sessions by id, least recently used first, at most `capacity` of them."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, left: Callable[[Live], None] | None = None) -> None:
         self.capacity = capacity
+        #: Told of every `Live` that leaves the map (dropped for room or popped), so
+        #: that what finds sessions without the map (the manager's hot path) forgets it.
+        self._left: Callable[[Live], None] = left or _nothing
         self._map: OrderedDict[bytes, Live] = OrderedDict()
         #: Ids whose end is under way, with how many ends (a logout, the sweeper and an
         #: admin may end one session at once).
@@ -182,14 +216,25 @@ class LiveMap:
         return self._map.get(session_id)
 
     def put(self, live: Live) -> None:
+        """Hold `live`, the most recently used; the least recently used beyond the
+        capacity are dropped (their sessions wait, sealed, in the store)."""
         self._map[live.session_id] = live
         self._map.move_to_end(live.session_id)
         while len(self._map) > self.capacity:
-            _, dropped = self._map.popitem(last=False)
-            dropped.scheduled = False
+            _, oldest = self._map.popitem(last=False)
+            oldest.scheduled = False
+            self._left(oldest)
+
+    def touch(self, live: Live) -> None:
+        """`live`, held, is now the most recently used."""
+        if self._map.get(live.session_id) is live:
+            self._map.move_to_end(live.session_id)
 
     def pop(self, session_id: bytes) -> Live | None:
-        return self._map.pop(session_id, None)
+        live = self._map.pop(session_id, None)
+        if live is not None:
+            self._left(live)
+        return live
 
     @contextlib.contextmanager
     def ending(self, session_ids: list[bytes]) -> Iterator[None]:

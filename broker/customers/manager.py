@@ -131,14 +131,18 @@ class CustomerSessions:
         self._wall = wall or SystemClock()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.stats = CustomerStats()
-        self.lives = LiveMap(live_capacity)
+        self.lives = LiveMap(live_capacity, left=self._left)
         self._limiters = {name: LoginLimiter(app.rates) for name, app in apps.items()}
         self._loading: dict[bytes, trio.Event] = {}
-        #: Sessions by (app, handle) for `token_frame`, as their handles were last
-        #: seen. Memory only, like the session key the `Live` holds; an entry is
-        #: believed only while its `Live` is the one in `lives` and not ended, and the
-        #: whole map is dropped when it outgrows `lives` (stale entries pile up there).
-        self._recent: dict[tuple[str, str], Live] = {}
+        #: Sessions by handle for the hot path (`_held`), as their handles were last
+        #: seen. Memory only, like the handle the `Live` holds; an entry is believed
+        #: only for its own app and while its `Live` is not ended. Whatever leaves
+        #: `lives` leaves this map too (`_left`), so an entry is one `lives` holds (or,
+        #: ended, one on its way out). The whole map is dropped
+        #: when it outgrows `lives` (stale entries pile up there). Keyed by the handle
+        #: alone (not by app and handle): a handle is 256 random bits, and a tuple per
+        #: session is 56 bytes of the memory budget.
+        self._recent: dict[str, Live] = {}
         #: The encoded `session_token` answers of sessions in use, by session id, with
         #: the generation each was encoded from: a rotation makes a new one. Bounded
         #: (a bearer's worth each): dropped whole when full, rebuilt on the next use.
@@ -248,7 +252,7 @@ class CustomerSessions:
             generation=1,
             committed_at=now,
         )
-        live = Live(session_id, session_key(app, handle), record, now)
+        live = Live(session_id, handle.reveal(), record, now)
         live.next_refresh_at = rules.rotation_due_at(token_set, settings.policy, self._rng)
         lock = self._creating.setdefault(customer_id, trio.Lock())
         try:
@@ -270,7 +274,7 @@ class CustomerSessions:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._creating.pop(customer_id, None)
         self.lives.put(live)
-        self._remember(app, handle, live)
+        self._remember(handle, live)
         self.refresher.consider(live, now)
         log.info("customer_session_created", app=app, session=log_id(session_id), remember=remember)
         ends_at = settings.lifetime.ends_at(
@@ -359,13 +363,15 @@ class CustomerSessions:
             return
         await self.refresher.refresh(live)
 
-    def token_frame(self, request_id: int, app: str, handle: str, min_valid: float) -> bytes | None:
+    def token_frame(
+        self, request_id: int, app: str, handle: str, min_valid: float, now: float
+    ) -> bytes | None:
         """The hot path of `session_token`, answered without a task: the encoded answer
         with the bearer of a session held in memory that has `min_valid` seconds left,
         its use noted. None sends the request the long way (`token`), which loads,
         refreshes, ends or refuses. `app` must name a configured app the caller may use."""
-        live = self.in_memory(app, handle)
-        if live is None or live.expires_at - self._wall.now() < min_valid:
+        live = self._held(app, handle, now)
+        if live is None or live.expires_at - now < min_valid:
             return None
         prepared = self._frames.get(live.session_id)
         if prepared is None or prepared[0] != live.generation:
@@ -376,6 +382,10 @@ class CustomerSessions:
         return prepared[1].frame(request_id)
 
     def in_memory(self, app: str, handle: str) -> Live | None:
+        """`_held` now (the proxy's path)."""
+        return self._held(app, handle, self._wall.now())
+
+    def _held(self, app: str, handle: str, now: float) -> Live | None:
         """The session `handle` names in `app`, without awaiting, if it is held in
         memory, within its idle and absolute ends, with a bearer that has time left:
         its use noted. None sends the caller the long way (`use`), which loads,
@@ -385,17 +395,19 @@ class CustomerSessions:
         the rest of the answer. A handle not there (unknown, another app's, not seen
         since it was last dropped) goes the long way, which is the one path that
         refuses, so a refusal takes the same time whichever way it came."""
-        live = self._recent.get((app, handle))
-        if live is None or live.unsaved or live.ended:
+        live = self._recent.get(handle)
+        if live is None or live.app != app or live.unsaved or live.ended or live.expires_at <= now:
             return None
-        now = self._wall.now()
-        if live.expires_at <= now or self.lives.get(live.session_id) is not live:
+        # lifetime.ended's rule, written out (no calls on this path): over at the
+        # absolute end, or idle since the last use (one in the future counts as now).
+        # Over goes the long way, which ends it.
+        ends_at, last = live.session_ends_at, live.last_used_at
+        lifetime = self.apps[app].lifetime
+        idle = lifetime.idle_remembered if live.remember else lifetime.idle_short
+        if (ends_at is not None and now >= ends_at) or now >= (last if last < now else now) + idle:
             return None
-        ends_at = live.session_ends_at
-        idle_end = min(live.last_used_at, now) + self.apps[app].lifetime.idle(live.remember)
-        if (ends_at is not None and now >= ends_at) or now >= idle_end:
-            return None  # over (lifetime.ended's rule): the long way ends it
-        live.last_used_at = max(live.last_used_at, now)
+        if now > last:
+            live.last_used_at = now
         if now - live.saved_use_at >= self.touch_every or not live.scheduled:
             self._used(live, now)  # the store's coarse last use, the refresh schedule
         return live
@@ -464,12 +476,14 @@ class CustomerSessions:
         return live
 
     def _used(self, live: Live, now: float) -> None:
-        """Note a use: exactly in memory, coarsely in the store; a session in use is
-        refreshed ahead of expiry."""
+        """Note a use: exactly in memory, coarsely in the store and in the LRU order of
+        `lives` (once per `touch_every` on the hot path); a session in use is refreshed
+        ahead of expiry."""
         live.last_used_at = max(live.last_used_at, now)
         if now - live.saved_use_at >= self.touch_every:
             live.saved_use_at = now
             self.store.touch(live.app, live.session_id, now)
+            self.lives.touch(live)
         self.refresher.consider(live, now)
 
     async def _live(self, app: str, handle: Secret) -> Live:
@@ -481,7 +495,7 @@ class CustomerSessions:
         while True:
             live = self.lives.get(session_id)
             if live is not None:
-                self._remember(app, handle, live)
+                self._remember(handle, live)
                 return live
             loading = self._loading.get(session_id)
             if loading is None:
@@ -498,13 +512,13 @@ class CustomerSessions:
             done.set()
         if loaded is None or not kept:  # it ended while its row was being read
             raise UnknownSession()
-        self._remember(app, handle, loaded)
+        self._remember(handle, loaded)
         return loaded
 
-    def _remember(self, app: str, handle: Secret, live: Live) -> None:
+    def _remember(self, handle: Secret, live: Live) -> None:
         if len(self._recent) >= 2 * self.lives.capacity:
             self._recent.clear()
-        self._recent[app, handle.reveal()] = live
+        self._recent[handle.reveal()] = live
 
     async def _load(self, app: str, handle: Secret, session_id: bytes) -> Live:
         row = await self.store.get(app, session_id)
@@ -527,7 +541,7 @@ class CustomerSessions:
                 reason="filed under a generation other than its sealed one",
             )
             raise UnknownSession()
-        return Live(session_id, key, record, row.last_used_at)
+        return Live(session_id, handle.reveal(), record, row.last_used_at)
 
     def _dropped(self, app: str, session_id: bytes) -> None:
         """Another node ended this session (the store says so): forget it here, so
@@ -536,6 +550,12 @@ class CustomerSessions:
         live = self.lives.peek(session_id)
         if live is not None and live.app == app and live.flight is None:
             self.lives.pop(session_id)
+
+    def _left(self, live: Live) -> None:
+        """`live` left `lives` (dropped for room, ended, or ended by another node): it
+        leaves `_recent` too, so the hot path never serves a session `lives` lacks."""
+        if self._recent.get(live.handle) is live:
+            del self._recent[live.handle]
 
     # -- administering ---------------------------------------------------------------------
 

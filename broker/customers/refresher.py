@@ -7,7 +7,9 @@
   CapacityLimiter queues in FIFO order and a session has at most one flight queued, so
   the waiting is fair across sessions.
 - A session in use is refreshed at its rotation point (model/refresh.py); one idle
-  longer than `active_for` leaves the queue and is refreshed at its next use.
+  longer than `active_for` leaves the queue and is refreshed at its next use. The
+  refreshes due within one `START_TICK` start together, so their commits share an
+  fsync (a refresh a request waits for starts at once, and no commit is delayed).
 - A refresh runs inside the store's `rotating` block: in fleet mode that holds the
   session's lease (one refresh per rotation fleet-wide) and re-reads the record; a
   newer generation committed by another node is adopted instead of refreshing, and the
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import itertools
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -68,6 +69,9 @@ from broker.observe.log import events
 from broker.policy.session import Tokens
 
 log = events("broker.customers")
+#: Proactive refreshes due within this many seconds of each other start together, so
+#: their commits share a group (one fsync) in the store.
+START_TICK: Final = 0.25
 #: Logouts waiting for a purge worker, per app; past it they are skipped (and counted).
 PURGE_QUEUE: Final = 4096
 
@@ -127,8 +131,9 @@ class Refresher:
         self._rng = rng
         self.stats = stats
         self._limiters = {name: trio.CapacityLimiter(a.max_refreshes) for name, a in apps.items()}
-        self._heap: list[tuple[float, int, bytes]] = []
-        self._seq = itertools.count()
+        #: (due, session id): ids are unique, so they break ties without a counter
+        #: (an entry per session in use: every byte counts).
+        self._heap: list[tuple[float, bytes]] = []
         self._wake = trio.Event()
         channels = {name: trio.open_memory_channel[Secret](PURGE_QUEUE) for name in apps}
         self._purge_in = {name: pair[0] for name, pair in channels.items()}
@@ -139,6 +144,7 @@ class Refresher:
         self._landed = trio.Event()
         #: Set by `drain`: no proactive refresh starts any more.
         self.draining = False
+        self.start_tick = START_TICK
 
     async def drained(self) -> None:
         """Return once no flight is under way (their commits included)."""
@@ -427,7 +433,7 @@ class Refresher:
             )
         live.scheduled = True
         earlier = not self._heap or due < self._heap[0][0]
-        heapq.heappush(self._heap, (due, next(self._seq), live.session_id))
+        heapq.heappush(self._heap, (due, live.session_id))
         if earlier:
             self._wake.set()
 
@@ -444,17 +450,26 @@ class Refresher:
                     await self._wake.wait()
                     self._wake = trio.Event()
                 continue
-            _, _, session_id = heapq.heappop(self._heap)
+            self._start_due(self._wall.now() + self.start_tick)
+
+    def _start_due(self, horizon: float) -> None:
+        """Start every proactive refresh due by `horizon` (now and the next tick's),
+        together: their commits then reach the store's writer together and share one
+        fsync, while each rotated token is still committed the moment Geins answers.
+        A refresh starts at most a tick before its time, well before its bearer's
+        expiry (the rotation point is earlier still)."""
+        assert self._nursery is not None
+        while self._heap and self._heap[0][0] <= horizon:
+            _, session_id = heapq.heappop(self._heap)
             live = self._lives.peek(session_id)
             if live is None or live.ended or not live.scheduled:
                 continue
             live.scheduled = False
             now = self._wall.now()
             next_at = live.retry_at if live.failures else live.next_refresh_at
-            if next_at is not None and next_at > now:
+            if next_at is not None and next_at > horizon:
                 self.consider(live, now)
             elif not self.draining and self._apps[live.app].lifetime.active(live.last_used_at, now):
-                assert self._nursery is not None
                 self._nursery.start_soon(self._proactive, live)
 
     async def _proactive(self, live: Live) -> None:

@@ -7,6 +7,15 @@ worker thread and commits it with one fsync (WAL, synchronous=FULL). Callers of
 `commit` and `delete` wait for their group's fsync, so a rotated refresh token is on
 disk before anyone is served the bearer that came with it; `touch` does not wait.
 
+A group starts at once when anything with a waiter is queued (a new or rotated
+record, a deletion): a rotated refresh token is never held back, because Geins has
+already spent the old one and a crash before the commit would lose the session.
+Rotations share an fsync by arriving together instead: the refresher starts every
+proactive refresh due within one tick at once (refresher.py), and whatever is queued
+while a group is written goes in the next group. Last-use times alone (`touch`, no
+secret in them) wait up to `TOUCH_WINDOW` for company, so a stream of uses costs one
+fsync per window, not one per `TOUCH_EVERY` per session.
+
 Reads are lazy, by session id, one row at a time (nothing is loaded at start, so a
 restart serves at once and refreshes nothing). They use their own connection, which
 WAL lets read while the writer writes.
@@ -35,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
+import trio.lowlevel
 
 from broker.core.errors import StoreError
 from broker.core.sealing import Keyring, SealError
@@ -48,6 +58,8 @@ Offload = Callable[..., Awaitable[Any]]
 FILENAME: Final = "customers.sqlite"
 #: Rows written in one transaction at most; more wait for the next group.
 MAX_GROUP: Final = 4096
+#: How long last-use times alone wait for other writes to share their fsync.
+TOUCH_WINDOW: Final = 0.2
 _STORE_KEY_LABEL: Final = "customer-store-key"
 
 _SCHEMA: Final = """
@@ -169,6 +181,9 @@ class CustomerStore:
         self.store_key = self._store_key()
         self._pending: list[tuple[_Write, _Waiter | None]] = []
         self._wake = trio.Event()
+        #: Set when a queued write has a waiter: its group starts without a window.
+        self._hurry = trio.Event()
+        self.touch_window = TOUCH_WINDOW
         self.stats = StoreStats()
 
     @classmethod
@@ -245,6 +260,7 @@ class CustomerStore:
         waiter = _Waiter(len(session_ids))
         for session_id in session_ids:
             self._queue(_Delete(session_id), waiter)
+        self._hurry.set()
         self._wake.set()
         await waiter.done.wait()
         if waiter.error is not None:
@@ -255,20 +271,25 @@ class CustomerStore:
         """Return once every write queued before this call is on disk (or failed)."""
         waiter = _Waiter()
         self._queue(_Mark(), waiter)
+        self._hurry.set()
         self._wake.set()
         await waiter.done.wait()
 
     def touch(self, app: str, session_id: bytes, at: float) -> None:
-        """Note a last use, with the next group (never moves the time back)."""
+        """Note a last use, with the next group (never moves the time back; alone, it
+        waits up to `touch_window` for company)."""
         self._queue(_Touch(session_id, at), None)
         self._wake.set()
 
     def _queue(self, write: _Write, waiter: _Waiter | None) -> None:
         self._pending.append((write, waiter))
+        if len(self._pending) >= MAX_GROUP:
+            self._hurry.set()
 
     async def _wait(self, write: _Write) -> None:
         waiter = _Waiter()
         self._queue(write, waiter)
+        self._hurry.set()
         self._wake.set()
         await waiter.done.wait()
         if waiter.error is not None:
@@ -279,21 +300,36 @@ class CustomerStore:
         task_status.started()
         while True:
             await self._wake.wait()
+            if not self._hurry.is_set():
+                with trio.move_on_after(self.touch_window):
+                    await self._hurry.wait()
+            # Let the tasks already runnable go first: commits of refreshes whose
+            # answers came in the same wake-up join this group (no timer, no delay).
+            await trio.lowlevel.checkpoint()
             self._wake = trio.Event()
-            while self._pending:
-                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                error, changed = None, [0] * len(group)
-                try:
-                    changed = await self._offload(self._write_group, [w for w, _ in group])
-                except StoreError as exc:
-                    error = exc
-                for (_, waiter), rows in zip(group, changed, strict=True):
-                    if waiter is not None:
-                        waiter.error = waiter.error or error
-                        waiter.changed += rows
-                        waiter.pending -= 1
-                        if waiter.pending == 0:
-                            waiter.done.set()
+            self._hurry = trio.Event()
+            # One group per pass: what is queued while it is written goes in the next
+            # one, at once if anything in it has a waiter (`_hurry`), after a window if
+            # it is only last uses. What is left of a queue longer than a group is a
+            # backlog: it goes next, at once.
+            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            if self._pending:
+                self._wake.set()
+                self._hurry.set()
+            if not group:
+                continue
+            error, changed = None, [0] * len(group)
+            try:
+                changed = await self._offload(self._write_group, [w for w, _ in group])
+            except StoreError as exc:
+                error = exc
+            for (_, waiter), rows in zip(group, changed, strict=True):
+                if waiter is not None:
+                    waiter.error = waiter.error or error
+                    waiter.changed += rows
+                    waiter.pending -= 1
+                    if waiter.pending == 0:
+                        waiter.done.set()
 
     def _write_group(self, writes: list[_Write]) -> list[int]:
         """Write `writes` in one transaction; the rows each changed."""

@@ -62,6 +62,10 @@ class Dispatcher:
         self.stats = stats
         self._admission = admission
         self._profiles = api.profiles  # the daemon's live table, changed in place on reload
+        self._session_ops = api.session_ops
+        #: Each configured app's key in a connection's ACL cache, made once: "app:" and
+        #: its name (no profile is named so: a profile name has no ':').
+        self._app_keys: dict[str, str] = {}
         self._now = wall.now
         self._outbox: Outbox | None = None
         self._nursery: trio.Nursery | None = None
@@ -82,7 +86,7 @@ class Dispatcher:
             self._drained = trio.Event()
             await self._drained.wait()
 
-    def dispatch(self, conn: Connection, message: Message) -> bytes | None:  # noqa: PLR0911, PLR0912
+    def dispatch(self, conn: Connection, message: Message) -> bytes | None:  # noqa: PLR0911, PLR0912, PLR0915
         """The answer to one request, or None when a task will answer it later."""
         request_id = message.get("id")
         if type(request_id) is not int:
@@ -112,9 +116,38 @@ class Dispatcher:
                     if frame is not None:
                         return frame
             elif op == _SESSION_TOKEN:
-                frame = self._session_token_from_memory(conn, request_id, message)
-                if frame is not None:
-                    return frame
+                # `token`'s hot path for a customer session held in memory, written out
+                # here for the same reason: no task, no validation beyond the types read
+                # here. Anything else goes the long way (schemas, then session_ops.py),
+                # which also gives every refusal but `forbidden` its answer, so a
+                # refusal costs the same whichever way it came.
+                ops = self._session_ops
+                customers = ops.customers
+                name, handle = message.get("app"), message.get("handle")
+                min_valid = message.get("min_valid", 0)
+                app = ops.apps.get(name) if type(name) is str else None
+                if (
+                    app is not None
+                    and customers is not None
+                    and type(handle) is str
+                    and type(min_valid) in _NUMBERS
+                    and min_valid >= 0  # (not >= also catches NaN)
+                    and name in customers.apps
+                ):
+                    cache_key = self._app_keys.get(name)
+                    if cache_key is None:
+                        cache_key = self._app_keys[name] = "app:" + name
+                    cached = conn.acl_cache.get(cache_key)
+                    if cached is not None and cached[0] is app:
+                        allowed = cached[1]
+                    else:
+                        allowed = ops.may_use(conn.peer, app)
+                        conn.acl_cache[cache_key] = (app, allowed)
+                    if not allowed:
+                        raise Forbidden(f"uid {conn.peer.uid} may not use app {name!r}")
+                    frame = customers.token_frame(request_id, name, handle, min_valid, self._now())
+                    if frame is not None:
+                        return frame
             if not isinstance(op, str):
                 raise BadRequest("field 'op' must be a string")
             if op not in SCHEMAS:
@@ -135,39 +168,6 @@ class Dispatcher:
         """An error answer, counted by its code (a fixed set: a bounded label)."""
         self.stats.errors.inc(exc.code)
         return error_frame(request_id, exc)
-
-    def _session_token_from_memory(
-        self, conn: Connection, request_id: int, message: Message
-    ) -> bytes | None:
-        """`token`'s hot path for a customer session held in memory: no task, no
-        validation beyond the types read here. None sends the request the long way
-        (schemas, then session_ops.py), which also gives every refusal but
-        `forbidden` its answer, so a refusal costs the same whichever way it came."""
-        ops = self.api.session_ops
-        customers = ops.customers
-        name, handle = message.get("app"), message.get("handle")
-        min_valid = message.get("min_valid", 0)
-        if (
-            customers is None
-            or type(name) is not str
-            or type(handle) is not str
-            or type(min_valid) not in _NUMBERS
-            or not min_valid >= 0  # (not >= also catches NaN)
-        ):
-            return None
-        app = ops.apps.get(name)
-        if app is None or name not in customers.apps:
-            return None
-        cache_key = "app:" + name  # no profile is named so: a profile name has no ':'
-        cached = conn.acl_cache.get(cache_key)
-        if cached is not None and cached[0] is app:
-            allowed = cached[1]
-        else:
-            allowed = ops.may_use(conn.peer, app)
-            conn.acl_cache[cache_key] = (app, allowed)
-        if not allowed:
-            raise Forbidden(f"uid {conn.peer.uid} may not use app {name!r}")
-        return customers.token_frame(request_id, name, handle, min_valid)
 
     def _start_waiting(
         self, conn: Connection, request_id: int, op: str, args: dict[str, Any]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from broker.core.clock import TrioWallClock
 from broker.core.errors import (
@@ -440,3 +441,104 @@ async def test_a_login_the_store_cannot_keep_is_logged_out_at_geins(
         filler.unlink()
     await trio.sleep(1)  # the logout is sent in the background
     assert emulator.service.live_sessions(DEMO_USER) == 0
+
+
+async def test_a_proactive_rotation_is_committed_the_moment_geins_answers(
+    autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
+) -> None:
+    """Geins spent the old refresh token when it answered: the new one goes to disk at
+    once (a crash before the commit would lose the session), even for a refresh nobody
+    waits on."""
+    manager = await start_customers()
+    start = trio.current_time()
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    assert trio.current_time() == start  # the login's commit went at once too
+    session_id = manager.store.store_key.session_id("shop", created.handle)
+    before = await manager.store.get("shop", session_id)
+    assert before is not None
+    await trio.sleep(675 + 0.01)  # the rotation point, and a hundredth of a second
+    assert refreshes(emulator) == 1
+    after = await manager.store.get("shop", session_id)
+    assert after is not None and after.record != before.record
+    assert manager.store.stats.commits == 2  # the login's and the rotation's
+
+
+async def test_proactive_refreshes_due_within_a_tick_start_together(
+    autojump_clock: trio.testing.MockClock, emulator: Emulator, start_customers: Start
+) -> None:
+    """Sessions whose rotation points are within `START_TICK` of the first are
+    refreshed with it, so their commits reach the store together and share its groups
+    (scripts/bench sessions counts the fsyncs); one due later waits for its own time."""
+    manager = await start_customers()
+    assert manager.refresher.start_tick == 0.25
+    start = trio.current_time()
+    for offset in (0.0, 0.1, 0.2, 0.4):  # due at 675.0, 675.1, 675.2 and 675.4
+        await trio.sleep(offset - (trio.current_time() - start))
+        await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    await trio.sleep(start + 675 - trio.current_time())
+    await trio.sleep(0.01)
+    assert refreshes(emulator) == 3
+    await trio.sleep(0.38)  # 675.39
+    assert refreshes(emulator) == 3
+    await trio.sleep(0.02)  # 675.41
+    assert refreshes(emulator) == 4
+
+
+async def test_the_hot_path_answers_only_a_live_session_of_its_own_app(
+    autojump_clock: trio.testing.MockClock, wall: TrioWallClock, start_customers: Start
+) -> None:
+    manager = await start_customers(apps=("shop", "other"), lifetime=Lifetime(idle_short=60.0))
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=False)
+    handle = created.handle.reveal()
+
+    def token_frame(app: str, handle: str) -> bytes | None:
+        return manager.token_frame(1, app, handle, 0, wall.now())
+
+    assert token_frame("shop", handle) is not None
+    assert token_frame("other", handle) is None  # the long way refuses it
+    await trio.sleep(59.5)
+    assert token_frame("shop", handle) is not None  # a use: idle from now
+    await trio.sleep(59.5)
+    assert token_frame("shop", handle) is not None
+    await trio.sleep(60)
+    assert token_frame("shop", handle) is None  # idle: the long way ends it
+    with pytest.raises(UnknownSession):
+        await manager.token("shop", created.handle)
+
+
+async def test_a_session_dropped_from_memory_is_answered_the_long_way(
+    autojump_clock: trio.testing.MockClock, wall: TrioWallClock, start_customers: Start
+) -> None:
+    """Beyond `live_capacity` the least recently used session leaves memory (it waits,
+    sealed, in the store); the hot path no longer answers its handle, the long way loads
+    it again."""
+    manager = await start_customers()
+    manager.lives.capacity = 2
+    handles = []
+    for _ in range(3):
+        created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+        handles.append(created.handle)
+        await trio.sleep(1)
+    assert len(manager.lives) == 2
+    assert manager.token_frame(1, "shop", handles[0].reveal(), 0, wall.now()) is None
+    assert manager.token_frame(1, "shop", handles[2].reveal(), 0, wall.now()) is not None
+    served = await manager.token("shop", handles[0])  # loaded again; the oldest goes
+    assert served.token.reveal()
+    assert manager.token_frame(1, "shop", handles[0].reveal(), 0, wall.now()) is not None
+    assert manager.token_frame(1, "shop", handles[1].reveal(), 0, wall.now()) is None
+
+
+async def test_a_session_another_node_ended_is_not_answered_from_memory(
+    autojump_clock: trio.testing.MockClock, wall: TrioWallClock, start_customers: Start
+) -> None:
+    """The store reports a session ended elsewhere (fleet mode's watch): it leaves
+    memory, and the hot path, which finds sessions by handle without `lives`, no
+    longer answers it; the long way asks the store again."""
+    manager = await start_customers()
+    created = await manager.login("shop", 1000, DEMO_USER, PASSWORD, remember=True)
+    handle = created.handle.reveal()
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is not None
+    manager._dropped("shop", manager.store.store_key.session_id("shop", created.handle))
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is None
+    assert (await manager.token("shop", created.handle)).token.reveal()  # still stored here
+    assert manager.token_frame(1, "shop", handle, 0, wall.now()) is not None

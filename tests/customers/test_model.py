@@ -128,3 +128,46 @@ def test_demand_serves_exactly_as_session_does() -> None:
             assert served == session.serves(now, min_valid), (now, min_valid)
     assert rules.on_demand(2000.0, 2001.0, 0, 2100.0) is rules.Demand.BACKING_OFF
     assert rules.on_demand(2000.0, 2101.0, 0, 2100.0) is rules.Demand.REFRESH
+
+
+def test_a_bearer_is_packed_a_quarter_smaller_and_comes_back_exactly() -> None:
+    from broker.customers.model import compact
+    from broker.emulator.model import jwt
+
+    token = jwt.mint(
+        jwt.geins_claims(
+            user_id="1000",
+            username="customer@example.com",
+            customer_type="PERSON",
+            issued_at=1_800_000_000,
+            expires_at=1_800_000_900,
+            token_id="ab.0",
+            issuer="https://auth-service.geins.io",
+            audience="demo",
+        ),
+        b"k" * 32,
+    )
+    packed = compact.pack(token)
+    assert isinstance(packed, bytes) and len(packed) <= len(token) * 0.77
+    assert compact.unpack(packed) == token
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "a.b",
+        "a.b.c.d",
+        "eyJh.e30.sig=",  # padded
+        "eyJh.e31.sig",  # stray bits in the last character: decodes, re-encodes otherwise
+        "eyJh.e30.c2lnA",  # not a base64 length
+        "eyJh.e3 0.sig",  # a character b64decode would skip
+        "eyJh.e+0.sig",  # standard, not url-safe, alphabet
+        "é.e30.sig",
+    ],
+)
+def test_a_token_that_would_not_come_back_exactly_is_kept_as_it_is(token: str) -> None:
+    from broker.customers.model import compact
+
+    assert compact.pack(token) == token
+    assert compact.unpack(compact.pack(token)) == token

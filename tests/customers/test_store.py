@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -20,7 +21,7 @@ from broker.core.secret import Secret
 from broker.customers.model import record as records
 from broker.customers.model.errors import RecordUnreadable
 from broker.customers.model.handles import session_key
-from broker.customers.store import CustomerStore
+from broker.customers.store import TOUCH_WINDOW, CustomerStore, Row
 from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from tests.customers.conftest import Start
 from tests.support import REPO, EmulatorProcess, inline, running
@@ -138,3 +139,73 @@ def test_kill_9_during_group_commits_loses_no_acknowledged_rotation(short_tmp: P
 
     trio.run(check)
     store.close()
+
+
+def _row(index: int) -> Row:
+    return Row(
+        session_id=index.to_bytes(32, "big"),
+        app="shop",
+        customer_id=b"c" * 32,
+        name=b"n",
+        remember=True,
+        created_at=0.0,
+        last_used_at=0.0,
+        ends_at=None,
+        record=b"r",
+    )
+
+
+async def test_a_commit_goes_at_once_and_last_uses_alone_wait_for_a_window(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    """A rotated record is on disk the moment it is queued (its old refresh token is
+    spent); last-use times, which hold no secret, wait up to TOUCH_WINDOW for company
+    and then go in one group, or sooner with the next commit."""
+    store = CustomerStore(short_tmp / "customers.sqlite", Keyring(), offload=inline)
+    await nursery.start(store.run)
+    at = trio.current_time()
+    await store.commit(_row(0))
+    assert trio.current_time() == at and store.stats.commits == 1
+
+    for index in range(10):
+        store.touch("shop", _row(0).session_id, float(index))
+        await trio.sleep(0.01)
+    assert store.stats.commits == 1  # 0.1 s: the window is still open
+    await trio.sleep(TOUCH_WINDOW - 0.1 + 0.01)  # the window opened by the first
+    assert store.stats.commits == 2 and store.stats.rows == 11  # one group of ten
+
+    store.touch("shop", _row(0).session_id, 20.0)
+    await trio.sleep(0.01)
+    at = trio.current_time()
+    await store.commit(_row(1))  # takes the waiting last use along, at once
+    assert trio.current_time() == at and store.stats.commits == 3
+    assert store.stats.rows == 13
+    store.close()
+
+
+async def test_commits_queued_during_a_group_share_the_next(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    """A steady stream of rotations, 50 ms per fsync: none waits for a window, and
+    those that arrive while a group is written share the next group's fsync."""
+    store = CustomerStore(short_tmp / "customers.sqlite", Keyring(), offload=_slow_inline)
+    await nursery.start(store.run)
+    latencies: list[float] = []
+
+    async def rotation(index: int) -> None:
+        await trio.sleep(index * 0.01)
+        at = trio.current_time()
+        await store.commit(_row(index))
+        latencies.append(trio.current_time() - at)
+
+    async with trio.open_nursery() as rotations:
+        for index in range(100):  # 100 rotations over 1 s
+            rotations.start_soon(rotation, index)
+    assert store.stats.rows == 100
+    assert store.stats.commits <= 21  # one per fsync's time, not one per rotation
+    assert max(latencies) <= 0.1 + 1e-9  # the fsync under way, then its own
+
+
+async def _slow_inline(fn: Any, *args: Any) -> Any:
+    await trio.sleep(0.05)
+    return fn(*args)
