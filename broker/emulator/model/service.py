@@ -196,6 +196,8 @@ class AuthService:
             "live": sum(1 for f in mine if not f.revoked),
             "rotations": sum(f.rotations for f in mine),
             "all_rotations": sum(f.rotations for f in self._families.values()),
+            # In the same answer, so the two can be compared with refreshes under way.
+            "refresh_requests": self.counts.get("GET /login", 0),
         }
 
     # -- dispatch ---------------------------------------------------------------------------
