@@ -49,6 +49,14 @@ class Flight:
 
 
 class Live:
+    """One customer session held in memory: its tokens, times and refresh state.
+
+    A record of slots, not a class with behaviour to split: a daemon holds up to a
+    hundred thousand of these (benchmarks/README.md measures each under 2 KiB), and
+    the `session_token` hot path reads several fields per answer; sub-objects would
+    cost memory and a lookup per field.
+    """
+
     __slots__ = (
         "_bearer",
         "_handle",

@@ -108,6 +108,15 @@ class Listed:
 
 
 class CustomerSessions:
+    """Customer sessions on demand: what the ops, the proxy and the sweeper call.
+
+    Over the house's ~300 lines, on purpose: every way into a session (login,
+    register, token, info, passwd, logout, the admins' listing and ends, the proxy's
+    lookup) goes through the same load guard, lifetime rule and rate limits, which
+    must be read together; the refresh flights are `Refresher`'s, the store is behind
+    `contract.SessionStore`, the values and rules are `model/`'s.
+    """
+
     def __init__(
         self,
         apps: Mapping[str, AppSettings],

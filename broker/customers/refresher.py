@@ -110,6 +110,14 @@ class CustomerStats:
 
 
 class Refresher:
+    """The refresh flights of every customer session (the module docstring's rules).
+
+    Over the house's ~300 lines, on purpose: one flight per session, the per-app
+    limit, the proactive schedule, adoption of another node's generation and the
+    purges share one invariant: no session is refreshed twice at once or written back
+    once ended; split, each part would have to re-check what the others hold.
+    """
+
     def __init__(
         self,
         apps: Mapping[str, AppSettings],
