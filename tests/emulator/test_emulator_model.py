@@ -357,11 +357,19 @@ def test_sessions_of_counts_live_sessions_and_rotations(sdk: Sdk, service: AuthS
         f"{AUTH}/logout",
         **{"x-auth-refresh-token": refresh_of(sdk.login("ada@example.com", "s3cret"))},
     )
-    assert service.sessions_of("ada@example.com") == {"live": 2, "rotations": 2, "all_rotations": 2}
+    # Three refresh requests, one of them refused: every request counts, only the two
+    # that rotated count as rotations (tests/fleet compares the two).
+    assert service.sessions_of("ada@example.com") == {
+        "live": 2,
+        "rotations": 2,
+        "all_rotations": 2,
+        "refresh_requests": 3,
+    }
     assert service.sessions_of("nobody@example.com") == {
         "live": 0,
         "rotations": 0,
         "all_rotations": 2,
+        "refresh_requests": 3,
     }
 
 

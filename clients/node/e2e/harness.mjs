@@ -85,7 +85,7 @@ export class Emulator {
     return (await this.control("GET", "stats")).counts;
   }
 
-  /** { live, rotations, all_rotations } for a user, as Geins sees them. */
+  /** { live, rotations, all_rotations, refresh_requests } for a user, as Geins sees them. */
   sessionsOf(username) {
     return this.control("POST", "user_sessions", { username });
   }
