@@ -76,11 +76,12 @@ import trio
 from broker.core.errors import BadFrame, Busy
 from broker.core.stats import ServerStats
 from broker.observe.log import events
+from broker.rpc import fastpath
 from broker.rpc.admission import Admission, Limits
 from broker.rpc.connection import INF, Connection
 from broker.rpc.dispatch import Dispatcher, error_frame
 from broker.rpc.peercred import peer_of
-from geins_broker_client.protocol import RECV_SIZE, Code
+from geins_broker_client.protocol import DEFAULT_PROFILE, RECV_SIZE, Code
 
 if TYPE_CHECKING:
     from broker.core.clock import WallClock
@@ -138,6 +139,21 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._wake_housekeeper = trio.Event()
         self._next_check = INF
+        self._wall_now = wall.now
+        #: The token hot path in C (fastpath.py), or None to serve everything here.
+        self._fast = fastpath.make(
+            self._epoll.fileno(), self._connections, api.profiles, DEFAULT_PROFILE
+        )
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the C hot path serves `token` (see fastpath.py)."""
+        return self._fast is not None
+
+    @property
+    def fast_answers(self) -> int:
+        """`token` requests the C hot path answered (each also counted as served)."""
+        return 0 if self._fast is None else self._fast.answered
 
     def configure(self, config: BrokerConfig) -> None:
         """Limits and timeouts, at start and again at every reload."""
@@ -200,6 +216,8 @@ class Server:
 
     async def _reactor(self) -> None:
         epoll = self._epoll
+        fast = self._fast
+        wall_now = self._wall_now
         while True:
             await trio.lowlevel.wait_readable(epoll)
             # Under load, requests keep arriving while a batch is served: take a few
@@ -207,10 +225,38 @@ class Server:
             # The last, empty poll is needed even when a batch was one connection:
             # it is what clears this epoll's ready list (see the design note).
             for _ in range(_BATCHES_PER_WAKEUP):
+                if fast is not None:
+                    now = trio.current_time()
+                    left = fast.poll(wall_now(), now)
+                    if left is None:
+                        break
+                    if left:
+                        self._serve_left(left, now)
+                    continue
                 ready = epoll.poll(0, _MAX_EVENTS)
                 if not ready:
                     break
                 self._serve_ready(ready, trio.current_time())
+
+    def _serve_left(
+        self, left: list[tuple[int, int, bytes | None, bytes | None]], now: float
+    ) -> None:
+        """What the C hot path handed back: served here as `_serve_ready` would, with
+        what it already read (`data`) or the answer it could not finish sending."""
+        for fd, mask, data, unsent in left:
+            conn = self._connections.get(fd)
+            if conn is None or (data is None and unsent is None):
+                self._serve_ready([(fd, mask)], now)
+                continue
+            try:
+                if unsent is not None:
+                    self._keep(conn, unsent)
+                else:
+                    assert data is not None
+                    self._received(conn, data, now)
+            except Exception:
+                log.exception("connection_failed", peer_uid=conn.peer.uid)
+                self._close(conn)
 
     def _serve_ready(self, ready: list[tuple[int, int]], now: float) -> None:
         for fd, mask in ready:
@@ -293,6 +339,10 @@ class Server:
             return
         except OSError:
             data = b""
+        self._received(conn, data, now)
+
+    def _received(self, conn: Connection, data: bytes, now: float) -> None:
+        """Serve one read's bytes (b"": the peer is gone)."""
         if not data:
             self._close(conn)
             return
@@ -394,15 +444,18 @@ class Server:
             self._close(conn)
             return
         if sent < len(data):
-            left = len(data) - sent
-            if not self._room(conn, left):
-                self._overflow(conn, left)
-                return
-            conn.out += data[sent:]
-            self.admission.unread += left
-            conn.blocked_since = trio.current_time()
-            self._epoll.modify(conn.fd, _OUT)
-            self.check_timeouts_by(conn.blocked_since + self.admission.limits.send_timeout)
+            self._keep(conn, data[sent:])
+
+    def _keep(self, conn: Connection, rest: bytes) -> None:
+        """Queue what the socket would not take, and wait for the client to read."""
+        if not self._room(conn, len(rest)):
+            self._overflow(conn, len(rest))
+            return
+        conn.out += rest
+        self.admission.unread += len(rest)
+        conn.blocked_since = trio.current_time()
+        self._epoll.modify(conn.fd, _OUT)
+        self.check_timeouts_by(conn.blocked_since + self.admission.limits.send_timeout)
 
     def _room(self, conn: Connection, adding: int) -> bool:
         """Whether `adding` unread bytes fit in the total, after closing the connections
