@@ -46,6 +46,10 @@ for path in ("pyproject.toml", "clients/python/pyproject.toml"):
     if path == "pyproject.toml":
         for requirement in project["optional-dependencies"]["dev"]:
             print(requirement)
+# The build backend too: it builds the C hot path in place (below).
+with open("pyproject.toml", "rb") as handle:
+    for requirement in tomllib.load(handle)["build-system"]["requires"]:
+        print(requirement)
 EOF
     .venv/bin/python -m pip install --quiet --requirement .venv/requirements.txt
     site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -61,4 +65,19 @@ EOF
     chmod 755 .venv/bin/geins-broker
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+
+# The broker socket's optional C hot path (broker/rpc/_fastpath.c), built in place, again
+# whenever its source changes. Without a C compiler or Python's headers it is not built,
+# this says so once, and the daemon serves every request in Python.
+fastpath_stamp=".venv/.fastpath-$(cat broker/rpc/_fastpath.c setup.py | sha256sum | cut -c1-16)"
+if [ ! -f "$fastpath_stamp" ]; then
+    rm -f .venv/.fastpath-* broker/rpc/_fastpath.*.so
+    .venv/bin/python setup.py -q build_ext --inplace --build-temp .venv/build >/dev/null 2>.venv/fastpath-build.log || true
+    if ls broker/rpc/_fastpath.*.so >/dev/null 2>&1; then
+        touch "$fastpath_stamp"
+    else
+        echo "!!! the C hot path (broker/rpc/_fastpath.c) was not built: the daemon serves in Python" >&2
+        echo "!!! (needs a C compiler and Python's headers; see .venv/fastpath-build.log)" >&2
+    fi
 fi

@@ -670,9 +670,10 @@ def build_wheel(directory: Path) -> Path:
     still ship from there."""
     source = Path(tempfile.mkdtemp(prefix="wheel-source-"))
     try:
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "setup.py", "README.md"):
             shutil.copy2(REPO / name, source / name)
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        # (the C hot path built in place for the checkout is built again for the wheel)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
         for tree in ("broker", "clients/python"):
             shutil.copytree(REPO / tree, source / tree, ignore=ignore)
         built = subprocess.run(

@@ -1,4 +1,4 @@
-"""The wheel holds every package of the tree.
+"""The wheel holds every package of the tree, and the C hot path where it can be built.
 
 An installed daemon imports only what the wheel carries: a package missing from it
 passes every test run from the checkout and fails at the first import in production
@@ -7,6 +7,8 @@ passes every test run from the checkout and fails at the first import in product
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -40,3 +42,7 @@ def test_the_wheel_holds_every_package(tmp_path: Path) -> None:
     assert sorted(packages_on_disk() - in_wheel) == []
     assert {"broker/py.typed", "geins_broker_client/py.typed"} <= set(names)
     assert "geins-broker = broker.cli.quick:main" in scripts
+    # The C hot path is built into the wheel wherever it can be (it is optional: without
+    # a compiler the wheel is pure, and the daemon serves in Python).
+    if shutil.which("cc") and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        assert [n for n in names if n.startswith("broker/rpc/_fastpath.")], names
