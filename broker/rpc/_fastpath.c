@@ -3,15 +3,17 @@
  *
  * What it does: one `poll` is one `epoll_wait(0)` on the reactor's private epoll. For
  * every ready connection that is quiet (nothing half-received, nothing unsent, nothing
- * held back), it reads once; when the read is exactly one whole `token` request that
- * the pure-Python hot path (dispatch.py) would answer from memory, it answers it here:
- * the same checks on the same Python objects, the same bytes. Everything else (the
- * listener, a writable socket, a partial or pipelined read, any other op, a profile
- * whose answer is not prepared, an ACL verdict not cached yet, a frame this parser
- * does not take) goes back to the reactor, with whatever was read, and is served there
- * exactly as if this module did not exist. So the accelerator decides nothing the
- * Python code has not already decided: it only skips the interpreter on the path
- * Python has proved.
+ * held back), it reads once; when the read is exactly one whole `token` or
+ * `session_token` request that the pure-Python hot path (dispatch.py) would answer
+ * from memory, it answers it here: the same checks on the same Python objects, the same
+ * bytes. A profile's `token` is answered from its prepared answer without calling into
+ * Python; a customer's `session_token` calls the session manager's own hot path
+ * (`token_frame`), which notes the session's use, as dispatch.py does. Everything else
+ * (the listener, a writable socket, a partial or pipelined read, any other op, an answer
+ * not prepared, an ACL verdict not cached yet, a frame this parser does not take) goes
+ * back to the reactor, with whatever was read, and is served there exactly as if this
+ * module did not exist. So the accelerator decides nothing the Python code has not
+ * already decided: it only skips the interpreter on the path Python has proved.
  *
  * Why C and not mypyc: the pure path spends ~2.8 us per answer, of which ~1.1 us are
  * the two system calls; the rest is the interpreter around them (method calls, bytes
@@ -21,9 +23,10 @@
  *
  * Trust: a request frame comes from any local peer the reactor admitted. The parser
  * below takes one shape only (a fixmap of at most 15 entries, fixstr or str8 keys
- * "id", "op", "profile", "min_valid", each at most once, with the value types the hot
- * path accepts) with every length checked against the frame's end, and anything else
- * goes back to Python untouched, whose decoder answers it (or refuses it) as before.
+ * "id", "op", "profile" or "app" and "handle", "min_valid", each at most once, with the
+ * value types the hot path accepts) with every length checked against the frame's end,
+ * and anything else goes back to Python untouched, whose decoder answers it (or refuses
+ * it) as before.
  *
  * The Python objects read here, by attribute name (tests run the daemon with and
  * without this module and compare the answers byte for byte):
@@ -32,6 +35,7 @@
  *   Profile: config, frame
  *   TokenFrame: _revision, _session (its .revision), _serve_until, _prepared, served
  *   PreparedResponse: _head, _tail, _size
+ *   SessionOps: customers (None, or the CustomerSessions with .apps and .token_frame), apps
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -58,7 +62,7 @@
 static PyObject *s_closed, *s_closing, *s_held, *s_out, *s_decoder, *s_buffer, *s_error,
     *s_acl_cache, *s_last_active, *s_partial_since, *s_config, *s_frame, *s_revision_private,
     *s_session, *s_revision, *s_serve_until, *s_prepared, *s_head, *s_tail, *s_size,
-    *s_served;
+    *s_served, *s_customers, *s_apps, *s_token_frame, *s_app_prefix;
 static PyObject *one; /* 1, for served += 1 */
 
 typedef struct {
@@ -71,19 +75,28 @@ typedef struct {
     PyObject *connections; /* the reactor's dict: fd -> Connection */
     PyObject *profiles;    /* the daemon's live table: name -> Profile */
     PyObject *default_profile;
+    PyObject *session_ops; /* the ops of customer sessions (rpc/session_ops.py), or None */
     PyObject *inf; /* float('inf') */
     unsigned long long answered; /* requests answered here, for tests and the metrics */
 } Fastpath;
 
 /* -- the request ------------------------------------------------------------------- */
 
+enum { OP_TOKEN = 1, OP_SESSION_TOKEN = 2 };
+
 typedef struct {
+    int op;
     int64_t id;
     int has_id;
-    const unsigned char *profile; /* the profile's UTF-8 bytes, or NULL for the default */
+    const unsigned char *profile; /* `token`: the profile's UTF-8, or NULL: the default */
     size_t profile_len;
+    const unsigned char *app; /* `session_token`: the app's and the handle's UTF-8 */
+    size_t app_len;
+    const unsigned char *handle;
+    size_t handle_len;
     double min_valid;
-} TokenRequest;
+    int min_valid_is_float; /* as sent: Python's hot path is given the same type */
+} Request;
 
 /* A msgpack string's bytes at *p (fixstr, str8, str16 or str32), or 0 when the value at
  * *p is something else or runs past `end`. */
@@ -209,22 +222,19 @@ static int key_is(const unsigned char *k, size_t n, const char *name)
     return strlen(name) == n && memcmp(k, name, n) == 0;
 }
 
-/* Whether `body` is a `token` request of the one shape taken here. */
-static int parse_token_request(const unsigned char *body, size_t size, TokenRequest *r)
+/* Whether `body` is a `token` or `session_token` request of the one shape taken here. */
+static int parse_request(const unsigned char *body, size_t size, Request *r)
 {
     const unsigned char *p = body, *end = body + size;
-    int seen_op = 0, seen_profile = 0, seen_min_valid = 0;
+    int seen_min_valid = 0;
     if (size == 0 || (*p & 0xf0) != 0x80)
         return 0;
     int entries = *p & 0x0f;
     p += 1;
-    r->has_id = 0;
-    r->profile = NULL;
-    r->profile_len = 0;
-    r->min_valid = 0.0;
+    memset(r, 0, sizeof *r);
     for (int i = 0; i < entries; i++) {
-        const unsigned char *k;
-        size_t klen;
+        const unsigned char *k, *v;
+        size_t klen, vlen;
         if (p >= end || !((*p & 0xe0) == 0xa0 || *p == 0xd9))
             return 0; /* keys are short strings in every client */
         if (!read_str(&p, end, &k, &klen))
@@ -234,17 +244,28 @@ static int parse_token_request(const unsigned char *body, size_t size, TokenRequ
                 return 0;
             r->has_id = 1;
         } else if (key_is(k, klen, "op")) {
-            const unsigned char *v;
-            size_t vlen;
-            if (seen_op || !read_str(&p, end, &v, &vlen) || !key_is(v, vlen, "token"))
+            if (r->op || !read_str(&p, end, &v, &vlen))
                 return 0;
-            seen_op = 1;
+            if (key_is(v, vlen, "token"))
+                r->op = OP_TOKEN;
+            else if (key_is(v, vlen, "session_token"))
+                r->op = OP_SESSION_TOKEN;
+            else
+                return 0;
         } else if (key_is(k, klen, "profile")) {
-            if (seen_profile || !read_str(&p, end, &r->profile, &r->profile_len))
+            if (r->profile || !read_str(&p, end, &r->profile, &r->profile_len))
                 return 0;
-            seen_profile = 1;
+        } else if (key_is(k, klen, "app")) {
+            if (r->app || !read_str(&p, end, &r->app, &r->app_len))
+                return 0;
+        } else if (key_is(k, klen, "handle")) {
+            if (r->handle || !read_str(&p, end, &r->handle, &r->handle_len))
+                return 0;
         } else if (key_is(k, klen, "min_valid")) {
-            if (seen_min_valid || !read_number(&p, end, &r->min_valid))
+            if (seen_min_valid)
+                return 0;
+            r->min_valid_is_float = p < end && (*p == 0xca || *p == 0xcb);
+            if (!read_number(&p, end, &r->min_valid))
                 return 0;
             /* (not >= also catches NaN) */
             if (!(r->min_valid >= 0))
@@ -254,7 +275,13 @@ static int parse_token_request(const unsigned char *body, size_t size, TokenRequ
             return 0;
         }
     }
-    return p == end && r->has_id && seen_op;
+    if (p != end || !r->has_id)
+        return 0;
+    if (r->op == OP_TOKEN)
+        return r->app == NULL && r->handle == NULL;
+    if (r->op == OP_SESSION_TOKEN)
+        return r->profile == NULL && r->app != NULL && r->handle != NULL;
+    return 0;
 }
 
 /* The msgpack encoding of `v`, as msgpack's Packer writes it (the smallest form). */
@@ -331,10 +358,10 @@ static int quiet(PyObject *conn)
     return r;
 }
 
-/* The answer to `req` from `conn` in self->out, as dispatch.py's hot path would give it:
+/* The answer to a `token` request in self->out, as dispatch.py's hot path would give it:
  * its length, 0 when the hot path would not answer it from memory, -1 with an exception.
  * On an answer, counts it as served (TokenFrame.served). */
-static Py_ssize_t answer(Fastpath *self, PyObject *conn, const TokenRequest *req, double now)
+static Py_ssize_t answer_token(Fastpath *self, PyObject *conn, const Request *req, double now)
 {
     PyObject *name = NULL, *profile, *acl = NULL, *cached, *config = NULL, *frame = NULL,
              *session = NULL, *rev = NULL, *rev_now = NULL, *until = NULL, *prepared = NULL,
@@ -446,11 +473,76 @@ static int hand_back(PyObject *left, int fd, uint32_t mask, PyObject *data, PyOb
     return r;
 }
 
+/* The answer to a `session_token` request, as dispatch.py's hot path would give it:
+ * a new reference to its bytes, Py_None (a new reference) when that path would not
+ * answer it from memory, NULL with an exception. The session itself is the session
+ * manager's to look up (`customers.token_frame`, called here as dispatch.py calls it):
+ * it notes the session's use and may move it in its LRU, which stays Python's. */
+static PyObject *answer_session(Fastpath *self, PyObject *conn, const Request *req,
+                                PyObject *wall)
+{
+    PyObject *name = NULL, *handle = NULL, *customers = NULL, *apps = NULL, *app,
+             *customer_apps = NULL, *key = NULL, *acl = NULL, *cached, *token_frame = NULL,
+             *id = NULL, *min_valid = NULL, *result = NULL;
+    if (self->session_ops == Py_None)
+        return Py_NewRef(Py_None);
+    name = PyUnicode_DecodeUTF8((const char *)req->app, (Py_ssize_t)req->app_len, "strict");
+    handle = name == NULL ? NULL
+        : PyUnicode_DecodeUTF8((const char *)req->handle, (Py_ssize_t)req->handle_len, "strict");
+    if (handle == NULL) {
+        PyErr_Clear(); /* Python's decoder refuses the whole frame: let it say so */
+        goto not_here;
+    }
+    if ((customers = PyObject_GetAttr(self->session_ops, s_customers)) == NULL
+        || customers == Py_None
+        || (apps = PyObject_GetAttr(self->session_ops, s_apps)) == NULL || !PyDict_Check(apps))
+        goto not_here;
+    if ((app = PyDict_GetItemWithError(apps, name)) == NULL) /* borrowed */
+        goto not_here;
+    if ((customer_apps = PyObject_GetAttr(customers, s_apps)) == NULL
+        || PySequence_Contains(customer_apps, name) != 1)
+        goto not_here;
+    /* The ACL verdict this connection cached for this app's configuration. */
+    if ((key = PyUnicode_Concat(s_app_prefix, name)) == NULL
+        || (acl = PyObject_GetAttr(conn, s_acl_cache)) == NULL || !PyDict_Check(acl))
+        goto not_here;
+    cached = PyDict_GetItemWithError(acl, key); /* borrowed */
+    if (cached == NULL || !PyTuple_Check(cached) || PyTuple_GET_SIZE(cached) != 2
+        || PyTuple_GET_ITEM(cached, 0) != app || PyTuple_GET_ITEM(cached, 1) != Py_True)
+        goto not_here;
+    if ((token_frame = PyObject_GetAttr(customers, s_token_frame)) == NULL
+        || (id = PyLong_FromLongLong(req->id)) == NULL)
+        goto not_here;
+    min_valid = req->min_valid_is_float ? PyFloat_FromDouble(req->min_valid)
+                                        : PyLong_FromDouble(req->min_valid);
+    if (min_valid == NULL)
+        goto not_here;
+    result = PyObject_CallFunctionObjArgs(token_frame, id, name, handle, min_valid, wall, NULL);
+    if (result != NULL && result != Py_None && !PyBytes_CheckExact(result))
+        Py_CLEAR(result);
+    goto done;
+not_here:
+    if (!PyErr_Occurred())
+        result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(handle);
+    Py_XDECREF(customers);
+    Py_XDECREF(apps);
+    Py_XDECREF(customer_apps);
+    Py_XDECREF(key);
+    Py_XDECREF(acl);
+    Py_XDECREF(token_frame);
+    Py_XDECREF(id);
+    Py_XDECREF(min_valid);
+    return result;
+}
+
 /* Serves one ready connection: 0, or -1 when Python is out of memory (the reactor's
  * poll then fails as `select.epoll.poll` would). A fault in the Python state read
  * hands the read back instead, for the reactor's own path to meet and log. */
 static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, double wall,
-                     PyObject *loop_now)
+                     PyObject *wall_now, PyObject *loop_now)
 {
     PyObject *key = PyLong_FromLong(fd);
     if (key == NULL)
@@ -487,12 +579,24 @@ static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, doub
         goto give_back;
     }
 
-    TokenRequest req;
-    uint32_t size = n > HEADER_SIZE ? (uint32_t)be(self->in, HEADER_SIZE) : 0;
+    /* The answer: built in self->out (`token`) or made by Python (`session_token`). */
+    Request req;
+    const unsigned char *out = self->out;
+    PyObject *made = NULL;
     Py_ssize_t len = 0;
+    uint32_t size = n > HEADER_SIZE ? (uint32_t)be(self->in, HEADER_SIZE) : 0;
     if (n > HEADER_SIZE && (size_t)size + HEADER_SIZE == (size_t)n && size <= MAX_REQUEST_SIZE
-        && parse_token_request(self->in + HEADER_SIZE, size, &req)) {
-        len = answer(self, conn, &req, wall);
+        && parse_request(self->in + HEADER_SIZE, size, &req)) {
+        if (req.op == OP_TOKEN) {
+            len = answer_token(self, conn, &req, wall);
+        } else if ((made = answer_session(self, conn, &req, wall_now)) == NULL) {
+            len = -1;
+        } else if (made == Py_None) {
+            Py_CLEAR(made);
+        } else {
+            out = (const unsigned char *)PyBytes_AS_STRING(made);
+            len = PyBytes_GET_SIZE(made);
+        }
         if (len < 0) {
             PyErr_Clear(); /* Python's way will meet the same fault, and log it */
             len = 0;
@@ -510,13 +614,16 @@ static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, doub
     }
     ssize_t sent;
     do {
-        sent = send(fd, self->out, (size_t)len, MSG_NOSIGNAL);
+        sent = send(fd, out, (size_t)len, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     Py_DECREF(conn);
     self->answered++;
-    if (sent == len)
+    if (sent == len) {
+        Py_XDECREF(made);
         return 0;
+    }
     if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        Py_XDECREF(made);
         data = PyBytes_FromStringAndSize(NULL, 0); /* the reactor closes it */
         if (data == NULL)
             return -1;
@@ -527,7 +634,8 @@ static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, doub
     if (sent < 0)
         sent = 0;
     /* The client is not reading: the reactor keeps the rest and waits for it. */
-    PyObject *unsent = PyBytes_FromStringAndSize((const char *)self->out + sent, len - sent);
+    PyObject *unsent = PyBytes_FromStringAndSize((const char *)out + sent, len - sent);
+    Py_XDECREF(made);
     if (unsent == NULL)
         return -1;
     r = hand_back(left, fd, mask, NULL, unsent);
@@ -576,7 +684,7 @@ static PyObject *Fastpath_poll(Fastpath *self, PyObject *const *args, Py_ssize_t
     for (int i = 0; i < ready; i++) {
         int fd = self->events[i].data.fd;
         uint32_t mask = self->events[i].events;
-        if (serve_one(self, left, fd, mask, wall, loop_now) < 0) {
+        if (serve_one(self, left, fd, mask, wall, args[0], loop_now) < 0) {
             /* No memory for a hand-back: the events not served yet stay ready in the
              * level-triggered epoll, and the reactor's next poll sees them again. */
             Py_DECREF(left);
@@ -591,12 +699,12 @@ static PyObject *Fastpath_poll(Fastpath *self, PyObject *const *args, Py_ssize_t
 static int Fastpath_init(Fastpath *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"epoll_fd", "connections", "profiles", "default_profile",
-                             "max_events", NULL};
+                             "session_ops", "max_events", NULL};
     int epfd, max_events = 1024;
-    PyObject *connections, *profiles, *default_profile;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!O!U|i", kwlist, &epfd, &PyDict_Type,
+    PyObject *connections, *profiles, *default_profile, *session_ops;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!O!UO|i", kwlist, &epfd, &PyDict_Type,
                                      &connections, &PyDict_Type, &profiles, &default_profile,
-                                     &max_events))
+                                     &session_ops, &max_events))
         return -1;
     if (max_events < 1 || max_events > 65536) {
         PyErr_SetString(PyExc_ValueError, "max_events must be 1..65536");
@@ -617,6 +725,7 @@ static int Fastpath_init(Fastpath *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->connections, Py_NewRef(connections));
     Py_XSETREF(self->profiles, Py_NewRef(profiles));
     Py_XSETREF(self->default_profile, Py_NewRef(default_profile));
+    Py_XSETREF(self->session_ops, Py_NewRef(session_ops));
     Py_XSETREF(self->inf, PyFloat_FromDouble(INFINITY));
     return self->inf == NULL ? -1 : 0;
 }
@@ -625,6 +734,7 @@ static int Fastpath_traverse(Fastpath *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->connections);
     Py_VISIT(self->profiles);
+    Py_VISIT(self->session_ops);
     return 0;
 }
 
@@ -633,6 +743,7 @@ static int Fastpath_clear(Fastpath *self)
     Py_CLEAR(self->connections);
     Py_CLEAR(self->profiles);
     Py_CLEAR(self->default_profile);
+    Py_CLEAR(self->session_ops);
     Py_CLEAR(self->inf);
     return 0;
 }
@@ -659,7 +770,7 @@ static PyMemberDef Fastpath_members[] = {
 };
 
 PyDoc_STRVAR(Fastpath_doc,
-"Fastpath(epoll_fd, connections, profiles, default_profile, max_events=1024)\n\n"
+"Fastpath(epoll_fd, connections, profiles, default_profile, session_ops, max_events=1024)\n\n"
 "The token hot path over the reactor's epoll; see the module's source for the contract.");
 
 static PyTypeObject FastpathType = {
@@ -710,6 +821,10 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     INTERN(s_tail, "_tail");
     INTERN(s_size, "_size");
     INTERN(s_served, "served");
+    INTERN(s_customers, "customers");
+    INTERN(s_apps, "apps");
+    INTERN(s_token_frame, "token_frame");
+    INTERN(s_app_prefix, "app:");
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (PyType_Ready(&FastpathType) < 0)

@@ -11,6 +11,7 @@ class Fastpath:
         connections: Mapping[int, object],
         profiles: Mapping[str, object],
         default_profile: str,
+        session_ops: object,
         max_events: int = 1024,
     ) -> None: ...
     def poll(

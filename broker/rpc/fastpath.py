@@ -51,7 +51,11 @@ def unavailable() -> str | None:
 
 
 def make(
-    epoll_fd: int, connections: dict[int, Connection], profiles: Mapping[str, object], default: str
+    epoll_fd: int,
+    connections: dict[int, Connection],
+    profiles: Mapping[str, object],
+    default: str,
+    session_ops: object,
 ) -> Fastpath | None:
     """The accelerator over the reactor's epoll and tables, or None to serve in Python.
 
@@ -59,4 +63,4 @@ def make(
     path reads it directly. Any other mapping is served in Python."""
     if _FASTPATH is None or unavailable() is not None or type(profiles) is not dict:
         return None
-    return _FASTPATH(epoll_fd, connections, profiles, default)
+    return _FASTPATH(epoll_fd, connections, profiles, default, session_ops)

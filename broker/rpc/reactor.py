@@ -142,7 +142,7 @@ class Server:
         self._wall_now = wall.now
         #: The token hot path in C (fastpath.py), or None to serve everything here.
         self._fast = fastpath.make(
-            self._epoll.fileno(), self._connections, api.profiles, DEFAULT_PROFILE
+            self._epoll.fileno(), self._connections, api.profiles, DEFAULT_PROFILE, api.session_ops
         )
 
     @property
@@ -196,6 +196,10 @@ class Server:
                 self._nursery = nursery
                 self.requests.start(self, nursery)
                 nursery.start_soon(self._housekeeping)
+                if self._fast is not None:
+                    log.info("token_hot_path", runs_in="C")
+                else:
+                    log.info("token_hot_path", runs_in="Python", why=fastpath.unavailable())
                 task_status.started()
                 await self._reactor()
         finally:

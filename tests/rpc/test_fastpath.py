@@ -22,11 +22,14 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
+from broker.core.clock import TrioWallClock
+from broker.emulator.app import Emulator
 from broker.emulator.model.faults import Fault
+from broker.emulator.model.service import DEMO_PASSWORD, DEMO_USER
 from broker.rpc import fastpath
 from broker.rpc.reactor import Server
 from geins_broker_client.protocol import MAX_RESPONSE_SIZE, FrameDecoder, encode
-from tests.support import Broker, RawConnection
+from tests.support import Broker, RawConnection, start_broker
 
 _HEADER = struct.Struct(">I")
 
@@ -328,3 +331,117 @@ async def test_random_frames_get_the_same_answers_both_ways(
 def test_a_token_request_made_by_the_client_is_one_the_c_path_takes() -> None:
     """What the clients send (the shared codec) is the shape the C parser takes."""
     assert encode({"id": 1, "op": "token"}) == packed({"id": 1, "op": "token"})
+
+
+# -- customer sessions: `session_token` ---------------------------------------------------
+
+
+@pytest.fixture
+async def shop(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+    emulator: Emulator,
+    wall: TrioWallClock,
+    short_tmp: Path,
+) -> Broker:
+    """A daemon with the apps `shop` (60 s idle end) and `outlet`."""
+    apps = {"shop": {"jitter": 0, "idle_short": 60, "active_for": 30}, "outlet": {"jitter": 0}}
+    broker = await start_broker(nursery, emulator, wall, short_tmp, apps=apps)
+    assert broker.daemon.server is not None
+    if not broker.daemon.server.accelerated:
+        pytest.skip(f"the C hot path is not running: {fastpath.unavailable()}")
+    return broker
+
+
+async def session(shop: Broker, app: str = "shop") -> str:
+    async with shop.client() as client:
+        return (await client.session_login(app, DEMO_USER, DEMO_PASSWORD)).handle
+
+
+def session_requests(handle: str) -> dict[str, bytes]:
+    return {
+        "plain": packed({"id": 1, "op": "session_token", "app": "shop", "handle": handle}),
+        "min_valid int": packed(
+            {"id": 300, "op": "session_token", "app": "shop", "handle": handle, "min_valid": 60}
+        ),
+        "min_valid float": packed(
+            {"id": -5, "op": "session_token", "handle": handle, "app": "shop", "min_valid": 1.5}
+        ),
+        "handle as str8": by_hand(
+            (fixstr("id"), b"\x02"),
+            (fixstr("op"), fixstr("session_token")),
+            (fixstr("app"), fixstr("shop")),
+            (fixstr("handle"), str8(handle)),
+        ),
+    }
+
+
+async def test_a_session_token_from_c_is_what_python_answers(
+    autojump_clock: MockClock, shop: Broker
+) -> None:
+    server = shop.daemon.server
+    assert server is not None
+    handle = await session(shop)
+    for name, request in session_requests(handle).items():
+        first, second, fast = await twice(shop, server, request)
+        assert FrameDecoder(MAX_RESPONSE_SIZE).feed(first)[0]["ok"] is True, name
+        assert second == first, name
+        assert fast == 1, name
+
+
+async def test_what_a_session_token_from_c_leaves_to_python(
+    autojump_clock: MockClock, shop: Broker
+) -> None:
+    """Another app's handle, an unknown one, an app not configured, a profile key, a
+    min_valid past the bearer: Python's answers, both times."""
+    server = shop.daemon.server
+    assert server is not None
+    handle, outlets = await session(shop), await session(shop, "outlet")
+    conn = await RawConnection.open(shop.socket)
+    await conn.send(session_requests(handle)["plain"])
+    assert await receive_raw(conn)  # the ACL cache filled for `shop`
+    left: dict[str, dict[str, object]] = {
+        "another app's handle": {"app": "shop", "handle": outlets},
+        "unknown handle": {"app": "shop", "handle": "x" * 43},
+        "no such app": {"app": "nope", "handle": handle},
+        "app missing": {"handle": handle},
+        "handle missing": {"app": "shop"},
+        "profile key": {"app": "shop", "handle": handle, "profile": "default"},
+        "min_valid past the bearer": {"app": "shop", "handle": handle, "min_valid": 10**5},
+        "handle not a string": {"app": "shop", "handle": 7},
+    }
+    for name, fields in left.items():
+        request = packed({"id": 9, "op": "session_token", **fields})
+        before = server.fast_answers
+        await conn.send(request)
+        in_c = await receive_raw(conn)
+        assert server.fast_answers == before, name
+        fresh = await RawConnection.open(shop.socket)
+        await fresh.send(request)
+        assert await receive_raw(fresh) == in_c, name
+        fresh.close()
+    conn.close()
+
+
+async def test_a_session_past_its_idle_end_is_not_served_from_c(
+    autojump_clock: MockClock, shop: Broker
+) -> None:
+    """The bearer has 14 minutes left; the session's idle end (60 s) has passed: the
+    session manager's hot path says no, and Python's long way ends the session."""
+    server = shop.daemon.server
+    assert server is not None
+    handle = await session(shop)
+    conn = await RawConnection.open(shop.socket)
+    request = session_requests(handle)["plain"]
+    await conn.send(request)
+    await receive_raw(conn)
+    await conn.send(request)
+    await receive_raw(conn)
+    conn.close()
+    await trio.sleep(61)
+    before = server.fast_answers
+    first, second, fast = await twice(shop, server, request)
+    assert FrameDecoder(MAX_RESPONSE_SIZE).feed(first)[0]["error"]["code"] == "unknown_session"
+    assert second == first
+    assert fast == 0
+    assert server.fast_answers == before
