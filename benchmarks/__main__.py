@@ -101,7 +101,8 @@ def markdown(results: dict[str, Any]) -> str:
         c = results["cli"]
         out += [
             f"**CLI**: `geins-broker token` takes {c['token_ms']:.1f} ms of wall time, `python -c pass` "
-            f"{c['python_ms']:.1f} ms: {c['ratio']:.2f}x (median of {c['runs']} runs each).",
+            f"{c['python_ms']:.1f} ms: {c['ratio']:.2f}x; installed by pip "
+            f"{c['token_pip_ms']:.1f} ms: {c['ratio_pip']:.2f}x (median of {c['runs']} runs each).",
             "",
         ]
     if "memory" in results:

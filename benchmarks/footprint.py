@@ -6,11 +6,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import call
+from tests.support import build_wheel, call
 
 from .fleet import fleet
 
@@ -18,7 +19,10 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def cli(runs: int = 40) -> dict[str, Any]:
-    """Whole-process wall time of `geins-broker token` against `python -c pass`.
+    """Whole-process wall time of `geins-broker token` against `python -c pass`, both as
+    the development tree runs it (scripts/_venv.sh's launcher) and as pip installs it
+    (the project's wheel installed into a directory of its own: pip's own treatment of
+    the launcher, and the modules from the wheel).
 
     As installed for real: bytecode compiled and cached (some environments set
     PYTHONDONTWRITEBYTECODE, which would recompile every module on every run).
@@ -32,23 +36,63 @@ def cli(runs: int = 40) -> dict[str, Any]:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    with fleet(1) as daemon:
-        token = [str(VENV_BIN / "geins-broker"), "token", "--socket", str(daemon.socket)]
-        baseline = [sys.executable, "-c", "pass"]
-        times: dict[str, list[float]] = {"token": [], "python": []}
-        for _ in range(runs):  # alternate, so drift hits both
-            for name, argv in (("token", token), ("python", baseline)):
+    with tempfile.TemporaryDirectory(prefix="gbb-pip-") as scratch, fleet(1) as daemon:
+        installed = _pip_installed(Path(scratch))
+        token = ["token", "--socket", str(daemon.socket)]
+        commands = {
+            "token": ([str(VENV_BIN / "geins-broker"), *token], env),
+            "token_pip": (
+                [str(installed / "bin" / "geins-broker"), *token],
+                {**env, "PYTHONPATH": str(installed)},
+            ),
+            "python": ([sys.executable, "-c", "pass"], env),
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(runs):  # alternate, so drift hits all alike
+            for name, (argv, environment) in commands.items():
                 start = time.perf_counter()
-                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=environment)
                 times[name].append(time.perf_counter() - start)
-    token_ms = statistics.median(times["token"]) * 1000
-    python_ms = statistics.median(times["python"]) * 1000
+    token_ms, pip_ms, python_ms = (
+        statistics.median(times[name]) * 1000 for name in ("token", "token_pip", "python")
+    )
     return {
         "runs": runs,
         "token_ms": token_ms,
+        "token_pip_ms": pip_ms,
         "python_ms": python_ms,
         "ratio": token_ms / python_ms,
+        "ratio_pip": pip_ms / python_ms,
     }
+
+
+def _pip_installed(directory: Path) -> Path:
+    """The project's wheel and the client's, installed by pip into `directory/target`
+    (its dependencies come from this venv)."""
+    wheel = build_wheel(directory)
+    target = directory / "target"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+            str(Path(__file__).resolve().parent.parent / "clients/python"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(target)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return target
 
 
 def memory(sizes: tuple[int, ...] = (1, 100, 10_000)) -> dict[str, Any]:

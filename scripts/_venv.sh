@@ -25,7 +25,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat pyproject.toml clients/python/pyproject.toml scripts/_venv.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml clients/python/pyproject.toml scripts/_venv.sh broker/cli/geins-broker | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setting up .venv (once, and again when a pyproject.toml changes)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
@@ -55,13 +55,8 @@ EOF
     site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     rm -f "$site/geins-broker-client.pth"  # the name an older version of this script used
     printf '%s\n' "$PWD" "$PWD/clients/python" >"$site/geins-broker.pth"
-    # What pip would write for [project.scripts], minus what a start does not need.
-    cat >.venv/bin/geins-broker <<EOF
-#!$PWD/.venv/bin/python
-import sys
-from broker.cli.quick import main
-sys.exit(main())
-EOF
+    # The command's launcher, as pip installs it: the first line pointed at this venv.
+    sed "1s|^#!python\$|#!$PWD/.venv/bin/python|" broker/cli/geins-broker >.venv/bin/geins-broker
     chmod 755 .venv/bin/geins-broker
     rm -f .venv/.installed-*
     touch "$stamp"
