@@ -48,6 +48,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 /* The same bounds as geins_broker_client.protocol: RECV_SIZE and MAX_REQUEST_SIZE. */
 #define RECV_SIZE 65536
@@ -461,6 +462,23 @@ done:
 
 /* -- the poll ------------------------------------------------------------------------ */
 
+/* The daemon's wall clock, read by Python once per poll and moved on here by the real
+ * time elapsed since: a bearer is never served past its expiry because a batch took a
+ * few milliseconds (under a test's virtual clock, microseconds of real time are added
+ * to it, which no expiry test can tell apart). */
+typedef struct {
+    double wall;
+    struct timespec since;
+} WallClock;
+
+static double wall_now(const WallClock *clock)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return clock->wall + (double)(t.tv_sec - clock->since.tv_sec)
+        + (double)(t.tv_nsec - clock->since.tv_nsec) / 1e9;
+}
+
 /* Appends (fd, mask, data, unsent) to `left`; data and unsent may be NULL for None. */
 static int hand_back(PyObject *left, int fd, uint32_t mask, PyObject *data, PyObject *unsent)
 {
@@ -541,8 +559,8 @@ done:
 /* Serves one ready connection: 0, or -1 when Python is out of memory (the reactor's
  * poll then fails as `select.epoll.poll` would). A fault in the Python state read
  * hands the read back instead, for the reactor's own path to meet and log. */
-static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, double wall,
-                     PyObject *wall_now, PyObject *loop_now)
+static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask,
+                     const WallClock *clock, PyObject *loop_now)
 {
     PyObject *key = PyLong_FromLong(fd);
     if (key == NULL)
@@ -587,15 +605,28 @@ static int serve_one(Fastpath *self, PyObject *left, int fd, uint32_t mask, doub
     uint32_t size = n > HEADER_SIZE ? (uint32_t)be(self->in, HEADER_SIZE) : 0;
     if (n > HEADER_SIZE && (size_t)size + HEADER_SIZE == (size_t)n && size <= MAX_REQUEST_SIZE
         && parse_request(self->in + HEADER_SIZE, size, &req)) {
+        double now = wall_now(clock);
+        PyObject *now_object;
         if (req.op == OP_TOKEN) {
-            len = answer_token(self, conn, &req, wall);
-        } else if ((made = answer_session(self, conn, &req, wall_now)) == NULL) {
+            len = answer_token(self, conn, &req, now);
+        } else if ((now_object = PyFloat_FromDouble(now)) == NULL) {
+            len = -1;
+        } else if ((made = answer_session(self, conn, &req, now_object)) == NULL) {
+            Py_DECREF(now_object);
             len = -1;
         } else if (made == Py_None) {
+            Py_DECREF(now_object);
             Py_CLEAR(made);
         } else {
+            Py_DECREF(now_object);
             out = (const unsigned char *)PyBytes_AS_STRING(made);
             len = PyBytes_GET_SIZE(made);
+        }
+        if (len < 0 && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* KeyboardInterrupt, SystemExit, ...: not the request's fault, and not
+             * ours to swallow. */
+            Py_DECREF(conn);
+            return -1;
         }
         if (len < 0) {
             PyErr_Clear(); /* Python's way will meet the same fault, and log it */
@@ -658,7 +689,8 @@ PyDoc_STRVAR(poll_doc,
 "(fd, mask, data, unsent): data is what was read and not answered (b'' for a closed\n"
 "peer), unsent the tail of an answer the socket did not take; both None when the\n"
 "event was not touched. wall_now is the daemon's wall clock (the bearer's expiry is\n"
-"checked against it), loop_now trio's clock (the connection's last activity).");
+"checked against it, moved on by the real time the poll takes), loop_now trio's clock\n"
+"(the connection's last activity).");
 
 static PyObject *Fastpath_poll(Fastpath *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -666,9 +698,11 @@ static PyObject *Fastpath_poll(Fastpath *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "poll(wall_now, loop_now)");
         return NULL;
     }
-    double wall = PyFloat_AsDouble(args[0]);
-    if (wall == -1.0 && PyErr_Occurred())
+    WallClock clock;
+    clock.wall = PyFloat_AsDouble(args[0]);
+    if (clock.wall == -1.0 && PyErr_Occurred())
         return NULL;
+    clock_gettime(CLOCK_MONOTONIC, &clock.since);
     PyObject *loop_now = args[1];
     int ready;
     do {
@@ -684,7 +718,7 @@ static PyObject *Fastpath_poll(Fastpath *self, PyObject *const *args, Py_ssize_t
     for (int i = 0; i < ready; i++) {
         int fd = self->events[i].data.fd;
         uint32_t mask = self->events[i].events;
-        if (serve_one(self, left, fd, mask, wall, args[0], loop_now) < 0) {
+        if (serve_one(self, left, fd, mask, &clock, loop_now) < 0) {
             /* No memory for a hand-back: the events not served yet stay ready in the
              * level-triggered epoll, and the reactor's next poll sees them again. */
             Py_DECREF(left);

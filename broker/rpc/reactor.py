@@ -59,6 +59,14 @@ that path awaits or blocks (each connection gets one recv and at most `_BATCH` (
 answers per round), so the longest gap is a few milliseconds at full load, and the
 tasks that wait (refreshes, watches) are not latency-critical at that scale.
 
+The C hot path: where `_fastpath.c` is built (fastpath.py), each poll is its `poll`,
+which reads from every ready quiet connection, answers a lone whole `token` or
+`session_token` request as `dispatch` would, and hands back everything else with what it
+read (`_serve_left`). It runs inside this task, on trio's thread, like the rest of a
+round: the invariants above hold for it too (it touches only quiet connections' sockets,
+never their interest; a half-sent answer's tail is queued here before anything else is
+served).
+
 Linux only: epoll is a Linux interface, and the daemon is a Linux service (systemd
 units).
 """
@@ -245,19 +253,23 @@ class Server:
     def _serve_left(
         self, left: list[tuple[int, int, bytes | None, bytes | None]], now: float
     ) -> None:
-        """What the C hot path handed back: served here as `_serve_ready` would, with
-        what it already read (`data`) or the answer it could not finish sending."""
+        """What the C hot path handed back, served here as `_serve_ready` would: the
+        rest of each answer it could not finish sending (`unsent`) is queued first, so
+        nothing served after it can write to that connection ahead of it; then what it
+        read and did not answer (`data`), and the events it did not touch."""
+        connections = self._connections
+        for fd, _, _, unsent in left:
+            if unsent is not None and (conn := connections.get(fd)) is not None:
+                self._keep(conn, unsent)
         for fd, mask, data, unsent in left:
-            conn = self._connections.get(fd)
-            if conn is None or (data is None and unsent is None):
+            if unsent is not None:
+                continue
+            conn = connections.get(fd)
+            if conn is None or data is None:
                 self._serve_ready([(fd, mask)], now)
                 continue
             try:
-                if unsent is not None:
-                    self._keep(conn, unsent)
-                else:
-                    assert data is not None
-                    self._received(conn, data, now)
+                self._received(conn, data, now)
             except Exception:
                 log.exception("connection_failed", peer_uid=conn.peer.uid)
                 self._close(conn)
