@@ -247,6 +247,16 @@ class DaemonProcess:
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP, then wait for the READY=1 that ends the reload (not an earlier one)."""
+        count = len(self.notify.messages)
+        self.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while not any("READY=1" in m for m in self.notify.messages[count:]):
+            self.notify.wait_for("READY=1", deadline - time.monotonic())
+            if not any("READY=1" in m for m in self.notify.messages[count:]):
+                self.notify.messages.pop()  # an earlier READY=1; keep waiting
+
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         self.process.send_signal(signum)
         try:

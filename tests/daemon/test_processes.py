@@ -123,30 +123,21 @@ def test_sighup_reloads_profiles_without_dropping_sessions(
         login(sock, "one")
         token = call(sock, op="token", profile="one")["token"]
 
-        def reload() -> None:
-            count = len(daemon.notify.messages)
-            daemon.send_signal(signals.SIGHUP)
-            deadline = time.monotonic() + 10
-            while not any("READY=1" in m for m in daemon.notify.messages[count:]):
-                daemon.notify.wait_for("READY=1", deadline - time.monotonic())
-                if not any("READY=1" in m for m in daemon.notify.messages[count:]):
-                    daemon.notify.messages.pop()  # an earlier READY=1; keep waiting
-
         write_config(config, emulator.url, sock, state, profiles=("one", "two"))
-        reload()
+        daemon.reload()
         profiles = [p["profile"] for p in call(sock, op="status")["profiles"]]
         assert profiles == ["one", "two"]
         assert call(sock, op="token", profile="one")["token"] == token
         write_config(config, emulator.url, sock, state, profiles=("two",))
-        reload()
+        daemon.reload()
         assert [p["profile"] for p in call(sock, op="status")["profiles"]] == ["two"]
         assert call(sock, op="token", profile="one")["error"]["code"] == "unknown_profile"
         config.write_text("[profiles.two]\naccount = 1\n")
-        reload()
+        daemon.reload()
         assert "event=reload_failed" in daemon.log()
         assert [p["profile"] for p in call(sock, op="status")["profiles"]] == ["two"]
         write_config(config, emulator.url, sock, state, profiles=("one", "two"))
-        reload()
+        daemon.reload()
         assert (
             call(sock, op="token", profile="one")["token"] == token
         )  # its session was kept on disk

@@ -288,6 +288,87 @@ def script_as(uid: int, script: str, *args: str, **kwargs: Any) -> subprocess.Po
     )
 
 
+_ASK_PER_LINE = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+for line in sys.stdin:
+    sock.sendall(bytes.fromhex(line.strip()))
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack_from(">I", data)[0]:
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    print(data.hex(), flush=True)
+"""
+
+
+def test_an_open_connection_follows_every_change_of_what_it_may_read(
+    emulator_process: EmulatorProcess, base: Path
+) -> None:
+    """One connection of a reader and one of a stranger, open throughout, each asking
+    for the same token again and again (from the second answer on, the C hot path
+    answers where it is built): a stranger is refused every time, and the reader's
+    answers follow a reload that takes its access away, one that gives it back, one
+    that changes the profile and keeps it, one that removes the profile, a rotation
+    and a logout, each on its next request."""
+    sock, config_path, state = base / "b.sock", base / "c.toml", base / "state"
+    broker = {"socket_mode": "0666"}
+
+    def configure(**settings: Any) -> Path:
+        return write_config(
+            config_path, emulator_process.url, sock, state, broker=broker, **settings
+        )
+
+    daemon = DaemonProcess(configure(profile={"allow_users": [READER]}), base)
+    reader = script_as(READER, _ASK_PER_LINE, str(sock))
+    stranger = script_as(NOBODY, _ASK_PER_LINE, str(sock))
+
+    def ask(process: subprocess.Popen[str]) -> dict[str, Any]:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(encode({"id": 5, "op": "token"}).hex() + "\n")
+        process.stdin.flush()
+        (answer,) = FrameDecoder(MAX_RESPONSE_SIZE).feed(bytes.fromhex(process.stdout.readline()))
+        return answer
+
+    def code(process: subprocess.Popen[str]) -> str:
+        answer = ask(process)
+        return "ok" if answer["ok"] else str(answer["error"]["code"])
+
+    try:
+        assert call(sock, op="login", username=DEMO_USER, password=DEMO_PASSWORD)["ok"]
+        assert [code(reader) for _ in range(3)] == ["ok"] * 3
+        assert {code(stranger) for _ in range(100)} == {"forbidden"}
+        configure(profile={"allow_users": []})
+        daemon.reload()
+        assert code(reader) == "forbidden"
+        configure(profile={"allow_users": [READER]})
+        daemon.reload()
+        assert [code(reader) for _ in range(3)] == ["ok"] * 3
+        configure(profile={"allow_users": [READER], "request_timeout": 7})
+        daemon.reload()
+        assert [code(reader) for _ in range(3)] == ["ok"] * 3
+        configure(profiles=("other",), profile={"allow_users": [READER]})
+        daemon.reload()
+        assert code(reader) == "unknown_profile"
+        configure(profile={"allow_users": [READER]})
+        daemon.reload()
+        old = ask(reader)["token"]
+        assert ask(reader)["token"] == old
+        assert call(sock, op="refresh")["ok"]
+        assert ask(reader)["token"] != old
+        assert call(sock, op="logout")["ok"]
+        assert code(reader) == "not_logged_in"
+        assert "Traceback" not in daemon.log()
+    finally:
+        for process in (reader, stranger):
+            process.kill()
+            process.communicate(timeout=10)
+        daemon.close()
+
+
 def test_a_strangers_flood_locks_out_neither_root_nor_a_reader(
     emulator_process: EmulatorProcess, base: Path
 ) -> None:
