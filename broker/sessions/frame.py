@@ -27,7 +27,8 @@ class TokenFrame:
 
     Keyed on `Session.revision`, which every transition that changes the served token
     or the state bumps: a logout, a rotation or a seal is never answered from a stale
-    frame. Slots: the hot path reads these attributes on every request.
+    frame. Slots: the hot path reads these attributes on every request, and the C hot
+    path (broker/rpc/_fastpath.c) reads them by name, `answer`'s checks written out.
     """
 
     __slots__ = ("_name", "_prepared", "_revision", "_serve_until", "_session", "served")

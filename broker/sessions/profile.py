@@ -122,7 +122,8 @@ class Profile:
         self._last_failure: BrokerFault | None = None
         self.frame = TokenFrame(config.name, self.session)
         #: The hot path, bound once: a `token` request costs the frame's own call and
-        #: nothing more.
+        #: nothing more. (The C hot path, broker/rpc/_fastpath.c, reads `frame` itself:
+        #: this must stay the frame's `answer`.)
         self.token_frame: Callable[[int, float, float], bytes | None] = self.frame.answer
         self.writes = PendingWrite(
             config.name, self.session, store, offload, on_change=self.publish, on_retry=self.plan
