@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens: also measure the daemon as of git revision REV, in the same slots",
     )
     parser.add_argument(
+        "--tokens-repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens: N interleaved slots per cell (3; 1 with --quick): more to steady the ratios",
+    )
+    parser.add_argument(
         "--tokens-refresh-every",
         metavar="SECONDS",
         type=float,
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "tokens" in chosen:
         results["tokens"] = tokens.run(
-            repeat=1 if args.quick else 3,
+            repeat=args.tokens_repeat or (1 if args.quick else 3),
             duration=1.0 if args.quick else 2.0,
             baseline=args.tokens_baseline,
             refresh_every=args.tokens_refresh_every,
