@@ -46,6 +46,7 @@ from broker.policy.headers import (
     downstream_headers,
     error_body,
     has_dot_segment,
+    header_lines,
     is_field_value,
     min_valid_for,
     refusal_for,
@@ -69,6 +70,11 @@ _APP: Final = APP_HEADER.encode("ascii")
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: What a target the observability routes answer starts with (`routes.routed` decides).
+_OBSERVED: Final = (
+    observability.METRICS_PATH.encode("ascii"),
+    observability.HEALTHZ_PATH.encode("ascii"),
+)
 
 
 class ProxyApp:
@@ -249,7 +255,7 @@ class Proxied:
         self._close_after = False
         self._customer: CustomerRoute | None = None
         self._headers = request.headers
-        named = request.header(_PROFILE)
+        named = request.fields.get(_PROFILE)
         self.name = named.decode("latin-1") if named is not None else app.config.profile
         try:
             self._begin()
@@ -259,7 +265,11 @@ class Proxied:
     def _begin(self) -> None:
         app, request = self.app, self.request
         peer: Peer | None = self.conn.peer
-        if app.observable is not None and observability.routed(_text(request.target)):
+        if (
+            app.observable is not None
+            and request.target.startswith(_OBSERVED)
+            and observability.routed(_text(request.target))
+        ):
             self.proxied = False
             if peer is None or not app.api.may_scrape(peer):
                 raise ProxyRefusal(403, "forbidden", "this user may not read the metrics")
@@ -277,14 +287,18 @@ class Proxied:
                 self._profile = app.api.readable_profile(peer, self.name)
             except BrokerFault as fault:
                 raise refusal_for(fault.code, str(fault)) from None
-        expect = request.header(b"expect")
+        expect = request.fields.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not request.complete:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _by_handle(self, peer: Peer) -> bool:
         """Whether the request names a customer session (then its route is set). Takes
         the apps' proxy cookies out of what goes upstream, whatever the request."""
-        app, headers = self.app, self.request.headers
+        app, request = self.app, self.request
+        fields = request.fields
+        if _SESSION not in fields and _APP not in fields and b"cookie" not in fields:
+            return False  # the common case, in three lookups
+        headers = request.headers
         handle, named_app, profile, cookie = _named(headers)
         cookie_apps = None
         if cookie:
@@ -463,9 +477,7 @@ class Proxied:
             api_key=credentials.api_key_value,
             keep_length=self._streaming,
         )
-        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
+        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n", header_lines(headers)]
         body: bytes | None
         if self._streaming:
             if not any(name == b"content-length" for name, _ in headers):
@@ -517,9 +529,7 @@ class Proxied:
             return
         self.status = status
         request = self.request
-        lines = [status_line(status)]
-        for name, value in downstream_headers(headers):
-            lines += (name, b": ", value, b"\r\n")
+        lines = [status_line(status), header_lines(downstream_headers(headers))]
         if not framed:
             if request.version == "1.1":
                 self._chunked_down = True

@@ -7,6 +7,7 @@ import json
 from broker.policy.headers import (
     downstream_headers,
     error_body,
+    header_lines,
     is_field_value,
     min_valid_for,
     overridden_length,
@@ -121,3 +122,10 @@ def test_an_apps_cookie_is_taken_out_and_the_others_pass() -> None:
     ]
     assert found == {b"__Host-geins": [b"HANDLE", b"SECOND"], b"taped": [b"OTHER"]}
     assert take_cookies([(b"cookie", b"x=1")], names) == ([(b"cookie", b"x=1")], {})
+
+
+def test_header_lines_end_each_line_and_make_nothing_of_no_headers() -> None:
+    assert header_lines([(b"a", b"1"), (b"b", b"x y")]) == b"a: 1\r\nb: x y\r\n"
+    # An answer whose every header is dropped: no line at all, so the head's end
+    # (the empty line) comes where its writer puts it, not earlier.
+    assert header_lines(downstream_headers([(b"connection", b"close")])) == b""
