@@ -131,15 +131,27 @@ def overridden_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return length and coding
 
 
+Headers = list[tuple[bytes, bytes]]
+
+
+def _hop_by_hop(
+    headers: Headers, names: dict[bytes, bytes], always: frozenset[bytes]
+) -> frozenset[bytes]:
+    """The names not to forward: `always`, and those a Connection header names.
+    `names`: `dict(headers)`. A lone Connection header naming one of `always` (the
+    `Connection: keep-alive` nearly every message carries) costs two lookups."""
+    connection = names.get(b"connection")
+    if connection is None or (connection.lower() in always and len(names) == len(headers)):
+        return always  # no name repeats, so this is the only Connection header
+    return always | _connection_named(headers)
+
+
 def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             named.update(part.strip().lower() for part in value.split(b","))
     return named
-
-
-Headers = list[tuple[bytes, bytes]]
 
 
 def upstream_headers(
@@ -152,9 +164,7 @@ def upstream_headers(
     length is the HTTP client's to set."""
     # The names present, in one pass in C (the few checks below are lookups).
     names = dict(client)
-    dropped = _NOT_UPSTREAM_HOP
-    if b"connection" in names:
-        dropped = dropped | _connection_named(client)
+    dropped = _hop_by_hop(client, names, _NOT_UPSTREAM_HOP)
     out = [pair for pair in client if pair[0] not in dropped]
     if keep_length and b"content-length" in names and b"transfer-encoding" not in names:
         out += [pair for pair in client if pair[0] == b"content-length"]
@@ -205,11 +215,9 @@ def downstream_headers(upstream: Headers) -> Headers:
     the body is relayed byte for byte, undecoded; unless a Transfer-Encoding overrode
     it, and the body is re-framed)."""
     names = dict(upstream)
-    dropped = _NOT_DOWNSTREAM_HOP
+    dropped = _hop_by_hop(upstream, names, _NOT_DOWNSTREAM_HOP)
     if b"content-length" in names and b"transfer-encoding" in names:
         dropped = dropped | {b"content-length"}
-    if b"connection" in names:
-        dropped = dropped | _connection_named(upstream)
     return [pair for pair in upstream if pair[0] not in dropped]
 
 

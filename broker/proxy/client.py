@@ -491,6 +491,12 @@ class ClientConnection:
         self.started = False
         request.answered = True
         self.last_active = self.reactor.now
+        if request.complete and len(self._queue) == 1 and not self._advancing:
+            # The usual end (nothing sent behind it, all of it read): what `_advance`
+            # would do, without its loop.
+            self._queue.popleft()
+            self._set_reading()
+            return
         self._advance()
 
     def hang_up(self) -> None:

@@ -477,23 +477,22 @@ class Proxied:
             api_key=credentials.api_key_value,
             keep_length=self._streaming,
         )
-        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n", header_lines(headers)]
+        fields = header_lines(headers)
         body: bytes | None
         if self._streaming:
             if not any(name == b"content-length" for name, _ in headers):
-                lines.append(_CHUNKED)
+                fields += _CHUNKED
                 if not self._chunked_up:
                     self._chunked_up = True
                     self._body = [b"%x\r\n%s\r\n" % (len(p), p) for p in self._body if p]
             body = None
         else:
             body = b"".join(self._body)
-            lines.append(b"content-length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
+            fields += b"content-length: %d\r\n" % len(body)
         # The target is origin-form (checked in _begin) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         self._exchange = pool.request(
-            self, b"".join(lines), body, head_only=request.method == b"HEAD"
+            self, request.method, request.target, fields, body, head_only=request.method == b"HEAD"
         )
         if self._streaming and not self._done:
             self._upstream_ready = True

@@ -130,11 +130,21 @@ class Pool:
         self.closed = False
 
     def request(
-        self, caller: Caller, head: bytes, body: bytes | None, *, head_only: bool = False
+        self,
+        caller: Caller,
+        method: bytes,
+        target: bytes,
+        fields: bytes,
+        body: bytes | None,
+        *,
+        head_only: bool = False,
     ) -> Exchange:
-        """Start sending `head` (the request line and headers, without Host, which the
-        pool adds first) and `body` (bytes; None: streamed with `Exchange.send`)."""
-        exchange = Exchange(self, caller, head, body, head_only)
+        """Start sending `method target` (appended to the base path) with the header
+        lines `fields` (each ending in CRLF; the pool adds Host first) and `body`
+        (bytes; None: streamed with `Exchange.send`)."""
+        exchange = Exchange(
+            self, caller, method, target, fields=fields, body=body, head_only=head_only
+        )
         self.reactor.tick()  # a caller may be a task, between the reactor's rounds
         if self.busy < self.max_connections:
             self._start(exchange)
@@ -214,14 +224,35 @@ class Exchange:
     """One request on its way: what the proxy's request holds to stream a body up,
     hold back the answer (`pause`), or give up (`cancel`)."""
 
-    __slots__ = ("body", "caller", "cancelled", "conn", "head", "head_only", "pool", "retried")
+    __slots__ = (
+        "body",
+        "caller",
+        "cancelled",
+        "conn",
+        "fields",
+        "head_only",
+        "method",
+        "pool",
+        "retried",
+        "target",
+    )
 
     def __init__(
-        self, pool: Pool, caller: Caller, head: bytes, body: bytes | None, head_only: bool
+        self,
+        pool: Pool,
+        caller: Caller,
+        method: bytes,
+        target: bytes,
+        *,
+        fields: bytes,
+        body: bytes | None,
+        head_only: bool,
     ) -> None:
         self.pool = pool
         self.caller = caller
-        self.head = head
+        self.method = method
+        self.target = target
+        self.fields = fields
         self.body = body
         self.head_only = head_only
         self.conn: UpstreamConnection | None = None
@@ -372,21 +403,21 @@ class UpstreamConnection:
         pool = self.pool
         self.deadline = deadline = pool.reactor.now + pool.timeout
         pool.reactor.watch(deadline)
-        head = exchange.head
-        # The request line ends at the first CRLF; the Host line goes right after it.
-        line_end = head.index(b"\r\n") + 2
-        method_end = head.index(b" ")
+        body = exchange.body
         data = b"".join(
             (
-                head[: method_end + 1],
+                exchange.method,
+                b" ",
                 pool.base_path,
-                head[method_end + 1 : line_end],
+                exchange.target,
+                b" HTTP/1.1\r\n",
                 pool.host_line,
-                head[line_end:],
+                exchange.fields,
+                b"\r\n",
+                b"" if body is None else body,
             )
         )
-        if exchange.body is not None:
-            data += exchange.body
+        if body is not None:
             self.sent = True
         if reused and not self.out:
             if self._write(data):

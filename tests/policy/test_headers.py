@@ -129,3 +129,18 @@ def test_header_lines_end_each_line_and_make_nothing_of_no_headers() -> None:
     # An answer whose every header is dropped: no line at all, so the head's end
     # (the empty line) comes where its writer puts it, not earlier.
     assert header_lines(downstream_headers([(b"connection", b"close")])) == b""
+
+
+def test_a_second_connection_header_still_names_what_to_drop() -> None:
+    """The lone `Connection: keep-alive` is read by lookup; a repeated Connection
+    header (the last one plain) is read in full, each way."""
+    message = [
+        (b"connection", b"x-hop"),
+        (b"x-hop", b"secret"),
+        (b"connection", b"keep-alive"),
+        (b"accept", b"*/*"),
+    ]
+    assert downstream_headers(message) == [(b"accept", b"*/*")]
+    out = upstream_headers(message, bearer=b"B", api_key=b"K", keep_length=False)
+    assert out[0] == (b"accept", b"*/*") and len(out) == 3
+    assert downstream_headers([(b"connection", b"keep-alive"), (b"a", b"1")]) == [(b"a", b"1")]

@@ -53,9 +53,7 @@ class Heard:
 
 async def request(pool: Pool, method: bytes = b"POST", body: bytes = b"{}") -> Heard:
     heard = Heard()
-    pool.request(
-        heard, method + b" /graphql HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body), body
-    )
+    pool.request(heard, method, b"/graphql", b"content-length: %d\r\n" % len(body), body)
     await heard.done.wait()
     return heard
 
