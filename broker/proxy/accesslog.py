@@ -70,16 +70,23 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         lines = []
+        # The paths and names of one batch repeat: each is made into text once.
+        texts: dict[bytes | str, str] = {}
         for method, target, status, elapsed, profile, uid, session in pending:
-            path = target.split(b"?", 1)[0].decode("latin-1")
+            path = texts.get(target)
+            if path is None:
+                path = texts[target] = field_text(target.split(b"?", 1)[0].decode("latin-1"))
+            name = texts.get(profile)
+            if name is None:
+                name = texts[profile] = field_text(profile)
             line = (
                 f"event=request method={method.decode('ascii', 'replace')} "
-                f"path={field_text(path)} status={status} "
+                f"path={path} status={status} "
                 f"ms={field_text(round(elapsed * 1000, 1))} "
                 + (
-                    f"profile={field_text(profile)}"
+                    f"profile={name}"
                     if session is None
-                    else f"app={field_text(profile)} session={log_id(session) if session else '-'}"
+                    else f"app={name} session={log_id(session) if session else '-'}"
                 )
             )
             if uid is not None:
