@@ -37,12 +37,11 @@ class AccessLog:
         self._dropped = 0
         self._logger = logging.getLogger("broker.proxy")
 
-    def record(
+    def record(  # noqa: PLR0917 (positional: called per request, keywords cost)
         self,
         method: bytes,
         target: bytes,
         status: int,
-        *,
         elapsed: float,
         profile: str,
         uid: int | None,

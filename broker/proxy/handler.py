@@ -72,6 +72,8 @@ _APP: Final = APP_HEADER.encode("ascii")
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: Each HTTP status's class, made once (`status_class` per request was measurable).
+_STATUS_CLASSES: Final = {status: status_class(status) for status in range(100, 600)}
 #: What a target the observability routes answer starts with (`routes.routed` decides).
 _OBSERVED: Final = (
     observability.METRICS_PATH.encode("ascii"),
@@ -680,7 +682,7 @@ class Proxied:
         app.finished()
         elapsed = app.reactor.now - self.started
         if self.proxied:
-            kind = status_class(status)
+            kind = _STATUS_CLASSES.get(status) or status_class(status)
             app.requests.inc(kind)
             app.duration.observe(elapsed, kind)
         peer: Any = self.conn.peer
@@ -689,10 +691,10 @@ class Proxied:
             self.request.method,
             self.request.target,
             status,
-            elapsed=elapsed,
-            profile=self.name,
-            uid=None if peer is None else peer.uid,
-            session=None if route is None else (route.live.session_id if route.live else b""),
+            elapsed,
+            self.name,
+            None if peer is None else peer.uid,
+            None if route is None else (route.live.session_id if route.live else b""),
         )
 
 

@@ -614,7 +614,7 @@ class UpstreamConnection:
         exchange = self.exchange
         if exchange is not None:
             head_only = exchange.head_only or status in (204, 304)
-            framed = head_only or _has_length(self._headers, chunked_too=False)
+            framed = head_only or b"content-length" in dict(self._headers)
             exchange.caller.answer_head(status, self._headers, framed)
             if head_only and self.exchange is exchange:
                 # The answer to HEAD has no body whatever its Content-Length says,
@@ -692,11 +692,12 @@ def _not_connected(size: int) -> bytes:
     raise BlockingIOError  # an event before the connection is made: nothing to read
 
 
-def _has_length(headers: list[tuple[bytes, bytes]], *, chunked_too: bool = True) -> bool:
+def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body's end is framed (a length, or chunked), not the close."""
     for name, value in headers:
         if name == b"content-length":
             return True
-        if chunked_too and name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+        if name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
             return True
     return False
 
