@@ -435,17 +435,19 @@ class Proxied:
         min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
         if tokens is not None and session.serves(app.wall.now(), min_valid):
             bearer = tokens.bearer.reveal()
-            if min_valid > 0:
-                endpoint = profile.config.endpoint
-                app.ready[profile.name] = _Ready(
-                    tokens,
-                    endpoint,
-                    app.config,
-                    bearer=bearer,
-                    credentials=app.credentials(profile, bearer),
-                    pool=app.pool(profile.name, endpoint.merchant_api_url),
-                )
-            self._send(bearer)
+            if min_valid <= 0:
+                self._send(bearer)  # a degenerate lifetime: `until` would not hold
+                return
+            endpoint = profile.config.endpoint
+            ready = app.ready[profile.name] = _Ready(
+                tokens,
+                endpoint,
+                app.config,
+                bearer=bearer,
+                credentials=app.credentials(profile, bearer),
+                pool=app.pool(profile.name, endpoint.merchant_api_url),
+            )
+            self._send_on(ready.bearer, ready.credentials, ready.pool)
         else:
             if self._streaming:
                 self.conn.pause_reading(True)
