@@ -70,18 +70,16 @@ class _Done:
         pass
 
 
-_HEAD = b"POST /graphql HTTP/1.1\r\n" + b"".join(
-    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in HEADERS
-)
+_FIELDS = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in HEADERS)
 
 
 def _pool_call(pool: Pool) -> Call:
     """The pool driven from trio tasks (its own caller, the proxy, never waits)."""
-    head = _HEAD + b"content-length: %d\r\n\r\n" % len(QUERY)
+    fields = _FIELDS + b"content-length: %d\r\n" % len(QUERY)
 
     async def call() -> None:
         done = _Done()
-        pool.request(done, head, QUERY)
+        pool.request(done, b"POST", b"/graphql", fields, QUERY)
         await done.event.wait()
 
     return call

@@ -27,7 +27,7 @@ _JOURNAL_PRIORITY: Final = {
 
 def _value(value: Any) -> str:
     text = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
-    if not text or not text.isprintable() or any(c in text for c in ' "='):
+    if not text or not text.isprintable() or " " in text or '"' in text or "=" in text:
         text = '"' + "".join(map(_escaped, text)) + '"'
     return text
 
@@ -56,13 +56,69 @@ class _Formatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"level={record.levelname.lower()} {record.getMessage()}"
+        line = f"{self.prefix(record.levelno, record.created)}{record.getMessage()}"
         if record.exc_info:
             line += " traceback=" + _value(self.formatException(record.exc_info))
+        return line
+
+    def prefix(self, level: int, created: float) -> str:
+        """What goes before a line's `event=`: the journald priority or the time, and
+        the level."""
+        name = logging.getLevelName(level).lower()
         if self.journald:
-            return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z {line}"
+            return f"<{_JOURNAL_PRIORITY.get(level, 6)}>level={name} "
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        return f"{stamp}.{int((created - int(created)) * 1000):03d}Z level={name} "
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The daemon's stderr handler (`setup`); it can also write a batch of lines at once."""
+
+    formatter: _Formatter
+
+    def write_lines(self, level: int, lines: list[str]) -> None:
+        """`lines` (each an `event=...` message) as one write and one flush, all with
+        the time of this call: what one record per line would print, less a record,
+        a format and a flush (a system call) per line."""
+        prefix = self.formatter.prefix(level, time.time())
+        text = "".join([f"{prefix}{line}\n" for line in lines])
+        self.acquire()
+        try:
+            self.stream.write(text)
+            self.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "write_lines", "levelno": level}))
+        finally:
+            self.release()
+
+
+def write_lines(logger: logging.Logger, level: int, lines: list[str]) -> None:
+    """Write `lines` (`event=...` messages, already formatted: values through
+    `field_text`) at `level`: in one write when every handler they would reach is the
+    daemon's own (`setup`) and nothing filters them; else one record each, through
+    `logging` (a test's capture, a handler set up elsewhere)."""
+    if not lines or not logger.isEnabledFor(level):
+        return
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            handlers = []
+            break
+        handlers += current.handlers
+        current = current.parent if current.propagate else None
+    ours = [
+        h
+        for h in handlers
+        if isinstance(h, _Handler) and type(h) is _Handler and not h.filters and level >= h.level
+    ]
+    if ours and len(ours) == len(handlers):
+        for handler in ours:
+            handler.write_lines(level, lines)
+        return
+    make, handle, name = logger.makeRecord, logger.handle, logger.name
+    for line in lines:
+        handle(make(name, level, "", 0, "%s", (line,), None))
 
 
 def under_journald() -> bool:
@@ -79,7 +135,7 @@ def under_journald() -> bool:
 
 
 def setup(level: str = "info", stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _Handler(stream or sys.stderr)
     handler.setFormatter(_Formatter(journald=under_journald()))
     root = logging.getLogger("broker")
     root.handlers[:] = [handler]

@@ -131,15 +131,27 @@ def overridden_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return length and coding
 
 
+Headers = list[tuple[bytes, bytes]]
+
+
+def _hop_by_hop(
+    headers: Headers, names: dict[bytes, bytes], always: frozenset[bytes]
+) -> frozenset[bytes]:
+    """The names not to forward: `always`, and those a Connection header names.
+    `names`: `dict(headers)`. A lone Connection header naming one of `always` (the
+    `Connection: keep-alive` nearly every message carries) costs two lookups."""
+    connection = names.get(b"connection")
+    if connection is None or (connection.lower() in always and len(names) == len(headers)):
+        return always  # no name repeats, so this is the only Connection header
+    return always | _connection_named(headers)
+
+
 def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             named.update(part.strip().lower() for part in value.split(b","))
     return named
-
-
-Headers = list[tuple[bytes, bytes]]
 
 
 def upstream_headers(
@@ -150,12 +162,12 @@ def upstream_headers(
     `keep_length`: the body is streamed as the client framed it, so its Content-Length
     (if any) still holds, unless a Transfer-Encoding overrides it; a buffered body's
     length is the HTTP client's to set."""
-    dropped = _NOT_UPSTREAM_HOP
-    if any(k == b"connection" for k, _ in client):
-        dropped = dropped | _connection_named(client)
-    out = [(k, v) for k, v in client if k not in dropped]
-    if keep_length and not overridden_length(client):
-        out += [(k, v) for k, v in client if k == b"content-length"]
+    # The names present, in one pass in C (the few checks below are lookups).
+    names = dict(client)
+    dropped = _hop_by_hop(client, names, _NOT_UPSTREAM_HOP)
+    out = [pair for pair in client if pair[0] not in dropped]
+    if keep_length and b"content-length" in names and b"transfer-encoding" not in names:
+        out += [pair for pair in client if pair[0] == b"content-length"]
     out.append((b"authorization", b"Bearer " + bearer))
     out.append((_API_KEY, api_key))
     return out
@@ -202,12 +214,19 @@ def downstream_headers(upstream: Headers) -> Headers:
     """What the client gets back: Geins' end-to-end headers (Content-Length included:
     the body is relayed byte for byte, undecoded; unless a Transfer-Encoding overrode
     it, and the body is re-framed)."""
-    dropped = _NOT_DOWNSTREAM_HOP
-    if overridden_length(upstream):
+    names = dict(upstream)
+    dropped = _hop_by_hop(upstream, names, _NOT_DOWNSTREAM_HOP)
+    if b"content-length" in names and b"transfer-encoding" in names:
         dropped = dropped | {b"content-length"}
-    if any(k == b"connection" for k, _ in upstream):
-        dropped = dropped | _connection_named(upstream)
-    return [(k, v) for k, v in upstream if k not in dropped]
+    return [pair for pair in upstream if pair[0] not in dropped]
+
+
+def header_lines(headers: Headers) -> bytes:
+    """`headers` as a head's lines, `name: value` and CRLF each (joined in C: no
+    Python step per header)."""
+    if not headers:
+        return b""
+    return b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
 
 
 def min_valid_for(lifetime: float) -> float:
@@ -222,4 +241,6 @@ _DOT_SEGMENT: Final = re.compile(rb"(?:^|/|\\|%5c)(?:\.|%2e){1,2}(?:/|\\|%2f|%5c
 def has_dot_segment(target: bytes) -> bool:
     """Whether the path of origin-form `target` has a dot segment: the upstream would
     resolve it, and a target appended to a base path could step out of it."""
+    if b"." not in target and b"%" not in target:
+        return False  # every dot segment has a dot, raw or encoded
     return _DOT_SEGMENT.search(target.split(b"?", 1)[0]) is not None

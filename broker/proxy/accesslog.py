@@ -18,7 +18,7 @@ from typing import Final
 import trio
 
 from broker.customers.model.handles import log_id
-from broker.observe.log import events, field_text
+from broker.observe.log import events, field_text, write_lines
 
 log = events("broker.proxy")
 
@@ -37,12 +37,11 @@ class AccessLog:
         self._dropped = 0
         self._logger = logging.getLogger("broker.proxy")
 
-    def record(
+    def record(  # noqa: PLR0917 (positional: called per request, keywords cost)
         self,
         method: bytes,
         target: bytes,
         status: int,
-        *,
         elapsed: float,
         profile: str,
         uid: int | None,
@@ -61,28 +60,38 @@ class AccessLog:
             self._full.set()
 
     def flush(self) -> None:
-        """Write every pending line now: the fields formatted here, one record each
-        (what `Events.info` would make, without its per-field checks: these fields
-        are a method token, numbers, and two strings quoted when they need it)."""
+        """Write every pending line now: the fields formatted here (what `Events.info`
+        would make, without its per-field checks: these fields are a method token,
+        numbers, and two strings quoted when they need it), the batch in one write
+        (`write_lines`)."""
         pending, self._pending = self._pending, []
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
-        make, handle, name = logger.makeRecord, logger.handle, logger.name
+        lines = []
+        # The paths and names of one batch repeat: each is made into text once.
+        texts: dict[bytes | str, str] = {}
         for method, target, status, elapsed, profile, uid, session in pending:
-            path = target.split(b"?", 1)[0].decode("latin-1")
+            path = texts.get(target)
+            if path is None:
+                path = texts[target] = field_text(target.split(b"?", 1)[0].decode("latin-1"))
+            name = texts.get(profile)
+            if name is None:
+                name = texts[profile] = field_text(profile)
             line = (
-                f"request method={method.decode('ascii', 'replace')} path={field_text(path)} "
-                f"status={status} ms={field_text(round(elapsed * 1000, 1))} "
+                f"event=request method={method.decode('ascii', 'replace')} "
+                f"path={path} status={status} "
+                f"ms={field_text(round(elapsed * 1000, 1))} "
                 + (
-                    f"profile={field_text(profile)}"
+                    f"profile={name}"
                     if session is None
-                    else f"app={field_text(profile)} session={log_id(session) if session else '-'}"
+                    else f"app={name} session={log_id(session) if session else '-'}"
                 )
             )
             if uid is not None:
                 line += f" uid={uid}"
-            handle(make(name, logging.INFO, "", 0, "event=%s", (line,), None))
+            lines.append(line)
+        write_lines(logger, logging.INFO, lines)
         if self._dropped:
             log.warning("access_log_dropped", dropped=self._dropped)
             self._dropped = 0

@@ -58,6 +58,7 @@ class Request:
         "answered",
         "complete",
         "ended",
+        "fields",
         "head_size",
         "headed",
         "headers",
@@ -74,6 +75,8 @@ class Request:
         self.target = b""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
+        #: Each header's last value by name, made once the head is whole.
+        self.fields: dict[bytes, bytes] = {}
         self.keep_alive = True
         #: Body pieces parsed and not yet handed on.
         self.parts: list[bytes] = []
@@ -85,14 +88,6 @@ class Request:
         self.ended = False
         #: Whether its answer is out (the rest of its body is read and dropped).
         self.answered = False
-
-    def header(self, name: bytes) -> bytes | None:
-        """The last value of header `name` (lowercase), or None."""
-        found = None
-        for key, value in self.headers:
-            if key == name:
-                found = value
-        return found
 
 
 class Handling(Protocol):
@@ -141,6 +136,7 @@ class ClientConnection:
         "_head_bytes",
         "_in_head",
         "_lingering",
+        "_max_head",
         "_parsing",
         "_paused",
         "_peer_done",
@@ -181,6 +177,7 @@ class ClientConnection:
         self.peer = peer
         self.app = app
         self.limits = limits
+        self._max_head = limits.max_header_size
         self.listener = listener
         self.parser = httptools.HttpRequestParser(self)
         self.out = bytearray()
@@ -283,21 +280,23 @@ class ClientConnection:
         assert request is not None
         request.target += url
         request.head_size += len(url)
-        self._check_head(request)
+        if request.head_size > self._max_head:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called for each header of every request: kept to a few operations.
         request = self._parsing
         assert request is not None
         if request.headed:
             return  # a trailer: not forwarded
         request.headers.append((name.lower(), value))
         request.head_size += len(name) + len(value) + 4
-        self._check_head(request)
+        if request.head_size > self._max_head:
+            self._head_too_large()
 
-    def _check_head(self, request: Request) -> None:
-        if request.head_size > self.limits.max_header_size:
-            self._refusal = (431, "headers_too_large", "request head too large")
-            raise _Stop
+    def _head_too_large(self) -> None:
+        self._refusal = (431, "headers_too_large", "request head too large")
+        raise _Stop
 
     def on_headers_complete(self) -> None:
         request = self._parsing
@@ -309,7 +308,8 @@ class ClientConnection:
         request.headed = True
         self._in_head = False
         self.stage_since = self.reactor.now
-        declared = request.header(b"content-length")
+        request.fields = dict(request.headers)
+        declared = request.fields.get(b"content-length")
         if (
             declared is not None
             and declared.isdigit()
@@ -491,6 +491,12 @@ class ClientConnection:
         self.started = False
         request.answered = True
         self.last_active = self.reactor.now
+        if request.complete and len(self._queue) == 1 and not self._advancing:
+            # The usual end (nothing sent behind it, all of it read): what `_advance`
+            # would do, without its loop.
+            self._queue.popleft()
+            self._set_reading()
+            return
         self._advance()
 
     def hang_up(self) -> None:

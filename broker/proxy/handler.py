@@ -33,6 +33,7 @@ from broker.core.errors import BrokerFault
 from broker.core.stats import status_class
 from broker.customers.model.handles import log_id
 from broker.daemon.config_proxy import ProxyConfig
+from broker.geins.protocol import Endpoint
 from broker.observe import routes as observability
 from broker.observe.log import events
 from broker.observe.metrics import Metrics
@@ -46,12 +47,14 @@ from broker.policy.headers import (
     downstream_headers,
     error_body,
     has_dot_segment,
+    header_lines,
     is_field_value,
     min_valid_for,
     refusal_for,
     take_cookies,
     upstream_headers,
 )
+from broker.policy.session import Tokens
 from broker.proxy.accesslog import AccessLog
 from broker.proxy.by_handle import CustomerRoute
 from broker.proxy.client import ClientConnection, Handling, Request, status_line
@@ -69,6 +72,13 @@ _APP: Final = APP_HEADER.encode("ascii")
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: Each HTTP status's class, made once (`status_class` per request was measurable).
+_STATUS_CLASSES: Final = {status: status_class(status) for status in range(100, 600)}
+#: What a target the observability routes answer starts with (`routes.routed` decides).
+_OBSERVED: Final = (
+    observability.METRICS_PATH.encode("ascii"),
+    observability.HEALTHZ_PATH.encode("ascii"),
+)
 
 
 class ProxyApp:
@@ -105,6 +115,8 @@ class ProxyApp:
         )
         #: Per profile: the bearer and API key last sent, as header lines.
         self._credentials: dict[str, _Credentials] = {}
+        #: Per profile: what a request needs while its bearer is in memory (`_Ready`).
+        self.ready: dict[str, _Ready] = {}
         #: The apps' proxy cookies (name -> the apps that read it), for `_apps_seen`.
         self._cookies: dict[bytes, frozenset[str]] = {}
         self._cookie_names: frozenset[bytes] = frozenset()
@@ -175,6 +187,37 @@ class ProxyApp:
         if known is None or known.bearer != bearer or known.api_key != api_key:
             known = self._credentials[profile.name] = _Credentials(bearer, api_key)
         return known
+
+
+class _Ready:
+    """A profile's request path while its tokens, endpoint and the proxy's settings
+    stay the same objects: the bearer, its credentials, the pool, and the wall time
+    until which the bearer serves (`Session.serves` with `min_valid_for` its lifetime:
+    with a positive `min_valid`, it serves exactly while now <= expires_at - min_valid).
+    Spares a request a dozen calls; any change of the three makes a new one."""
+
+    __slots__ = ("bearer", "config", "credentials", "endpoint", "pool", "tokens", "until")
+
+    def __init__(
+        self,
+        tokens: Tokens,
+        endpoint: Endpoint,
+        config: ProxyConfig,
+        *,
+        bearer: str,
+        credentials: _Credentials,
+        pool: Pool,
+    ) -> None:
+        self.tokens = tokens
+        self.endpoint = endpoint
+        self.config = config
+        self.bearer = bearer
+        self.credentials = credentials
+        self.pool = pool
+        self.until = tokens.expires_at - min_valid_for(tokens.lifetime)
+
+    def __repr__(self) -> str:
+        return "_Ready(<redacted>)"
 
 
 class _Credentials:
@@ -249,7 +292,7 @@ class Proxied:
         self._close_after = False
         self._customer: CustomerRoute | None = None
         self._headers = request.headers
-        named = request.header(_PROFILE)
+        named = request.fields.get(_PROFILE)
         self.name = named.decode("latin-1") if named is not None else app.config.profile
         try:
             self._begin()
@@ -259,7 +302,11 @@ class Proxied:
     def _begin(self) -> None:
         app, request = self.app, self.request
         peer: Peer | None = self.conn.peer
-        if app.observable is not None and observability.routed(_text(request.target)):
+        if (
+            app.observable is not None
+            and request.target.startswith(_OBSERVED)
+            and observability.routed(_text(request.target))
+        ):
             self.proxied = False
             if peer is None or not app.api.may_scrape(peer):
                 raise ProxyRefusal(403, "forbidden", "this user may not read the metrics")
@@ -277,14 +324,18 @@ class Proxied:
                 self._profile = app.api.readable_profile(peer, self.name)
             except BrokerFault as fault:
                 raise refusal_for(fault.code, str(fault)) from None
-        expect = request.header(b"expect")
+        expect = request.fields.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not request.complete:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _by_handle(self, peer: Peer) -> bool:
         """Whether the request names a customer session (then its route is set). Takes
         the apps' proxy cookies out of what goes upstream, whatever the request."""
-        app, headers = self.app, self.request.headers
+        app, request = self.app, self.request
+        fields = request.fields
+        if _SESSION not in fields and _APP not in fields and b"cookie" not in fields:
+            return False  # the common case, in three lookups
+        headers = request.headers
         handle, named_app, profile, cookie = _named(headers)
         cookie_apps = None
         if cookie:
@@ -370,9 +421,33 @@ class Proxied:
         assert profile is not None
         session = profile.session
         tokens = session.tokens
+        app = self.app
+        ready = app.ready.get(profile.name)
+        if (
+            ready is not None
+            and ready.tokens is tokens
+            and ready.endpoint is profile.config.endpoint
+            and ready.config is app.config
+            and app.wall.now() <= ready.until
+        ):
+            self._send_on(ready.bearer, ready.credentials, ready.pool)
+            return
         min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
-        if tokens is not None and session.serves(self.app.wall.now(), min_valid):
-            self._send(tokens.bearer.reveal())
+        if tokens is not None and session.serves(app.wall.now(), min_valid):
+            bearer = tokens.bearer.reveal()
+            if min_valid <= 0:
+                self._send(bearer)  # a degenerate lifetime: `until` would not hold
+                return
+            endpoint = profile.config.endpoint
+            ready = app.ready[profile.name] = _Ready(
+                tokens,
+                endpoint,
+                app.config,
+                bearer=bearer,
+                credentials=app.credentials(profile, bearer),
+                pool=app.pool(profile.name, endpoint.merchant_api_url),
+            )
+            self._send_on(ready.bearer, ready.credentials, ready.pool)
         else:
             if self._streaming:
                 self.conn.pause_reading(True)
@@ -439,7 +514,7 @@ class Proxied:
     # -- to Geins --------------------------------------------------------------------------
 
     def _send(self, bearer: str) -> None:
-        app, request = self.app, self.request
+        app = self.app
         route, profile = self._customer, self._profile
         if route is not None:
             self.name = route.app
@@ -451,6 +526,10 @@ class Proxied:
             assert profile is not None
             credentials = app.credentials(profile, bearer)
             pool = app.pool(profile.name, profile.config.endpoint.merchant_api_url)
+        self._send_on(bearer, credentials, pool)
+
+    def _send_on(self, bearer: str, credentials: _Credentials, pool: Pool) -> None:
+        request = self.request
         if not credentials.usable:
             self._refuse(
                 ProxyRefusal(502, "upstream_error", "the credentials cannot go in a header")
@@ -463,25 +542,22 @@ class Proxied:
             api_key=credentials.api_key_value,
             keep_length=self._streaming,
         )
-        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
+        fields = header_lines(headers)
         body: bytes | None
         if self._streaming:
             if not any(name == b"content-length" for name, _ in headers):
-                lines.append(_CHUNKED)
+                fields += _CHUNKED
                 if not self._chunked_up:
                     self._chunked_up = True
                     self._body = [b"%x\r\n%s\r\n" % (len(p), p) for p in self._body if p]
             body = None
         else:
             body = b"".join(self._body)
-            lines.append(b"content-length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
+            fields += b"content-length: %d\r\n" % len(body)
         # The target is origin-form (checked in _begin) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         self._exchange = pool.request(
-            self, b"".join(lines), body, head_only=request.method == b"HEAD"
+            self, request.method, request.target, fields, body, head_only=request.method == b"HEAD"
         )
         if self._streaming and not self._done:
             self._upstream_ready = True
@@ -517,9 +593,7 @@ class Proxied:
             return
         self.status = status
         request = self.request
-        lines = [status_line(status)]
-        for name, value in downstream_headers(headers):
-            lines += (name, b": ", value, b"\r\n")
+        lines = [status_line(status), header_lines(downstream_headers(headers))]
         if not framed:
             if request.version == "1.1":
                 self._chunked_down = True
@@ -610,7 +684,7 @@ class Proxied:
         app.finished()
         elapsed = app.reactor.now - self.started
         if self.proxied:
-            kind = status_class(status)
+            kind = _STATUS_CLASSES.get(status) or status_class(status)
             app.requests.inc(kind)
             app.duration.observe(elapsed, kind)
         peer: Any = self.conn.peer
@@ -619,10 +693,10 @@ class Proxied:
             self.request.method,
             self.request.target,
             status,
-            elapsed=elapsed,
-            profile=self.name,
-            uid=None if peer is None else peer.uid,
-            session=None if route is None else (route.live.session_id if route.live else b""),
+            elapsed,
+            self.name,
+            None if peer is None else peer.uid,
+            None if route is None else (route.live.session_id if route.live else b""),
         )
 
 

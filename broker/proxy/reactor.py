@@ -95,6 +95,9 @@ class Reactor:
         self._nursery: trio.Nursery | None = None
         #: trio's clock as of this poll (or the last `tick`).
         self.now = 0.0
+        #: The run's clock (MockClock in tests), read without `trio.current_time`'s
+        #: two calls of indirection; set when `run` starts.
+        self._clock: Callable[[], float] = trio.current_time
 
     # -- fds --------------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class Reactor:
 
     def tick(self) -> float:
         """Read the clock now (from a task, between rounds)."""
-        self.now = now = trio.current_time()
+        self.now = now = self._clock()
         return now
 
     def spawn(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -138,6 +141,7 @@ class Reactor:
         self._nursery.start_soon(work, *args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._clock = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -151,12 +155,12 @@ class Reactor:
             self._epoll.close()
 
     async def _loop(self) -> None:
-        poll, handlers = self._epoll.poll, self._handlers
+        poll, handlers, clock = self._epoll.poll, self._handlers, self._clock
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
             for _ in range(_BATCHES):
                 ready = poll(0, _MAX_EVENTS)
-                self.now = trio.current_time()
+                self.now = clock()
                 for fd, mask in ready:
                     handler = handlers.get(fd)
                     if handler is None:

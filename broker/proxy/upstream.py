@@ -9,16 +9,18 @@ body handed to `Pool.request` with a `Caller` that hears what happens; nothing a
 
 What a caller may rely on: one request per connection at a time; its `Caller` hears
 `answer_head` once (1xx answers are skipped), then `answer_body` pieces, then
-`answer_end`, or `upstream_failed` at any point (and nothing after it). A
-connection goes back to the pool only after a complete exchange both sides may
-continue. An idle connection the server
-closed is noticed before reuse (it reads as readable: EOF or junk), and a request
-whose reused connection fails before any answer byte is sent again once on a fresh
-connection when its body is replayable (bytes). The answer must begin within
-`timeout` of the request, and each later read of it must make progress within
-`timeout` (UpstreamTimedOut). A message with both Content-Length and
-Transfer-Encoding is refused by the parser (RFC 9112 6.3 lets a recipient do so): a
-lying upstream gets a 502, never a re-framed answer. TLS verifies the certificate and
+`answer_end`, or `upstream_failed` at any point (and nothing after it). A connection
+goes back to the pool only after a complete exchange both sides may continue. An idle
+connection the server closed is dropped as soon as the reactor sees it readable (EOF
+or junk); one whose close is still on its way when it is reused is caught by the
+request: a request whose reused connection ends, resets or refuses the write before
+any answer byte is sent again once on a fresh connection when its body is replayable
+(bytes). A streamed body cannot be sent again, so for one the connection is also
+checked (a peek) before reuse. The answer must begin within `timeout` of the request,
+and each later read of it must make progress within `timeout` (UpstreamTimedOut). A
+message with both Content-Length and Transfer-Encoding is refused by the parser (RFC
+9112 6.3 lets a recipient do so): a lying upstream gets a 502, never a re-framed
+answer. TLS verifies the certificate and
 host name with the system's trust store (or the context given), HTTP/1.1 by ALPN.
 """
 
@@ -30,6 +32,7 @@ import ipaddress
 import math
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import urlsplit
@@ -127,11 +130,21 @@ class Pool:
         self.closed = False
 
     def request(
-        self, caller: Caller, head: bytes, body: bytes | None, *, head_only: bool = False
+        self,
+        caller: Caller,
+        method: bytes,
+        target: bytes,
+        fields: bytes,
+        body: bytes | None,
+        *,
+        head_only: bool = False,
     ) -> Exchange:
-        """Start sending `head` (the request line and headers, without Host, which the
-        pool adds first) and `body` (bytes; None: streamed with `Exchange.send`)."""
-        exchange = Exchange(self, caller, head, body, head_only)
+        """Start sending `method target` (appended to the base path) with the header
+        lines `fields` (each ending in CRLF; the pool adds Host first) and `body`
+        (bytes; None: streamed with `Exchange.send`)."""
+        exchange = Exchange(
+            self, caller, method, target, fields=fields, body=body, head_only=head_only
+        )
         self.reactor.tick()  # a caller may be a task, between the reactor's rounds
         if self.busy < self.max_connections:
             self._start(exchange)
@@ -146,7 +159,13 @@ class Pool:
         now = self.reactor.now
         while self._idle and not fresh:
             conn = self._idle.pop()
-            if now - conn.idle_since < KEEPALIVE_EXPIRY and conn.alive():
+            if (
+                now - conn.idle_since < KEEPALIVE_EXPIRY
+                and not conn.closed
+                # A replayable body is sent again if the server closed this one
+                # meanwhile (`UpstreamConnection._stale`); a streamed one is not.
+                and (exchange.body is not None or conn.alive())
+            ):
                 conn.begin(exchange, reused=True)
                 return
             conn.close()
@@ -205,14 +224,35 @@ class Exchange:
     """One request on its way: what the proxy's request holds to stream a body up,
     hold back the answer (`pause`), or give up (`cancel`)."""
 
-    __slots__ = ("body", "caller", "cancelled", "conn", "head", "head_only", "pool", "retried")
+    __slots__ = (
+        "body",
+        "caller",
+        "cancelled",
+        "conn",
+        "fields",
+        "head_only",
+        "method",
+        "pool",
+        "retried",
+        "target",
+    )
 
     def __init__(
-        self, pool: Pool, caller: Caller, head: bytes, body: bytes | None, head_only: bool
+        self,
+        pool: Pool,
+        caller: Caller,
+        method: bytes,
+        target: bytes,
+        *,
+        fields: bytes,
+        body: bytes | None,
+        head_only: bool,
     ) -> None:
         self.pool = pool
         self.caller = caller
-        self.head = head
+        self.method = method
+        self.target = target
+        self.fields = fields
         self.body = body
         self.head_only = head_only
         self.conn: UpstreamConnection | None = None
@@ -256,6 +296,7 @@ class UpstreamConnection:
         "_headers",
         "_name",
         "_paused",
+        "_receive",
         "_want",
         "addresses",
         "answered",
@@ -300,6 +341,10 @@ class UpstreamConnection:
         self._connecting = False
         self._paused = False
         self._want = IN
+        #: The transport's `receive` (a plain socket's own `recv`: one call less).
+        self._receive: Callable[[int], bytes] = _not_connected
+        #: Tracked from the start to `close` (deadline infinite while idle).
+        pool.reactor.track(self)
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -339,8 +384,10 @@ class UpstreamConnection:
         context = self.pool._ssl
         if context is None:
             self.transport = Plain(self.sock)
+            self._receive = self.sock.recv
         else:
             self.transport = Tls(self.sock, context, self.pool.origin.host)
+            self._receive = self.transport.receive
         self._set_interest(IN)
         self._flush_request()
 
@@ -353,25 +400,29 @@ class UpstreamConnection:
         self.sent = self.answered = False
         self.status = self.head_bytes = 0
         self._headers = []
-        self.deadline = self.pool.reactor.now + self.pool.timeout
-        self.pool.reactor.track(self)
         pool = self.pool
-        head = exchange.head
-        # The request line ends at the first CRLF; the Host line goes right after it.
-        line_end = head.index(b"\r\n") + 2
-        method_end = head.index(b" ")
+        self.deadline = deadline = pool.reactor.now + pool.timeout
+        pool.reactor.watch(deadline)
+        body = exchange.body
         data = b"".join(
             (
-                head[: method_end + 1],
+                exchange.method,
+                b" ",
                 pool.base_path,
-                head[method_end + 1 : line_end],
+                exchange.target,
+                b" HTTP/1.1\r\n",
                 pool.host_line,
-                head[line_end:],
+                exchange.fields,
+                b"\r\n",
+                b"" if body is None else body,
             )
         )
-        if exchange.body is not None:
-            data += exchange.body
+        if body is not None:
             self.sent = True
+        if reused and not self.out:
+            if self._write(data):
+                exchange.caller.body_sent()
+            return
         self.out += data
         if reused:
             self._flush_request()
@@ -405,7 +456,8 @@ class UpstreamConnection:
         try:
             done = transport.write(data)
         except (OSError, ssl.SSLError) as exc:
-            self.fail(UpstreamFailed(f"sending failed ({type(exc).__name__})"))
+            if not self._stale():
+                self.fail(UpstreamFailed(f"sending failed ({type(exc).__name__})"))
             return False
         if not done:
             self._set_interest(self._want | OUT)
@@ -477,14 +529,13 @@ class UpstreamConnection:
             self._read()
 
     def _read(self) -> None:
-        transport = self.transport
-        assert transport is not None
         try:
-            data = transport.receive(READ_SIZE)
+            data = self._receive(READ_SIZE)
         except BlockingIOError:
             return
         except (OSError, ssl.SSLError) as exc:
-            self.fail(UpstreamFailed(f"reading failed ({type(exc).__name__})"))
+            if not self._stale():
+                self.fail(UpstreamFailed(f"reading failed ({type(exc).__name__})"))
             return
         if self.exchange is None:
             self.close()  # junk or a close while idle: not reusable
@@ -512,20 +563,33 @@ class UpstreamConnection:
             self.on_message_complete()  # a body delimited by the close
             self.close()
             return
-        if self.reused and not self.answered:
-            exchange = self.exchange
-            if exchange is not None and exchange.body is not None and not exchange.retried:
-                # A stale keep-alive connection: once more, on a fresh one.
-                exchange.retried = True
-                self.exchange = None
-                self.pool.busy -= 1
-                self.close()
-                self.pool.retry(exchange)
-                return
+        if self._stale():
+            return
         if self.status:
             self.fail(UpstreamFailed("the upstream closed the connection mid-answer"))
         else:
             self.fail(UpstreamFailed("the upstream closed the connection without answering"))
+
+    def _stale(self) -> bool:
+        """Whether this was a kept-alive connection the server had closed (it ended,
+        reset or refused the request before any answer byte): then the request, if
+        its body is replayable, is sent once more on a fresh connection."""
+        exchange = self.exchange
+        if (
+            not self.reused
+            or self.answered
+            or exchange is None
+            or exchange.body is None
+            or exchange.retried
+        ):
+            return False
+        exchange.retried = True
+        self.exchange = None
+        exchange.conn = None
+        self.pool.busy -= 1
+        self.close()
+        self.pool.retry(exchange)
+        return True
 
     def expire(self, now: float) -> None:
         if self.exchange is None:
@@ -550,7 +614,7 @@ class UpstreamConnection:
         exchange = self.exchange
         if exchange is not None:
             head_only = exchange.head_only or status in (204, 304)
-            framed = head_only or _has_length(self._headers, chunked_too=False)
+            framed = head_only or b"content-length" in dict(self._headers)
             exchange.caller.answer_head(status, self._headers, framed)
             if head_only and self.exchange is exchange:
                 # The answer to HEAD has no body whatever its Content-Length says,
@@ -571,7 +635,6 @@ class UpstreamConnection:
         self.exchange = None
         exchange.conn = None
         self.deadline = math.inf
-        self.pool.reactor.untrack(self)
         pending = self.out or (self.transport is not None and self.transport.pending)
         reusable = self.sent and not pending and self.parser.should_keep_alive()
         if reusable:
@@ -625,11 +688,16 @@ class UpstreamConnection:
             self.sock.close()
 
 
-def _has_length(headers: list[tuple[bytes, bytes]], *, chunked_too: bool = True) -> bool:
+def _not_connected(size: int) -> bytes:
+    raise BlockingIOError  # an event before the connection is made: nothing to read
+
+
+def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body's end is framed (a length, or chunked), not the close."""
     for name, value in headers:
         if name == b"content-length":
             return True
-        if chunked_too and name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+        if name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
             return True
     return False
 

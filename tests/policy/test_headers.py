@@ -7,6 +7,7 @@ import json
 from broker.policy.headers import (
     downstream_headers,
     error_body,
+    header_lines,
     is_field_value,
     min_valid_for,
     overridden_length,
@@ -121,3 +122,25 @@ def test_an_apps_cookie_is_taken_out_and_the_others_pass() -> None:
     ]
     assert found == {b"__Host-geins": [b"HANDLE", b"SECOND"], b"taped": [b"OTHER"]}
     assert take_cookies([(b"cookie", b"x=1")], names) == ([(b"cookie", b"x=1")], {})
+
+
+def test_header_lines_end_each_line_and_make_nothing_of_no_headers() -> None:
+    assert header_lines([(b"a", b"1"), (b"b", b"x y")]) == b"a: 1\r\nb: x y\r\n"
+    # An answer whose every header is dropped: no line at all, so the head's end
+    # (the empty line) comes where its writer puts it, not earlier.
+    assert header_lines(downstream_headers([(b"connection", b"close")])) == b""
+
+
+def test_a_second_connection_header_still_names_what_to_drop() -> None:
+    """The lone `Connection: keep-alive` is read by lookup; a repeated Connection
+    header (the last one plain) is read in full, each way."""
+    message = [
+        (b"connection", b"x-hop"),
+        (b"x-hop", b"secret"),
+        (b"connection", b"keep-alive"),
+        (b"accept", b"*/*"),
+    ]
+    assert downstream_headers(message) == [(b"accept", b"*/*")]
+    out = upstream_headers(message, bearer=b"B", api_key=b"K", keep_length=False)
+    assert out[0] == (b"accept", b"*/*") and len(out) == 3
+    assert downstream_headers([(b"connection", b"keep-alive"), (b"a", b"1")]) == [(b"a", b"1")]

@@ -140,6 +140,26 @@ async def test_a_request_at_the_instant_of_expiry_is_served_by_one_refresh(
     assert proxied.profile().session.tokens is not tokens
 
 
+async def test_a_bearer_with_too_little_left_is_refreshed_though_it_served_just_before(
+    autojump_clock: trio.testing.MockClock,
+    proxied: Broker,
+    client: httpx.AsyncClient,
+    wall: TrioWallClock,
+) -> None:
+    """The proxy keeps what a profile's requests need while its bearer serves; once
+    less than `min_valid` is left, the next request gets a fresh bearer, not that one."""
+    await proxied.login()
+    tokens = proxied.profile().session.tokens
+    assert tokens is not None
+    assert (await client.post("/graphql", json=GET_USER)).status_code == 200
+    wall.step(tokens.expires_at - 10 - wall.now())  # 10 s left, under min_valid (30 s)
+    assert (await client.post("/graphql", json=GET_USER)).status_code == 200
+    fresh = proxied.profile().session.tokens
+    assert fresh is not None and fresh is not tokens
+    sent = graphql_requests(proxied.emulator)[-1].headers["authorization"]
+    assert sent == f"Bearer {fresh.bearer.reveal()}"
+
+
 async def _skewed_broker(
     nursery: trio.Nursery, wall: TrioWallClock, tmp: Path
 ) -> tuple[Broker, list[float]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,9 +53,7 @@ class Heard:
 
 async def request(pool: Pool, method: bytes = b"POST", body: bytes = b"{}") -> Heard:
     heard = Heard()
-    pool.request(
-        heard, method + b" /graphql HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body), body
-    )
+    pool.request(heard, method, b"/graphql", b"content-length: %d\r\n" % len(body), body)
     await heard.done.wait()
     return heard
 
@@ -65,8 +65,11 @@ async def reactor(nursery: trio.Nursery) -> Reactor:
     return loop
 
 
-async def answer_requests(stream: trio.abc.Stream, count: int, body: bytes = b'{"ok":1}') -> None:
-    """Answer `count` requests on one connection, then close it (without warning)."""
+async def answer_requests(
+    stream: trio.abc.Stream, count: int, body: bytes = b'{"ok":1}', *, close: bool = True
+) -> None:
+    """Answer `count` requests on one connection, then close it (without warning) if
+    `close`."""
     conn = h11.Connection(h11.SERVER)
     for _ in range(count):
         while True:
@@ -83,7 +86,8 @@ async def answer_requests(stream: trio.abc.Stream, count: int, body: bytes = b'{
         out += (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
         await stream.send_all(out)
         conn.start_next_cycle()
-    await stream.aclose()
+    if close:
+        await stream.aclose()
 
 
 async def plain_server(nursery: trio.Nursery, serve: Serve) -> int:
@@ -154,6 +158,33 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         assert heard.status == 200
         await trio.sleep(0.05)  # the server's close reaches us
     assert connections == 3
+    pool.close()
+
+
+async def test_a_kept_alive_connection_reset_at_its_next_request_is_retried_fresh(
+    nursery: trio.Nursery, reactor: Reactor
+) -> None:
+    """The server's close can still be on its way when the pool reuses a connection:
+    a reset before any answer byte sends the (replayable) request again, once."""
+    connections = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await answer_requests(stream, 1, close=False)
+            await stream.receive_some(65536)  # the next request: reset, unanswered
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+        else:
+            await answer_requests(stream, 1)
+
+    port = await plain_server(nursery, serve)  # type: ignore[arg-type]
+    pool = Pool(reactor, f"http://127.0.0.1:{port}", max_connections=4, timeout=10)
+    for _ in range(2):
+        heard = await request(pool)
+        assert (heard.status, heard.body, heard.failure) == (200, b'{"ok":1}', None)
+    assert connections == 2
     pool.close()
 
 
