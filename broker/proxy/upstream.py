@@ -12,11 +12,16 @@ What a caller may rely on: one request per connection at a time; its `Caller` he
 `answer_end`, or `upstream_failed` at any point (and nothing after it). A connection
 goes back to the pool only after a complete exchange both sides may continue. An idle
 connection the server closed is dropped as soon as the reactor sees it readable (EOF
-or junk); one whose close is still on its way when it is reused is caught by the
-request: a request whose reused connection ends, resets or refuses the write before
-any answer byte is sent again once on a fresh connection when its body is replayable
-(bytes). A streamed body cannot be sent again, so for one the connection is also
-checked (a peek) before reuse. The answer must begin within `timeout` of the request,
+or junk). A request is sent a second time only when that cannot make the origin act
+on it twice (RFC 9110 9.2.2; Go's net/http `shouldRetryRequest` draws the same line):
+on a reused connection, before any answer byte, once, on a fresh connection, and only
+if its body is bytes and either its method is safe (GET, HEAD, OPTIONS, TRACE: then
+after the connection ends, resets or refuses the write) or no byte of it was taken
+by the socket (the write itself failed). A POST the origin may have read is never
+sent again: an upstream that reads it and resets gets the caller a 502, not a second
+order. So a request that is not safe, and a streamed body, are sent on a reused
+connection only after it is checked (a peek); a safe one skips the peek, a close on
+its way being caught by the retry. The answer must begin within `timeout` of the request,
 and each later read of it must make progress within `timeout` (UpstreamTimedOut). A
 message with both Content-Length and Transfer-Encoding is refused by the parser (RFC
 9112 6.3 lets a recipient do so): a lying upstream gets a 502, never a re-framed
@@ -45,6 +50,9 @@ from broker.proxy.reactor import BROKEN, IN, OUT, Reactor
 from broker.proxy.transport import Plain, Tls, Transport
 
 READ_SIZE: Final = 65536
+#: The methods a request may be sent again with after the origin may have read it:
+#: the safe ones (RFC 9110 9.2.1), the set Go's net/http replays on a reused connection.
+SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 #: An idle connection older than this is closed rather than reused.
 KEEPALIVE_EXPIRY: Final = 30.0
 #: Requests waiting for a connection slot, at most (beyond: 503 busy).
@@ -162,9 +170,9 @@ class Pool:
             if (
                 now - conn.idle_since < KEEPALIVE_EXPIRY
                 and not conn.closed
-                # A replayable body is sent again if the server closed this one
-                # meanwhile (`UpstreamConnection._stale`); a streamed one is not.
-                and (exchange.body is not None or conn.alive())
+                # A safe request is sent again if the server closed this one
+                # meanwhile (`UpstreamConnection._stale`); any other is not.
+                and (exchange.safe or conn.alive())
             ):
                 conn.begin(exchange, reused=True)
                 return
@@ -234,6 +242,7 @@ class Exchange:
         "method",
         "pool",
         "retried",
+        "safe",
         "target",
     )
 
@@ -258,6 +267,8 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.cancelled = False
         self.retried = False
+        #: Sent again after the origin may have read it: a safe method, its body bytes.
+        self.safe = body is not None and method in SAFE_METHODS
 
     def send(self, data: bytes) -> bool:
         """A piece of a streamed body (already framed); False: wait for `body_sent`."""
@@ -314,6 +325,7 @@ class UpstreamConnection:
         "sock",
         "status",
         "transport",
+        "written",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -333,6 +345,9 @@ class UpstreamConnection:
         self.sent = False
         #: Whether any byte of the answer came in (a retry is no longer safe).
         self.answered = False
+        #: Whether the socket may have taken a byte of the request (a write did not
+        #: fail): only a safe request is sent again then.
+        self.written = False
         self.status = 0
         #: Bytes read before the answer's (final) head ended.
         self.head_bytes = 0
@@ -397,7 +412,7 @@ class UpstreamConnection:
         exchange.conn = self
         self.exchange = exchange
         self.reused = reused
-        self.sent = self.answered = False
+        self.sent = self.answered = self.written = False
         self.status = self.head_bytes = 0
         self._headers = []
         pool = self.pool
@@ -456,9 +471,12 @@ class UpstreamConnection:
         try:
             done = transport.write(data)
         except (OSError, ssl.SSLError) as exc:
+            # One failed send took nothing: if none before it took anything either,
+            # no byte of this request reached the origin.
             if not self._stale():
                 self.fail(UpstreamFailed(f"sending failed ({type(exc).__name__})"))
             return False
+        self.written = True
         if not done:
             self._set_interest(self._want | OUT)
         return done
@@ -572,8 +590,9 @@ class UpstreamConnection:
 
     def _stale(self) -> bool:
         """Whether this was a kept-alive connection the server had closed (it ended,
-        reset or refused the request before any answer byte): then the request, if
-        its body is replayable, is sent once more on a fresh connection."""
+        reset or refused the request before any answer byte): then the request is sent
+        once more on a fresh connection if that cannot have it acted on twice: it is
+        safe (its body bytes), or none of it was written (and its body is bytes)."""
         exchange = self.exchange
         if (
             not self.reused
@@ -581,6 +600,7 @@ class UpstreamConnection:
             or exchange is None
             or exchange.body is None
             or exchange.retried
+            or (self.written and not exchange.safe)
         ):
             return False
         exchange.retried = True

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -72,11 +73,11 @@ def _chunked(body: bytes, size: int = 64 * 1024) -> bytes:
 
 def _upstream(
     emulator: Emulator, graphql_answer: bytes
-) -> Callable[[trio.SocketStream], Awaitable[None]]:
+) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """An upstream that answers /graphql with `graphql_answer` (raw bytes) and closes;
     anything else (the signature the login needs) it fetches from the emulator."""
 
-    async def serve(stream: trio.SocketStream) -> None:
+    async def serve(stream: trio.abc.Stream) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
             if not (more := await stream.receive_some(65536)):
@@ -201,3 +202,68 @@ async def test_an_answer_head_that_never_ends_is_a_502(
     assert b"upstream_unavailable" in answer
     assert b"x-junk" not in answer
     _no_traceback(caplog)
+
+
+async def test_a_post_the_upstream_read_then_reset_reaches_it_once(
+    nursery: trio.Nursery, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream (or a hop before it) that keeps a connection alive, reads the next
+    POST on it and resets: the POST may have been acted on (an order placed), so the
+    caller gets a 502 and the upstream never sees a second copy."""
+    caplog.set_level(logging.INFO, logger="broker")
+    emulator = Emulator(clock=time.time, token_ttl=900.0)
+    await emulator.start(nursery)
+    fetch = _upstream(emulator, b"")
+    posts: list[bytes] = []
+    answer = b'{"data":{}}'
+
+    async def serve(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(65536)
+        if not data.startswith(b"POST /graphql "):
+            await fetch(_Replayed(stream, data))  # the login's signature
+            return
+        posts.append(data)
+        if len(posts) > 1:
+            return  # a second copy: the test fails on the count
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer)
+        await stream.send_all(head + answer)
+        posts.append(await stream.receive_some(65536))  # the next POST, then a reset
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    broker = await start_broker(
+        nursery,
+        emulator,
+        SystemClock(),
+        short_tmp,
+        profile_settings={"merchant_api_url": f"http://127.0.0.1:{port}"},
+    )
+    await broker.login()
+    assert (await _post(broker)).startswith(b"HTTP/1.1 200 ")
+    second = await _post(broker)
+    assert second.startswith(b"HTTP/1.1 502 "), second[:300]
+    await trio.sleep(0.1)  # a second copy, if one were sent, arrives
+    assert [p.split(b" ", 2)[:2] for p in posts] == [[b"POST", b"/graphql"]] * 2
+    _no_traceback(caplog)
+
+
+class _Replayed(trio.abc.Stream):
+    """`stream` with `data` (already read from it) to be read first."""
+
+    def __init__(self, stream: trio.SocketStream, data: bytes) -> None:
+        self._stream, self._data = stream, data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data, self._data = self._data, b""
+        return data or bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

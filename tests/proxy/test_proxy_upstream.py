@@ -161,11 +161,12 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
     pool.close()
 
 
+@pytest.mark.parametrize("method", [b"GET", b"OPTIONS"])
 async def test_a_kept_alive_connection_reset_at_its_next_request_is_retried_fresh(
-    nursery: trio.Nursery, reactor: Reactor
+    nursery: trio.Nursery, reactor: Reactor, method: bytes
 ) -> None:
     """The server's close can still be on its way when the pool reuses a connection:
-    a reset before any answer byte sends the (replayable) request again, once."""
+    a reset before any answer byte sends a safe request again, once."""
     connections = 0
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -182,9 +183,42 @@ async def test_a_kept_alive_connection_reset_at_its_next_request_is_retried_fres
     port = await plain_server(nursery, serve)  # type: ignore[arg-type]
     pool = Pool(reactor, f"http://127.0.0.1:{port}", max_connections=4, timeout=10)
     for _ in range(2):
-        heard = await request(pool)
-        assert (heard.status, heard.body, heard.failure) == (200, b'{"ok":1}', None)
+        heard = await request(pool, method, b"")
+        assert (heard.status, heard.failure) == (200, None)
     assert connections == 2
+    pool.close()
+
+
+async def test_a_post_the_server_read_then_reset_is_not_sent_again(
+    nursery: trio.Nursery, reactor: Reactor
+) -> None:
+    """A POST may be an order: once the origin may have read it, a reset before the
+    answer is the caller's failure, never a second copy on a fresh connection."""
+    connections = 0
+    heard_posts = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections, heard_posts
+        connections += 1
+        if connections == 1:
+            await answer_requests(stream, 1, close=False)
+            heard_posts += 1
+            heard_posts += (await stream.receive_some(65536)).count(b"POST ")
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+        else:
+            data = await stream.receive_some(65536)
+            heard_posts += data.count(b"POST ")
+            await stream.aclose()
+
+    port = await plain_server(nursery, serve)  # type: ignore[arg-type]
+    pool = Pool(reactor, f"http://127.0.0.1:{port}", max_connections=4, timeout=10)
+    assert (await request(pool)).status == 200
+    heard = await request(pool)
+    assert heard.failure is not None
+    assert "reading failed" in str(heard.failure)
+    await trio.sleep(0.05)  # a second copy, if one were sent, reaches the server
+    assert (connections, heard_posts) == (1, 2)
     pool.close()
 
 
