@@ -31,7 +31,8 @@ flushes and goes back to EPOLLIN only when its backlog is gone, and a connection
 must not read (its request is in flight, or the other side is not keeping up) turns
 EPOLLIN off. Tasks that call back (`spawn`) run between rounds, never during one.
 
-Fairness within one wake-up: up to `_BATCHES` polls of up to `_MAX_EVENTS` fds run
+Fairness within one wake-up: polls of up to `_MAX_EVENTS` fds, until one comes back empty
+(at most `_BATCHES`), run
 without a checkpoint (nothing on that path awaits); then `run` waits on the epoll fd
 again, which always yields to trio (even when the fd is ready, trio reports it only
 at its next poll), so the tasks that refresh tokens, flush the access log and watch
@@ -160,6 +161,10 @@ class Reactor:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
             for _ in range(_BATCHES):
                 ready = poll(0, _MAX_EVENTS)
+                # Polled until empty: what the round's own sends brought back (an
+                # upstream's answer, a caller's next request) is served in this wake-up,
+                # and the empty poll clears the ready list, so trio does not wake us
+                # again for fds already served.
                 self.now = clock()
                 for fd, mask in ready:
                     handler = handlers.get(fd)
@@ -171,7 +176,7 @@ class Reactor:
                         # A bug while serving one connection ends it, never the proxy.
                         log.exception("connection_failed")
                         _abandon(handler)
-                if len(ready) < _MAX_EVENTS:
+                if not ready:
                     break
 
     async def _housekeeping(self) -> None:
