@@ -96,6 +96,8 @@ class Reactor:
         self._nursery: trio.Nursery | None = None
         #: trio's clock as of this poll (or the last `tick`).
         self.now = 0.0
+        #: Whether the loop is serving a poll's events now (`now` is fresh: no `tick`).
+        self.serving = False
         #: The run's clock (MockClock in tests), read without `trio.current_time`'s
         #: two calls of indirection; set when `run` starts.
         self._clock: Callable[[], float] = trio.current_time
@@ -131,7 +133,8 @@ class Reactor:
     # -- trio -------------------------------------------------------------------------------
 
     def tick(self) -> float:
-        """Read the clock now (from a task, between rounds)."""
+        """Read the clock now (from a task, between rounds; `serving` says whether the
+        caller may be one)."""
         self.now = now = self._clock()
         return now
 
@@ -159,25 +162,29 @@ class Reactor:
         poll, handlers, clock = self._epoll.poll, self._handlers, self._clock
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for _ in range(_BATCHES):
-                ready = poll(0, _MAX_EVENTS)
-                # Polled until empty: what the round's own sends brought back (an
-                # upstream's answer, a caller's next request) is served in this wake-up,
-                # and the empty poll clears the ready list, so trio does not wake us
-                # again for fds already served.
-                self.now = clock()
-                for fd, mask in ready:
-                    handler = handlers.get(fd)
-                    if handler is None:
-                        continue  # closed earlier in this round
-                    try:
-                        handler.on_event(mask)
-                    except Exception:
-                        # A bug while serving one connection ends it, never the proxy.
-                        log.exception("connection_failed")
-                        _abandon(handler)
-                if not ready:
-                    break
+            self.serving = True
+            try:
+                for _ in range(_BATCHES):
+                    ready = poll(0, _MAX_EVENTS)
+                    # Polled until empty: what the round's own sends brought back (an
+                    # upstream's answer, a caller's next request) is served in this
+                    # wake-up, and the empty poll clears the ready list, so trio does
+                    # not wake us again for fds already served.
+                    if not ready:
+                        break
+                    self.now = clock()
+                    for fd, mask in ready:
+                        handler = handlers.get(fd)
+                        if handler is None:
+                            continue  # closed earlier in this round
+                        try:
+                            handler.on_event(mask)
+                        except Exception:
+                            # A bug while serving one connection ends it, never the proxy.
+                            log.exception("connection_failed")
+                            _abandon(handler)
+            finally:
+                self.serving = False
 
     async def _housekeeping(self) -> None:
         while True:

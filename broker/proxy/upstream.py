@@ -153,7 +153,8 @@ class Pool:
         exchange = Exchange(
             self, caller, method, target, fields=fields, body=body, head_only=head_only
         )
-        self.reactor.tick()  # a caller may be a task, between the reactor's rounds
+        if not self.reactor.serving:
+            self.reactor.tick()  # a caller that is a task, between the reactor's rounds
         if self.busy < self.max_connections:
             self._start(exchange)
         elif len(self._waiting) >= MAX_WAITING:
