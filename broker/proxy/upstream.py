@@ -61,6 +61,9 @@ MAX_WAITING: Final = 4096
 #: upstream's (a 502): the parser holds an unfinished header line whole, and the
 #: headers are kept until the head ends, so an unbounded head would be unbounded memory.
 MAX_ANSWER_HEAD: Final = 256 * 1024
+#: The peek's flags as a plain int (OR-ing socket's MsgFlag members per call costs an
+#: enum construction).
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class UpstreamFailed(Exception):
@@ -692,7 +695,7 @@ class UpstreamConnection:
         if sock is None or self.closed:
             return False
         try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except OSError:
