@@ -81,7 +81,7 @@ class AccessLog:
             line = (
                 f"event=request method={method.decode('ascii', 'replace')} "
                 f"path={path} status={status} "
-                f"ms={field_text(round(elapsed * 1000, 1))} "
+                f"ms={_ms(elapsed)} "
                 + (
                     f"profile={name}"
                     if session is None
@@ -108,3 +108,10 @@ class AccessLog:
                 self.flush()
         finally:
             self.flush()
+
+
+def _ms(elapsed: float) -> str:
+    """Milliseconds to one decimal, without a trailing ".0": what `field_text` makes of
+    `round(elapsed * 1000, 1)`, in one format."""
+    text = f"{elapsed * 1000:.1f}"
+    return text[:-2] if text.endswith(".0") else text

@@ -405,7 +405,9 @@ class ClientConnection:
             # waits (as nearly all do) and spares two epoll_ctl calls per request;
             # a pipelined request stops it (at most one read's worth is held).
             read = len(queue) == 1 and not self._paused
-        self._set_interest((IN if read else NONE) | (OUT if self.out else NONE))
+        mask = (IN if read else NONE) | (OUT if self.out else NONE)
+        if mask != self._want:
+            self._set_interest(mask)
         self._update_deadline()
 
     def pause_reading(self, paused: bool) -> None:

@@ -72,6 +72,13 @@ _APP: Final = APP_HEADER.encode("ascii")
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: The heads made from headers (a request's header lines for Geins, an answer's head
+#: for the caller) are kept by what they were made from, while that is at most
+#: `_MEMO_BYTES` (the heads of one client or one upstream repeat byte for byte), in at
+#: most `_MEMO_ENTRIES` entries a memo (emptied when full: a peer that varies its
+#: headers only costs the making).
+_MEMO_BYTES: Final = 2048
+_MEMO_ENTRIES: Final = 64
 #: Each HTTP status's class, made once (`status_class` per request was measurable).
 _STATUS_CLASSES: Final = {status: status_class(status) for status in range(100, 600)}
 #: What a target the observability routes answer starts with (`routes.routed` decides).
@@ -121,6 +128,8 @@ class ProxyApp:
         self._cookies: dict[bytes, frozenset[str]] = {}
         self._cookie_names: frozenset[bytes] = frozenset()
         self._apps_seen: object = None
+        #: Answers' heads for the caller, by what they are made of (`_MEMO_BYTES`).
+        self.heads: dict[tuple[Any, ...], tuple[bytes, bool, bool]] = {}
         #: Requests being handled right now.
         self.in_flight = 0
         self._quiet: trio.Event | None = None
@@ -196,7 +205,7 @@ class _Ready:
     with a positive `min_valid`, it serves exactly while now <= expires_at - min_valid).
     Spares a request a dozen calls; any change of the three makes a new one."""
 
-    __slots__ = ("bearer", "config", "credentials", "endpoint", "pool", "tokens", "until")
+    __slots__ = ("bearer", "config", "credentials", "endpoint", "fields", "pool", "tokens", "until")
 
     def __init__(
         self,
@@ -215,6 +224,9 @@ class _Ready:
         self.credentials = credentials
         self.pool = pool
         self.until = tokens.expires_at - min_valid_for(tokens.lifetime)
+        #: A buffered request's header lines for Geins (these credentials on), by the
+        #: caller's headers (`_MEMO_BYTES`).
+        self.fields: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 
     def __repr__(self) -> str:
         return "_Ready(<redacted>)"
@@ -259,6 +271,7 @@ class Proxied:
         "_headers",
         "_profile",
         "_retried",
+        "_routed",
         "_size",
         "_streaming",
         "_upstream_ready",
@@ -291,6 +304,8 @@ class Proxied:
         self._chunked_down = False
         self._close_after = False
         self._customer: CustomerRoute | None = None
+        #: Whether a profile or a customer session serves it (its body is wanted).
+        self._routed = False
         self._headers = request.headers
         named = request.fields.get(_PROFILE)
         self.name = named.decode("latin-1") if named is not None else app.config.profile
@@ -324,6 +339,7 @@ class Proxied:
                 self._profile = app.api.readable_profile(peer, self.name)
             except BrokerFault as fault:
                 raise refusal_for(fault.code, str(fault)) from None
+        self._routed = True
         expect = request.fields.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not request.complete:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -374,10 +390,6 @@ class Proxied:
             # Too large to hold for a retry: stream it, what came so far first.
             self._streaming = True
             self._forward()
-
-    @property
-    def _routed(self) -> bool:
-        return self._profile is not None or self._customer is not None
 
     def on_body_end(self) -> None:
         if self._done or not self._routed:
@@ -430,7 +442,7 @@ class Proxied:
             and ready.config is app.config
             and app.wall.now() <= ready.until
         ):
-            self._send_on(ready.bearer, ready.credentials, ready.pool)
+            self._send_on(ready.bearer, ready.credentials, ready.pool, ready.fields)
             return
         min_valid = min_valid_for(tokens.lifetime) if tokens is not None else 0.0
         if tokens is not None and session.serves(app.wall.now(), min_valid):
@@ -447,7 +459,7 @@ class Proxied:
                 credentials=app.credentials(profile, bearer),
                 pool=app.pool(profile.name, endpoint.merchant_api_url),
             )
-            self._send_on(ready.bearer, ready.credentials, ready.pool)
+            self._send_on(ready.bearer, ready.credentials, ready.pool, ready.fields)
         else:
             if self._streaming:
                 self.conn.pause_reading(True)
@@ -528,7 +540,14 @@ class Proxied:
             pool = app.pool(profile.name, profile.config.endpoint.merchant_api_url)
         self._send_on(bearer, credentials, pool)
 
-    def _send_on(self, bearer: str, credentials: _Credentials, pool: Pool) -> None:
+    def _send_on(
+        self,
+        bearer: str,
+        credentials: _Credentials,
+        pool: Pool,
+        memo: dict[tuple[tuple[bytes, bytes], ...], bytes] | None = None,
+    ) -> None:
+        """`memo`: the profile's header lines for Geins already made (`_Ready.fields`)."""
         request = self.request
         if not credentials.usable:
             self._refuse(
@@ -536,15 +555,15 @@ class Proxied:
             )
             return
         self._bearer = bearer
-        headers = upstream_headers(
-            self._headers,
-            bearer=credentials.bearer_value,
-            api_key=credentials.api_key_value,
-            keep_length=self._streaming,
-        )
-        fields = header_lines(headers)
         body: bytes | None
         if self._streaming:
+            headers = upstream_headers(
+                self._headers,
+                bearer=credentials.bearer_value,
+                api_key=credentials.api_key_value,
+                keep_length=True,
+            )
+            fields = header_lines(headers)
             if not any(name == b"content-length" for name, _ in headers):
                 fields += _CHUNKED
                 if not self._chunked_up:
@@ -552,8 +571,23 @@ class Proxied:
                     self._body = [b"%x\r\n%s\r\n" % (len(p), p) for p in self._body if p]
             body = None
         else:
+            key = tuple(self._headers)
+            made = None if memo is None else memo.get(key)
+            if made is None:
+                made = header_lines(
+                    upstream_headers(
+                        self._headers,
+                        bearer=credentials.bearer_value,
+                        api_key=credentials.api_key_value,
+                        keep_length=False,
+                    )
+                )
+                if memo is not None and request.head_size <= _MEMO_BYTES:
+                    if len(memo) >= _MEMO_ENTRIES:
+                        memo.clear()
+                    memo[key] = made
             body = b"".join(self._body)
-            fields += b"content-length: %d\r\n" % len(body)
+            fields = made + b"content-length: %d\r\n" % len(body)
         # The target is origin-form (checked in _begin) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         self._exchange = pool.request(
@@ -593,18 +627,17 @@ class Proxied:
             return
         self.status = status
         request = self.request
-        lines = [status_line(status), header_lines(downstream_headers(headers))]
-        if not framed:
-            if request.version == "1.1":
-                self._chunked_down = True
-                lines.append(_CHUNKED)
-            else:
-                self._close_after = True  # HTTP/1.0: the close ends the body
-        if not request.keep_alive or self._close_after:
-            self._close_after = True
-            lines.append(_CLOSE)
-        lines.append(b"\r\n")
-        self.conn.start(b"".join(lines))
+        heads = self.app.heads
+        key = (status, framed, request.keep_alive, request.version, *headers)
+        made = heads.get(key)
+        if made is None:
+            made = _answer_head(status, headers, framed, request)
+            if sum(len(name) + len(value) for name, value in headers) <= _MEMO_BYTES:
+                if len(heads) >= _MEMO_ENTRIES:
+                    heads.clear()
+                heads[key] = made
+        head, self._chunked_down, self._close_after = made
+        self.conn.start(head)
 
     def answer_body(self, data: bytes) -> None:
         if self._done:
@@ -698,6 +731,26 @@ class Proxied:
             None if peer is None else peer.uid,
             None if route is None else (route.live.session_id if route.live else b""),
         )
+
+
+def _answer_head(
+    status: int, headers: list[tuple[bytes, bytes]], framed: bool, request: Request
+) -> tuple[bytes, bool, bool]:
+    """The caller's head for Geins' answer, whether its body is re-chunked, and whether
+    the connection closes after it."""
+    lines = [status_line(status), header_lines(downstream_headers(headers))]
+    chunked = close = False
+    if not framed:
+        if request.version == "1.1":
+            chunked = True
+            lines.append(_CHUNKED)
+        else:
+            close = True  # HTTP/1.0: the close ends the body
+    if not request.keep_alive or close:
+        close = True
+        lines.append(_CLOSE)
+    lines.append(b"\r\n")
+    return b"".join(lines), chunked, close
 
 
 def _named(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bool, bool]:

@@ -31,18 +31,26 @@ flushes and goes back to EPOLLIN only when its backlog is gone, and a connection
 must not read (its request is in flight, or the other side is not keeping up) turns
 EPOLLIN off. Tasks that call back (`spawn`) run between rounds, never during one.
 
-Fairness within one wake-up: up to `_BATCHES` polls of up to `_MAX_EVENTS` fds run
-without a checkpoint (nothing on that path awaits); then `run` waits on the epoll fd
-again, which always yields to trio (even when the fd is ready, trio reports it only
-at its next poll), so the tasks that refresh tokens, flush the access log and watch
-deadlines get their turn every round.
+Why the loop polls until a poll comes back empty before it waits again (as the broker
+socket's reactor does): what a round's own sends bring back while it runs (an
+upstream's answer, a caller's next request) is served in the same wake-up, and the
+empty poll clears this epoll's ready list (a served level-triggered fd stays on it
+until a poll finds it no longer ready), so trio does not wake us again for nothing.
+
+Fairness within one wake-up: polls of up to `_MAX_EVENTS` fds, until one comes back
+empty (at most `_BATCHES`), run without a checkpoint (nothing on that path awaits);
+then `run` waits on the epoll fd again, which always yields to trio (even when the fd
+is ready, trio reports it only at its next poll), so the tasks that refresh tokens,
+flush the access log and watch deadlines get their turn every round.
 
 Time: `trio.current_time()` (so MockClock drives every timeout in tests), read
 once per poll into `now`, which the connections use (a dozen clock reads per
 request were measurable); a task that calls back into a connection refreshes it
-first (`tick`). Each connection keeps one `deadline`; `watch` tells the
-housekeeper, which sleeps until the earliest one, then calls `expire(now)` on every
-connection past its own. A deadline moved later costs a float store, not a timer.
+first (`tick`), and `serving` tells code that may run either way (the pool's
+`request`) whether `now` is already fresh. Each connection keeps one `deadline`;
+`watch` tells the housekeeper, which sleeps until the earliest one, then calls
+`expire(now)` on every connection past its own. A deadline moved later costs a float
+store, not a timer.
 
 Linux only, as the broker socket's reactor (broker/rpc/reactor.py).
 """
@@ -95,6 +103,8 @@ class Reactor:
         self._nursery: trio.Nursery | None = None
         #: trio's clock as of this poll (or the last `tick`).
         self.now = 0.0
+        #: Whether the loop is serving a poll's events now (`now` is fresh: no `tick`).
+        self.serving = False
         #: The run's clock (MockClock in tests), read without `trio.current_time`'s
         #: two calls of indirection; set when `run` starts.
         self._clock: Callable[[], float] = trio.current_time
@@ -130,7 +140,8 @@ class Reactor:
     # -- trio -------------------------------------------------------------------------------
 
     def tick(self) -> float:
-        """Read the clock now (from a task, between rounds)."""
+        """Read the clock now (from a task, between rounds; `serving` says whether the
+        caller may be one)."""
         self.now = now = self._clock()
         return now
 
@@ -158,21 +169,26 @@ class Reactor:
         poll, handlers, clock = self._epoll.poll, self._handlers, self._clock
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for _ in range(_BATCHES):
-                ready = poll(0, _MAX_EVENTS)
-                self.now = clock()
-                for fd, mask in ready:
-                    handler = handlers.get(fd)
-                    if handler is None:
-                        continue  # closed earlier in this round
-                    try:
-                        handler.on_event(mask)
-                    except Exception:
-                        # A bug while serving one connection ends it, never the proxy.
-                        log.exception("connection_failed")
-                        _abandon(handler)
-                if len(ready) < _MAX_EVENTS:
-                    break
+            self.serving = True
+            try:
+                for _ in range(_BATCHES):
+                    ready = poll(0, _MAX_EVENTS)
+                    # Until a poll comes back empty (the design note).
+                    if not ready:
+                        break
+                    self.now = clock()
+                    for fd, mask in ready:
+                        handler = handlers.get(fd)
+                        if handler is None:
+                            continue  # closed earlier in this round
+                        try:
+                            handler.on_event(mask)
+                        except Exception:
+                            # A bug while serving one connection ends it, never the proxy.
+                            log.exception("connection_failed")
+                            _abandon(handler)
+            finally:
+                self.serving = False
 
     async def _housekeeping(self) -> None:
         while True:

@@ -61,6 +61,9 @@ MAX_WAITING: Final = 4096
 #: upstream's (a 502): the parser holds an unfinished header line whole, and the
 #: headers are kept until the head ends, so an unbounded head would be unbounded memory.
 MAX_ANSWER_HEAD: Final = 256 * 1024
+#: The peek's flags as a plain int (OR-ing socket's MsgFlag members per call costs an
+#: enum construction).
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class UpstreamFailed(Exception):
@@ -153,7 +156,8 @@ class Pool:
         exchange = Exchange(
             self, caller, method, target, fields=fields, body=body, head_only=head_only
         )
-        self.reactor.tick()  # a caller may be a task, between the reactor's rounds
+        if not self.reactor.serving:
+            self.reactor.tick()  # a caller that is a task, between the reactor's rounds
         if self.busy < self.max_connections:
             self._start(exchange)
         elif len(self._waiting) >= MAX_WAITING:
@@ -691,7 +695,7 @@ class UpstreamConnection:
         if sock is None or self.closed:
             return False
         try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except OSError:
