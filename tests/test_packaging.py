@@ -12,6 +12,9 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from broker.rpc import fastpath
 from tests.support import REPO, build_wheel
 
 #: Where each top-level package lives in the checkout.
@@ -50,3 +53,13 @@ def test_the_wheel_holds_every_package(tmp_path: Path) -> None:
     # a compiler the wheel is pure, and the daemon serves in Python).
     if shutil.which("cc") and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         assert [n for n in names if n.startswith("broker/rpc/_fastpath.")], names
+
+
+def test_the_c_hot_path_is_built_where_a_compiler_is() -> None:
+    """Where there is a C compiler and Python's headers (CI), the in-place build of
+    scripts/_venv.sh must not have failed quietly: the pure reactor would then be all
+    that the suite tested."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if shutil.which("cc") is None or not headers.exists():
+        pytest.skip(f"no C compiler or no {headers}: the C hot path cannot be built here")
+    assert fastpath.built() is None
