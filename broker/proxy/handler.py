@@ -73,11 +73,15 @@ _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: The heads made from headers (a request's header lines for Geins, an answer's head
-#: for the caller) are kept by what they were made from, while that is at most
-#: `_MEMO_BYTES` (the heads of one client or one upstream repeat byte for byte), in at
-#: most `_MEMO_ENTRIES` entries a memo (emptied when full: a peer that varies its
-#: headers only costs the making).
+#: for the caller) are kept by what they were made from (the heads of one client or
+#: one upstream repeat byte for byte), while that is at most `_MEMO_HEADERS` header
+#: lines of at most `_MEMO_BYTES` in all, in at most `_MEMO_ENTRIES` entries a memo
+#: (emptied when full: a peer that varies its headers only costs the making). The
+#: count bounds what a key holds as much as the bytes do: each header is a tuple and
+#: two bytes objects (~120 bytes) however short, so 2 KiB of one-byte headers would
+#: be a 200 KiB key. A head that cannot be kept is not looked up either.
 _MEMO_BYTES: Final = 2048
+_MEMO_HEADERS: Final = 32
 _MEMO_ENTRIES: Final = 64
 #: Each HTTP status's class, made once (`status_class` per request was measurable).
 _STATUS_CLASSES: Final = {status: status_class(status) for status in range(100, 600)}
@@ -571,23 +575,8 @@ class Proxied:
                     self._body = [b"%x\r\n%s\r\n" % (len(p), p) for p in self._body if p]
             body = None
         else:
-            key = tuple(self._headers)
-            made = None if memo is None else memo.get(key)
-            if made is None:
-                made = header_lines(
-                    upstream_headers(
-                        self._headers,
-                        bearer=credentials.bearer_value,
-                        api_key=credentials.api_key_value,
-                        keep_length=False,
-                    )
-                )
-                if memo is not None and request.head_size <= _MEMO_BYTES:
-                    if len(memo) >= _MEMO_ENTRIES:
-                        memo.clear()
-                    memo[key] = made
             body = b"".join(self._body)
-            fields = made + b"content-length: %d\r\n" % len(body)
+            fields = self._buffered_lines(credentials, memo) + b"content-length: %d\r\n" % len(body)
         # The target is origin-form (checked in _begin) and is appended to the
         # upstream's base path, never resolved: no target can name another host.
         self._exchange = pool.request(
@@ -605,6 +594,36 @@ class Proxied:
                     sent = self._exchange.send(_LAST_CHUNK)
                 self._exchange.finish()
             self.conn.pause_reading(not sent)
+
+    def _buffered_lines(
+        self, credentials: _Credentials, memo: dict[tuple[tuple[bytes, bytes], ...], bytes] | None
+    ) -> bytes:
+        """A buffered request's header lines for Geins (its length not among them),
+        from `memo` when they were made before."""
+        request = self.request
+        # `head_size` (the target and every header line as received) is at least
+        # the lines the key holds.
+        if request.head_size > _MEMO_BYTES or len(self._headers) > _MEMO_HEADERS:
+            memo = None
+        key: tuple[tuple[bytes, bytes], ...] = ()
+        made: bytes | None = None
+        if memo is not None:
+            key = tuple(self._headers)
+            made = memo.get(key)
+        if made is None:
+            made = header_lines(
+                upstream_headers(
+                    self._headers,
+                    bearer=credentials.bearer_value,
+                    api_key=credentials.api_key_value,
+                    keep_length=False,
+                )
+            )
+            if memo is not None:
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[key] = made
+        return made
 
     # -- Geins' answer ---------------------------------------------------------------------
 
@@ -627,15 +646,17 @@ class Proxied:
             return
         self.status = status
         request = self.request
-        heads = self.app.heads
-        key = (status, framed, request.keep_alive, request.version, *headers)
-        made = heads.get(key)
-        if made is None:
-            made = _answer_head(status, headers, framed, request)
-            if sum(len(name) + len(value) for name, value in headers) <= _MEMO_BYTES:
+        if len(headers) <= _MEMO_HEADERS and _lines_size(headers) <= _MEMO_BYTES:
+            heads = self.app.heads
+            key = (status, framed, request.keep_alive, request.version, *headers)
+            made = heads.get(key)
+            if made is None:
+                made = _answer_head(status, headers, framed, request)
                 if len(heads) >= _MEMO_ENTRIES:
                     heads.clear()
                 heads[key] = made
+        else:
+            made = _answer_head(status, headers, framed, request)
         head, self._chunked_down, self._close_after = made
         self.conn.start(head)
 
@@ -751,6 +772,11 @@ def _answer_head(
         lines.append(_CLOSE)
     lines.append(b"\r\n")
     return b"".join(lines), chunked, close
+
+
+def _lines_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """What `headers` are as header lines ("name: value" and CRLF each), in bytes."""
+    return sum(len(name) + len(value) for name, value in headers) + 4 * len(headers)
 
 
 def _named(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bool, bool]:
