@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -28,6 +29,11 @@ from tests.support import (
     wait_until,
     write_config,
 )
+
+#: A JWT in clear: a header and a payload, each base64url of a JSON object ("eyJ" is
+#: `{"`). Sealed bytes are random and hold the three bytes "eyJ" about once in 16 MiB,
+#: so it is the shape, not those three bytes, that says a bearer is there.
+CLEAR_JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
 
 REDIS_MISSING = (
     "redis-server is not installed: `apt-get install -y redis-server` (Debian's package; "

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.core.sealing import Key, Keyring
 from geins_broker_client.errors import BrokerError, Unavailable
 from tests.fleet.support import (
+    CLEAR_JWT,
     CuttableProxy,
     Fleet,
     RedisServer,
@@ -69,7 +70,7 @@ def assert_nothing_in_clear(redis: RedisServer, secrets_: set[str]) -> None:
     values = redis.scan_values()
     assert values, "the fleet wrote nothing to Redis"
     for key, value in values.items():
-        assert b"eyJ" not in value, f"a JWT in clear under {key}"
+        assert not CLEAR_JWT.search(value), f"a JWT in clear under {key}"
         for secret in secrets_:
             assert secret.encode() not in value, f"a refresh token in clear under {key}"
 
