@@ -24,7 +24,7 @@ session id) and uid.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -83,6 +83,8 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 _MEMO_BYTES: Final = 2048
 _MEMO_HEADERS: Final = 32
 _MEMO_ENTRIES: Final = 64
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 #: Each HTTP status's class, made once (`status_class` per request was measurable).
 _STATUS_CLASSES: Final = {status: status_class(status) for status in range(100, 600)}
 #: What a target the observability routes answer starts with (`routes.routed` decides).
@@ -620,9 +622,7 @@ class Proxied:
                 )
             )
             if memo is not None:
-                if len(memo) >= _MEMO_ENTRIES:
-                    memo.clear()
-                memo[key] = made
+                _remember(memo, key, made)
         return made
 
     # -- Geins' answer ---------------------------------------------------------------------
@@ -652,9 +652,7 @@ class Proxied:
             made = heads.get(key)
             if made is None:
                 made = _answer_head(status, headers, framed, request)
-                if len(heads) >= _MEMO_ENTRIES:
-                    heads.clear()
-                heads[key] = made
+                _remember(heads, key, made)
         else:
             made = _answer_head(status, headers, framed, request)
         head, self._chunked_down, self._close_after = made
@@ -772,6 +770,14 @@ def _answer_head(
         lines.append(_CLOSE)
     lines.append(b"\r\n")
     return b"".join(lines), chunked, close
+
+
+def _remember(memo: dict[_K, _V], key: _K, made: _V) -> None:
+    """Keep `made` under `key`, emptying `memo` first when it is full (`_MEMO_ENTRIES`):
+    a peer that varies its headers costs only the making."""
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = made
 
 
 def _lines_size(headers: list[tuple[bytes, bytes]]) -> int:

@@ -155,12 +155,12 @@ class Server:
 
     @property
     def accelerated(self) -> bool:
-        """Whether the C hot path serves `token` (see fastpath.py)."""
+        """Whether the C hot path serves `token` and `session_token` (fastpath.py)."""
         return self._fast is not None
 
     @property
     def fast_answers(self) -> int:
-        """`token` requests the C hot path answered (each also counted as served)."""
+        """Requests the C hot path answered (each also counted where Python counts it)."""
         return 0 if self._fast is None else self._fast.answered
 
     def configure(self, config: BrokerConfig) -> None:
